@@ -1,0 +1,229 @@
+//! Whole PCP requests and responses: header + opcode body + options.
+
+use std::net::IpAddr;
+
+use crate::body::Body;
+use crate::error::{EmitError, Malformed, ParseError};
+use crate::header::{Packet, field};
+use crate::option::{Direction, Options, validate};
+use crate::{HEADER_LEN, MAX_MESSAGE_LEN, Opcode, ResultCode, VERSION};
+
+/// A PCP request (RFC 6887 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Requested lifetime in seconds (0 deletes).
+    pub lifetime: u32,
+    /// The PCP client's IP address as the client sees it.
+    pub client_addr: IpAddr,
+    /// Opcode-specific information; it determines the opcode.
+    pub body: Body,
+    /// Options, in order.
+    pub options: Options<'a>,
+    /// For AUTHENTICATION only: the result code an RFC 7652 PA-Client message carries
+    /// in the header's reserved octet. Other opcodes emit the octet as zero and parse
+    /// it as `Success`.
+    pub pa_result_code: ResultCode,
+}
+
+/// A PCP response (RFC 6887 §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response<'a> {
+    /// Result code.
+    pub result_code: ResultCode,
+    /// Granted lifetime (success) or how long the error holds (error), in seconds.
+    pub lifetime: u32,
+    /// The server's epoch time for this client.
+    pub epoch: u32,
+    /// Opcode-specific information; it determines the opcode.
+    pub body: Body,
+    /// Options, in order.
+    pub options: Options<'a>,
+}
+
+/// Checks length (≥ 2 readable, then direction and version, then 24..=1100, multiple of 4)
+/// in the order RFC 6887 §8.3 processes them.
+fn check_frame(buf: &[u8], want_response: bool) -> Result<Packet<&[u8]>, ParseError> {
+    if buf.len() < 2 {
+        return Err(ParseError::TooShort { len: buf.len() });
+    }
+    let is_response = buf[field::R_OPCODE] & 0x80 != 0;
+    if is_response != want_response {
+        return Err(ParseError::WrongDirection { is_response });
+    }
+    if buf[field::VERSION] != VERSION {
+        return Err(ParseError::UnsupportedVersion(buf[field::VERSION]));
+    }
+    let len = buf.len();
+    let malformed = if len < HEADER_LEN {
+        Some(Malformed::ShorterThanHeader { len })
+    } else if len > MAX_MESSAGE_LEN {
+        Some(Malformed::TooLong { len })
+    } else if len % 4 != 0 {
+        Some(Malformed::NotMultipleOf4 { len })
+    } else {
+        None
+    };
+    match malformed {
+        Some(m) => Err(ParseError::Malformed(m)),
+        None => Ok(Packet::new_unchecked(buf)),
+    }
+}
+
+/// Parses the opcode body and validates the options after it.
+fn parse_body_and_options<'a>(
+    packet: Packet<&'a [u8]>,
+    direction: Direction,
+) -> Result<(Body, Options<'a>), ParseError> {
+    let opcode = packet.opcode();
+    let payload = packet.into_inner();
+    let payload = &payload[HEADER_LEN..];
+    let body = Body::parse(opcode, payload)?;
+    let options = validate(opcode, &payload[body.wire_len()..], direction)?;
+    Ok((body, options))
+}
+
+impl<'a> Request<'a> {
+    /// Parses and validates a request. See [`ParseError`] for the answer each failure
+    /// calls for.
+    pub fn parse(buf: &'a [u8]) -> Result<Request<'a>, ParseError> {
+        let packet = check_frame(buf, false)?;
+        let (body, options) = parse_body_and_options(packet, Direction::Request)?;
+        let pa_result_code = if packet.opcode() == Opcode::Authentication {
+            packet.result_code()
+        } else {
+            ResultCode::Success
+        };
+        Ok(Request {
+            lifetime: packet.lifetime(),
+            client_addr: packet.client_addr(),
+            body,
+            options,
+            pa_result_code,
+        })
+    }
+
+    /// The opcode.
+    pub fn opcode(&self) -> Opcode {
+        self.body.opcode()
+    }
+
+    /// Octets [`Request::emit`] writes.
+    pub fn buffer_len(&self) -> usize {
+        HEADER_LEN + self.body.wire_len() + self.options.wire_len()
+    }
+
+    /// Writes the request at the start of `buf` and returns its length.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
+        let len = fit(self.buffer_len(), buf.len())?;
+        let mut p = Packet::new_unchecked(&mut buf[..len]);
+        p.set_version(VERSION);
+        p.set_r_opcode(false, self.opcode());
+        p.clear_reserved();
+        p.set_result_code(if self.opcode() == Opcode::Authentication {
+            self.pa_result_code
+        } else {
+            ResultCode::Success
+        });
+        p.set_lifetime(self.lifetime);
+        p.set_client_addr(self.client_addr);
+        let payload = p.payload_mut();
+        self.body.emit(payload);
+        self.options.emit(&mut payload[self.body.wire_len()..])?;
+        Ok(len)
+    }
+}
+
+impl<'a> Response<'a> {
+    /// Parses a response. Unknown options, mandatory or not, are kept for the client to
+    /// judge; framing, lengths and known-option rules are enforced.
+    pub fn parse(buf: &'a [u8]) -> Result<Response<'a>, ParseError> {
+        let packet = check_frame(buf, true)?;
+        let (body, options) = parse_body_and_options(packet, Direction::Response)?;
+        Ok(Response {
+            result_code: packet.result_code(),
+            lifetime: packet.lifetime(),
+            epoch: packet.epoch(),
+            body,
+            options,
+        })
+    }
+
+    /// The opcode.
+    pub fn opcode(&self) -> Opcode {
+        self.body.opcode()
+    }
+
+    /// Octets [`Response::emit`] writes.
+    pub fn buffer_len(&self) -> usize {
+        HEADER_LEN + self.body.wire_len() + self.options.wire_len()
+    }
+
+    /// Writes the response at the start of `buf` and returns its length.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
+        let len = fit(self.buffer_len(), buf.len())?;
+        let mut p = Packet::new_unchecked(&mut buf[..len]);
+        p.set_version(VERSION);
+        p.set_r_opcode(true, self.opcode());
+        p.clear_reserved();
+        p.set_result_code(self.result_code);
+        p.set_lifetime(self.lifetime);
+        p.set_epoch(self.epoch);
+        let payload = p.payload_mut();
+        self.body.emit(payload);
+        self.options.emit(&mut payload[self.body.wire_len()..])?;
+        Ok(len)
+    }
+}
+
+fn fit(need: usize, have: usize) -> Result<usize, EmitError> {
+    if need > MAX_MESSAGE_LEN {
+        Err(EmitError::TooLong { len: need })
+    } else if need > have {
+        Err(EmitError::BufferTooSmall { need, have })
+    } else {
+        Ok(need)
+    }
+}
+
+/// Builds the error response for a request that could not be served, straight from the
+/// request's bytes (RFC 6887 §8.3): the request is copied (at most 1100 octets, whole
+/// 4-octet words, at least a header), the opcode body thus kept so the client can match
+/// it; then the R bit, result code, lifetime and epoch are set, the version is set to
+/// the one this server speaks (2), and the option area is dropped when `keep_options` is
+/// false.
+///
+/// Returns the response length; `request` must hold at least 2 octets (shorter ones are
+/// dropped silently, never answered).
+pub fn emit_error_response(
+    request: &[u8],
+    result: ResultCode,
+    lifetime: u32,
+    epoch: u32,
+    keep_options: bool,
+    out: &mut [u8],
+) -> Result<usize, EmitError> {
+    let opcode = Opcode::from_bits(request.get(1).copied().unwrap_or(0));
+    let copy = request.len().min(MAX_MESSAGE_LEN) & !3;
+    let copy = match (keep_options, opcode.body_len()) {
+        (false, Some(body)) => copy.min(HEADER_LEN + body),
+        (false, None) => copy.min(HEADER_LEN),
+        (true, _) => copy,
+    };
+    let len = copy.max(HEADER_LEN);
+    if out.len() < len {
+        return Err(EmitError::BufferTooSmall {
+            need: len,
+            have: out.len(),
+        });
+    }
+    out[..copy].copy_from_slice(&request[..copy]);
+    out[copy..len].fill(0);
+    let mut p = Packet::new_unchecked(&mut out[..len]);
+    p.set_version(VERSION);
+    p.set_r_opcode(true, opcode);
+    p.clear_reserved();
+    p.set_result_code(result);
+    p.set_lifetime(lifetime);
+    p.set_epoch(epoch);
+    Ok(len)
+}
