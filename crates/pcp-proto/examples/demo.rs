@@ -19,9 +19,19 @@ fn main() {
     let mut buf = [0u8; pcp_proto::MAX_MESSAGE_LEN];
     let n = req.emit(&mut buf).expect("fits");
     for chunk in buf[..n].chunks(4) {
-        println!("{}", chunk.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            chunk
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     let back = Request::parse(&buf[..n]).expect("parses");
     println!("{back:#?}");
-    println!("checkpoint requested: {}", back.options.checkpoint_required());
+    println!(
+        "checkpoint requested: {}",
+        back.options.checkpoint_required()
+    );
 }

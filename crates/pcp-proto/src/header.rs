@@ -101,8 +101,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
     /// Sets the R bit and opcode.
     pub fn set_r_opcode(&mut self, response: bool, opcode: Opcode) {
-        self.buffer.as_mut()[field::R_OPCODE] =
-            opcode.to_bits() | if response { R_BIT } else { 0 };
+        self.buffer.as_mut()[field::R_OPCODE] = opcode.to_bits() | if response { R_BIT } else { 0 };
     }
 
     /// Sets the reserved octet that precedes the result code.
@@ -130,6 +129,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         let buf = self.buffer.as_mut();
         write_u32(buf, field::EPOCH.start, epoch);
         buf[field::RESPONSE_RESERVED].fill(0);
+    }
+
+    /// Sets the epoch and leaves the 96 bits after it as they are (an error response to
+    /// a request that did not parse keeps the request's bits there, RFC 6887 §7.2).
+    pub fn set_epoch_only(&mut self, epoch: u32) {
+        write_u32(self.buffer.as_mut(), field::EPOCH.start, epoch);
     }
 
     /// Mutable access to everything after the header.

@@ -20,6 +20,8 @@
 mod addr;
 mod body;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod header;
 mod message;
 pub mod natpmp;

@@ -185,31 +185,29 @@ fn fit(need: usize, have: usize) -> Result<usize, EmitError> {
     }
 }
 
-/// Builds the error response for a request that could not be served, straight from the
-/// request's bytes (RFC 6887 §8.3): the request is copied (at most 1100 octets, whole
-/// 4-octet words, at least a header), the opcode body thus kept so the client can match
-/// it; then the R bit, result code, lifetime and epoch are set, the version is set to
-/// the one this server speaks (2), and the option area is dropped when `keep_options` is
-/// false.
+/// Builds the error response for a request straight from the request's bytes
+/// (RFC 6887 §8.3): the whole request is copied, at most 1100 octets, zero-padded to a
+/// multiple of 4 (and to at least a header), so the opcode body and options come back
+/// for the client to match; then the R bit, result code, lifetime and epoch are set and
+/// the version is set to the one this server speaks (2).
 ///
-/// Returns the response length; `request` must hold at least 2 octets (shorter ones are
-/// dropped silently, never answered).
+/// The 96 bits after the epoch are zero when `parsed` (the request parsed and was then
+/// refused); otherwise they keep the last 96 bits of the request's client address, as
+/// RFC 6887 §7.2 asks for requests that could not be parsed.
+///
+/// Returns the response length. Requests under 2 octets or with the R bit set are
+/// dropped silently and never reach here.
 pub fn emit_error_response(
     request: &[u8],
     result: ResultCode,
     lifetime: u32,
     epoch: u32,
-    keep_options: bool,
+    parsed: bool,
     out: &mut [u8],
 ) -> Result<usize, EmitError> {
     let opcode = Opcode::from_bits(request.get(1).copied().unwrap_or(0));
-    let copy = request.len().min(MAX_MESSAGE_LEN) & !3;
-    let copy = match (keep_options, opcode.body_len()) {
-        (false, Some(body)) => copy.min(HEADER_LEN + body),
-        (false, None) => copy.min(HEADER_LEN),
-        (true, _) => copy,
-    };
-    let len = copy.max(HEADER_LEN);
+    let copy = request.len().min(MAX_MESSAGE_LEN);
+    let len = ((copy + 3) & !3).max(HEADER_LEN);
     if out.len() < len {
         return Err(EmitError::BufferTooSmall {
             need: len,
@@ -224,6 +222,10 @@ pub fn emit_error_response(
     p.clear_reserved();
     p.set_result_code(result);
     p.set_lifetime(lifetime);
-    p.set_epoch(epoch);
+    if parsed {
+        p.set_epoch(epoch);
+    } else {
+        p.set_epoch_only(epoch);
+    }
     Ok(len)
 }

@@ -39,8 +39,8 @@ pub enum OptionCode {
     PaAuthenticationTag,
     /// 7: EAP_PAYLOAD (RFC 7652).
     EapPayload,
-    /// 8: PSEUDO_RANDOM_FUNCTION (RFC 7652).
-    PseudoRandomFunction,
+    /// 8: PRF, the pseudo-random function (RFC 7652).
+    Prf,
     /// 9: MAC_ALGORITHM (RFC 7652).
     MacAlgorithm,
     /// 10: SESSION_LIFETIME (RFC 7652).
@@ -71,7 +71,7 @@ impl From<u8> for OptionCode {
             5 => OptionCode::AuthenticationTag,
             6 => OptionCode::PaAuthenticationTag,
             7 => OptionCode::EapPayload,
-            8 => OptionCode::PseudoRandomFunction,
+            8 => OptionCode::Prf,
             9 => OptionCode::MacAlgorithm,
             10 => OptionCode::SessionLifetime,
             11 => OptionCode::ReceivedPak,
@@ -95,7 +95,7 @@ impl From<OptionCode> for u8 {
             OptionCode::AuthenticationTag => 5,
             OptionCode::PaAuthenticationTag => 6,
             OptionCode::EapPayload => 7,
-            OptionCode::PseudoRandomFunction => 8,
+            OptionCode::Prf => 8,
             OptionCode::MacAlgorithm => 9,
             OptionCode::SessionLifetime => 10,
             OptionCode::ReceivedPak => 11,
@@ -135,7 +135,7 @@ impl OptionCode {
             OptionCode::AuthenticationTag => "AUTHENTICATION_TAG",
             OptionCode::PaAuthenticationTag => "PA_AUTHENTICATION_TAG",
             OptionCode::EapPayload => "EAP_PAYLOAD",
-            OptionCode::PseudoRandomFunction => "PSEUDO_RANDOM_FUNCTION",
+            OptionCode::Prf => "PRF",
             OptionCode::MacAlgorithm => "MAC_ALGORITHM",
             OptionCode::SessionLifetime => "SESSION_LIFETIME",
             OptionCode::ReceivedPak => "RECEIVED_PAK",
@@ -164,7 +164,7 @@ impl OptionCode {
             OptionCode::AuthenticationTag
             | OptionCode::PaAuthenticationTag
             | OptionCode::EapPayload
-            | OptionCode::PseudoRandomFunction
+            | OptionCode::Prf
             | OptionCode::MacAlgorithm
             | OptionCode::IdIndicator => (Any, ANY, false),
             OptionCode::Description => (Any, MAP | PEER, true),
@@ -217,9 +217,11 @@ impl Rule {
 const FILTER_LEN: u16 = 20;
 /// Data length of PORT_SET.
 const PORT_SET_LEN: u16 = 5;
-/// Smallest PREFIX64 data: the 16-bit prefix length field alone is not enough; the
-/// smallest well-formed option carries a length octet and at least a /32 prefix.
-const PREFIX64_MIN_LEN: u16 = 1;
+/// Smallest PREFIX64 data (RFC 7225 §4): Prefix64-Length (16 bits) then the 12 octets
+/// of Prefix64 and Suffix; an IPv4 prefix list may follow.
+const PREFIX64_MIN_LEN: u16 = 14;
+/// Largest Prefix64-Length, in octets (a /96).
+const PREFIX64_MAX_PREFIX: u16 = 12;
 
 /// FILTER option data (RFC 6887 §13.3): permit traffic only from this remote prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -236,7 +238,7 @@ pub struct Filter {
 /// PORT_SET option data (RFC 7753 §4): ask for a contiguous set of ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortSet {
-    /// Number of ports requested or assigned.
+    /// Number of ports requested or assigned (never 0).
     pub size: u16,
     /// First internal port of the set.
     pub first_internal_port: u16,
@@ -262,7 +264,8 @@ pub enum PcpOption<'a> {
     },
     /// DESCRIPTION: UTF-8 text.
     Description(&'a str),
-    /// PREFIX64: data kept raw.
+    /// PREFIX64 (RFC 7225): data kept raw — Prefix64-Length (16), 12 octets of prefix
+    /// and suffix, then an optional IPv4 prefix list.
     Prefix64(&'a [u8]),
     /// PORT_SET.
     PortSet(PortSet),
@@ -337,7 +340,15 @@ impl<'a> PcpOption<'a> {
             OptionCode::Description => PcpOption::Description(
                 std::str::from_utf8(data).map_err(|_| OptionError::InvalidField("not UTF-8"))?,
             ),
-            OptionCode::Prefix64 => PcpOption::Prefix64(data),
+            OptionCode::Prefix64 => {
+                if read_u16(data, 0) > PREFIX64_MAX_PREFIX {
+                    return Err(OptionError::InvalidField("Prefix64-Length"));
+                }
+                PcpOption::Prefix64(data)
+            }
+            OptionCode::PortSet if read_u16(data, 0) == 0 => {
+                return Err(OptionError::InvalidField("port set size 0"));
+            }
             OptionCode::PortSet => PcpOption::PortSet(PortSet {
                 size: read_u16(data, 0),
                 first_internal_port: read_u16(data, 2),

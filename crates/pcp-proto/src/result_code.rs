@@ -137,18 +137,15 @@ impl ResultCode {
         }
     }
 
-    /// Whether this error is a short-lifetime one (RFC 6887 §7.4): the condition is
-    /// expected to clear soon, so the client may retry after a short wait.
+    /// Whether RFC 6887 §7.4 classes this error as short-lifetime (7, 8, 10): the
+    /// condition should clear soon, so a client may retry after a short wait.
     ///
-    /// CANNOT_PROVIDE_EXTERNAL is short: it is given when the suggested external
-    /// address or port is in use right now.
+    /// CANNOT_PROVIDE_EXTERNAL (11) is not included: its lifetime "depends on the
+    /// reason for the failure", which only the server knows.
     pub fn is_short_lifetime_error(self) -> bool {
         matches!(
             self,
-            ResultCode::NetworkFailure
-                | ResultCode::NoResources
-                | ResultCode::UserExQuota
-                | ResultCode::CannotProvideExternal
+            ResultCode::NetworkFailure | ResultCode::NoResources | ResultCode::UserExQuota
         )
     }
 }
