@@ -58,7 +58,7 @@ fn check_frame(buf: &[u8], want_response: bool) -> Result<Packet<&[u8]>, ParseEr
         Some(Malformed::ShorterThanHeader { len })
     } else if len > MAX_MESSAGE_LEN {
         Some(Malformed::TooLong { len })
-    } else if len % 4 != 0 {
+    } else if !len.is_multiple_of(4) {
         Some(Malformed::NotMultipleOf4 { len })
     } else {
         None

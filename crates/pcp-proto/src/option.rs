@@ -670,4 +670,4 @@ pub(crate) fn validate(
 }
 
 // The MAP body length keeps option offsets 4-aligned; a change to it would break framing.
-const _: () = assert!(MAP_LEN % 4 == 0);
+const _: () = assert!(MAP_LEN.is_multiple_of(4));

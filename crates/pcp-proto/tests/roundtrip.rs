@@ -327,7 +327,7 @@ fn check_any(data: &[u8]) -> Result<(), TestCaseError> {
                 &mut out,
             )
             .unwrap();
-            prop_assert!(n <= 1100 && n % 4 == 0 && n >= 24);
+            prop_assert!(n <= 1100 && n.is_multiple_of(4) && n >= 24);
         }
     }
     Ok(())

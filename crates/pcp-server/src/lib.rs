@@ -1,0 +1,27 @@
+//! The sans-IO core of a PCP server (RFC 6887) with NAT-PMP (RFC 6886) and
+//! application-initiated check-pointing (RFC 7767).
+//!
+//! [`Server::handle`] takes a datagram, its source and the current [`Time`], writes the
+//! reply into a caller's buffer and appends [`Effect`]s (data plane operations,
+//! replication of checkpointed mappings) for the shell to carry out. It never reads a
+//! clock or touches a socket, so every rule is tested deterministically.
+#![forbid(unsafe_code)]
+
+pub mod announce;
+pub mod checkpoint;
+pub mod config;
+pub mod epoch;
+pub mod policy;
+pub mod pool;
+pub mod rate;
+mod server;
+pub mod stats;
+pub mod subscriber;
+pub mod table;
+pub mod time;
+
+pub use checkpoint::{BackupStatus, Reason};
+pub use config::{ConfigError, ServerConfig};
+pub use server::{Change, Effect, Reply, Server, entry_of};
+pub use table::{Mapping, MappingKey, Origin};
+pub use time::Time;

@@ -1,0 +1,166 @@
+//! Network attachment points (RFC 7767 §3.2): every request is charged to a subscriber,
+//! found by longest-prefix match in the configured table, or else derived from the
+//! source address with the default IPv4/IPv6 masks.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::config::{DEFAULT_TIER, SubscriberConfig};
+use crate::rate::TokenBucket;
+use crate::time::Time;
+
+/// Who is charged for a mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SubscriberId {
+    /// A configured subscriber, by its id.
+    Named(Arc<str>),
+    /// A subscriber derived from the source prefix.
+    Prefix(IpNet),
+}
+
+impl std::fmt::Display for SubscriberId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubscriberId::Named(n) => f.write_str(n),
+            SubscriberId::Prefix(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+/// Configured subscribers of one prefix length: network → (id, tier).
+type Bucket = HashMap<IpNet, (Arc<str>, Arc<str>)>;
+
+/// The subscriber table: configured prefixes, by prefix length, longest first.
+#[derive(Debug, Clone)]
+pub struct SubscriberTable {
+    /// ((is IPv6, prefix length), masked network → (id, tier)), longest first.
+    by_len: Vec<((bool, u8), Bucket)>,
+    ipv4_mask: u8,
+    ipv6_mask: u8,
+    default_tier: Arc<str>,
+}
+
+impl SubscriberTable {
+    /// Builds the table from configuration (already validated).
+    pub fn new(cfg: &SubscriberConfig) -> SubscriberTable {
+        let mut lens: HashMap<(bool, u8), Bucket> = HashMap::new();
+        for e in &cfg.entries {
+            let id: Arc<str> = e.id.as_str().into();
+            let tier: Arc<str> = e.tier.as_str().into();
+            for p in &e.prefixes {
+                lens.entry((matches!(p, IpNet::V6(_)), p.prefix_len()))
+                    .or_default()
+                    .insert(p.trunc(), (id.clone(), tier.clone()));
+            }
+        }
+        let mut by_len: Vec<_> = lens.into_iter().collect();
+        by_len.sort_by_key(|b| std::cmp::Reverse(b.0.1));
+        SubscriberTable {
+            by_len,
+            ipv4_mask: cfg.ipv4_mask,
+            ipv6_mask: cfg.ipv6_mask,
+            default_tier: DEFAULT_TIER.into(),
+        }
+    }
+
+    /// The subscriber and tier an internal address belongs to.
+    pub fn lookup(&self, addr: IpAddr) -> (SubscriberId, Arc<str>) {
+        for ((v6, len), nets) in &self.by_len {
+            if *v6 != addr.is_ipv6() {
+                continue;
+            }
+            if let Ok(net) = IpNet::new(addr, *len)
+                && let Some((id, tier)) = nets.get(&net.trunc())
+            {
+                return (SubscriberId::Named(id.clone()), tier.clone());
+            }
+        }
+        let mask = if addr.is_ipv4() {
+            self.ipv4_mask
+        } else {
+            self.ipv6_mask
+        };
+        let net = IpNet::new(addr, mask)
+            .map(|n| n.trunc())
+            .unwrap_or_else(|_| IpNet::from(addr));
+        (SubscriberId::Prefix(net), self.default_tier.clone())
+    }
+}
+
+/// What the server tracks per subscriber.
+#[derive(Debug, Clone)]
+pub struct SubscriberState {
+    /// The subscriber's tier.
+    pub tier: Arc<str>,
+    /// Mappings held.
+    pub mappings: u32,
+    /// Checkpointed mappings held.
+    pub checkpointed: u32,
+    /// Checkpoint rate bucket.
+    pub bucket: TokenBucket,
+}
+
+impl SubscriberState {
+    /// A subscriber first seen at `now`, with a full bucket.
+    pub fn new(tier: Arc<str>, burst: u32, now: Time) -> Self {
+        SubscriberState {
+            tier,
+            mappings: 0,
+            checkpointed: 0,
+            bucket: TokenBucket::full(burst, now),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SubscriberEntry;
+
+    fn table() -> SubscriberTable {
+        SubscriberTable::new(&SubscriberConfig {
+            ipv4_mask: 32,
+            ipv6_mask: 56,
+            entries: vec![
+                SubscriberEntry {
+                    prefixes: vec!["10.0.0.0/8".parse().unwrap()],
+                    id: "big".into(),
+                    tier: "bronze".into(),
+                },
+                SubscriberEntry {
+                    prefixes: vec![
+                        "10.1.0.0/16".parse().unwrap(),
+                        "2001:db8:1::/48".parse().unwrap(),
+                    ],
+                    id: "acme".into(),
+                    tier: "gold".into(),
+                },
+            ],
+        })
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = table();
+        let (id, tier) = t.lookup("10.1.2.3".parse().unwrap());
+        assert_eq!((id.to_string(), &*tier), ("acme".into(), "gold"));
+        let (id, tier) = t.lookup("10.2.2.3".parse().unwrap());
+        assert_eq!((id.to_string(), &*tier), ("big".into(), "bronze"));
+        let (id, _) = t.lookup("2001:db8:1:ff::1".parse().unwrap());
+        assert_eq!(id.to_string(), "acme");
+    }
+
+    #[test]
+    fn defaults_group_by_mask() {
+        let t = table();
+        let (id, tier) = t.lookup("192.0.2.7".parse().unwrap());
+        assert_eq!((id.to_string(), &*tier), ("192.0.2.7/32".into(), "default"));
+        let (a, _) = t.lookup("2001:db8:2:ab::1".parse().unwrap());
+        let (b, _) = t.lookup("2001:db8:2:cd::2".parse().unwrap());
+        assert_eq!(a, b, "one /56, one subscriber");
+        assert_eq!(a.to_string(), "2001:db8:2::/56");
+    }
+}
