@@ -1,0 +1,236 @@
+//! The admin HTTP API (JSON, plus Prometheus text at `/metrics`).
+//!
+//! Read-only: `GET /status`, `GET /mappings`, `GET /subscribers`, `GET /metrics`.
+//! Mutating: `POST /reload`.
+
+use std::net::IpAddr;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pcp_server::{BackupStatus, Mapping, Origin, Time};
+use serde::Serialize;
+
+use crate::core::Shared;
+use crate::daemon;
+
+/// One mapping as the API shows it. Nonces never leave the daemon.
+#[derive(Debug, Serialize)]
+pub struct MappingView {
+    /// `"map"`, `"peer"`, or `"natpmp"`.
+    pub opcode: &'static str,
+    /// The PCP client that asked.
+    pub client: IpAddr,
+    /// IANA protocol number.
+    pub protocol: u8,
+    /// Internal address.
+    pub internal_address: IpAddr,
+    /// Internal port.
+    pub internal_port: u16,
+    /// External address.
+    pub external_address: IpAddr,
+    /// External port.
+    pub external_port: u16,
+    /// Remote peer address (PEER).
+    pub remote_address: Option<IpAddr>,
+    /// Remote peer port (PEER).
+    pub remote_port: Option<u16>,
+    /// Seconds until it expires.
+    pub lifetime_remaining: u32,
+    /// Lifetime granted by the last request.
+    pub lifetime: u32,
+    /// Whether it is checkpointed.
+    pub checkpointed: bool,
+    /// Whether the client asked (option 192) in its last request.
+    pub checkpoint_requested: bool,
+    /// Why it is or is not checkpointed: a stable code.
+    pub checkpoint_reason: &'static str,
+    /// The same in words, with the rule name where a rule decided.
+    pub checkpoint_detail: String,
+    /// Subscriber charged.
+    pub subscriber: String,
+    /// FILTERs as `addr/len:port`.
+    pub filters: Vec<String>,
+    /// DESCRIPTION option text.
+    pub description: Option<String>,
+    /// Seconds since it was created.
+    pub age: u64,
+}
+
+impl MappingView {
+    /// The view of `m` at `now`.
+    pub fn of(m: &Mapping, now: Time) -> MappingView {
+        MappingView {
+            opcode: match (m.origin, m.key.remote) {
+                (Origin::NatPmp, _) => "natpmp",
+                (Origin::Pcp, None) => "map",
+                (Origin::Pcp, Some(_)) => "peer",
+            },
+            client: m.client,
+            protocol: m.key.protocol,
+            internal_address: m.key.internal,
+            internal_port: m.key.internal_port,
+            external_address: m.external.addr,
+            external_port: m.external.port,
+            remote_address: m.key.remote.map(|r| r.0),
+            remote_port: m.key.remote.map(|r| r.1),
+            lifetime_remaining: now.secs_until(m.expires),
+            lifetime: m.lifetime,
+            checkpointed: m.is_checkpointed(),
+            checkpoint_requested: m.checkpoint_requested,
+            checkpoint_reason: m.checkpoint.code(),
+            checkpoint_detail: m.checkpoint.to_string(),
+            subscriber: m.subscriber.to_string(),
+            filters: m
+                .filters
+                .iter()
+                .map(|f| format!("{}/{}:{}", f.remote_addr, f.prefix_len, f.remote_port))
+                .collect(),
+            description: m.description.as_deref().map(str::to_string),
+            age: now.since(m.created).as_secs(),
+        }
+    }
+}
+
+/// One subscriber's use of its limits.
+#[derive(Debug, Serialize)]
+pub struct SubscriberView {
+    /// Id (configured name or derived prefix).
+    pub id: String,
+    /// Tier.
+    pub tier: String,
+    /// Mappings held.
+    pub mappings: u32,
+    /// Tier's mapping quota.
+    pub mapping_quota: u32,
+    /// Checkpointed mappings held.
+    pub checkpointed: u32,
+    /// Tier's checkpoint quota.
+    pub checkpoint_quota: u32,
+    /// Checkpoint tokens available now.
+    pub checkpoint_tokens: f64,
+    /// Tier's checkpoint rate per second.
+    pub checkpoint_rate: f64,
+    /// Tier's checkpoint burst.
+    pub checkpoint_burst: u32,
+}
+
+/// Daemon status.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// pcpd version.
+    pub version: &'static str,
+    /// Seconds since start.
+    pub uptime: u64,
+    /// Listen addresses.
+    pub listen: Vec<String>,
+    /// Data plane name.
+    pub dataplane: &'static str,
+    /// Mappings held.
+    pub mappings: usize,
+    /// Checkpointed mappings held.
+    pub checkpointed: u64,
+    /// `"none"`, `"not_ready"` or `"ready"`.
+    pub backup: &'static str,
+    /// Config file in force.
+    pub config: Option<String>,
+}
+
+/// The router.
+pub fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/mappings", get(mappings))
+        .route("/subscribers", get(subscribers))
+        .route("/metrics", get(metrics))
+        .route("/reload", post(reload))
+        .with_state(shared)
+}
+
+async fn status(State(s): State<Shared>) -> Json<StatusView> {
+    let core = s.lock();
+    Json(StatusView {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime: core.now().as_secs(),
+        listen: core
+            .config
+            .daemon
+            .listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        dataplane: core.dataplane.name(),
+        mappings: core.server.mapping_count(),
+        checkpointed: core.server.checkpointed_count(),
+        backup: match core.server.backup_status() {
+            BackupStatus::None => "none",
+            BackupStatus::NotReady => "not_ready",
+            BackupStatus::Ready => "ready",
+        },
+        config: core.config.path.as_ref().map(|p| p.display().to_string()),
+    })
+}
+
+async fn mappings(State(s): State<Shared>) -> Json<Vec<MappingView>> {
+    let core = s.lock();
+    let now = core.now();
+    let mut v: Vec<MappingView> = core
+        .server
+        .mappings()
+        .map(|m| MappingView::of(m, now))
+        .collect();
+    v.sort_by_key(|m| {
+        (
+            m.internal_address,
+            m.protocol,
+            m.internal_port,
+            m.remote_address,
+            m.remote_port,
+        )
+    });
+    Json(v)
+}
+
+async fn subscribers(State(s): State<Shared>) -> Json<Vec<SubscriberView>> {
+    let core = s.lock();
+    let now = core.now();
+    let mut v: Vec<SubscriberView> = core
+        .server
+        .subscribers()
+        .map(|(id, st, tier)| SubscriberView {
+            id: id.to_string(),
+            tier: st.tier.to_string(),
+            mappings: st.mappings,
+            mapping_quota: tier.mapping_quota,
+            checkpointed: st.checkpointed,
+            checkpoint_quota: tier.checkpoint_quota,
+            checkpoint_tokens: st
+                .bucket
+                .tokens(tier.checkpoint_rate, tier.checkpoint_burst, now),
+            checkpoint_rate: tier.checkpoint_rate,
+            checkpoint_burst: tier.checkpoint_burst,
+        })
+        .collect();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(v)
+}
+
+async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    let text = crate::metrics::render(&s.lock());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn reload(State(s): State<Shared>) -> impl IntoResponse {
+    match daemon::reload(&s) {
+        Ok(msg) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "ok": true, "message": msg })),
+        ),
+        Err(msg) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({ "ok": false, "error": msg })),
+        ),
+    }
+}

@@ -1,0 +1,280 @@
+//! pcpd's configuration file: a `[pcpd]` section for the daemon itself, the server
+//! core's sections (`[lifetime]`, `[pool]`, `[subscribers]`, `[tiers.*]`,
+//! `[checkpoint]`, `[[policy]]`, `[mapping]`) beside it. Every error names the file, the
+//! line and the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pcp_server::ServerConfig;
+use pcp_server::config::{
+    CheckpointConfig, LifetimeConfig, MappingConfig, PolicyRule, PoolConfig, SubscriberConfig,
+    TierConfig,
+};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The daemon's own settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonSection {
+    /// PCP/NAT-PMP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Admin HTTP API address.
+    pub admin: SocketAddr,
+    /// Data plane: `"memory"` (default).
+    pub dataplane: DataPlaneKind,
+    /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG`.
+    pub log: String,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], pcp_proto::SERVER_PORT))],
+            admin: SocketAddr::from(([127, 0, 0, 1], 8351)),
+            dataplane: DataPlaneKind::Memory,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Which data plane drives translations.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataPlaneKind {
+    /// Record mappings in memory (no privileges; enforces nothing).
+    #[default]
+    Memory,
+}
+
+/// The whole file. The server sections mirror [`ServerConfig`] so that one
+/// `deny_unknown_fields` pass checks every key with its position.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct File {
+    pcpd: DaemonSection,
+    lifetime: LifetimeConfig,
+    pool: PoolConfig,
+    subscribers: SubscriberConfig,
+    tiers: Option<BTreeMap<String, TierConfig>>,
+    checkpoint: CheckpointConfig,
+    policy: Vec<PolicyRule>,
+    mapping: MappingConfig,
+}
+
+/// Everything pcpd runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it came from (`None`: embedded defaults).
+    pub path: Option<PathBuf>,
+    /// Daemon settings.
+    pub daemon: DaemonSection,
+    /// Server core settings.
+    pub server: ServerConfig,
+}
+
+/// A configuration pcpd cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or has a bad value.
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key (0 when unknown).
+        line: usize,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// The embedded defaults: PCP on 127.0.0.1:5351, admin on 127.0.0.1:8351, memory
+    /// data plane.
+    pub fn embedded() -> Config {
+        Config {
+            path: None,
+            daemon: DaemonSection::default(),
+            server: ServerConfig::default(),
+        }
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigFileError> {
+        let invalid = |line, key: String, message: String| ConfigFileError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            invalid(
+                line_of_span(text, e.span()),
+                String::new(),
+                e.message().into(),
+            )
+        })?;
+        let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = match inner.span() {
+                Some(span) => line_of_span(text, Some(span)),
+                None => line_of_key(text, &key),
+            };
+            invalid(line, key, inner.message().to_string())
+        })?;
+        let mut server = ServerConfig {
+            lifetime: file.lifetime,
+            pool: file.pool,
+            subscribers: file.subscribers,
+            checkpoint: file.checkpoint,
+            policy: file.policy,
+            mapping: file.mapping,
+            ..ServerConfig::default()
+        };
+        if let Some(tiers) = file.tiers {
+            server.tiers.extend(tiers);
+        }
+        server.validate().map_err(|e| match e {
+            pcp_server::ConfigError::Invalid { key, problem } => {
+                invalid(line_of_key(text, &key), key, problem)
+            }
+        })?;
+        Ok(Config {
+            path: Some(path.to_path_buf()),
+            daemon: file.pcpd,
+            server,
+        })
+    }
+}
+
+/// 1-based line of a byte span's start (0 when unknown).
+fn line_of_span(text: &str, span: Option<std::ops::Range<usize>>) -> usize {
+    span.map_or(0, |s| {
+        text[..s.start.min(text.len())].matches('\n').count() + 1
+    })
+}
+
+/// Best-effort 1-based line of a dotted key (`tiers.gold.checkpoint_rate`,
+/// `policy[2].tiers`): the key's own line inside its table if found, else its table's
+/// header, else 0.
+fn line_of_key(text: &str, key: &str) -> usize {
+    let parts: Vec<&str> = key
+        .split('.')
+        .map(|p| p.split('[').next().unwrap_or(p))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let Some((last, tables)) = parts.split_last() else {
+        return 0;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let is_header = |l: &str, name: &str| {
+        let l = l.trim();
+        l == format!("[{name}]") || l == format!("[[{name}]]")
+    };
+    // The deepest table header on the path that the file has.
+    let mut start = 0;
+    let mut found_table = 0;
+    for depth in (1..=tables.len()).rev() {
+        let name = tables[..depth].join(".");
+        if let Some(i) = lines.iter().position(|l| is_header(l, &name)) {
+            start = i;
+            found_table = i + 1;
+            break;
+        }
+    }
+    for (i, l) in lines.iter().enumerate().skip(start) {
+        if i > start && l.trim_start().starts_with('[') && found_table != 0 {
+            break;
+        }
+        let t = l.trim_start();
+        if t.starts_with(last) && t[last.len()..].trim_start().starts_with('=') {
+            return i + 1;
+        }
+    }
+    found_table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> (usize, String, String) {
+        match Config::parse(Path::new("pcpd.toml"), text) {
+            Err(ConfigFileError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_defaults() {
+        let c = Config::parse(Path::new("x.toml"), "").unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.daemon, DaemonSection::default());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let (line, key, msg) =
+            err("[pcpd]\nadmin = \"127.0.0.1:1\"\n\n[pool]\nport_min = 2000\nbogus = 1\n");
+        assert_eq!(line, 6);
+        assert!(key.contains("pool"), "{key}");
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_line_and_key() {
+        let (line, key, _) = err("[tiers.gold]\nmapping_quota = 10\ncheckpoint_quota = \"many\"\n");
+        assert_eq!(line, 3);
+        assert_eq!(key, "tiers.gold.checkpoint_quota");
+    }
+
+    #[test]
+    fn semantic_errors_name_line_and_key() {
+        let (line, key, msg) =
+            err("[pool]\naddresses = [\"192.0.2.1\"]\nport_min = 3000\nport_max = 2000\n");
+        assert_eq!((line, key.as_str()), (3, "pool.port_min"));
+        assert!(msg.contains("port_max"));
+        let (line, key, _) = err(
+            "[[subscribers.entries]]\nprefixes = [\"10.0.0.0/8\"]\nid = \"a\"\ntier = \"platinum\"\n",
+        );
+        assert_eq!(key, "subscribers.entries[0].tier");
+        assert_eq!(line, 4);
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let (line, _, _) = err("[pool]\nport_min = = 3\n");
+        assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../../docs/pcpd.example.toml");
+        let c = Config::parse(Path::new("docs/pcpd.example.toml"), text).unwrap();
+        assert!(c.server.tiers.contains_key("gold"));
+        assert!(!c.server.policy.is_empty());
+    }
+}

@@ -1,0 +1,174 @@
+//! Sockets, timers and signals around the core.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pcp_dataplane::memory::MemoryDataPlane;
+use pcp_server::{Reply, Server};
+use tokio::net::UdpSocket;
+
+use crate::config::{Config, DataPlaneKind};
+use crate::core::{Core, Shared};
+
+/// Why pcpd could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen or admin address could not be bound.
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        /// "PCP listen address" or "admin address".
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server core refused the configuration.
+    #[error("configuration: {0}")]
+    Config(#[from] pcp_server::ConfigError),
+}
+
+/// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
+/// more than this.
+const EXPIRY_TICK: Duration = Duration::from_millis(250);
+
+/// Runs pcpd until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let origin = Instant::now();
+    let seed = rand::random::<u64>();
+    let server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
+    let dataplane = match config.daemon.dataplane {
+        DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
+    };
+    let mut sockets = Vec::new();
+    for addr in &config.daemon.listen {
+        let sock = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "PCP listen address",
+                addr: *addr,
+                source,
+            })?;
+        sockets.push(Arc::new(sock));
+    }
+    let admin_addr = config.daemon.admin;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "admin address",
+            addr: admin_addr,
+            source,
+        })?;
+    let listen: Vec<String> = sockets
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let shared = Shared::new(Core::new(server, dataplane, config, origin));
+
+    for sock in &sockets {
+        tokio::spawn(serve_socket(sock.clone(), shared.clone()));
+    }
+    tokio::spawn(expiry(shared.clone()));
+    let app = crate::admin::router(shared.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, app).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    tracing::info!(
+        listen = ?listen,
+        admin = %admin_addr,
+        dataplane = shared.lock().dataplane.name(),
+        "pcpd started"
+    );
+    signals(shared).await;
+    tracing::info!("pcpd stopping");
+    Ok(())
+}
+
+/// Receives, serves and answers datagrams on one socket.
+async fn serve_socket(sock: Arc<UdpSocket>, shared: Shared) {
+    let mut buf = vec![0u8; 2048];
+    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here on some systems; keep going.
+                tracing::debug!(error = %e, "recv_from");
+                continue;
+            }
+        };
+        let received = Instant::now();
+        let answer = shared.lock().handle(&buf[..n], src, &mut reply);
+        if let Reply::Send(len) = answer {
+            if let Err(e) = sock.send_to(&reply[..len], src).await {
+                tracing::debug!(error = %e, %src, "send_to");
+            }
+            shared.lock().latency.record(received.elapsed());
+        }
+    }
+}
+
+/// Removes mappings as their lifetimes end.
+async fn expiry(shared: Shared) {
+    loop {
+        let wake = {
+            let mut core = shared.lock();
+            core.expire();
+            let next = core.server.next_timeout().map(|t| core.instant_of(t));
+            let cap = Instant::now() + EXPIRY_TICK;
+            next.map_or(cap, |n| n.min(cap))
+        };
+        tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
+/// Waits for SIGTERM/SIGINT, reloading on SIGHUP meanwhile.
+async fn signals(shared: Shared) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match reload(&shared) {
+                Ok(msg) => tracing::info!("{msg}"),
+                Err(msg) => tracing::error!("reload refused: {msg}"),
+            },
+        }
+    }
+}
+
+/// Re-reads the config file and applies what can change without a restart.
+pub fn reload(shared: &Shared) -> Result<String, String> {
+    let path = shared.lock().config.path.clone();
+    let Some(path) = path else {
+        return Err("pcpd runs on embedded defaults (no --config): nothing to reload".into());
+    };
+    let new = Config::load(&path).map_err(|e| e.to_string())?;
+    let mut core = shared.lock();
+    if new.daemon != core.config.daemon {
+        tracing::warn!("[pcpd] changes take effect at the next restart");
+    }
+    core.server
+        .reload(new.server.clone())
+        .map_err(|e| e.to_string())?;
+    core.config.server = new.server;
+    Ok(format!(
+        "reloaded {}: {} policy rules, {} tiers",
+        path.display(),
+        core.config.server.policy.len(),
+        core.config.server.tiers.len()
+    ))
+}

@@ -1,0 +1,87 @@
+//! `pcpd`: the PCP (RFC 6887) and NAT-PMP (RFC 6886) server daemon with
+//! application-initiated check-pointing (RFC 7767).
+//!
+//! With no arguments it runs on embedded defaults: PCP on 127.0.0.1:5351, the
+//! in-memory data plane, the admin API on 127.0.0.1:8351.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod config;
+mod core;
+mod daemon;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// PCP + NAT-PMP server with RFC 7767 check-pointing.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML); see docs/pcpd.example.toml for every key.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// PCP/NAT-PMP listen address (UDP), repeatable; replaces `[pcpd] listen`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<SocketAddr>,
+    /// Admin HTTP API address; replaces `[pcpd] admin`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin: Option<SocketAddr>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(path) => match config::Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("pcpd: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => config::Config::embedded(),
+    };
+    if !args.listen.is_empty() {
+        cfg.daemon.listen = args.listen.clone();
+    }
+    if let Some(admin) = args.admin {
+        cfg.daemon.admin = admin;
+    }
+    if args.check {
+        println!("pcpd: configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.daemon.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pcpd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pcpd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

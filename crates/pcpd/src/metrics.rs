@@ -1,0 +1,164 @@
+//! Prometheus text exposition of the core's counters. The core keeps plain integers
+//! (it is single-threaded and must not depend on a metrics library); rendering them
+//! in the text format is a few lines, so no registry crate sits in between.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::core::Core;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Clone, Default)]
+pub struct Latency {
+    counts: [u64; BUCKETS.len()],
+    over: u64,
+    sum: f64,
+}
+
+impl Latency {
+    /// Records one request.
+    pub fn record(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        self.sum += s;
+        match BUCKETS.iter().position(|b| s <= *b) {
+            Some(i) => self.counts[i] += 1,
+            None => self.over += 1,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.counts.iter().sum::<u64>() + self.over
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every metric.
+pub fn render(core: &Core) -> String {
+    let mut out = String::with_capacity(4096);
+    let stats = core.server.stats();
+
+    header(
+        &mut out,
+        "pcp_requests_total",
+        "counter",
+        "Requests answered, by kind and result code.",
+    );
+    for (kind, code, n) in stats.answered_counts() {
+        let _ = writeln!(
+            out,
+            "pcp_requests_total{{kind=\"{}\",result=\"{}\"}} {n}",
+            kind.label(),
+            code.name()
+        );
+    }
+    header(
+        &mut out,
+        "pcp_dropped_total",
+        "counter",
+        "Datagrams dropped without an answer.",
+    );
+    let _ = writeln!(out, "pcp_dropped_total {}", stats.dropped);
+
+    header(
+        &mut out,
+        "pcp_checkpoint_decisions_total",
+        "counter",
+        "Checkpoint decisions made on MAP/PEER/NAT-PMP requests, by reason.",
+    );
+    for (reason, n) in stats.decision_counts() {
+        let _ = writeln!(
+            out,
+            "pcp_checkpoint_decisions_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+
+    header(&mut out, "pcp_mappings", "gauge", "Mappings held.");
+    let _ = writeln!(out, "pcp_mappings {}", core.server.mapping_count());
+    header(
+        &mut out,
+        "pcp_checkpointed_mappings",
+        "gauge",
+        "Checkpointed mappings held.",
+    );
+    let _ = writeln!(
+        out,
+        "pcp_checkpointed_mappings {}",
+        core.server.checkpointed_count()
+    );
+    header(
+        &mut out,
+        "pcp_checkpoint_capacity",
+        "gauge",
+        "Checkpointed mappings the node may hold.",
+    );
+    let _ = writeln!(
+        out,
+        "pcp_checkpoint_capacity {}",
+        core.server.config().checkpoint.capacity
+    );
+    header(
+        &mut out,
+        "pcp_subscribers",
+        "gauge",
+        "Subscribers holding mappings.",
+    );
+    let _ = writeln!(out, "pcp_subscribers {}", core.server.subscribers().count());
+    header(
+        &mut out,
+        "pcp_expired_total",
+        "counter",
+        "Mappings removed at the end of their lifetime.",
+    );
+    let _ = writeln!(out, "pcp_expired_total {}", stats.expired);
+    header(
+        &mut out,
+        "pcp_dataplane_entries",
+        "gauge",
+        "Entries installed in the data plane.",
+    );
+    let _ = writeln!(out, "pcp_dataplane_entries {}", core.dataplane.len());
+    header(
+        &mut out,
+        "pcp_dataplane_failures_total",
+        "counter",
+        "Data plane batches that failed.",
+    );
+    let _ = writeln!(
+        out,
+        "pcp_dataplane_failures_total {}",
+        core.dataplane_failures
+    );
+
+    let l = &core.latency;
+    header(
+        &mut out,
+        "pcp_request_duration_seconds",
+        "histogram",
+        "Time from receiving a request to handing its answer to the socket.",
+    );
+    let mut cumulative = 0;
+    for (b, n) in BUCKETS.iter().zip(l.counts.iter()) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "pcp_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "pcp_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+        l.count()
+    );
+    let _ = writeln!(out, "pcp_request_duration_seconds_sum {}", l.sum);
+    let _ = writeln!(out, "pcp_request_duration_seconds_count {}", l.count());
+    out
+}
