@@ -26,6 +26,10 @@ pub struct DaemonSection {
     pub dataplane: DataPlaneKind,
     /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG`.
     pub log: String,
+    /// At start (a state loss for every client), multicast unsolicited ANNOUNCE to
+    /// 224.0.0.1:5350 / [ff02::1]:5350 from each listen socket (RFC 6887 §14.1.1).
+    /// Off by default: only useful where the clients share the served link.
+    pub announce_multicast: bool,
 }
 
 impl Default for DaemonSection {
@@ -35,6 +39,7 @@ impl Default for DaemonSection {
             admin: SocketAddr::from(([127, 0, 0, 1], 8351)),
             dataplane: DataPlaneKind::Memory,
             log: "info".into(),
+            announce_multicast: false,
         }
     }
 }

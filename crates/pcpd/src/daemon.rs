@@ -71,6 +71,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tokio::spawn(serve_socket(sock.clone(), shared.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
+    if shared.lock().config.daemon.announce_multicast {
+        tokio::spawn(announce_start(sockets.clone(), shared.clone()));
+    }
     let app = crate::admin::router(shared.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin, app).await {
@@ -123,6 +126,39 @@ async fn expiry(shared: Shared) {
             next.map_or(cap, |n| n.min(cap))
         };
         tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
+/// Multicasts the start-up ANNOUNCE burst: every client's state was just lost.
+async fn announce_start(sockets: Vec<Arc<UdpSocket>>, shared: Shared) {
+    let mut schedule = {
+        let core = shared.lock();
+        pcp_server::announce::AnnounceSchedule::start(core.now())
+    };
+    let mut buf = [0u8; pcp_proto::HEADER_LEN];
+    while let Some(due) = schedule.next_due() {
+        let at = shared.lock().instant_of(due);
+        tokio::time::sleep_until(at.into()).await;
+        let n = {
+            let core = shared.lock();
+            schedule.poll(core.now());
+            core.server.announce(None, core.now(), &mut buf)
+        };
+        for sock in &sockets {
+            let to: SocketAddr = match sock.local_addr() {
+                Ok(SocketAddr::V4(_)) => {
+                    SocketAddr::from(([224, 0, 0, 1], pcp_proto::CLIENT_PORT))
+                }
+                Ok(SocketAddr::V6(_)) => SocketAddr::from((
+                    std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+                    pcp_proto::CLIENT_PORT,
+                )),
+                Err(_) => continue,
+            };
+            if let Err(e) = sock.send_to(&buf[..n], to).await {
+                tracing::warn!(error = %e, %to, "unsolicited ANNOUNCE");
+            }
+        }
     }
 }
 
