@@ -89,6 +89,68 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// Interned rule names, so that a stored reason takes 4 octets (see
+/// [`crate::table::PackedReason`]). Grows only with distinct names ever configured.
+#[derive(Debug, Default, Clone)]
+pub struct RuleNames {
+    names: Vec<Arc<str>>,
+    index: std::collections::HashMap<Arc<str>, u16>,
+}
+
+impl RuleNames {
+    fn intern(&mut self, name: &Arc<str>) -> u16 {
+        if let Some(i) = self.index.get(name) {
+            return *i;
+        }
+        let i = u16::try_from(self.names.len()).unwrap_or(u16::MAX);
+        if i < u16::MAX {
+            self.names.push(name.clone());
+            self.index.insert(name.clone(), i);
+        }
+        i
+    }
+
+    /// Packs a reason.
+    pub fn pack(&mut self, r: &Reason) -> crate::table::PackedReason {
+        let code = Reason::CODES
+            .iter()
+            .position(|c| *c == r.code())
+            .unwrap_or(0) as u8;
+        let rule = match r {
+            Reason::Forced(n) | Reason::Denied(n) => self.intern(n),
+            _ => 0,
+        };
+        crate::table::PackedReason { code, rule }
+    }
+
+    /// Unpacks a reason.
+    pub fn unpack(&self, p: crate::table::PackedReason) -> Reason {
+        let rule = || {
+            self.names
+                .get(usize::from(p.rule))
+                .cloned()
+                .unwrap_or_else(|| Arc::from("?"))
+        };
+        match Reason::CODES.get(usize::from(p.code)).copied() {
+            Some("requested") => Reason::Requested,
+            Some("forced") => Reason::Forced(rule()),
+            Some("denied") => Reason::Denied(rule()),
+            Some("quota") => Reason::Quota,
+            Some("rate") => Reason::Rate,
+            Some("capacity") => Reason::Capacity,
+            Some("no_backup") => Reason::NoBackup,
+            Some("backup_not_ready") => Reason::BackupNotReady,
+            Some("backup_timeout") => Reason::BackupTimeout,
+            _ => Reason::NotRequested,
+        }
+    }
+}
+
+/// Whether a packed reason means checkpointed.
+pub fn packed_is_checkpointed(p: crate::table::PackedReason) -> bool {
+    p.code <= 1
+}
+
 /// Whether there is a backup to checkpoint to, as the HA layer reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackupStatus {

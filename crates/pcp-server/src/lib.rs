@@ -11,6 +11,7 @@ pub mod announce;
 pub mod checkpoint;
 pub mod config;
 pub mod epoch;
+mod mapping;
 pub mod policy;
 pub mod pool;
 pub mod rate;
@@ -22,6 +23,7 @@ pub mod time;
 
 pub use checkpoint::{BackupStatus, Reason};
 pub use config::{ConfigError, ServerConfig};
+pub use mapping::Mapping;
 pub use server::{Change, Effect, Reply, Server, entry_of};
-pub use table::{Mapping, MappingKey, Origin};
+pub use table::{MappingKey, Origin};
 pub use time::Time;

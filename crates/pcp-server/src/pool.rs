@@ -29,16 +29,52 @@ pub enum AllocError {
     Exhausted,
 }
 
+/// Ports of one (address, protocol): a bitmap of all 65536 ports (8 KiB), so a
+/// lookup is one bit and finding a free port scans words, not hash entries.
+#[derive(Debug, Clone)]
+struct PortMap {
+    bits: Box<[u64; 1024]>,
+    taken: u32,
+}
+
+impl PortMap {
+    fn new() -> Self {
+        PortMap {
+            bits: Box::new([0; 1024]),
+            taken: 0,
+        }
+    }
+    fn get(&self, port: u16) -> bool {
+        self.bits[usize::from(port / 64)] & (1 << (port % 64)) != 0
+    }
+    fn set(&mut self, port: u16, on: bool) -> bool {
+        let (w, b) = (usize::from(port / 64), port % 64);
+        let was = self.bits[w] & (1 << b) != 0;
+        if on {
+            self.bits[w] |= 1 << b;
+        } else {
+            self.bits[w] &= !(1 << b);
+        }
+        match (was, on) {
+            (false, true) => self.taken += 1,
+            (true, false) => self.taken -= 1,
+            _ => {}
+        }
+        was != on
+    }
+}
+
 /// Taken endpoints and the configured ranges.
 #[derive(Debug)]
 pub struct Pool {
     addrs: Vec<IpAddr>,
+    index: HashMap<IpAddr, usize>,
     port_min: u16,
     port_max: u16,
     preserve_parity: bool,
-    taken: HashMap<ExternalEndpoint, ()>,
-    /// Ports taken per (address, protocol), to skip a full address without probing.
-    per_addr: HashMap<(IpAddr, u8), u32>,
+    /// Per (address index, protocol).
+    maps: HashMap<(usize, u8), PortMap>,
+    taken: usize,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -63,50 +99,69 @@ impl Pool {
     /// An empty pool over the configured ranges.
     pub fn new(cfg: &PoolConfig) -> Pool {
         Pool {
+            index: cfg
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (*a, i))
+                .collect(),
             addrs: cfg.addresses.clone(),
             port_min: cfg.port_min,
             port_max: cfg.port_max,
             preserve_parity: cfg.preserve_parity,
-            taken: HashMap::new(),
-            per_addr: HashMap::new(),
+            maps: HashMap::new(),
+            taken: 0,
             hasher: Default::default(),
         }
     }
 
     /// Whether `addr` is one of ours.
     pub fn owns(&self, addr: IpAddr) -> bool {
-        self.addrs.contains(&addr)
+        self.index.contains_key(&addr)
+    }
+
+    fn in_range(&self, port: u16) -> bool {
+        (self.port_min..=self.port_max).contains(&port)
+    }
+
+    fn is_taken(&self, ep: &ExternalEndpoint) -> bool {
+        self.index
+            .get(&ep.addr)
+            .and_then(|i| self.maps.get(&(*i, ep.protocol)))
+            .is_some_and(|m| m.get(ep.port))
     }
 
     /// Whether the endpoint is one this pool could hand out and nobody holds.
     pub fn is_free(&self, ep: &ExternalEndpoint) -> bool {
-        self.owns(ep.addr)
-            && (self.port_min..=self.port_max).contains(&ep.port)
-            && !self.taken.contains_key(ep)
+        self.owns(ep.addr) && self.in_range(ep.port) && !self.is_taken(ep)
     }
 
-    /// Marks an endpoint taken (it must be free).
+    /// Marks an endpoint taken. Endpoints outside the pool are ignored.
     pub fn take(&mut self, ep: ExternalEndpoint) {
-        if self.taken.insert(ep, ()).is_none() {
-            *self.per_addr.entry((ep.addr, ep.protocol)).or_default() += 1;
+        if let Some(i) = self.index.get(&ep.addr).copied()
+            && self
+                .maps
+                .entry((i, ep.protocol))
+                .or_insert_with(PortMap::new)
+                .set(ep.port, true)
+        {
+            self.taken += 1;
         }
     }
 
     /// Frees an endpoint.
     pub fn release(&mut self, ep: &ExternalEndpoint) {
-        if self.taken.remove(ep).is_some()
-            && let Some(n) = self.per_addr.get_mut(&(ep.addr, ep.protocol))
+        if let Some(i) = self.index.get(&ep.addr).copied()
+            && let Some(m) = self.maps.get_mut(&(i, ep.protocol))
+            && m.set(ep.port, false)
         {
-            *n -= 1;
-            if *n == 0 {
-                self.per_addr.remove(&(ep.addr, ep.protocol));
-            }
+            self.taken -= 1;
         }
     }
 
     /// Number of endpoints taken.
     pub fn taken(&self) -> usize {
-        self.taken.len()
+        self.taken
     }
 
     fn range_len(&self) -> u32 {
@@ -195,32 +250,65 @@ impl Pool {
         )
     }
 
+    /// A random free port of `addr`: a few random picks (cheap while the address is
+    /// not nearly full), then a scan of the bitmap from a random word.
     fn random_port(
         &self,
         addr: IpAddr,
         req: &AllocRequest,
         rng: &mut impl Rng,
     ) -> Option<ExternalEndpoint> {
+        let idx = *self.index.get(&addr)?;
+        let map = self.maps.get(&(idx, req.protocol));
         let range = self.range_len();
-        let used = self
-            .per_addr
-            .get(&(addr, req.protocol))
-            .copied()
-            .unwrap_or(0);
-        if used >= range {
+        if map.is_some_and(|m| m.taken >= range) {
             return None;
         }
         let parity = self.preserve_parity.then_some(req.internal_port & 1);
-        let start = rng.random_range(0..range);
-        (0..range)
-            .map(|i| self.port_min + ((start + i) % range) as u16)
-            .filter(|p| parity.is_none_or(|bit| p & 1 == bit))
-            .map(|port| ExternalEndpoint {
-                addr,
-                protocol: req.protocol,
-                port,
-            })
-            .find(|ep| !self.taken.contains_key(ep))
+        let fits = |p: u16| parity.is_none_or(|bit| p & 1 == bit);
+        let free = |p: u16| map.is_none_or(|m| !m.get(p));
+        let ep = |port| ExternalEndpoint {
+            addr,
+            protocol: req.protocol,
+            port,
+        };
+        for _ in 0..16 {
+            let mut p = self.port_min + rng.random_range(0..range) as u16;
+            if !fits(p) {
+                p = if p < self.port_max { p + 1 } else { p - 1 };
+            }
+            if fits(p) && free(p) && self.in_range(p) {
+                return Some(ep(p));
+            }
+        }
+        let map = map?;
+        let (first, last) = (
+            usize::from(self.port_min / 64),
+            usize::from(self.port_max / 64),
+        );
+        let words = last - first + 1;
+        let start = rng.random_range(0..words);
+        for k in 0..words {
+            let w = first + (start + k) % words;
+            let mut free_bits = !map.bits[w];
+            if let Some(bit) = parity {
+                // Keep only ports of the wanted parity (bit 0 of the port = bit index parity).
+                free_bits &= if bit == 0 {
+                    0x5555_5555_5555_5555
+                } else {
+                    0xaaaa_aaaa_aaaa_aaaa
+                };
+            }
+            while free_bits != 0 {
+                let b = free_bits.trailing_zeros() as u16;
+                let port = w as u16 * 64 + b;
+                if self.in_range(port) {
+                    return Some(ep(port));
+                }
+                free_bits &= free_bits - 1;
+            }
+        }
+        None
     }
 }
 

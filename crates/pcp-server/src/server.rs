@@ -11,14 +11,15 @@ use pcp_proto::{
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use crate::checkpoint::{self, Ask, BackupStatus, Ledger};
+use crate::checkpoint::{self, Ask, BackupStatus, Ledger, RuleNames};
 use crate::config::{ConfigError, OpcodeName, ServerConfig, TierConfig};
 use crate::epoch::Epochs;
+use crate::mapping::Mapping;
 use crate::policy::{Flow, Policy};
 use crate::pool::{AllocError, AllocRequest, ExternalEndpoint, Pool};
 use crate::stats::{RequestKind, Stats};
-use crate::subscriber::{SubscriberId, SubscriberState, SubscriberTable};
-use crate::table::{Mapping, MappingKey, Origin, Table};
+use crate::subscriber::{self, SubscriberId, SubscriberState, SubscriberTable};
+use crate::table::{Extra, MappingKey, Origin, Record, Table};
 use crate::time::Time;
 
 /// What to do with the reply buffer after [`Server::handle`].
@@ -55,8 +56,9 @@ pub struct Server {
     cfg: ServerConfig,
     policy: Policy,
     subscribers: SubscriberTable,
-    states: HashMap<SubscriberId, SubscriberState>,
+    subs: subscriber::Store,
     table: Table,
+    rules: RuleNames,
     pool: Pool,
     ledger: Ledger,
     epochs: Epochs,
@@ -94,8 +96,9 @@ impl Server {
         Ok(Server {
             policy: Policy::new(&cfg.policy),
             subscribers: SubscriberTable::new(&cfg.subscribers),
-            states: HashMap::new(),
+            subs: subscriber::Store::default(),
             table: Table::new(),
+            rules: RuleNames::default(),
             pool: Pool::new(&cfg.pool),
             ledger: Ledger {
                 count: 0,
@@ -123,7 +126,7 @@ impl Server {
         self.policy = Policy::new(&cfg.policy);
         self.subscribers = SubscriberTable::new(&cfg.subscribers);
         self.ledger.capacity = cfg.checkpoint.capacity;
-        for st in self.states.values_mut() {
+        for st in self.subs.states_mut() {
             if !cfg.tiers.contains_key(&*st.tier) {
                 st.tier = crate::config::DEFAULT_TIER.into();
             }
@@ -152,9 +155,35 @@ impl Server {
         &self.stats
     }
 
-    /// Every mapping.
-    pub fn mappings(&self) -> impl Iterator<Item = &Mapping> {
-        self.table.iter()
+    /// Every mapping, as owned views.
+    pub fn mappings(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.table.iter().map(|(id, _)| self.view(id))
+    }
+
+    /// The mapping with this key.
+    pub fn mapping(&self, key: &MappingKey) -> Option<Mapping> {
+        self.table.find(key).map(|id| self.view(id))
+    }
+
+    /// The public view of record `id`.
+    fn view(&self, id: u32) -> Mapping {
+        let r = self.table.get(id);
+        let extra = r.extra.as_deref();
+        Mapping {
+            key: r.key(),
+            nonce: r.nonce,
+            origin: r.origin,
+            client: extra.and_then(|e| e.client).unwrap_or(r.endpoint.addr),
+            external: self.table.external_of(id),
+            expires: r.expires,
+            lifetime: r.lifetime,
+            subscriber: self.subs.get(r.sub).0.clone(),
+            checkpoint_requested: r.requested,
+            checkpoint: self.rules.unpack(r.reason),
+            filters: r.filters().into(),
+            description: extra.and_then(|e| e.description.clone()),
+            created: Time(u64::from(r.created_secs) * 1000),
+        }
     }
 
     /// Number of mappings.
@@ -171,9 +200,9 @@ impl Server {
     pub fn subscribers(
         &self,
     ) -> impl Iterator<Item = (&SubscriberId, &SubscriberState, &TierConfig)> {
-        self.states
+        self.subs
             .iter()
-            .map(|(id, st)| (id, st, self.cfg.tier(&st.tier)))
+            .map(|(_, id, st)| (id, st, self.cfg.tier(&st.tier)))
     }
 
     /// Epoch bookkeeping (HA keeps it continuous across a takeover).
@@ -188,8 +217,8 @@ impl Server {
 
     /// Removes every mapping whose lifetime has ended by `now`.
     pub fn expire(&mut self, now: Time, effects: &mut Vec<Effect>) {
-        while let Some(key) = self.table.pop_expired(now) {
-            self.remove_mapping(&key, effects);
+        while let Some(id) = self.table.pop_expired(now) {
+            self.remove_mapping(id, effects);
             self.stats.expired += 1;
         }
     }
@@ -430,18 +459,19 @@ impl Server {
         ask: &Ask2<'_>,
         effects: &mut Vec<Effect>,
     ) -> Result<Granted, ResultCode> {
-        let external = match self.table.get(&ask.key) {
+        let external = match self.table.find(&ask.key) {
             None => ExternalEndpoint {
                 addr: ask.suggested.0.unwrap_or(IpAddr::from([0u8; 4])),
                 protocol: ask.key.protocol,
                 port: ask.suggested.1.unwrap_or(0),
             },
-            Some(m) if m.nonce != ask.nonce || m.origin != ask.origin => {
-                return Err(ResultCode::NotAuthorized);
-            }
-            Some(m) => {
-                let ext = m.external;
-                self.remove_mapping(&ask.key, effects);
+            Some(id) => {
+                let r = self.table.get(id);
+                if r.nonce != ask.nonce || r.origin != ask.origin {
+                    return Err(ResultCode::NotAuthorized);
+                }
+                let ext = self.table.external_of(id);
+                self.remove_mapping(id, effects);
                 ext
             }
         };
@@ -452,7 +482,7 @@ impl Server {
         })
     }
 
-    /// Deletes every mapping of `internal` (of `protocol`, unless 0) that `nonce` owns.
+    /// Deletes every MAP of `internal` (of `protocol`, unless 0) that `nonce` owns.
     fn delete_all(
         &mut self,
         internal: IpAddr,
@@ -461,15 +491,14 @@ impl Server {
         origin: Origin,
         effects: &mut Vec<Effect>,
     ) -> Result<Granted, ResultCode> {
-        for key in self.table.keys_of_host(internal) {
-            let owned = self.table.get(&key).is_some_and(|m| {
-                (protocol == 0 || m.key.protocol == protocol)
-                    && m.origin == origin
-                    && (origin == Origin::NatPmp || m.nonce == *nonce)
-                    && !m.key.is_peer()
-            });
+        for id in self.table.ids_of_host(internal) {
+            let r = self.table.get(id);
+            let owned = (protocol == 0 || r.endpoint.protocol == protocol)
+                && r.origin == origin
+                && (origin == Origin::NatPmp || r.nonce == *nonce)
+                && r.remote.is_none();
             if owned {
-                self.remove_mapping(&key, effects);
+                self.remove_mapping(id, effects);
             }
         }
         Ok(Granted {
@@ -489,38 +518,40 @@ impl Server {
         now: Time,
         effects: &mut Vec<Effect>,
     ) -> Result<Granted, ResultCode> {
-        let existing = self.table.get(&ask.key);
-        if let Some(m) = existing
-            && (m.nonce != ask.nonce || m.origin != ask.origin)
-        {
-            return Err(ResultCode::NotAuthorized);
-        }
-        let (subscriber, tier_name) = match existing {
-            Some(m) => {
-                let tier = self
-                    .states
-                    .get(&m.subscriber)
-                    .map(|s| s.tier.clone())
-                    .unwrap_or_else(|| crate::config::DEFAULT_TIER.into());
-                (m.subscriber.clone(), tier)
+        let existing = self.table.find(&ask.key);
+        if let Some(id) = existing {
+            let r = self.table.get(id);
+            if r.nonce != ask.nonce || r.origin != ask.origin {
+                return Err(ResultCode::NotAuthorized);
             }
-            None => self.subscribers.lookup(ask.key.internal),
+        }
+        // The subscriber: the record's own on renewal, else looked up. Its state is a
+        // copy until the commit, so a refused request changes nothing.
+        let (sub_slot, subscriber, tier_name) = match existing {
+            Some(id) => {
+                let slot = self.table.get(id).sub;
+                let (sid, st) = self.subs.get(slot);
+                (Some(slot), sid.clone(), st.tier.clone())
+            }
+            None => {
+                let (sid, tier) = self.subscribers.lookup(ask.key.internal);
+                (self.subs.find(&sid), sid, tier)
+            }
         };
         let tier = *self.cfg.tier(&tier_name);
-        let mut state =
-            self.states.get(&subscriber).cloned().unwrap_or_else(|| {
-                SubscriberState::new(tier_name.clone(), tier.checkpoint_burst, now)
-            });
-
-        // The external endpoint: kept on renewal, shared with the internal endpoint's
-        // other mappings, or newly allocated.
+        let mut state = match sub_slot {
+            Some(slot) => self.subs.get(slot).1.clone(),
+            None => SubscriberState::new(tier_name.clone(), tier.checkpoint_burst, now),
+        };
         if existing.is_none() && state.mappings >= tier.mapping_quota {
             return Err(ResultCode::UserExQuota);
         }
-        let external = match (existing, self.table.binding(&ask.key.endpoint())) {
-            (Some(m), _) => m.external,
-            (None, Some(ext)) => ext,
-            (None, None) => {
+
+        // The external endpoint: kept on renewal, shared with the internal endpoint's
+        // other mappings, or newly allocated.
+        let external = match self.table.binding(&ask.key.endpoint()) {
+            Some(ext) => ext,
+            None => {
                 let alloc = AllocRequest {
                     internal: ask.key.internal,
                     internal_port: ask.key.internal_port,
@@ -548,20 +579,25 @@ impl Server {
         let lifetime = ask
             .lifetime
             .clamp(self.cfg.lifetime.min, self.cfg.lifetime.max);
-        let was_checkpointed = existing.is_some_and(|m| m.is_checkpointed());
-        let verdict = self.policy.evaluate(&Flow {
-            subscriber: &subscriber,
-            tier: &tier_name,
-            opcode: if ask.key.is_peer() {
-                OpcodeName::Peer
-            } else {
-                OpcodeName::Map
-            },
-            internal: ask.key.internal,
-            protocol: ask.key.protocol,
-            internal_port: ask.key.internal_port,
-            remote: ask.key.remote,
-        });
+        let was_checkpointed = existing
+            .is_some_and(|id| checkpoint::packed_is_checkpointed(self.table.get(id).reason));
+        let verdict = if self.policy.is_empty() {
+            None
+        } else {
+            self.policy.evaluate(&Flow {
+                subscriber: &subscriber,
+                tier: &tier_name,
+                opcode: if ask.key.is_peer() {
+                    OpcodeName::Peer
+                } else {
+                    OpcodeName::Map
+                },
+                internal: ask.key.internal,
+                protocol: ask.key.protocol,
+                internal_port: ask.key.internal_port,
+                remote: ask.key.remote,
+            })
+        };
         let reason = checkpoint::decide(
             Ask {
                 requested: ask.requested,
@@ -580,55 +616,80 @@ impl Server {
         self.stats.decided(&reason);
         checkpoint::commit(was_checkpointed, &reason, &mut state, &mut self.ledger);
         let checkpointed = reason.is_checkpointed();
+        let packed = self.rules.pack(&reason);
         let expires = now.plus_secs(lifetime);
-        let old_filters = existing.map(|m| m.filters.clone());
-        let filters: Box<[pcp_proto::Filter]> = match (ask.filters, &old_filters) {
-            (Some(f), _) => f.into(),
-            (None, Some(old)) => old.clone(),
-            (None, None) => Box::new([]),
-        };
-        let install = old_filters.as_ref().is_none_or(|old| *old != filters);
-        if existing.is_some() {
-            let description = ask.description;
-            self.table.update(&ask.key, |m| {
-                m.expires = expires;
-                m.lifetime = lifetime;
-                m.client = ask.client;
-                m.checkpoint_requested = ask.requested;
-                m.checkpoint = reason;
-                m.filters = filters;
-                if let Some(d) = description {
-                    m.description = Some(d.into());
-                }
-            });
-        } else {
+        if existing.is_none() {
             state.mappings += 1;
-            let fresh = self.table.insert(Mapping {
-                key: ask.key,
-                nonce: ask.nonce,
-                origin: ask.origin,
-                client: ask.client,
-                external,
-                expires,
-                lifetime,
-                subscriber: subscriber.clone(),
-                checkpoint_requested: ask.requested,
-                checkpoint: reason,
-                filters,
-                description: ask.description.map(Into::into),
-                created: now,
-            });
-            if fresh {
-                self.pool.take(external);
-            }
         }
-        self.states.insert(subscriber, state);
-        let m = self.table.get(&ask.key).expect("just inserted or updated");
+        let sub = match sub_slot {
+            Some(slot) => {
+                *self.subs.get_mut(slot) = state;
+                slot
+            }
+            None => self.subs.insert(subscriber, state),
+        };
+        let client = (ask.client != ask.key.internal).then_some(ask.client);
+        let (id, install) = match existing {
+            Some(id) => {
+                let r = self.table.get_mut(id);
+                let old_filters: &[pcp_proto::Filter] = r.filters();
+                let install = ask.filters.is_some_and(|f| f != old_filters);
+                if ask.filters.is_some() || ask.description.is_some() || client.is_some() {
+                    let extra = r.extra.get_or_insert_with(Default::default);
+                    if let Some(f) = ask.filters {
+                        extra.filters = f.into();
+                    }
+                    if let Some(d) = ask.description {
+                        extra.description = Some(d.into());
+                    }
+                    extra.client = client;
+                } else if let Some(extra) = r.extra.as_mut() {
+                    extra.client = None;
+                }
+                r.lifetime = lifetime;
+                r.requested = ask.requested;
+                r.reason = packed;
+                if r.expires != expires {
+                    r.expires = expires;
+                    self.table.reindex_expiry(id);
+                }
+                (id, install)
+            }
+            None => {
+                let extra = (client.is_some()
+                    || ask.description.is_some()
+                    || ask.filters.is_some_and(|f| !f.is_empty()))
+                .then(|| {
+                    Box::new(Extra {
+                        client,
+                        filters: ask.filters.unwrap_or_default().into(),
+                        description: ask.description.map(Into::into),
+                    })
+                });
+                let record = Record::new(
+                    &ask.key,
+                    ask.nonce,
+                    expires,
+                    lifetime,
+                    now,
+                    sub,
+                    packed,
+                    ask.origin,
+                    ask.requested,
+                    extra,
+                );
+                let (id, fresh) = self.table.insert(record, external);
+                if fresh {
+                    self.pool.take(external);
+                }
+                (id, true)
+            }
+        };
         if install {
-            effects.push(Effect::DataPlane(Op::Install(entry_of(m))));
+            effects.push(Effect::DataPlane(Op::Install(self.entry(id))));
         }
         if checkpointed {
-            effects.push(Effect::Replicate(Change::Upsert(Box::new(m.clone()))));
+            effects.push(Effect::Replicate(Change::Upsert(Box::new(self.view(id)))));
         } else if was_checkpointed {
             effects.push(Effect::Replicate(Change::Remove(ask.key)));
         }
@@ -639,28 +700,38 @@ impl Server {
         })
     }
 
+    /// The data plane entry of record `id`.
+    fn entry(&self, id: u32) -> Entry {
+        let r = self.table.get(id);
+        entry_of(&r.key(), self.table.external_of(id), r.filters())
+    }
+
     /// Removes a mapping with all its accounting and effects.
-    fn remove_mapping(&mut self, key: &MappingKey, effects: &mut Vec<Effect>) {
-        let Some((m, freed)) = self.table.remove(key) else {
+    fn remove_mapping(&mut self, id: u32, effects: &mut Vec<Effect>) {
+        let external = self.table.external_of(id);
+        let Some((r, freed)) = self.table.remove(id) else {
             return;
         };
         if let Some(ep) = freed {
             self.pool.release(&ep);
         }
-        if let Some(st) = self.states.get_mut(&m.subscriber) {
-            st.mappings = st.mappings.saturating_sub(1);
-            if m.is_checkpointed() {
-                checkpoint::release(st, &mut self.ledger);
-            }
-            if st.mappings == 0 {
-                self.states.remove(&m.subscriber);
-            }
-        } else if m.is_checkpointed() {
-            self.ledger.count = self.ledger.count.saturating_sub(1);
+        let checkpointed = checkpoint::packed_is_checkpointed(r.reason);
+        let st = self.subs.get_mut(r.sub);
+        st.mappings = st.mappings.saturating_sub(1);
+        if checkpointed {
+            checkpoint::release(st, &mut self.ledger);
         }
-        effects.push(Effect::DataPlane(Op::Remove(entry_of(&m))));
-        if m.is_checkpointed() {
-            effects.push(Effect::Replicate(Change::Remove(*key)));
+        if st.mappings == 0 {
+            self.subs.remove(r.sub);
+        }
+        let key = r.key();
+        effects.push(Effect::DataPlane(Op::Remove(entry_of(
+            &key,
+            external,
+            r.filters(),
+        ))));
+        if checkpointed {
+            effects.push(Effect::Replicate(Change::Remove(key)));
         }
     }
 
@@ -821,21 +892,29 @@ impl Server {
     /// Checks every internal index and the accounting against the table.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.table.check_invariants()?;
-        let mut per_sub: HashMap<&SubscriberId, (u32, u32)> = HashMap::new();
+        let mut per_sub: HashMap<u32, (u32, u32)> = HashMap::new();
         let mut total_cp = 0u64;
-        for m in self.table.iter() {
-            let e = per_sub.entry(&m.subscriber).or_default();
+        let mut bound = std::collections::HashSet::new();
+        for (id, r) in self.table.iter() {
+            let e = per_sub.entry(r.sub).or_default();
             e.0 += 1;
-            if m.is_checkpointed() {
+            if checkpoint::packed_is_checkpointed(r.reason) {
                 e.1 += 1;
                 total_cp += 1;
             }
-            if !self.pool.is_free(&m.external) && self.pool.owns(m.external.addr) {
-                continue;
+            let ext = self.table.external_of(id);
+            if bound.insert(ext) && self.pool.is_free(&ext) {
+                return Err(format!(
+                    "{:?} holds {ext:?} which the pool thinks free",
+                    r.key()
+                ));
             }
+        }
+        if bound.len() != self.pool.taken() {
             return Err(format!(
-                "{:?} holds {:?} which the pool thinks free",
-                m.key, m.external
+                "{} external endpoints bound, the pool counts {} taken",
+                bound.len(),
+                self.pool.taken()
             ));
         }
         if total_cp != self.ledger.count {
@@ -844,8 +923,8 @@ impl Server {
                 self.ledger.count
             ));
         }
-        for (id, st) in &self.states {
-            let (maps, cps) = per_sub.get(id).copied().unwrap_or_default();
+        for (slot, id, st) in self.subs.iter() {
+            let (maps, cps) = per_sub.get(&slot).copied().unwrap_or_default();
             if (st.mappings, st.checkpointed) != (maps, cps) {
                 return Err(format!(
                     "subscriber {id} counts {}/{} mappings/checkpoints, table holds {maps}/{cps}",
@@ -853,8 +932,8 @@ impl Server {
                 ));
             }
         }
-        if per_sub.len() != self.states.len() {
-            return Err("a subscriber with mappings has no state".into());
+        if per_sub.len() != self.subs.len() {
+            return Err("a subscriber with mappings has no state, or the reverse".into());
         }
         Ok(())
     }
@@ -874,20 +953,22 @@ fn natpmp_code(code: ResultCode) -> natpmp::ResultCode {
 }
 
 /// The data plane entry for a mapping.
-pub fn entry_of(m: &Mapping) -> Entry {
-    let ext = SocketAddr::new(m.external.addr, m.external.port);
+pub fn entry_of(
+    key: &MappingKey,
+    external: ExternalEndpoint,
+    filters: &[pcp_proto::Filter],
+) -> Entry {
     Entry {
-        direction: match m.key.remote {
+        direction: match key.remote {
             None => Direction::Inbound,
             Some((addr, port)) => Direction::Outbound {
                 remote: SocketAddr::new(addr, port),
             },
         },
-        protocol: m.key.protocol,
-        internal: SocketAddr::new(m.key.internal, m.key.internal_port),
-        external: ext,
-        filters: m
-            .filters
+        protocol: key.protocol,
+        internal: SocketAddr::new(key.internal, key.internal_port),
+        external: SocketAddr::new(external.addr, external.port),
+        filters: filters
             .iter()
             .map(|f| pcp_dataplane::Filter {
                 remote_addr: f.remote_addr,

@@ -115,6 +115,80 @@ impl SubscriberState {
     }
 }
 
+/// Subscribers with mappings, in a slab so that each mapping names its subscriber
+/// with a `u32`.
+#[derive(Debug, Default)]
+pub struct Store {
+    slots: Vec<Option<(SubscriberId, SubscriberState)>>,
+    free: Vec<u32>,
+    by_id: HashMap<SubscriberId, u32>,
+}
+
+impl Store {
+    /// The slot of a subscriber with state.
+    pub fn find(&self, id: &SubscriberId) -> Option<u32> {
+        self.by_id.get(id).copied()
+    }
+
+    /// A live slot.
+    pub fn get(&self, slot: u32) -> &(SubscriberId, SubscriberState) {
+        self.slots[slot as usize].as_ref().expect("live subscriber")
+    }
+
+    /// A live slot, to change.
+    pub fn get_mut(&mut self, slot: u32) -> &mut SubscriberState {
+        &mut self.slots[slot as usize]
+            .as_mut()
+            .expect("live subscriber")
+            .1
+    }
+
+    /// Adds a subscriber (absent until now) and returns its slot.
+    pub fn insert(&mut self, id: SubscriberId, state: SubscriberState) -> u32 {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_id.insert(id.clone(), slot);
+        self.slots[slot as usize] = Some((id, state));
+        slot
+    }
+
+    /// Forgets a subscriber.
+    pub fn remove(&mut self, slot: u32) {
+        if let Some((id, _)) = self.slots.get_mut(slot as usize).and_then(Option::take) {
+            self.by_id.remove(&id);
+            self.free.push(slot);
+        }
+    }
+
+    /// Every subscriber with state.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &SubscriberId, &SubscriberState)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|(id, st)| (i as u32, id, st)))
+    }
+
+    /// Every subscriber, to change (reloads).
+    pub fn states_mut(&mut self) -> impl Iterator<Item = &mut SubscriberState> {
+        self.slots.iter_mut().flatten().map(|(_, st)| st)
+    }
+
+    /// Number of subscribers with state.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,16 @@
 //! The mapping table, the bindings of internal endpoints to external ones, and the
-//! expiry index.
+//! expiry index — laid out for a million mappings in a few hundred bytes each.
+//!
+//! Records live in a slab (`Vec` + free list) and are named by a `u32`. One hash map,
+//! keyed by internal endpoint, holds the endpoint's external binding, its MAP record
+//! and the head of a list of its PEER records (linked through the records). The expiry
+//! heap holds `(time, record)` pairs with lazy deletion.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
 
-use crate::checkpoint::Reason;
 use crate::pool::ExternalEndpoint;
-use crate::subscriber::SubscriberId;
 use crate::time::Time;
 
 /// What identifies a mapping: MAP by internal (address, protocol, port); PEER also by
@@ -61,58 +64,121 @@ pub enum Origin {
     NatPmp,
 }
 
-/// A mapping and all the server knows about it.
+/// The rarely-present parts of a record, boxed so that the common record stays small.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Extra {
+    /// The PCP client that asked, when not the internal host (THIRD_PARTY).
+    pub client: Option<IpAddr>,
+    /// FILTERs.
+    pub filters: Box<[pcp_proto::Filter]>,
+    /// DESCRIPTION.
+    pub description: Option<Box<str>>,
+}
+
+/// A checkpoint reason packed into 4 octets: its code index and, for rule reasons, the
+/// rule name's index (see `server::RuleNames`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PackedReason {
+    /// Index into [`crate::Reason::CODES`].
+    pub code: u8,
+    /// Rule name index, for `forced` and `denied`.
+    pub rule: u16,
+}
+
+/// No record.
+pub(crate) const NONE: u32 = u32::MAX;
+
+/// One mapping as stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Mapping {
-    /// Identity.
-    pub key: MappingKey,
-    /// Nonce of the client that owns it.
+pub struct Record {
+    /// Internal endpoint.
+    pub endpoint: InternalEndpoint,
+    /// Remote peer (PEER).
+    pub remote: Option<(IpAddr, u16)>,
+    /// Owner's nonce.
     pub nonce: [u8; 12],
-    /// PCP or NAT-PMP.
-    pub origin: Origin,
-    /// The PCP client that asked (differs from `key.internal` under THIRD_PARTY).
-    pub client: IpAddr,
-    /// Assigned external endpoint.
-    pub external: ExternalEndpoint,
     /// When it expires.
     pub expires: Time,
     /// Lifetime granted by the last request, in seconds.
     pub lifetime: u32,
-    /// Subscriber charged.
-    pub subscriber: SubscriberId,
-    /// Whether the client asked for a checkpoint (option 192) in its last request.
-    pub checkpoint_requested: bool,
+    /// Creation time, whole seconds of [`Time`].
+    pub created_secs: u32,
+    /// Subscriber slot (see `subscriber::Store`).
+    pub sub: u32,
     /// Checkpoint state and why.
-    pub checkpoint: Reason,
-    /// FILTERs (MAP).
-    pub filters: Box<[pcp_proto::Filter]>,
-    /// DESCRIPTION, if given.
-    pub description: Option<Box<str>>,
-    /// When it was created.
-    pub created: Time,
+    pub reason: PackedReason,
+    /// PCP or NAT-PMP.
+    pub origin: Origin,
+    /// Whether option 192 was in the last request.
+    pub requested: bool,
+    /// Client, filters, description when present.
+    pub extra: Option<Box<Extra>>,
+    next_peer: u32,
 }
 
-impl Mapping {
-    /// Whether it is checkpointed.
-    pub fn is_checkpointed(&self) -> bool {
-        self.checkpoint.is_checkpointed()
+impl Record {
+    /// A record with the given identity; `extra` only when it carries something.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: &MappingKey,
+        nonce: [u8; 12],
+        expires: Time,
+        lifetime: u32,
+        created: Time,
+        sub: u32,
+        reason: PackedReason,
+        origin: Origin,
+        requested: bool,
+        extra: Option<Box<Extra>>,
+    ) -> Record {
+        Record {
+            endpoint: key.endpoint(),
+            remote: key.remote,
+            nonce,
+            expires,
+            lifetime,
+            created_secs: u32::try_from(created.as_secs()).unwrap_or(u32::MAX),
+            sub,
+            reason,
+            origin,
+            requested,
+            extra,
+            next_peer: NONE,
+        }
+    }
+
+    /// The mapping's key.
+    pub fn key(&self) -> MappingKey {
+        MappingKey {
+            internal: self.endpoint.addr,
+            protocol: self.endpoint.protocol,
+            internal_port: self.endpoint.port,
+            remote: self.remote,
+        }
+    }
+
+    /// The FILTERs.
+    pub fn filters(&self) -> &[pcp_proto::Filter] {
+        self.extra.as_deref().map_or(&[], |e| &e.filters)
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Binding {
-    external: ExternalEndpoint,
-    refs: u32,
+struct Endpoint {
+    ext_addr: IpAddr,
+    ext_port: u16,
+    map: u32,
+    peers: u32,
 }
 
 /// The table with its indices.
 #[derive(Debug, Default)]
 pub struct Table {
-    mappings: HashMap<MappingKey, Mapping>,
-    bindings: HashMap<InternalEndpoint, Binding>,
-    /// Expiry index with lazy deletion: an entry is live when the mapping still exists
-    /// and expires at exactly that time; renewals push a new entry.
-    expiry: BinaryHeap<Reverse<(Time, MappingKey)>>,
+    endpoints: HashMap<InternalEndpoint, Endpoint>,
+    slots: Vec<Option<Record>>,
+    free: Vec<u32>,
+    len: usize,
+    expiry: BinaryHeap<Reverse<(Time, u32)>>,
 }
 
 impl Table {
@@ -123,87 +189,153 @@ impl Table {
 
     /// Number of mappings.
     pub fn len(&self) -> usize {
-        self.mappings.len()
+        self.len
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.mappings.is_empty()
+        self.len == 0
     }
 
-    /// The mapping with this key.
-    pub fn get(&self, key: &MappingKey) -> Option<&Mapping> {
-        self.mappings.get(key)
+    /// The record `id` (which must be live).
+    pub fn get(&self, id: u32) -> &Record {
+        self.slots[id as usize].as_ref().expect("live record")
     }
 
-    /// Every mapping, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &Mapping> {
-        self.mappings.values()
+    /// The record `id` to change; a changed `expires` must be re-indexed with
+    /// [`Table::reindex_expiry`].
+    pub fn get_mut(&mut self, id: u32) -> &mut Record {
+        self.slots[id as usize].as_mut().expect("live record")
     }
 
-    /// The external endpoint an internal endpoint is bound to, if any mapping holds it.
-    pub fn binding(&self, ep: &InternalEndpoint) -> Option<ExternalEndpoint> {
-        self.bindings.get(ep).map(|b| b.external)
+    /// Every live record with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Record)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i as u32, r)))
     }
 
-    /// Inserts a new mapping (its key must be absent). Returns true when its external
-    /// endpoint is newly bound (the caller takes it from the pool).
-    pub fn insert(&mut self, m: Mapping) -> bool {
-        let ep = m.key.endpoint();
-        let fresh = match self.bindings.get_mut(&ep) {
-            Some(b) => {
-                b.refs += 1;
-                false
-            }
-            None => {
-                self.bindings.insert(
-                    ep,
-                    Binding {
-                        external: m.external,
-                        refs: 1,
-                    },
-                );
-                true
-            }
-        };
-        self.expiry.push(Reverse((m.expires, m.key)));
-        self.mappings.insert(m.key, m);
-        self.compact_expiry();
-        fresh
-    }
-
-    /// Updates a mapping in place; a changed expiry is indexed.
-    pub fn update(&mut self, key: &MappingKey, f: impl FnOnce(&mut Mapping)) {
-        if let Some(m) = self.mappings.get_mut(key) {
-            let before = m.expires;
-            f(m);
-            if m.expires != before {
-                self.expiry.push(Reverse((m.expires, *key)));
-                self.compact_expiry();
+    /// The record with this key.
+    pub fn find(&self, key: &MappingKey) -> Option<u32> {
+        let ep = self.endpoints.get(&key.endpoint())?;
+        match key.remote {
+            None => (ep.map != NONE).then_some(ep.map),
+            Some(remote) => {
+                let mut id = ep.peers;
+                while id != NONE {
+                    let r = self.get(id);
+                    if r.remote == Some(remote) {
+                        return Some(id);
+                    }
+                    id = r.next_peer;
+                }
+                None
             }
         }
     }
 
-    /// Removes a mapping. Returns it and, when no other mapping holds its external
-    /// endpoint any more, that endpoint (for the caller to release to the pool).
-    pub fn remove(&mut self, key: &MappingKey) -> Option<(Mapping, Option<ExternalEndpoint>)> {
-        let m = self.mappings.remove(key)?;
-        let ep = key.endpoint();
-        let freed = match self.bindings.get_mut(&ep) {
-            Some(b) if b.refs > 1 => {
-                b.refs -= 1;
-                None
+    /// The external endpoint an internal endpoint is bound to, if any mapping holds it.
+    pub fn binding(&self, ep: &InternalEndpoint) -> Option<ExternalEndpoint> {
+        self.endpoints.get(ep).map(|e| ExternalEndpoint {
+            addr: e.ext_addr,
+            protocol: ep.protocol,
+            port: e.ext_port,
+        })
+    }
+
+    /// The external endpoint of a live record.
+    pub fn external_of(&self, id: u32) -> ExternalEndpoint {
+        let ep = self.get(id).endpoint;
+        self.binding(&ep)
+            .expect("a live record's endpoint is bound")
+    }
+
+    /// Inserts a record (its key must be absent) bound to `external` (ignored when its
+    /// endpoint is already bound). Returns its id and whether the binding is new (the
+    /// caller takes the endpoint from the pool).
+    pub fn insert(&mut self, mut record: Record, external: ExternalEndpoint) -> (u32, bool) {
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
             }
-            Some(_) => self.bindings.remove(&ep).map(|b| b.external),
-            None => None,
         };
-        Some((m, freed))
+        let mut fresh = false;
+        let ep = self.endpoints.entry(record.endpoint).or_insert_with(|| {
+            fresh = true;
+            Endpoint {
+                ext_addr: external.addr,
+                ext_port: external.port,
+                map: NONE,
+                peers: NONE,
+            }
+        });
+        if record.remote.is_some() {
+            record.next_peer = ep.peers;
+            ep.peers = id;
+        } else {
+            ep.map = id;
+        }
+        self.expiry.push(Reverse((record.expires, id)));
+        self.slots[id as usize] = Some(record);
+        self.len += 1;
+        self.compact_expiry();
+        (id, fresh)
+    }
+
+    /// Indexes a record's new expiry.
+    pub fn reindex_expiry(&mut self, id: u32) {
+        let t = self.get(id).expires;
+        self.expiry.push(Reverse((t, id)));
+        self.compact_expiry();
+    }
+
+    /// Removes a record. Returns it and, when no other mapping holds its external
+    /// endpoint any more, that endpoint (for the caller to release to the pool).
+    pub fn remove(&mut self, id: u32) -> Option<(Record, Option<ExternalEndpoint>)> {
+        let record = self.slots.get_mut(id as usize)?.take()?;
+        self.free.push(id);
+        self.len -= 1;
+        let key = record.endpoint;
+        let Some(ep) = self.endpoints.get(&key).copied() else {
+            return Some((record, None));
+        };
+        let mut ep2 = ep;
+        if record.remote.is_none() {
+            ep2.map = NONE;
+        } else if ep.peers == id {
+            ep2.peers = record.next_peer;
+        } else {
+            let mut prev = ep.peers;
+            while prev != NONE {
+                let next = self.get(prev).next_peer;
+                if next == id {
+                    self.get_mut(prev).next_peer = record.next_peer;
+                    break;
+                }
+                prev = next;
+            }
+        }
+        let freed = if ep2.map == NONE && ep2.peers == NONE {
+            self.endpoints.remove(&key);
+            Some(ExternalEndpoint {
+                addr: ep.ext_addr,
+                protocol: key.protocol,
+                port: ep.ext_port,
+            })
+        } else {
+            self.endpoints.insert(key, ep2);
+            None
+        };
+        Some((record, freed))
     }
 
     /// The earliest expiry still live.
     pub fn next_expiry(&mut self) -> Option<Time> {
-        while let Some(Reverse((t, key))) = self.expiry.peek() {
-            if self.mappings.get(key).is_some_and(|m| m.expires == *t) {
+        while let Some(Reverse((t, id))) = self.expiry.peek() {
+            if self.is_live_at(*id, *t) {
                 return Some(*t);
             }
             self.expiry.pop();
@@ -211,68 +343,97 @@ impl Table {
         None
     }
 
-    /// The key of a mapping whose expiry is at or before `now`, if any.
-    pub fn pop_expired(&mut self, now: Time) -> Option<MappingKey> {
+    fn is_live_at(&self, id: u32, t: Time) -> bool {
+        self.slots
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.expires == t)
+    }
+
+    /// The id of a record whose expiry is at or before `now`, if any.
+    pub fn pop_expired(&mut self, now: Time) -> Option<u32> {
         let t = self.next_expiry()?;
         if t > now {
             return None;
         }
-        self.expiry.pop().map(|Reverse((_, key))| key)
+        self.expiry.pop().map(|Reverse((_, id))| id)
     }
 
-    /// Keys of every mapping of an internal address (a scan: only for the rare
+    /// Ids of every record of an internal address (a scan: only for the rare
     /// delete-all requests).
-    pub fn keys_of_host(&self, internal: IpAddr) -> Vec<MappingKey> {
-        self.mappings
-            .keys()
-            .filter(|k| k.internal == internal)
-            .copied()
+    pub fn ids_of_host(&self, internal: IpAddr) -> Vec<u32> {
+        self.iter()
+            .filter(|(_, r)| r.endpoint.addr == internal)
+            .map(|(id, _)| id)
             .collect()
     }
 
     /// Rebuilds the expiry index when renewals have filled it with stale entries, so a
     /// client renewing in a loop cannot grow it without bound. Amortised O(1).
     fn compact_expiry(&mut self) {
-        if self.expiry.len() > 2 * self.mappings.len() + 1024 {
-            self.expiry = self
-                .mappings
-                .values()
-                .map(|m| Reverse((m.expires, m.key)))
+        if self.expiry.len() > 2 * self.len + 1024 {
+            let live: Vec<_> = self
+                .iter()
+                .map(|(id, r)| Reverse((r.expires, id)))
                 .collect();
+            self.expiry = BinaryHeap::from(live);
         }
     }
 
-    /// Checks every index against the table (tests and debug builds).
+    /// Checks every index against the records (tests and debugging).
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut refs: HashMap<InternalEndpoint, u32> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
         let mut externals: HashMap<ExternalEndpoint, InternalEndpoint> = HashMap::new();
-        for m in self.mappings.values() {
-            let ep = m.key.endpoint();
-            *refs.entry(ep).or_default() += 1;
-            let b = self
-                .bindings
-                .get(&ep)
-                .ok_or_else(|| format!("{:?} has no binding", m.key))?;
-            if b.external != m.external {
-                return Err(format!("{:?} external differs from its binding", m.key));
+        for (key, ep) in &self.endpoints {
+            let ext = ExternalEndpoint {
+                addr: ep.ext_addr,
+                protocol: key.protocol,
+                port: ep.ext_port,
+            };
+            if let Some(other) = externals.insert(ext, *key) {
+                return Err(format!("{ext:?} bound to both {other:?} and {key:?}"));
             }
-            if let Some(other) = externals.insert(m.external, ep)
-                && other != ep
-            {
-                return Err(format!("{:?} shared by {other:?} and {ep:?}", m.external));
+            if ep.map == NONE && ep.peers == NONE {
+                return Err(format!("{key:?} bound with no mapping"));
             }
-            let indexed = self
-                .expiry
-                .iter()
-                .any(|Reverse((t, k))| *k == m.key && *t == m.expires);
-            if !indexed {
-                return Err(format!("{:?} missing from the expiry index", m.key));
+            if ep.map != NONE {
+                let r = self.slots.get(ep.map as usize).and_then(Option::as_ref);
+                if !r.is_some_and(|r| r.endpoint == *key && r.remote.is_none()) {
+                    return Err(format!("{key:?} MAP record {} is not its MAP", ep.map));
+                }
+                seen.insert(ep.map);
+            }
+            let mut id = ep.peers;
+            while id != NONE {
+                let r = self
+                    .slots
+                    .get(id as usize)
+                    .and_then(Option::as_ref)
+                    .ok_or_else(|| format!("{key:?} lists dead PEER record {id}"))?;
+                if r.endpoint != *key || r.remote.is_none() || !seen.insert(id) {
+                    return Err(format!("{key:?} PEER list is corrupt at {id}"));
+                }
+                id = r.next_peer;
             }
         }
-        for (ep, b) in &self.bindings {
-            if refs.get(ep) != Some(&b.refs) {
-                return Err(format!("binding {ep:?} counts {} refs", b.refs));
+        for (id, r) in self.iter() {
+            if !seen.contains(&id) {
+                return Err(format!("{:?} is not reachable from its endpoint", r.key()));
             }
+            if !self
+                .expiry
+                .iter()
+                .any(|Reverse((t, i))| *i == id && *t == r.expires)
+            {
+                return Err(format!("{:?} missing from the expiry index", r.key()));
+            }
+        }
+        if seen.len() != self.len {
+            return Err(format!(
+                "{} records reachable, {} counted",
+                seen.len(),
+                self.len
+            ));
         }
         Ok(())
     }

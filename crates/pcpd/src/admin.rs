@@ -179,7 +179,7 @@ async fn mappings(State(s): State<Shared>) -> Json<Vec<MappingView>> {
     let mut v: Vec<MappingView> = core
         .server
         .mappings()
-        .map(|m| MappingView::of(m, now))
+        .map(|m| MappingView::of(&m, now))
         .collect();
     v.sort_by_key(|m| {
         (

@@ -146,9 +146,7 @@ async fn announce_start(sockets: Vec<Arc<UdpSocket>>, shared: Shared) {
         };
         for sock in &sockets {
             let to: SocketAddr = match sock.local_addr() {
-                Ok(SocketAddr::V4(_)) => {
-                    SocketAddr::from(([224, 0, 0, 1], pcp_proto::CLIENT_PORT))
-                }
+                Ok(SocketAddr::V4(_)) => SocketAddr::from(([224, 0, 0, 1], pcp_proto::CLIENT_PORT)),
                 Ok(SocketAddr::V6(_)) => SocketAddr::from((
                     std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
                     pcp_proto::CLIENT_PORT,
