@@ -11,6 +11,8 @@ pub mod announce;
 pub mod checkpoint;
 pub mod config;
 pub mod epoch;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod mapping;
 pub mod policy;
 pub mod pool;
