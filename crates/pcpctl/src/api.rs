@@ -1,0 +1,387 @@
+//! A blocking client for pcpd's admin HTTP API and the shapes of its answers.
+//!
+//! The types mirror what `crates/pcpd/src/admin.rs` serializes. The fields pcpctl shows
+//! are required (an answer without them is reported as unexpected); the others are
+//! optional so that an older or newer pcpd still works.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Largest answer body read (the mapping list of a busy node is large; 10 MiB, ureq's
+/// default, is not enough for a million mappings).
+const MAX_BODY: u64 = 1 << 30;
+
+/// One mapping as `GET /mappings` lists it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Mapping {
+    /// `"map"`, `"peer"` or `"natpmp"`.
+    pub opcode: String,
+    /// The PCP client that asked.
+    pub client: IpAddr,
+    /// IANA protocol number.
+    pub protocol: u8,
+    /// Internal address.
+    pub internal_address: IpAddr,
+    /// Internal port.
+    pub internal_port: u16,
+    /// External address.
+    pub external_address: IpAddr,
+    /// External port.
+    pub external_port: u16,
+    /// Remote peer address (PEER only).
+    #[serde(default)]
+    pub remote_address: Option<IpAddr>,
+    /// Remote peer port (PEER only).
+    #[serde(default)]
+    pub remote_port: Option<u16>,
+    /// Seconds until it expires.
+    pub lifetime_remaining: u32,
+    /// Whether it is checkpointed.
+    pub checkpointed: bool,
+    /// Why it is or is not checkpointed (stable code).
+    pub checkpoint_reason: String,
+    /// The same in words.
+    #[serde(default)]
+    pub checkpoint_detail: String,
+    /// Subscriber charged.
+    #[serde(default)]
+    pub subscriber: String,
+}
+
+/// One subscriber as `GET /subscribers` lists it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Subscriber {
+    /// Configured name or derived prefix.
+    pub id: String,
+    /// Tier name.
+    pub tier: String,
+    /// Mappings held.
+    pub mappings: u32,
+    /// The tier's mapping quota.
+    pub mapping_quota: u32,
+    /// Checkpointed mappings held.
+    pub checkpointed: u32,
+    /// The tier's checkpoint quota.
+    pub checkpoint_quota: u32,
+    /// Checkpoint tokens available now.
+    pub checkpoint_tokens: f64,
+    /// The tier's checkpoint burst.
+    #[serde(default)]
+    pub checkpoint_burst: Option<u32>,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Status {
+    /// pcpd version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime: u64,
+    /// PCP/NAT-PMP listen addresses.
+    pub listen: Vec<String>,
+    /// Data plane name.
+    pub dataplane: String,
+    /// Mappings held.
+    pub mappings: u64,
+    /// Checkpointed mappings held.
+    pub checkpointed: u64,
+    /// `"none"`, `"not_ready"` or `"ready"`.
+    pub backup: String,
+    /// Config file in force (`None`: embedded defaults).
+    #[serde(default)]
+    pub config: Option<String>,
+}
+
+/// `POST /reload`'s answer, both ways.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+struct ReloadAnswer {
+    ok: bool,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// What went wrong talking to pcpd.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The `--admin` address does not make a URL.
+    BadAddress {
+        /// As given.
+        admin: String,
+        /// Why.
+        reason: String,
+    },
+    /// No HTTP answer: connection refused, timeout, name resolution, broken HTTP.
+    Unreachable {
+        /// As given.
+        admin: String,
+        /// Why.
+        reason: String,
+    },
+    /// An HTTP answer other than the expected one.
+    Status {
+        /// As given.
+        admin: String,
+        /// `GET /path` or `POST /path`.
+        request: String,
+        /// HTTP status code.
+        status: u16,
+        /// The body, trimmed.
+        body: String,
+    },
+    /// A 2xx answer whose body is not what the API documents.
+    Unexpected {
+        /// As given.
+        admin: String,
+        /// `GET /path` or `POST /path`.
+        request: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// pcpd refused to reload; its reason.
+    ReloadRefused(String),
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::BadAddress { admin, reason } => {
+                write!(f, "invalid admin address {admin}: {reason}")
+            }
+            ApiError::Unreachable { admin, reason } => {
+                write!(f, "cannot reach pcpd admin API at {admin}: {reason}")
+            }
+            ApiError::Status {
+                admin,
+                request,
+                status,
+                body,
+            } => {
+                write!(f, "pcpd admin API at {admin}: {request} answered {status}")?;
+                if !body.is_empty() {
+                    write!(f, ": {body}")?;
+                }
+                Ok(())
+            }
+            ApiError::Unexpected {
+                admin,
+                request,
+                reason,
+            } => write!(
+                f,
+                "pcpd admin API at {admin}: unexpected answer to {request}: {reason}"
+            ),
+            ApiError::ReloadRefused(reason) => write!(f, "reload refused: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// A client for one pcpd admin API.
+pub struct Client {
+    admin: String,
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for `admin`: `HOST:PORT` (e.g. `127.0.0.1:8351`, `[::1]:8351`) or an
+    /// `http://` URL. Each request gives up after `timeout`.
+    pub fn new(admin: &str, timeout: Duration) -> Result<Client, ApiError> {
+        let trimmed = admin.trim().trim_end_matches('/');
+        if trimmed.is_empty() {
+            return Err(ApiError::BadAddress {
+                admin: admin.into(),
+                reason: "empty".into(),
+            });
+        }
+        let base = if trimmed.starts_with("http://") {
+            trimmed.to_string()
+        } else if trimmed.contains("://") {
+            return Err(ApiError::BadAddress {
+                admin: admin.into(),
+                reason: "only http:// is supported (the admin API is plain HTTP on loopback)"
+                    .into(),
+            });
+        } else {
+            format!("http://{trimmed}")
+        };
+        let config = ureq::Agent::config_builder()
+            // 4xx/5xx are answers to show, not transport errors.
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            // The admin API is local: an HTTP_PROXY meant for the internet must not
+            // capture it.
+            .proxy(None)
+            .user_agent(concat!("pcpctl/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Client {
+            admin: admin.to_string(),
+            base,
+            agent: ureq::Agent::new_with_config(config),
+        })
+    }
+
+    /// Sends a request and returns the status and body.
+    fn send(&self, method: &str, path: &str) -> Result<(u16, String), ApiError> {
+        let url = format!("{}{path}", self.base);
+        let result = match method {
+            "POST" => self.agent.post(&url).send_empty(),
+            _ => self.agent.get(&url).call(),
+        };
+        let mut resp = result.map_err(|e| self.transport_error(e))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_string()
+            .map_err(|e| self.transport_error(e))?;
+        Ok((status, body))
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> ApiError {
+        match e {
+            ureq::Error::BadUri(reason) => ApiError::BadAddress {
+                admin: self.admin.clone(),
+                reason,
+            },
+            ureq::Error::Http(e) => ApiError::BadAddress {
+                admin: self.admin.clone(),
+                reason: e.to_string(),
+            },
+            other => ApiError::Unreachable {
+                admin: self.admin.clone(),
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// `GET path`, expecting 200; the raw body.
+    pub fn get_text(&self, path: &str) -> Result<String, ApiError> {
+        let (status, body) = self.send("GET", path)?;
+        if status != 200 {
+            return Err(ApiError::Status {
+                admin: self.admin.clone(),
+                request: format!("GET {path}"),
+                status,
+                body: body.trim().to_string(),
+            });
+        }
+        Ok(body)
+    }
+
+    /// `GET path`, expecting 200 and JSON of type `T`; the parsed value and the raw body.
+    pub fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<(T, String), ApiError> {
+        let body = self.get_text(path)?;
+        let value = serde_json::from_str(&body).map_err(|e| ApiError::Unexpected {
+            admin: self.admin.clone(),
+            request: format!("GET {path}"),
+            reason: e.to_string(),
+        })?;
+        Ok((value, body))
+    }
+
+    /// `POST /reload`: pcpd's message, or [`ApiError::ReloadRefused`] with its reason.
+    pub fn reload(&self) -> Result<String, ApiError> {
+        let request = "POST /reload";
+        let (status, body) = self.send("POST", "/reload")?;
+        let parsed: Option<ReloadAnswer> = serde_json::from_str(&body).ok();
+        match (status, parsed) {
+            (
+                200,
+                Some(ReloadAnswer {
+                    ok: true, message, ..
+                }),
+            ) => Ok(message.unwrap_or_else(|| "reloaded".into())),
+            (
+                _,
+                Some(ReloadAnswer {
+                    ok: false, error, ..
+                }),
+            ) => {
+                Err(ApiError::ReloadRefused(error.unwrap_or_else(|| {
+                    format!("HTTP {status}, no reason given")
+                })))
+            }
+            (200, _) => Err(ApiError::Unexpected {
+                admin: self.admin.clone(),
+                request: request.into(),
+                reason: format!("not a reload answer: {}", body.trim()),
+            }),
+            (status, _) => Err(ApiError::Status {
+                admin: self.admin.clone(),
+                request: request.into(),
+                status,
+                body: body.trim().to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_become_urls() {
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            Client::new("127.0.0.1:8351", t).unwrap().base,
+            "http://127.0.0.1:8351"
+        );
+        assert_eq!(
+            Client::new("http://[::1]:8351/", t).unwrap().base,
+            "http://[::1]:8351"
+        );
+        assert!(matches!(
+            Client::new("https://127.0.0.1:1", t),
+            Err(ApiError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            Client::new(" ", t),
+            Err(ApiError::BadAddress { .. })
+        ));
+    }
+
+    #[test]
+    fn a_mapping_parses_from_the_daemon_json() {
+        let json = r#"{"opcode":"map","client":"10.0.0.2","protocol":17,
+            "internal_address":"10.0.0.2","internal_port":5060,
+            "external_address":"192.0.2.1","external_port":40000,
+            "remote_address":null,"remote_port":null,"lifetime_remaining":3599,
+            "lifetime":3600,"checkpointed":true,"checkpoint_requested":true,
+            "checkpoint_reason":"requested","checkpoint_detail":"requested by the client",
+            "subscriber":"10.0.0.2/32","filters":[],"description":null,"age":1}"#;
+        let m: Mapping = serde_json::from_str(json).unwrap();
+        assert_eq!(m.external_port, 40000);
+        assert!(m.checkpointed);
+        assert_eq!(m.remote_address, None);
+    }
+
+    #[test]
+    fn a_missing_required_field_is_an_error() {
+        let json = r#"{"opcode":"map"}"#;
+        assert!(serde_json::from_str::<Mapping>(json).is_err());
+    }
+
+    #[test]
+    fn unreachable_names_the_address() {
+        let e = ApiError::Unreachable {
+            admin: "127.0.0.1:9".into(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot reach pcpd admin API at 127.0.0.1:9: connection refused"
+        );
+    }
+}
