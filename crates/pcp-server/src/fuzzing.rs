@@ -104,7 +104,11 @@ fn build(inp: &mut Input<'_>, buf: &mut [u8]) -> (usize, SocketAddr) {
     let mut nonce = [0u8; 12];
     nonce[0] = inp.byte() % 3;
     let sel = inp.byte();
-    let ext_port = if sel & 1 != 0 { 2000 + u16::from(sel >> 3) % 48 } else { 0 };
+    let ext_port = if sel & 1 != 0 {
+        2000 + u16::from(sel >> 3) % 48
+    } else {
+        0
+    };
     let ext_addr = if sel & 2 != 0 {
         IpAddr::from([192, 0, 2, 1])
     } else {
@@ -151,7 +155,11 @@ fn build(inp: &mut Input<'_>, buf: &mut [u8]) -> (usize, SocketAddr) {
         }),
         _ => Body::Announce,
     };
-    let opts = if matches!(body, Body::Announce) { &opts[..0] } else { &opts[..n] };
+    let opts = if matches!(body, Body::Announce) {
+        &opts[..0]
+    } else {
+        &opts[..n]
+    };
     let req = Request {
         lifetime,
         client_addr: host,
@@ -219,7 +227,10 @@ pub fn run(data: &[u8]) {
         for (id, st, tier) in server.subscribers() {
             assert!(
                 st.checkpointed <= tier.checkpoint_quota
-                    || server.mappings().any(|m| m.subscriber == *id && matches!(m.checkpoint, crate::Reason::Forced(_))),
+                    || server
+                        .mappings()
+                        .any(|m| m.subscriber == *id
+                            && matches!(m.checkpoint, crate::Reason::Forced(_))),
                 "subscriber {id} over its checkpoint quota without forced mappings"
             );
         }
@@ -240,7 +251,11 @@ fn step(
         // padding of an error copy to whole words, the 24-octet floor of a PCP error
         // header and NAT-PMP's fixed replies.
         let bound = datagram.len().next_multiple_of(4).max(24);
-        assert!(n <= bound, "reply of {n} to a {}-octet request", datagram.len());
+        assert!(
+            n <= bound,
+            "reply of {n} to a {}-octet request",
+            datagram.len()
+        );
         if pcp_proto::natpmp::is_natpmp(&reply[..n]) {
             pcp_proto::natpmp::Response::parse(&reply[..n]).expect("well-formed NAT-PMP reply");
         } else if let Ok(resp) = Response::parse(&reply[..n]) {

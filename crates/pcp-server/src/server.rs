@@ -126,10 +126,10 @@ impl Server {
         self.policy = Policy::new(&cfg.policy);
         self.subscribers = SubscriberTable::new(&cfg.subscribers);
         self.ledger.capacity = cfg.checkpoint.capacity;
-        for st in self.subs.states_mut() {
-            if !cfg.tiers.contains_key(&*st.tier) {
-                st.tier = crate::config::DEFAULT_TIER.into();
-            }
+        // Tiers apply now; a host that moved to another subscriber moves with its
+        // next request (see `create_or_renew`).
+        for (id, st) in self.subs.iter_mut() {
+            st.tier = self.subscribers.tier_of(id);
         }
         self.cfg = cfg;
         Ok(())
@@ -525,24 +525,27 @@ impl Server {
                 return Err(ResultCode::NotAuthorized);
             }
         }
-        // The subscriber: the record's own on renewal, else looked up. Its state is a
+        // The subscriber, looked up afresh: a reload may have moved the host to another
+        // one, and a renewal then moves the mapping with its accounting. Its state is a
         // copy until the commit, so a refused request changes nothing.
-        let (sub_slot, subscriber, tier_name) = match existing {
-            Some(id) => {
-                let slot = self.table.get(id).sub;
-                let (sid, st) = self.subs.get(slot);
-                (Some(slot), sid.clone(), st.tier.clone())
-            }
-            None => {
-                let (sid, tier) = self.subscribers.lookup(ask.key.internal);
-                (self.subs.find(&sid), sid, tier)
-            }
-        };
+        let (subscriber, tier_name) = self.subscribers.lookup(ask.key.internal);
+        let sub_slot = self.subs.find(&subscriber);
+        let old_slot = existing.map(|id| self.table.get(id).sub);
+        let moving = old_slot.is_some() && old_slot != sub_slot;
         let tier = *self.cfg.tier(&tier_name);
         let mut state = match sub_slot {
             Some(slot) => self.subs.get(slot).1.clone(),
             None => SubscriberState::new(tier_name.clone(), tier.checkpoint_burst, now),
         };
+        state.tier = tier_name.clone();
+        let was_checkpointed = existing
+            .is_some_and(|id| checkpoint::packed_is_checkpointed(self.table.get(id).reason));
+        if moving {
+            state.mappings += 1;
+            if was_checkpointed {
+                state.checkpointed += 1;
+            }
+        }
         if existing.is_none() && state.mappings >= tier.mapping_quota {
             return Err(ResultCode::UserExQuota);
         }
@@ -579,8 +582,6 @@ impl Server {
         let lifetime = ask
             .lifetime
             .clamp(self.cfg.lifetime.min, self.cfg.lifetime.max);
-        let was_checkpointed = existing
-            .is_some_and(|id| checkpoint::packed_is_checkpointed(self.table.get(id).reason));
         let verdict = if self.policy.is_empty() {
             None
         } else {
@@ -621,6 +622,16 @@ impl Server {
         if existing.is_none() {
             state.mappings += 1;
         }
+        if let (true, Some(old)) = (moving, old_slot) {
+            let st = self.subs.get_mut(old);
+            st.mappings = st.mappings.saturating_sub(1);
+            if was_checkpointed {
+                st.checkpointed = st.checkpointed.saturating_sub(1);
+            }
+            if st.mappings == 0 {
+                self.subs.remove(old);
+            }
+        }
         let sub = match sub_slot {
             Some(slot) => {
                 *self.subs.get_mut(slot) = state;
@@ -649,6 +660,7 @@ impl Server {
                 r.lifetime = lifetime;
                 r.requested = ask.requested;
                 r.reason = packed;
+                r.sub = sub;
                 if r.expires != expires {
                     r.expires = expires;
                     self.table.reindex_expiry(id);
@@ -880,7 +892,7 @@ impl Server {
         let code = match resp {
             NResp::ExternalAddress { result, .. }
             | NResp::Map { result, .. }
-            | NResp::Error { result, .. } => ResultCode::from(u16::from(result).min(255) as u8),
+            | NResp::Error { result, .. } => pcp_equivalent(result),
         };
         self.stats.answered(RequestKind::NatPmp, code);
         match resp.emit(reply) {
@@ -936,6 +948,20 @@ impl Server {
             return Err("a subscriber with mappings has no state, or the reverse".into());
         }
         Ok(())
+    }
+}
+
+/// The PCP result code with the same meaning as a NAT-PMP one (for metrics).
+fn pcp_equivalent(code: natpmp::ResultCode) -> ResultCode {
+    use natpmp::ResultCode as N;
+    match code {
+        N::Success => ResultCode::Success,
+        N::UnsupportedVersion => ResultCode::UnsuppVersion,
+        N::NotAuthorized => ResultCode::NotAuthorized,
+        N::NetworkFailure => ResultCode::NetworkFailure,
+        N::OutOfResources => ResultCode::NoResources,
+        N::UnsupportedOpcode => ResultCode::UnsuppOpcode,
+        N::Unknown(v) => ResultCode::Unknown(v.min(255) as u8),
     }
 }
 

@@ -79,7 +79,7 @@ impl Default for Stats {
 
 impl Stats {
     /// Counts an answered request. NAT-PMP results are counted under the PCP code
-    /// with the same meaning's number (0–5).
+    /// with the same meaning (NAT-PMP 4 "out of resources" as NO_RESOURCES, …).
     pub fn answered(&mut self, kind: RequestKind, code: ResultCode) {
         let k = RequestKind::ALL
             .iter()

@@ -41,6 +41,7 @@ pub struct SubscriberTable {
     ipv4_mask: u8,
     ipv6_mask: u8,
     default_tier: Arc<str>,
+    tiers: HashMap<Arc<str>, Arc<str>>,
 }
 
 impl SubscriberTable {
@@ -56,6 +57,11 @@ impl SubscriberTable {
                     .insert(p.trunc(), (id.clone(), tier.clone()));
             }
         }
+        let tiers = cfg
+            .entries
+            .iter()
+            .map(|e| (Arc::from(e.id.as_str()), Arc::from(e.tier.as_str())))
+            .collect();
         let mut by_len: Vec<_> = lens.into_iter().collect();
         by_len.sort_by_key(|b| std::cmp::Reverse(b.0.1));
         SubscriberTable {
@@ -63,7 +69,17 @@ impl SubscriberTable {
             ipv4_mask: cfg.ipv4_mask,
             ipv6_mask: cfg.ipv6_mask,
             default_tier: DEFAULT_TIER.into(),
+            tiers,
         }
+    }
+
+    /// The tier a subscriber has under this table.
+    pub fn tier_of(&self, id: &SubscriberId) -> Arc<str> {
+        match id {
+            SubscriberId::Named(n) => self.tiers.get(n).cloned(),
+            SubscriberId::Prefix(_) => None,
+        }
+        .unwrap_or_else(|| self.default_tier.clone())
     }
 
     /// The subscriber and tier an internal address belongs to.
@@ -174,8 +190,8 @@ impl Store {
     }
 
     /// Every subscriber, to change (reloads).
-    pub fn states_mut(&mut self) -> impl Iterator<Item = &mut SubscriberState> {
-        self.slots.iter_mut().flatten().map(|(_, st)| st)
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&SubscriberId, &mut SubscriberState)> {
+        self.slots.iter_mut().flatten().map(|(id, st)| (&*id, st))
     }
 
     /// Number of subscribers with state.

@@ -14,7 +14,11 @@ fn files(sub: &str) -> Vec<PathBuf> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.is_file())
-        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
         .collect();
     out.sort();
     out
@@ -23,7 +27,10 @@ fn files(sub: &str) -> Vec<PathBuf> {
 #[test]
 fn corpus_and_regressions_replay_cleanly() {
     let inputs: Vec<PathBuf> = [files("corpus/handle"), files("regressions")].concat();
-    assert!(!inputs.is_empty(), "the seed corpus is committed; it must not be empty");
+    assert!(
+        !inputs.is_empty(),
+        "the seed corpus is committed; it must not be empty"
+    );
     for path in inputs {
         let data = std::fs::read(&path).expect("readable input");
         let outcome = std::panic::catch_unwind(|| pcp_server::fuzzing::run(&data));

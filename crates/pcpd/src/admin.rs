@@ -174,13 +174,14 @@ async fn status(State(s): State<Shared>) -> Json<StatusView> {
 }
 
 async fn mappings(State(s): State<Shared>) -> Json<Vec<MappingView>> {
-    let core = s.lock();
-    let now = core.now();
-    let mut v: Vec<MappingView> = core
-        .server
-        .mappings()
-        .map(|m| MappingView::of(&m, now))
-        .collect();
+    let mut v: Vec<MappingView> = {
+        let core = s.lock();
+        let now = core.now();
+        core.server
+            .mappings()
+            .map(|m| MappingView::of(&m, now))
+            .collect()
+    };
     v.sort_by_key(|m| {
         (
             m.internal_address,

@@ -35,6 +35,9 @@ const EXPIRY_TICK: Duration = Duration::from_millis(250);
 
 /// Runs pcpd until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // Signal handlers first: from the moment anything answers, SIGHUP reloads and
+    // SIGTERM stops cleanly instead of killing the process.
+    let signals = Signals::install();
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
@@ -86,7 +89,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
-    signals(shared).await;
+    signals.run(shared).await;
     tracing::info!("pcpd stopping");
     Ok(())
 }
@@ -160,26 +163,46 @@ async fn announce_start(sockets: Vec<Arc<UdpSocket>>, shared: Shared) {
     }
 }
 
-/// Waits for SIGTERM/SIGINT, reloading on SIGHUP meanwhile.
-async fn signals(shared: Shared) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => match reload(&shared) {
-                Ok(msg) => tracing::info!("{msg}"),
-                Err(msg) => tracing::error!("reload refused: {msg}"),
-            },
+/// The signals pcpd reacts to.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(i), Ok(h)) => Signals(Some((t, i, h))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                Signals(None)
+            }
+        }
+    }
+
+    /// Waits for SIGTERM/SIGINT, reloading on SIGHUP meanwhile.
+    async fn run(self, shared: Shared) {
+        let Some((mut term, mut int, mut hup)) = self.0 else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => match reload(&shared) {
+                    Ok(msg) => tracing::info!("{msg}"),
+                    Err(msg) => tracing::error!("reload refused: {msg}"),
+                },
+            }
         }
     }
 }
