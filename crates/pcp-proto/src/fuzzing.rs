@@ -154,7 +154,7 @@ fn error_response(data: &[u8], parsed: bool) {
     let n = crate::emit_error_response(data, result, lifetime, epoch, parsed, &mut out)
         .unwrap_or_else(|e| panic!("error response does not fit {EMIT_BUF_LEN} octets: {e}"));
     assert!(
-        (HEADER_LEN..=MAX_MESSAGE_LEN).contains(&n) && n % 4 == 0,
+        (HEADER_LEN..=MAX_MESSAGE_LEN).contains(&n) && n.is_multiple_of(4),
         "error response length {n} is not 24..=1100 and a multiple of 4"
     );
     let resp = &out[..n];

@@ -33,7 +33,7 @@ pub use addr::{decode_addr, encode_addr};
 pub use body::{AuthenticationBody, Body, MapBody, MapView, PeerBody, PeerView};
 pub use error::{EmitError, Malformed, OptionError, ParseError};
 pub use header::Packet;
-pub use message::{Request, Response, emit_error_response};
+pub use message::{Request, Response, emit_error_response, remove_option};
 pub use opcode::Opcode;
 pub use option::{
     Filter, OptionCode, OptionIter, OptionView, Options, PcpOption, PortSet, validate_options,

@@ -229,3 +229,37 @@ pub fn emit_error_response(
     }
     Ok(len)
 }
+
+/// Removes every option with `code` from the PCP message in `buf[..len]` (request or
+/// response), in place, and returns the new length. A message that does not parse as
+/// far as its options is returned unchanged.
+///
+/// A server uses it to turn a reply that echoed CHECKPOINT_REQUIRED into the same reply
+/// without it, when the backup did not acknowledge in time.
+pub fn remove_option(buf: &mut [u8], len: usize, code: crate::OptionCode) -> usize {
+    let Some(msg) = buf.get(..len) else {
+        return len;
+    };
+    let Some(packet) = Packet::new_checked(msg) else {
+        return len;
+    };
+    let Some(body) = packet.opcode().body_len() else {
+        return len;
+    };
+    let mut at = HEADER_LEN + body;
+    let mut end = len;
+    let code = u8::from(code);
+    while at < end {
+        let Ok(view) = crate::OptionView::new_checked(&buf[at..end]) else {
+            return end;
+        };
+        let n = view.wire_len();
+        if view.code() == code {
+            buf.copy_within(at + n..end, at);
+            end -= n;
+        } else {
+            at += n;
+        }
+    }
+    end
+}

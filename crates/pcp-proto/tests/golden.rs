@@ -430,3 +430,35 @@ fn natpmp_vectors() {
         natpmp::ParseError::WrongDirection
     );
 }
+
+#[test]
+fn remove_option_strips_checkpoint_from_a_reply() {
+    let opts = [
+        PcpOption::Description("voip"),
+        PcpOption::CheckpointRequired,
+        PcpOption::PreferFailure,
+    ];
+    let resp = Response {
+        result_code: ResultCode::Success,
+        lifetime: 3600,
+        epoch: 9,
+        body: Body::Map(map_body(50000, "203.0.113.1")),
+        options: Options::from_list(&opts),
+    };
+    let mut buf = [0u8; 1100];
+    let n = resp.emit(&mut buf).unwrap();
+    let m = pcp_proto::remove_option(&mut buf, n, pcp_proto::OptionCode::CheckpointRequired);
+    assert_eq!(m, n - 4);
+    let back = Response::parse(&buf[..m]).unwrap();
+    let kept: Vec<_> = back.options.iter().collect();
+    assert_eq!(
+        kept,
+        [PcpOption::Description("voip"), PcpOption::PreferFailure]
+    );
+    assert_eq!(back.body, resp.body);
+    // Nothing to remove: unchanged.
+    assert_eq!(
+        pcp_proto::remove_option(&mut buf, m, pcp_proto::OptionCode::CheckpointRequired),
+        m
+    );
+}

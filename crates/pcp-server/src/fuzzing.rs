@@ -213,11 +213,25 @@ pub fn run(data: &[u8]) {
                 server.expire(now, &mut effects);
                 effects.clear();
             }
-            _ => server.set_backup_status(match inp.byte() % 3 {
-                0 => BackupStatus::None,
-                1 => BackupStatus::NotReady,
-                _ => BackupStatus::Ready,
-            }),
+            _ => match inp.byte() % 4 {
+                0 => server.set_backup_status(BackupStatus::None),
+                1 => server.set_backup_status(BackupStatus::NotReady),
+                2 => server.set_backup_status(BackupStatus::Ready),
+                _ => {
+                    // The backup did not acknowledge one checkpoint in time.
+                    let pick = usize::from(inp.byte());
+                    let key = server
+                        .mappings()
+                        .filter(|m| m.is_checkpointed())
+                        .nth(pick % 8)
+                        .map(|m| m.key);
+                    if let Some(key) = key {
+                        effects.clear();
+                        assert!(server.withdraw_checkpoint(&key, &mut effects));
+                        assert!(!server.mapping(&key).is_some_and(|m| m.is_checkpointed()));
+                    }
+                }
+            },
         }
         if let Err(e) = server.check_invariants() {
             panic!("invariant broken after step {steps}: {e}");
@@ -246,7 +260,15 @@ fn step(
     effects: &mut Vec<Effect>,
 ) {
     effects.clear();
-    if let Reply::Send(n) = server.handle(datagram, src, now, reply, effects) {
+    let backup = server.backup_status();
+    let answer = server.handle(datagram, src, now, reply, effects);
+    if let Reply::Hold(n) = answer {
+        // Held only when a ready backup must confirm a reply that echoes 192.
+        assert_eq!(backup, BackupStatus::Ready, "held without a ready backup");
+        let resp = Response::parse(&reply[..n]).expect("a held reply is a success reply");
+        assert!(resp.options.checkpoint_required(), "held reply without 192");
+    }
+    if let Reply::Send(n) | Reply::Hold(n) = answer {
         // No amplification: an answer is never longer than its request, except the
         // padding of an error copy to whole words, the 24-octet floor of a PCP error
         // header and NAT-PMP's fixed replies.

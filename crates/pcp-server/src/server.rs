@@ -29,6 +29,11 @@ pub enum Reply {
     Drop,
     /// Send the first `n` octets of the reply buffer to the request's source.
     Send(usize),
+    /// The first `n` octets echo CHECKPOINT_REQUIRED: send them only once the backup
+    /// has acknowledged the `Effect::Replicate` records this call produced. If it does
+    /// not in time, call [`Server::withdraw_checkpoint`] and send the reply with
+    /// option 192 removed ([`pcp_proto::remove_option`]): an honest "not honoured".
+    Hold(usize),
 }
 
 /// A side effect the shell must carry out.
@@ -47,6 +52,39 @@ pub enum Change {
     Upsert(Box<Mapping>),
     /// The mapping is gone or no longer checkpointed.
     Remove(MappingKey),
+    /// Whether an internal host now holds mappings that are not checkpointed: a
+    /// successor resets the epoch of such hosts (they lose state) and keeps it for the
+    /// others.
+    Host {
+        /// The internal host.
+        host: IpAddr,
+        /// It holds at least one mapping that is not checkpointed.
+        unprotected: bool,
+    },
+}
+
+/// Per internal host: how many mappings, how many checkpointed.
+#[derive(Debug, Clone, Copy, Default)]
+struct HostCount {
+    mappings: u32,
+    checkpointed: u32,
+}
+
+impl HostCount {
+    fn unprotected(&self) -> bool {
+        self.mappings > self.checkpointed
+    }
+}
+
+/// Why a replicated mapping could not be adopted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdoptError {
+    /// Its external endpoint is not in this node's pool, or already taken here.
+    #[error("external endpoint {0:?} is not free in this node's pool")]
+    EndpointUnavailable(ExternalEndpoint),
+    /// A mapping with the same key already exists here.
+    #[error("mapping {0:?} already exists")]
+    Exists(MappingKey),
 }
 
 /// The PCP (and NAT-PMP) server core. Sans-IO: it never reads a clock or touches a
@@ -59,6 +97,7 @@ pub struct Server {
     subs: subscriber::Store,
     table: Table,
     rules: RuleNames,
+    hosts: HashMap<IpAddr, HostCount>,
     pool: Pool,
     ledger: Ledger,
     epochs: Epochs,
@@ -99,6 +138,7 @@ impl Server {
             subs: subscriber::Store::default(),
             table: Table::new(),
             rules: RuleNames::default(),
+            hosts: HashMap::new(),
             pool: Pool::new(&cfg.pool),
             ledger: Ledger {
                 count: 0,
@@ -260,9 +300,15 @@ impl Server {
                 let kind = RequestKind::of(req.opcode());
                 let result = self.serve(&req, src_ip, now, reply, effects);
                 match result {
-                    Ok(n) => {
+                    Ok((n, echoed)) => {
                         self.stats.answered(kind, ResultCode::Success);
-                        Reply::Send(n)
+                        // A promise needs the backup's word first; with no backup
+                        // configured (`without_backup = "honour"`) there is none to wait for.
+                        if echoed && self.backup == BackupStatus::Ready {
+                            Reply::Hold(n)
+                        } else {
+                            Reply::Send(n)
+                        }
                     }
                     Err(code) => self.error(datagram, code, true, kind, src_ip, now, reply),
                 }
@@ -331,7 +377,7 @@ impl Server {
         now: Time,
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
-    ) -> Result<usize, ResultCode> {
+    ) -> Result<(usize, bool), ResultCode> {
         if req.client_addr != src {
             return Err(ResultCode::AddressMismatch);
         }
@@ -349,7 +395,8 @@ impl Server {
                     body: Body::Announce,
                     options: Options::EMPTY,
                 };
-                return resp.emit(reply).map_err(|_| ResultCode::NoResources);
+                let n = resp.emit(reply).map_err(|_| ResultCode::NoResources)?;
+                return Ok((n, false));
             }
             Body::Map(m) => (*m, None),
             Body::Peer(p) => (p.mapping, Some((p.remote_addr, p.remote_port))),
@@ -617,6 +664,12 @@ impl Server {
         self.stats.decided(&reason);
         checkpoint::commit(was_checkpointed, &reason, &mut state, &mut self.ledger);
         let checkpointed = reason.is_checkpointed();
+        self.host_delta(
+            ask.key.internal,
+            i32::from(existing.is_none()),
+            i32::from(checkpointed) - i32::from(was_checkpointed),
+            effects,
+        );
         let packed = self.rules.pack(&reason);
         let expires = now.plus_secs(lifetime);
         if existing.is_none() {
@@ -745,6 +798,153 @@ impl Server {
         if checkpointed {
             effects.push(Effect::Replicate(Change::Remove(key)));
         }
+        self.host_delta(key.internal, -1, -i32::from(checkpointed), effects);
+    }
+
+    /// Updates a host's counts; tells the backup when it starts or stops holding
+    /// unprotected mappings.
+    fn host_delta(
+        &mut self,
+        host: IpAddr,
+        mappings: i32,
+        checkpointed: i32,
+        effects: &mut Vec<Effect>,
+    ) {
+        if mappings == 0 && checkpointed == 0 {
+            return;
+        }
+        let c = self.hosts.entry(host).or_default();
+        let before = c.unprotected();
+        c.mappings = c.mappings.saturating_add_signed(mappings);
+        c.checkpointed = c.checkpointed.saturating_add_signed(checkpointed);
+        let after = c.unprotected();
+        if c.mappings == 0 {
+            self.hosts.remove(&host);
+        }
+        if before != after {
+            effects.push(Effect::Replicate(Change::Host {
+                host,
+                unprotected: after,
+            }));
+        }
+    }
+
+    /// Whether `host` holds mappings that are not checkpointed.
+    pub fn host_unprotected(&self, host: IpAddr) -> bool {
+        self.hosts.get(&host).is_some_and(HostCount::unprotected)
+    }
+
+    /// Hosts holding mappings that are not checkpointed (for a bulk copy to a backup).
+    pub fn unprotected_hosts(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.hosts
+            .iter()
+            .filter(|(_, c)| c.unprotected())
+            .map(|(h, _)| *h)
+    }
+
+    /// Clears the checkpoint of the mapping with `key` because the backup did not
+    /// acknowledge it in time (reason `backup_timeout`), returning its quota and
+    /// capacity. Returns whether anything changed.
+    pub fn withdraw_checkpoint(&mut self, key: &MappingKey, effects: &mut Vec<Effect>) -> bool {
+        let Some(id) = self.table.find(key) else {
+            return false;
+        };
+        let r = self.table.get(id);
+        if !checkpoint::packed_is_checkpointed(r.reason) {
+            return false;
+        }
+        let sub = r.sub;
+        let reason = crate::Reason::BackupTimeout;
+        self.table.get_mut(id).reason = self.rules.pack(&reason);
+        checkpoint::release(self.subs.get_mut(sub), &mut self.ledger);
+        self.stats.decided(&reason);
+        effects.push(Effect::Replicate(Change::Remove(*key)));
+        self.host_delta(key.internal, 0, -1, effects);
+        true
+    }
+
+    /// Installs a mapping replicated from the previous active (takeover): same key,
+    /// nonce, external endpoint and expiry; checkpointed with the reason it had. The
+    /// subscriber is this node's own lookup. Effects carry the data plane install.
+    pub fn adopt(
+        &mut self,
+        m: &Mapping,
+        now: Time,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), AdoptError> {
+        if self.table.find(&m.key).is_some() {
+            return Err(AdoptError::Exists(m.key));
+        }
+        match self.table.binding(&m.key.endpoint()) {
+            Some(ext) if ext != m.external => {
+                return Err(AdoptError::EndpointUnavailable(m.external));
+            }
+            Some(_) => {}
+            None if !self.pool.is_free(&m.external) => {
+                return Err(AdoptError::EndpointUnavailable(m.external));
+            }
+            None => {}
+        }
+        let (subscriber, tier_name) = self.subscribers.lookup(m.key.internal);
+        let tier = *self.cfg.tier(&tier_name);
+        let checkpointed = m.is_checkpointed();
+        let sub = match self.subs.find(&subscriber) {
+            Some(slot) => slot,
+            None => self.subs.insert(
+                subscriber,
+                SubscriberState::new(tier_name, tier.checkpoint_burst, now),
+            ),
+        };
+        let st = self.subs.get_mut(sub);
+        st.mappings += 1;
+        if checkpointed {
+            st.checkpointed += 1;
+            self.ledger.count += 1;
+        }
+        let client = (m.client != m.key.internal).then_some(m.client);
+        let extra =
+            (client.is_some() || m.description.is_some() || !m.filters.is_empty()).then(|| {
+                Box::new(Extra {
+                    client,
+                    filters: m.filters.clone(),
+                    description: m.description.clone(),
+                })
+            });
+        let packed = self.rules.pack(&m.checkpoint);
+        let record = Record::new(
+            &m.key,
+            m.nonce,
+            m.expires,
+            m.lifetime,
+            m.created,
+            sub,
+            packed,
+            m.origin,
+            m.checkpoint_requested,
+            extra,
+        );
+        let (id, fresh) = self.table.insert(record, m.external);
+        if fresh {
+            self.pool.take(m.external);
+        }
+        effects.push(Effect::DataPlane(Op::Install(self.entry(id))));
+        self.host_delta(m.key.internal, 1, i32::from(checkpointed), effects);
+        Ok(())
+    }
+
+    /// Up to `max` checkpointed mappings from record slot `cursor` on, and the cursor to
+    /// continue from (`None`: done). For paced bulk copies to a backup.
+    pub fn checkpointed_from(&self, cursor: u32, max: usize) -> (Vec<Mapping>, Option<u32>) {
+        let mut out = Vec::with_capacity(max.min(1024));
+        for (id, r) in self.table.iter_from(cursor) {
+            if out.len() == max {
+                return (out, Some(id));
+            }
+            if checkpoint::packed_is_checkpointed(r.reason) {
+                out.push(self.view(id));
+            }
+        }
+        (out, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -757,7 +957,7 @@ impl Server {
         src: IpAddr,
         now: Time,
         reply: &mut [u8],
-    ) -> Result<usize, ResultCode> {
+    ) -> Result<(usize, bool), ResultCode> {
         // Echo only what was processed: THIRD_PARTY, PREFER_FAILURE, FILTER, DESCRIPTION,
         // and CHECKPOINT_REQUIRED when asked *and* honoured (RFC 7767 §3.2).
         let mut echo = [PcpOption::PreferFailure; 64];
@@ -797,7 +997,9 @@ impl Server {
             },
             options: Options::from_list(&echo[..n]),
         };
-        resp.emit(reply).map_err(|_| ResultCode::NoResources)
+        let echoed = resp.options.checkpoint_required();
+        let n = resp.emit(reply).map_err(|_| ResultCode::NoResources)?;
+        Ok((n, echoed))
     }
 
     fn handle_natpmp(
@@ -946,6 +1148,21 @@ impl Server {
         }
         if per_sub.len() != self.subs.len() {
             return Err("a subscriber with mappings has no state, or the reverse".into());
+        }
+        let mut per_host: HashMap<IpAddr, (u32, u32)> = HashMap::new();
+        for (_, r) in self.table.iter() {
+            let e = per_host.entry(r.endpoint.addr).or_default();
+            e.0 += 1;
+            e.1 += u32::from(checkpoint::packed_is_checkpointed(r.reason));
+        }
+        if per_host.len() != self.hosts.len()
+            || per_host.iter().any(|(h, (m, c))| {
+                self.hosts
+                    .get(h)
+                    .is_none_or(|hc| (hc.mappings, hc.checkpointed) != (*m, *c))
+            })
+        {
+            return Err("per-host counts disagree with the table".into());
         }
         Ok(())
     }

@@ -216,6 +216,15 @@ impl Table {
             .filter_map(|(i, r)| r.as_ref().map(|r| (i as u32, r)))
     }
 
+    /// Live records from slot `from` on, in slot order.
+    pub fn iter_from(&self, from: u32) -> impl Iterator<Item = (u32, &Record)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .skip(from as usize)
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i as u32, r)))
+    }
+
     /// The record with this key.
     pub fn find(&self, key: &MappingKey) -> Option<u32> {
         let ep = self.endpoints.get(&key.endpoint())?;

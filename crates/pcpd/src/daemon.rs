@@ -109,7 +109,9 @@ async fn serve_socket(sock: Arc<UdpSocket>, shared: Shared) {
         };
         let received = Instant::now();
         let answer = shared.lock().handle(&buf[..n], src, &mut reply);
-        if let Reply::Send(len) = answer {
+        // `Hold` needs a backup acknowledging; with none configured the core never
+        // asks to hold (its backup status stays `None`).
+        if let Reply::Send(len) | Reply::Hold(len) = answer {
             if let Err(e) = sock.send_to(&reply[..len], src).await {
                 tracing::debug!(error = %e, %src, "send_to");
             }
