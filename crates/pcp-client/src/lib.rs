@@ -1,0 +1,13 @@
+//! A PCP (RFC 6887) client with NAT-PMP (RFC 6886) fallback and application-initiated
+//! check-pointing (RFC 7767 CHECKPOINT_REQUIRED).
+//!
+//! - [`core`]: the sans-IO state machine ([`core::Client`]): retransmission, renewal,
+//!   epoch validation and re-creation, ANNOUNCE, version fallback, blind-echo detection.
+//! - [`tokio`]: the async API ([`tokio::PcpClient`]) that owns a UDP socket and the core,
+//!   with mapping handles that stream events.
+//! - [`blocking`]: the same for programs without an async runtime.
+//! - [`policy`]: which flows an application or user wants checkpointed, and why.
+//! - [`gateway`]: the default gateway (Linux), where the PCP server usually is.
+#![forbid(unsafe_code)]
+
+pub mod core;

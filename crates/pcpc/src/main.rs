@@ -1,0 +1,4 @@
+//! `pcpc`: a PCP client CLI (work in progress).
+#![forbid(unsafe_code)]
+
+fn main() {}
