@@ -5,14 +5,17 @@
 //! replays the committed corpus (`crates/pcp-proto/tests/fuzz_corpus.rs`), so both check
 //! exactly the same properties. A violated invariant panics.
 
-use crate::{HEADER_LEN, MAX_MESSAGE_LEN, Request, Response, ResultCode, VERSION, natpmp};
+use crate::{
+    HEADER_LEN, MAX_MESSAGE_LEN, OptionCode, PcpOption, Request, Response, ResultCode, VERSION,
+    natpmp,
+};
 
 /// Size of the output buffer every emit is given: the PCP maximum message length.
 pub const EMIT_BUF_LEN: usize = MAX_MESSAGE_LEN;
 
-/// Feeds `data` to every parser of the crate and to
-/// [`emit_error_response`](crate::emit_error_response), and panics if an invariant
-/// does not hold:
+/// Feeds `data` to every parser of the crate, to
+/// [`emit_error_response`](crate::emit_error_response) and to
+/// [`remove_option`](crate::remove_option), and panics if an invariant does not hold:
 ///
 /// - no parser, emitter or accessor panics, whatever the input;
 /// - whenever a parse succeeds, emitting the value into a
@@ -21,7 +24,11 @@ pub const EMIT_BUF_LEN: usize = MAX_MESSAGE_LEN;
 ///   (`parse(emit(x)) == x`), and emitting that value again gives the same octets;
 /// - an error response built from any input is a well-formed PCP response header of
 ///   24..=1100 octets, a multiple of 4, with the request's opcode, and, for a request
-///   that parses, it parses as a response carrying the same opcode body and options.
+///   that parses, it parses as a response carrying the same opcode body and options;
+/// - removing an option (CHECKPOINT_REQUIRED for the seeds: the code is 192 XOR the
+///   header's reserved octet) never lengthens the message nor touches header and body,
+///   and from a message that parses it gives one that still parses, equal but for the
+///   removed options.
 pub fn check_invariants(data: &[u8]) {
     pcp_request(data);
     pcp_response(data);
@@ -29,6 +36,7 @@ pub fn check_invariants(data: &[u8]) {
     natpmp_response(data);
     error_response(data, true);
     error_response(data, false);
+    remove_option(data);
 }
 
 fn pcp_request(data: &[u8]) {
@@ -198,4 +206,72 @@ fn error_response(data: &[u8], parsed: bool) {
         back.options, req.options,
         "error response: options not echoed"
     );
+}
+
+/// Whether `a` is `b` with every option of code `code` left out.
+fn options_without<'a>(
+    a: impl Iterator<Item = PcpOption<'a>>,
+    b: impl Iterator<Item = PcpOption<'a>>,
+    code: OptionCode,
+) -> bool {
+    a.eq(b.filter(|o| o.code() != code))
+}
+
+fn remove_option(data: &[u8]) {
+    let code = OptionCode::from(data.get(2).copied().unwrap_or(0) ^ 192);
+    let mut buf = data.to_vec();
+    let n = crate::remove_option(&mut buf, data.len(), code);
+    assert!(
+        n <= data.len(),
+        "remove_option grew the message from {} to {n} octets",
+        data.len()
+    );
+    let out = &buf[..n];
+    if let Ok(req) = Request::parse(data) {
+        let keep = HEADER_LEN + req.body.wire_len();
+        assert_eq!(
+            out[..keep],
+            data[..keep],
+            "remove_option: header or body changed"
+        );
+        let back = Request::parse(out)
+            .unwrap_or_else(|e| panic!("request without option {code} does not parse: {e}"));
+        assert_eq!(
+            (
+                back.lifetime,
+                back.client_addr,
+                back.body,
+                back.pa_result_code
+            ),
+            (req.lifetime, req.client_addr, req.body, req.pa_result_code),
+            "remove_option changed the request"
+        );
+        assert!(
+            options_without(back.options.iter(), req.options.iter(), code),
+            "remove_option({code}): {:?} -> {:?}",
+            req.options,
+            back.options
+        );
+    }
+    if let Ok(resp) = Response::parse(data) {
+        let keep = HEADER_LEN + resp.body.wire_len();
+        assert_eq!(
+            out[..keep],
+            data[..keep],
+            "remove_option: header or body changed"
+        );
+        let back = Response::parse(out)
+            .unwrap_or_else(|e| panic!("response without option {code} does not parse: {e}"));
+        assert_eq!(
+            (back.result_code, back.lifetime, back.epoch, back.body),
+            (resp.result_code, resp.lifetime, resp.epoch, resp.body),
+            "remove_option changed the response"
+        );
+        assert!(
+            options_without(back.options.iter(), resp.options.iter(), code),
+            "remove_option({code}): {:?} -> {:?}",
+            resp.options,
+            back.options
+        );
+    }
 }

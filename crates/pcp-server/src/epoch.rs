@@ -34,6 +34,11 @@ impl Epochs {
         self.per_client.get(&client).copied().unwrap_or(self.base)
     }
 
+    /// Moves the node-wide base (a successor continuing its predecessor's epoch).
+    pub fn set_base(&mut self, base: Time) {
+        self.base = base;
+    }
+
     /// `client`'s epoch time at `now`, in seconds.
     pub fn epoch(&self, client: IpAddr, now: Time) -> u32 {
         u32::try_from(now.since(self.base_of(client)).as_secs()).unwrap_or(u32::MAX)

@@ -1168,6 +1168,19 @@ impl Server {
     }
 }
 
+/// Ages a held reply before it is finally sent: its Lifetime field is lowered by the
+/// time it was held (rounded up to whole seconds), so the client never counts on more
+/// than the mapping has left.
+pub fn age_held_reply(reply: &mut [u8], held: std::time::Duration) {
+    if let Some(mut p) = pcp_proto::Packet::new_checked(&mut *reply) {
+        let lost = u32::try_from(held.as_millis().div_ceil(1000)).unwrap_or(u32::MAX);
+        let l = p.lifetime();
+        if l > 0 {
+            p.set_lifetime(l.saturating_sub(lost).max(1));
+        }
+    }
+}
+
 /// The PCP result code with the same meaning as a NAT-PMP one (for metrics).
 fn pcp_equivalent(code: natpmp::ResultCode) -> ResultCode {
     use natpmp::ResultCode as N;

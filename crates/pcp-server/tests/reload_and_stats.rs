@@ -33,7 +33,13 @@ fn send(s: &mut Server, host: IpAddr, port: u16, now: Time) {
     let mut reply = [0u8; 1100];
     let n = map(host, port, &mut req);
     let mut fx: Vec<Effect> = Vec::new();
-    let r = s.handle(&req[..n], SocketAddr::new(host, 1), now, &mut reply, &mut fx);
+    let r = s.handle(
+        &req[..n],
+        SocketAddr::new(host, 1),
+        now,
+        &mut reply,
+        &mut fx,
+    );
     assert!(matches!(r, Reply::Send(_)));
 }
 
@@ -67,7 +73,14 @@ fn reload_moves_a_host_to_its_new_subscriber_on_renewal() {
     s.check_invariants().unwrap();
     let mut subs: Vec<(String, u32, u32, String)> = s
         .subscribers()
-        .map(|(id, st, _)| (id.to_string(), st.mappings, st.checkpointed, st.tier.to_string()))
+        .map(|(id, st, _)| {
+            (
+                id.to_string(),
+                st.mappings,
+                st.checkpointed,
+                st.tier.to_string(),
+            )
+        })
         .collect();
     subs.sort();
     assert_eq!(

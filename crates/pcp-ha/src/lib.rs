@@ -1,0 +1,21 @@
+//! Replication and failover of checkpointed PCP mappings between an active and a
+//! backup node (the RFC 7767 promise: a mapping whose reply carried option 192
+//! survives the active's failure).
+//!
+//! Sans-IO like the server core: [`HaNode`] takes frames and time, and gives frames,
+//! timers and [`Event`]s. The daemon connects it to UDP and to the server core; the
+//! simulator in `tests/sim.rs` connects two of them through a lossy, reordering,
+//! partitioning network with crashes, and checks the promise after every failover.
+//!
+//! The protocol (see [`wire`]): the active streams sequenced records (upsert, remove,
+//! host state, bulk start/end) in DATA frames; the backup applies them strictly in
+//! order and acknowledges cumulatively; unacknowledged records are sent again
+//! (go-back-N). A backup that is new or lost the thread gets a paced full copy first
+//! and is *ready* only once it is complete. Every frame carries the sender's term: a
+//! node that hears a higher term steps down; a promotion takes a new term.
+#![forbid(unsafe_code)]
+
+pub mod node;
+pub mod wire;
+
+pub use node::{Event, HaConfig, HaNode, HaStatus, Role};

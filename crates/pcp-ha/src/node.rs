@@ -1,0 +1,912 @@
+//! One node of an active/backup pair: the replication sender when active, the receiver
+//! when backup, and the role changes between (promotion, fencing, switchover).
+//!
+//! Sans-IO: frames and time go in ([`HaNode::handle_frame`], [`HaNode::handle_timeout`]),
+//! frames, timers and [`Event`]s come out ([`HaNode::poll_transmit`],
+//! [`HaNode::poll_timeout`], [`HaNode::poll_event`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use pcp_server::subscriber::SubscriberId;
+use pcp_server::{BackupStatus, Change, Mapping, MappingKey, Reason, Time};
+
+use crate::wire::{self, Header, Kind, MappingRecord, Reader, Record, Writer};
+
+/// Timing and limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HaConfig {
+    /// How often the active sends a heartbeat (and the backup its ack) when idle.
+    pub heartbeat: Duration,
+    /// Silence after which the peer counts as gone (the backup then promotes).
+    pub detection: Duration,
+    /// Unacknowledged records are sent again after this long.
+    pub retransmit: Duration,
+    /// How long a node that starts as active first listens for an existing active.
+    pub join: Duration,
+    /// Records kept for the backup before it must resync with a bulk copy instead
+    /// (bounds memory when the backup is slow or away).
+    pub max_log: usize,
+    /// Records per bulk chunk asked of the server.
+    pub bulk_chunk: usize,
+    /// Unacknowledged records in flight at most (the send window).
+    pub window: usize,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            heartbeat: Duration::from_millis(100),
+            detection: Duration::from_millis(800),
+            retransmit: Duration::from_millis(150),
+            join: Duration::from_millis(1000),
+            max_log: 1 << 20,
+            bulk_chunk: 2048,
+            window: 8192,
+        }
+    }
+}
+
+/// The role this node plays now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Started as active: listening for an existing active before taking over.
+    Joining,
+    /// Serving PCP and replicating to the backup.
+    Active,
+    /// Planned switchover in progress: not serving, waiting for the backup to catch up.
+    Draining,
+    /// Following the active; not serving PCP.
+    Backup,
+}
+
+impl Role {
+    /// Name for the admin API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Joining => "joining",
+            Role::Active => "active",
+            Role::Draining => "draining",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// What the shell must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Every record up to this sequence number is held by the backup: release held
+    /// replies waiting on it.
+    Acked(u64),
+    /// Tell the server core whether checkpoints can be honoured now.
+    BackupStatus(BackupStatus),
+    /// Start serving as active: adopt these mappings (expiries already in local
+    /// time), keep the epoch base, reset the epoch of (and announce to) hosts that lost
+    /// unprotected mappings.
+    Promoted {
+        /// The new term.
+        term: u64,
+        /// Checkpointed mappings to install.
+        mappings: Vec<Mapping>,
+        /// Hosts that also held unprotected mappings.
+        unprotected_hosts: Vec<IpAddr>,
+        /// The previous active's epoch base in local time, if it was heard.
+        epoch_base: Option<Time>,
+        /// Whether this node held a complete copy (it was a ready backup). `false`
+        /// after a double failure or a forced promotion: promises may be lost.
+        complete: bool,
+    },
+    /// Stop serving and drop all mapping state: a newer active exists.
+    Demoted {
+        /// The newer term.
+        term: u64,
+    },
+    /// Supply the next bulk chunk with [`HaNode::bulk_chunk`], from this cursor.
+    NeedBulk {
+        /// Where to continue.
+        cursor: u32,
+    },
+}
+
+/// What the admin API shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaStatus {
+    /// Role.
+    pub role: Role,
+    /// Term.
+    pub term: u64,
+    /// Whether the peer was heard within the detection time.
+    pub peer_connected: bool,
+    /// Active: the backup holds a full copy. Backup: this node does.
+    pub ready: bool,
+    /// Records not yet acknowledged (active) or not yet applied (backup, when known).
+    pub lag: u64,
+    /// Checkpointed mappings held for a takeover (backup).
+    pub stored: usize,
+}
+
+#[derive(Debug, Clone)]
+struct LogEntry {
+    seq: u64,
+    record: Record,
+    /// For upserts: when the mapping expires (local time), to compute the remaining
+    /// lifetime at the moment the frame is written.
+    expires: Time,
+}
+
+#[derive(Debug, Default)]
+struct Sender {
+    next_seq: u64,
+    log: VecDeque<LogEntry>,
+    acked: u64,
+    sent_up_to: u64,
+    last_progress: Time,
+    peer_heard: Option<Time>,
+    peer_ready: bool,
+    /// Seq of the BulkStart of a bulk copy not yet acknowledged complete.
+    barrier: Option<u64>,
+    bulk_cursor: Option<u32>,
+    bulk_end_seq: Option<u64>,
+    bulk_requested: bool,
+    last_beat: Option<Time>,
+    reported_ack: u64,
+    reported_status: Option<BackupStatus>,
+    handover_sent: Option<Time>,
+}
+
+#[derive(Debug, Default)]
+struct Receiver {
+    stream: u64,
+    applied: u64,
+    /// This stream's full copy is complete.
+    ready: bool,
+    /// Held a complete copy at some point since this node started: the store is then a
+    /// superset of every promise (a later copy refreshes it, it never wipes it).
+    ever_ready: bool,
+    /// Copy generation: BulkStart opens a new one; BulkEnd sweeps entries of older ones.
+    generation: u32,
+    store: HashMap<MappingKey, (MappingRecord, Time, u32)>,
+    unprotected: HashMap<IpAddr, u32>,
+    active_heard: Option<Time>,
+    epoch_base: Option<Time>,
+    last_ack: Option<Time>,
+    ack_due: bool,
+    handover_at: Option<u64>,
+    /// The active's last sequence number as its heartbeat said.
+    active_last_seq: u64,
+}
+
+/// One node.
+#[derive(Debug)]
+pub struct HaNode {
+    cfg: HaConfig,
+    incarnation: u64,
+    role: Role,
+    term: u64,
+    started: Time,
+    tx: Sender,
+    rx: Receiver,
+    epoch_base: Time,
+    events: VecDeque<Event>,
+    /// A frame to answer a stale peer with (fencing), sent on the next poll.
+    fence_due: bool,
+    /// Term parity (see `next_term`).
+    parity: u64,
+    /// Silence tolerated before a backup without a complete copy takes over anyway.
+    orphan_wait: Duration,
+}
+
+impl HaNode {
+    /// A node that starts as active (`true`: it first listens for an existing active
+    /// for [`HaConfig::join`]) or as backup. `incarnation` must differ at every start
+    /// (a random number): it names this node's replication stream.
+    pub fn new(cfg: HaConfig, start_active: bool, incarnation: u64, now: Time) -> HaNode {
+        HaNode {
+            cfg,
+            incarnation,
+            role: if start_active {
+                Role::Joining
+            } else {
+                Role::Backup
+            },
+            term: 0,
+            started: now,
+            tx: Sender::default(),
+            rx: Receiver::default(),
+            epoch_base: now,
+            events: VecDeque::new(),
+            fence_due: false,
+            parity: u64::from(start_active),
+            // The node meant to be active waits least, so the two do not race.
+            orphan_wait: if start_active { cfg.join } else { cfg.join * 3 },
+        }
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Current term.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Whether this node serves PCP now.
+    pub fn serves(&self) -> bool {
+        self.role == Role::Active
+    }
+
+    /// Sets the epoch base the active advertises (the server core's global base).
+    pub fn set_epoch_base(&mut self, base: Time) {
+        self.epoch_base = base;
+    }
+
+    /// Status for the admin API.
+    pub fn status(&self, now: Time) -> HaStatus {
+        let heard = match self.role {
+            Role::Active | Role::Draining => self.tx.peer_heard,
+            _ => self.rx.active_heard,
+        };
+        let peer_connected = heard.is_some_and(|t| now.since(t) <= self.cfg.detection);
+        match self.role {
+            Role::Active | Role::Draining => HaStatus {
+                role: self.role,
+                term: self.term,
+                peer_connected,
+                ready: self.tx.peer_ready && self.tx.barrier.is_none(),
+                lag: self
+                    .tx
+                    .next_seq
+                    .saturating_sub(1)
+                    .saturating_sub(self.tx.acked),
+                stored: 0,
+            },
+            _ => HaStatus {
+                role: self.role,
+                term: self.term,
+                peer_connected,
+                ready: self.rx.ready,
+                lag: self.rx.active_last_seq.saturating_sub(self.rx.applied),
+                stored: self.rx.store.len(),
+            },
+        }
+    }
+
+    /// Queues a change to a checkpointed mapping for the backup; returns its sequence
+    /// number (held replies wait for it), or `None` when this node is not active.
+    pub fn push(&mut self, change: &Change, now: Time) -> Option<u64> {
+        if !matches!(self.role, Role::Active | Role::Draining) {
+            return None;
+        }
+        let (record, expires) = match change {
+            Change::Upsert(m) => (Record::Upsert(record_of(m)), m.expires),
+            Change::Remove(k) => (Record::Remove(*k), now),
+            Change::Host { host, unprotected } => (
+                Record::Host {
+                    host: *host,
+                    unprotected: *unprotected,
+                },
+                now,
+            ),
+        };
+        Some(self.append(record, expires, now))
+    }
+
+    fn append(&mut self, record: Record, expires: Time, now: Time) -> u64 {
+        let seq = self.tx.next_seq;
+        self.tx.next_seq += 1;
+        self.tx.log.push_back(LogEntry {
+            seq,
+            record,
+            expires,
+        });
+        if self.tx.log.len() > self.cfg.max_log {
+            // The backup cannot keep up: forget the log (bounded memory) and resync it
+            // with a fresh bulk copy once it is heard again.
+            self.tx.log.clear();
+            self.tx.bulk_cursor = None;
+            self.tx.peer_ready = false;
+            self.start_bulk(now);
+        }
+        seq
+    }
+
+    /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the checkpointed mappings from
+    /// the cursor on, the cursor to continue from (`None`: done) and, with the last
+    /// chunk, the hosts holding unprotected mappings.
+    pub fn bulk_chunk(
+        &mut self,
+        mappings: &[Mapping],
+        next: Option<u32>,
+        unprotected_hosts: &[IpAddr],
+        now: Time,
+    ) {
+        if self.tx.bulk_cursor.is_none() {
+            return;
+        }
+        self.tx.bulk_requested = false;
+        for m in mappings {
+            self.append(Record::Upsert(record_of(m)), m.expires, now);
+        }
+        match next {
+            Some(c) => self.tx.bulk_cursor = Some(c),
+            None => {
+                for h in unprotected_hosts {
+                    self.append(
+                        Record::Host {
+                            host: *h,
+                            unprotected: true,
+                        },
+                        now,
+                        now,
+                    );
+                }
+                let end = self.append(Record::BulkEnd, now, now);
+                self.tx.bulk_end_seq = Some(end);
+                self.tx.bulk_cursor = None;
+            }
+        }
+    }
+
+    fn start_bulk(&mut self, now: Time) {
+        if self.tx.bulk_cursor.is_some() {
+            return;
+        }
+        let start = self.tx.next_seq;
+        self.tx.next_seq += 1;
+        self.tx.log.push_back(LogEntry {
+            seq: start,
+            record: Record::BulkStart,
+            expires: now,
+        });
+        self.tx.barrier = Some(start);
+        self.tx.bulk_cursor = Some(0);
+        self.tx.bulk_end_seq = None;
+        self.tx.bulk_requested = false;
+        self.tx.sent_up_to = start - 1;
+    }
+
+    /// Operator command: promote this backup now (even if not ready: what it holds is
+    /// all there is).
+    pub fn promote(&mut self, now: Time) {
+        if matches!(self.role, Role::Backup | Role::Joining) {
+            self.become_active(now);
+        }
+    }
+
+    /// Operator command on the active: hand over to the backup without losing a
+    /// checkpoint. This node stops serving at once and steps down when the backup has
+    /// everything and takes over.
+    pub fn switchover(&mut self) -> bool {
+        if self.role == Role::Active && self.tx.peer_ready && self.tx.barrier.is_none() {
+            self.role = Role::Draining;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn become_active(&mut self, now: Time) {
+        self.term = self.next_term(self.term);
+        let mut mappings = Vec::with_capacity(self.rx.store.len());
+        for (record, expires, _) in self.rx.store.values() {
+            if *expires > now {
+                mappings.push(mapping_of(record, *expires, now));
+            }
+        }
+        mappings.sort_by_key(|m| m.key);
+        let mut unprotected_hosts: Vec<IpAddr> = self.rx.unprotected.keys().copied().collect();
+        unprotected_hosts.sort();
+        let epoch_base = self.rx.epoch_base;
+        let complete = self.rx.ever_ready;
+        self.rx = Receiver::default();
+        self.tx = Sender {
+            next_seq: 1,
+            last_progress: now,
+            ..Sender::default()
+        };
+        self.role = Role::Active;
+        self.events.push_back(Event::Promoted {
+            term: self.term,
+            mappings,
+            unprotected_hosts,
+            epoch_base,
+            complete,
+        });
+        // A new stream opens with a full copy of what this node holds once it has
+        // adopted the mappings above, so any follower gets everything.
+        self.start_bulk(now);
+        self.report_status(now);
+    }
+
+    /// The next term this node may take: terms of the node that starts active are odd,
+    /// of the other even, so two nodes can never be active in the same term.
+    fn next_term(&self, after: u64) -> u64 {
+        let t = after + 1;
+        if t % 2 == self.parity { t } else { t + 1 }
+    }
+
+    fn demote(&mut self, term: u64) {
+        self.term = term;
+        if matches!(self.role, Role::Active | Role::Draining) {
+            self.events.push_back(Event::Demoted { term });
+        }
+        self.role = Role::Backup;
+        self.tx = Sender::default();
+        self.rx = Receiver::default();
+    }
+
+    /// Handles a frame from the peer.
+    pub fn handle_frame(&mut self, frame: &[u8], now: Time) {
+        let mut r = Reader::new(frame);
+        let Ok(h) = wire::read_header(&mut r) else {
+            return;
+        };
+        if h.sender == self.incarnation {
+            return;
+        }
+        if h.term > self.term {
+            if matches!(self.role, Role::Active | Role::Draining) {
+                self.demote(h.term);
+            } else {
+                // A backup or joining node only learns the term; it follows an active
+                // when one speaks (DATA, BEAT, HANDOVER).
+                self.term = h.term;
+            }
+        } else if h.term < self.term {
+            // A stale peer: answer with our term so it learns and steps down.
+            self.fence_due = true;
+            if matches!(h.kind, Kind::Data | Kind::Beat | Kind::Handover) {
+                return;
+            }
+        }
+        match self.role {
+            Role::Active | Role::Draining => self.active_frame(&h, &mut r, now),
+            Role::Backup | Role::Joining => self.backup_frame(&h, &mut r, now),
+        }
+    }
+
+    fn active_frame(&mut self, h: &Header, r: &mut Reader<'_>, now: Time) {
+        match h.kind {
+            Kind::Ack | Kind::Hello => {
+                let Ok(applied) = r.u64() else { return };
+                self.tx.peer_heard = Some(now);
+                let follows_us = h.stream == self.incarnation;
+                let first_kept = self.tx.log.front().map_or(self.tx.next_seq, |e| e.seq);
+                if h.kind == Kind::Hello {
+                    if follows_us && applied + 1 >= first_kept {
+                        // Resume: send again whatever it has not applied.
+                        self.tx.sent_up_to = applied;
+                    } else if let Some(b) = self.tx.barrier.filter(|b| *b >= first_kept) {
+                        // A copy is under way and still whole in the log: from its start.
+                        self.tx.sent_up_to = b - 1;
+                    } else {
+                        // The backup lost the thread (new, restarted, or too far
+                        // behind): it gets a fresh full copy.
+                        self.tx.peer_ready = false;
+                        self.tx.log.clear();
+                        self.tx.bulk_cursor = None;
+                        self.start_bulk(now);
+                    }
+                }
+                if follows_us {
+                    if applied > self.tx.acked {
+                        self.tx.acked = applied.min(self.tx.next_seq.saturating_sub(1));
+                        self.tx.last_progress = now;
+                        while self.tx.log.front().is_some_and(|e| e.seq <= self.tx.acked) {
+                            self.tx.log.pop_front();
+                        }
+                    }
+                    if self.tx.bulk_end_seq.is_some_and(|e| self.tx.acked >= e) {
+                        self.tx.barrier = None;
+                        self.tx.bulk_end_seq = None;
+                    }
+                    self.tx.peer_ready = h.flags & 1 != 0 && self.tx.barrier.is_none();
+                }
+                self.report(now);
+            }
+            Kind::Data | Kind::Beat | Kind::Handover => {
+                // Another active in the same term (misconfiguration or a race at
+                // start): the lower incarnation steps down.
+                if h.term == self.term && h.sender > self.incarnation {
+                    self.demote(self.term);
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, now: Time) {
+        // During a full copy nothing is reported: a reply held for a record from before
+        // the copy is safe only once the whole copy (which includes its mapping) is in.
+        let acked = match self.tx.barrier {
+            Some(_) => 0,
+            None => self.tx.acked,
+        };
+        if acked > self.tx.reported_ack {
+            self.tx.reported_ack = acked;
+            self.events.push_back(Event::Acked(acked));
+        }
+        self.report_status(now);
+    }
+
+    fn report_status(&mut self, now: Time) {
+        let status = match self.role {
+            Role::Active => {
+                let alive = self
+                    .tx
+                    .peer_heard
+                    .is_some_and(|t| now.since(t) <= self.cfg.detection);
+                if alive && self.tx.peer_ready && self.tx.barrier.is_none() {
+                    BackupStatus::Ready
+                } else {
+                    BackupStatus::NotReady
+                }
+            }
+            _ => BackupStatus::NotReady,
+        };
+        if self.tx.reported_status != Some(status) {
+            self.tx.reported_status = Some(status);
+            self.events.push_back(Event::BackupStatus(status));
+        }
+    }
+
+    fn backup_frame(&mut self, h: &Header, r: &mut Reader<'_>, now: Time) {
+        match h.kind {
+            Kind::Data | Kind::Beat | Kind::Handover => {}
+            // Another backup (or joining node) talking to us: nothing to follow.
+            Kind::Ack | Kind::Hello => return,
+        }
+        if self.role == Role::Joining {
+            // An active exists: follow it.
+            self.role = Role::Backup;
+        }
+        if h.stream != self.rx.stream {
+            // A new active stream: follow it from its start (it resumes from 0 or sends
+            // a full copy). What we hold stays until that copy sweeps it.
+            self.rx.stream = h.stream;
+            self.rx.applied = 0;
+            self.rx.ready = false;
+            self.rx.active_last_seq = 0;
+            self.rx.handover_at = None;
+        }
+        self.rx.active_heard = Some(now);
+        self.rx.ack_due = true;
+        match h.kind {
+            Kind::Beat => {
+                let (Ok(last), Ok(epoch_ms)) = (r.u64(), r.u64()) else {
+                    return;
+                };
+                self.rx.active_last_seq = last;
+                self.rx.epoch_base = Some(Time(now.0.saturating_sub(epoch_ms)));
+            }
+            Kind::Handover => {
+                let Ok(last) = r.u64() else { return };
+                self.rx.handover_at = Some(last);
+            }
+            Kind::Data => {
+                let Ok((first, count)) = wire::read_data_prefix(r) else {
+                    return;
+                };
+                if first > self.rx.applied + 1 {
+                    // A gap. Only a full copy may start past it: it replaces everything.
+                    let mut peek = r.clone();
+                    if count == 0 || wire::read_record(&mut peek) != Ok(Record::BulkStart) {
+                        return; // ack what we have; the active goes back
+                    }
+                    self.rx.applied = first - 1;
+                }
+                for i in 0..u64::from(count) {
+                    let Ok(rec) = wire::read_record(r) else {
+                        return;
+                    };
+                    let seq = first + i;
+                    if seq != self.rx.applied + 1 {
+                        continue; // already applied
+                    }
+                    self.apply(rec, now);
+                    self.rx.applied = seq;
+                }
+                self.rx.active_last_seq = self.rx.active_last_seq.max(self.rx.applied);
+            }
+            Kind::Ack | Kind::Hello => {}
+        }
+        if let Some(last) = self.rx.handover_at
+            && self.rx.applied >= last
+            && self.rx.ready
+        {
+            self.become_active(now);
+        }
+    }
+
+    fn apply(&mut self, rec: Record, now: Time) {
+        match rec {
+            Record::Upsert(m) => {
+                // Received no earlier than written: the local expiry is never earlier
+                // than the one promised.
+                let expires = now.plus(Duration::from_millis(u64::from(m.remaining_ms)));
+                self.rx
+                    .store
+                    .insert(m.key, (m, expires, self.rx.generation));
+            }
+            Record::Remove(k) => {
+                self.rx.store.remove(&k);
+            }
+            Record::Host { host, unprotected } => {
+                if unprotected {
+                    self.rx.unprotected.insert(host, self.rx.generation);
+                } else {
+                    self.rx.unprotected.remove(&host);
+                }
+            }
+            Record::BulkStart => {
+                // Mark, don't wipe: until the copy completes, what we held still
+                // protects every promise made before.
+                self.rx.generation += 1;
+                self.rx.ready = false;
+            }
+            Record::BulkEnd => {
+                let g = self.rx.generation;
+                self.rx.store.retain(|_, (_, _, gen_)| *gen_ == g);
+                self.rx.unprotected.retain(|_, gen_| *gen_ == g);
+                self.rx.ready = true;
+                self.rx.ever_ready = true;
+            }
+        }
+    }
+
+    /// The next frame to send to the peer, written into `buf` (at least
+    /// [`wire::MAX_FRAME`] octets).
+    pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        match self.role {
+            Role::Active | Role::Draining => self.transmit_active(now, buf),
+            Role::Backup | Role::Joining => self.transmit_backup(now, buf),
+        }
+    }
+
+    fn header(&self, kind: Kind, flags: u8, stream: u64) -> Header {
+        Header {
+            kind,
+            flags,
+            term: self.term,
+            sender: self.incarnation,
+            stream,
+        }
+    }
+
+    fn transmit_active(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        if self.tx.bulk_cursor.is_some()
+            && !self.tx.bulk_requested
+            && self.tx.log.len() < self.cfg.window
+        {
+            self.tx.bulk_requested = true;
+            let cursor = self.tx.bulk_cursor.unwrap_or(0);
+            self.events.push_back(Event::NeedBulk { cursor });
+        }
+        // Records before the log's start are gone (acknowledged, or replaced by a
+        // full copy): the backup's progress counts from there.
+        let floor = self
+            .tx
+            .log
+            .front()
+            .map_or(self.tx.next_seq, |e| e.seq)
+            .saturating_sub(1)
+            .max(self.tx.acked);
+        // Go back when nothing was acknowledged for a while.
+        if floor < self.tx.sent_up_to && now.since(self.tx.last_progress) >= self.cfg.retransmit {
+            self.tx.sent_up_to = floor;
+            self.tx.last_progress = now;
+        }
+        self.tx.sent_up_to = self.tx.sent_up_to.max(floor);
+        let in_flight = (self.tx.sent_up_to - floor) as usize;
+        let first = self.tx.sent_up_to + 1;
+        let has_data = self.tx.log.back().is_some_and(|e| e.seq >= first);
+        if has_data && in_flight < self.cfg.window {
+            let mut w = Writer::new(buf);
+            wire::write_header(&mut w, &self.header(Kind::Data, 0, self.incarnation))?;
+            let at = wire::write_data_prefix(&mut w, first)?;
+            let skip = self
+                .tx
+                .log
+                .front()
+                .map_or(0, |e| first.saturating_sub(e.seq)) as usize;
+            let mut count = 0u16;
+            for e in self.tx.log.iter().skip(skip) {
+                let mut rec = e.record.clone();
+                if let Record::Upsert(m) = &mut rec {
+                    m.remaining_ms =
+                        u32::try_from(e.expires.since(now).as_millis()).unwrap_or(u32::MAX);
+                }
+                // A record is at most ~500 octets (16 filters would be more, and then it
+                // starts the next frame); stop while a whole one surely fits.
+                if w.remaining() < 600 || wire::write_record(&mut w, &rec).is_none() {
+                    break;
+                }
+                count += 1;
+                if count == u16::MAX {
+                    break;
+                }
+            }
+            if count > 0 {
+                wire::patch_count(&mut w, at, count);
+                if self.tx.acked == self.tx.sent_up_to {
+                    self.tx.last_progress = now;
+                }
+                self.tx.sent_up_to = first + u64::from(count) - 1;
+                self.tx.last_beat = Some(now);
+                return Some(w.len());
+            }
+        }
+        if self.role == Role::Draining
+            && self.tx.acked + 1 >= self.tx.next_seq
+            && self
+                .tx
+                .handover_sent
+                .is_none_or(|t| now.since(t) >= self.cfg.heartbeat)
+        {
+            self.tx.handover_sent = Some(now);
+            let mut w = Writer::new(buf);
+            wire::write_header(&mut w, &self.header(Kind::Handover, 0, self.incarnation))?;
+            wire::write_u64(&mut w, self.tx.next_seq.saturating_sub(1))?;
+            return Some(w.len());
+        }
+        if self.fence_due
+            || self
+                .tx
+                .last_beat
+                .is_none_or(|t| now.since(t) >= self.cfg.heartbeat)
+        {
+            self.fence_due = false;
+            self.tx.last_beat = Some(now);
+            let mut w = Writer::new(buf);
+            wire::write_header(&mut w, &self.header(Kind::Beat, 0, self.incarnation))?;
+            wire::write_u64(&mut w, self.tx.next_seq.saturating_sub(1))?;
+            wire::write_u64(&mut w, now.since(self.epoch_base).as_millis() as u64)?;
+            return Some(w.len());
+        }
+        None
+    }
+
+    fn transmit_backup(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        let due = self.rx.ack_due
+            || self.fence_due
+            || self
+                .rx
+                .last_ack
+                .is_none_or(|t| now.since(t) >= self.cfg.heartbeat);
+        if !due {
+            return None;
+        }
+        self.rx.ack_due = false;
+        self.fence_due = false;
+        self.rx.last_ack = Some(now);
+        // Before following a stream, introduce ourselves so the active knows to send a
+        // copy; once following, acknowledge (which also resumes after a gap).
+        let kind = if self.rx.stream == 0 || self.rx.applied == 0 {
+            Kind::Hello
+        } else {
+            Kind::Ack
+        };
+        let mut w = Writer::new(buf);
+        let flags = u8::from(self.rx.ready);
+        wire::write_header(&mut w, &self.header(kind, flags, self.rx.stream))?;
+        wire::write_u64(&mut w, self.rx.applied)?;
+        Some(w.len())
+    }
+
+    /// When [`HaNode::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let hb = |t: Option<Time>| t.map_or(self.started, |t| t.plus(self.cfg.heartbeat));
+        Some(match self.role {
+            Role::Active | Role::Draining => hb(self.tx.last_beat)
+                .min(self.tx.last_progress.plus(self.cfg.retransmit))
+                .min(
+                    self.tx
+                        .peer_heard
+                        .map_or(Time(u64::MAX), |t| t.plus(self.cfg.detection)),
+                ),
+            Role::Backup => {
+                hb(self.rx.last_ack).min(self.rx.active_heard.unwrap_or(self.started).plus(
+                    if self.rx.ever_ready {
+                        self.cfg.detection
+                    } else {
+                        self.orphan_wait
+                    },
+                ))
+            }
+            Role::Joining => hb(self.rx.last_ack).min(self.started.plus(self.cfg.join)),
+        })
+    }
+
+    /// Runs timers: failure detection and promotion.
+    pub fn handle_timeout(&mut self, now: Time) {
+        match self.role {
+            Role::Joining => {
+                if now.since(self.started) >= self.cfg.join {
+                    self.become_active(now);
+                }
+            }
+            Role::Backup => {
+                let silent_since = self.rx.active_heard.unwrap_or(self.started);
+                let silence = now.since(silent_since);
+                if self.rx.ever_ready
+                    && self.rx.active_heard.is_some()
+                    && silence > self.cfg.detection
+                {
+                    self.become_active(now);
+                } else if !self.rx.ever_ready && silence > self.orphan_wait {
+                    // Nobody has been active for long and we never held a full copy
+                    // (both nodes lost state): serving beats not serving.
+                    self.become_active(now);
+                }
+                // Drop what expired while waiting, so a takeover installs only live
+                // mappings and memory follows the active's table.
+                self.rx.store.retain(|_, (_, exp, _)| *exp > now);
+            }
+            Role::Active | Role::Draining => self.report_status(now),
+        }
+    }
+
+    /// The checkpointed mappings this backup holds for a takeover: key and external
+    /// endpoint.
+    pub fn stored(&self) -> impl Iterator<Item = (MappingKey, (IpAddr, u16))> + '_ {
+        self.rx
+            .store
+            .iter()
+            .map(|(k, (r, _, _))| (*k, (r.external_addr, r.external_port)))
+    }
+
+    /// The next event for the shell.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+/// The record replicated for a mapping.
+fn record_of(m: &Mapping) -> MappingRecord {
+    MappingRecord {
+        key: m.key,
+        nonce: m.nonce,
+        external_addr: m.external.addr,
+        external_port: m.external.port,
+        remaining_ms: 0,
+        lifetime: m.lifetime,
+        origin: m.origin,
+        requested: m.checkpoint_requested,
+        forced_by: match &m.checkpoint {
+            Reason::Forced(rule) => Some(rule.to_string()),
+            _ => None,
+        },
+        client: m.client,
+        filters: m.filters.to_vec(),
+        description: m.description.as_deref().map(str::to_string),
+    }
+}
+
+/// The mapping a successor installs for a record.
+fn mapping_of(r: &MappingRecord, expires: Time, now: Time) -> Mapping {
+    Mapping {
+        key: r.key,
+        nonce: r.nonce,
+        origin: r.origin,
+        client: r.client,
+        external: pcp_server::pool::ExternalEndpoint {
+            addr: r.external_addr,
+            protocol: r.key.protocol,
+            port: r.external_port,
+        },
+        expires,
+        lifetime: r.lifetime,
+        // The successor charges its own subscriber (see `Server::adopt`).
+        subscriber: SubscriberId::Named("replicated".into()),
+        checkpoint_requested: r.requested,
+        checkpoint: match &r.forced_by {
+            Some(rule) => Reason::Forced(rule.as_str().into()),
+            None => Reason::Requested,
+        },
+        filters: r.filters.clone().into(),
+        description: r.description.as_deref().map(Into::into),
+        created: now,
+    }
+}
