@@ -8,6 +8,17 @@
 //! - [`blocking`]: the same for programs without an async runtime.
 //! - [`policy`]: which flows an application or user wants checkpointed, and why.
 //! - [`gateway`]: the default gateway (Linux), where the PCP server usually is.
+//!
+//! Whether a checkpoint was honoured is read from the response (option 192 present),
+//! but only believed from a server that does not echo options blindly: the client
+//! probes each server once with an unknown optional option and reports
+//! [`CheckpointState::Unknown`](core::CheckpointState::Unknown) for servers that echo it.
 #![forbid(unsafe_code)]
 
+pub mod blocking;
 pub mod core;
+mod error;
+pub mod gateway;
+pub mod tokio;
+
+pub use error::{Error, result_hint};

@@ -318,6 +318,15 @@ impl Client {
         Ok(())
     }
 
+    /// Forgets a mapping without telling the server: no more renewals, no events; the
+    /// server drops it when its lifetime ends.
+    pub fn release(&mut self, id: MappingId) -> Result<(), RequestError> {
+        self.mappings
+            .remove(&id)
+            .map(|_| ())
+            .ok_or(RequestError::NoSuchMapping(id))
+    }
+
     /// Asks the server for its epoch (ANNOUNCE; over NAT-PMP, the external-address
     /// request). `AnnounceReply` or `AnnounceTimeout` follows; a state loss it reveals
     /// is handled like any other.
