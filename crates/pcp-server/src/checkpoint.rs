@@ -172,7 +172,13 @@ pub struct Ask<'a> {
     pub verdict: Option<&'a Verdict>,
     /// The mapping is already checkpointed (a renewal): no new quota or rate is used.
     pub already: bool,
+    /// It was checkpointed by a `force` rule: if it is now kept because asked, it must
+    /// fit the quota like any asked-for checkpoint.
+    pub already_forced: bool,
 }
+
+/// The packed code of [`Reason::Forced`].
+pub const FORCED_CODE: u8 = 1;
 
 /// The node-wide checkpoint count against its capacity.
 #[derive(Debug, Clone, Copy, Default)]
@@ -218,6 +224,14 @@ pub fn decide(
         None => Reason::Requested,
     };
     if ask.already {
+        // Kept without new quota or rate, unless a forced one turns into an asked-for
+        // one (its rule is gone): then the quota, which already counts it, must hold it.
+        if ask.already_forced
+            && matches!(honoured, Reason::Requested)
+            && sub.checkpointed > tier.checkpoint_quota
+        {
+            return Reason::Quota;
+        }
         return honoured;
     }
     if ledger.count >= ledger.capacity {

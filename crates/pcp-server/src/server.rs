@@ -1,5 +1,6 @@
 //! The server core: one datagram, its source and the time in; a reply and effects out.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
@@ -98,6 +99,10 @@ pub struct Server {
     table: Table,
     rules: RuleNames,
     hosts: HashMap<IpAddr, HostCount>,
+    /// Subscribers without mappings whose buckets are refilling, by when they are full.
+    idle: std::collections::BinaryHeap<Reverse<(Time, SubscriberId)>>,
+    /// The latest time seen (handle / expire).
+    clock: Time,
     pool: Pool,
     ledger: Ledger,
     epochs: Epochs,
@@ -139,6 +144,8 @@ impl Server {
             table: Table::new(),
             rules: RuleNames::default(),
             hosts: HashMap::new(),
+            idle: std::collections::BinaryHeap::new(),
+            clock: now,
             pool: Pool::new(&cfg.pool),
             ledger: Ledger {
                 count: 0,
@@ -257,10 +264,48 @@ impl Server {
 
     /// Removes every mapping whose lifetime has ended by `now`.
     pub fn expire(&mut self, now: Time, effects: &mut Vec<Effect>) {
+        self.clock = self.clock.max(now);
         while let Some(id) = self.table.pop_expired(now) {
             self.remove_mapping(id, effects);
             self.stats.expired += 1;
         }
+        while let Some(Reverse((t, _))) = self.idle.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((_, id))) = self.idle.pop() else {
+                break;
+            };
+            if let Some(slot) = self.subs.find(&id)
+                && self.subs.get(slot).1.mappings == 0
+            {
+                self.retire_subscriber(slot);
+            }
+        }
+    }
+
+    /// Forgets a subscriber that holds no mapping — but only once its checkpoint
+    /// bucket is full again: forgetting it earlier would hand it a fresh burst, so
+    /// deleting all mappings would reset the rate limit (RFC 7767 §3.2). Until then it
+    /// waits in the idle queue.
+    fn retire_subscriber(&mut self, slot: u32) {
+        let now = self.clock;
+        let (id, st) = self.subs.get(slot);
+        let tier = self.cfg.tier(&st.tier);
+        let missing = f64::from(tier.checkpoint_burst)
+            - st.bucket
+                .tokens(tier.checkpoint_rate, tier.checkpoint_burst, now);
+        if missing <= 0.0 {
+            self.subs.remove(slot);
+        } else if tier.checkpoint_rate > 0.0 {
+            let full_in = std::time::Duration::from_secs_f64(missing / tier.checkpoint_rate);
+            let id = id.clone();
+            self.idle.push(Reverse((
+                now.plus(full_in).plus(std::time::Duration::from_millis(1)),
+                id,
+            )));
+        }
+        // With a zero rate the bucket never refills: the state is kept for good.
     }
 
     /// The unsolicited ANNOUNCE for `client` (unicast) or, with `None`, for everyone
@@ -292,6 +337,9 @@ impl Server {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         let src_ip = src.ip().to_canonical();
+        // A mapping whose lifetime has ended is gone, even if the shell's expiry timer
+        // has not run yet (a peek when nothing is due).
+        self.expire(now, effects);
         if natpmp::is_natpmp(datagram) {
             return self.handle_natpmp(datagram, src_ip, now, reply, effects);
         }
@@ -380,6 +428,10 @@ impl Server {
     ) -> Result<(usize, bool), ResultCode> {
         if req.client_addr != src {
             return Err(ResultCode::AddressMismatch);
+        }
+        // The opcode is checked before its options (RFC 6887 §8.3).
+        if matches!(req.body, Body::Authentication(_)) {
+            return Err(ResultCode::UnsuppOpcode);
         }
         // RFC 7652 options are mandatory to process; this server does not do PCP
         // authentication yet.
@@ -495,7 +547,9 @@ impl Server {
             description: req.options.description(),
             requested: req.options.checkpoint_required(),
         };
-        if req.lifetime == 0 {
+        // "It is not possible to reduce the lifetime of a mapping (or delete it, with
+        // requested lifetime=0) using PEER" (RFC 6887 §12.1): a PEER only extends.
+        if req.lifetime == 0 && !is_peer {
             return self.delete_one(&ask, effects);
         }
         self.create_or_renew(&ask, now, effects)
@@ -626,9 +680,12 @@ impl Server {
             }
         }
 
-        let lifetime = ask
+        let mut lifetime = ask
             .lifetime
             .clamp(self.cfg.lifetime.min, self.cfg.lifetime.max);
+        if let (Some(id), true) = (existing, ask.key.is_peer()) {
+            lifetime = lifetime.max(now.secs_until(self.table.get(id).expires));
+        }
         let verdict = if self.policy.is_empty() {
             None
         } else {
@@ -646,11 +703,14 @@ impl Server {
                 remote: ask.key.remote,
             })
         };
+        let was_forced =
+            existing.is_some_and(|id| self.table.get(id).reason.code == checkpoint::FORCED_CODE);
         let reason = checkpoint::decide(
             Ask {
                 requested: ask.requested,
                 verdict: verdict.as_ref(),
                 already: was_checkpointed,
+                already_forced: was_forced,
             },
             &tier,
             &mut state,
@@ -682,7 +742,7 @@ impl Server {
                 st.checkpointed = st.checkpointed.saturating_sub(1);
             }
             if st.mappings == 0 {
-                self.subs.remove(old);
+                self.retire_subscriber(old);
             }
         }
         let sub = match sub_slot {
@@ -787,7 +847,7 @@ impl Server {
             checkpoint::release(st, &mut self.ledger);
         }
         if st.mappings == 0 {
-            self.subs.remove(r.sub);
+            self.retire_subscriber(r.sub);
         }
         let key = r.key();
         effects.push(Effect::DataPlane(Op::Remove(entry_of(
@@ -1146,8 +1206,11 @@ impl Server {
                 ));
             }
         }
-        if per_sub.len() != self.subs.len() {
-            return Err("a subscriber with mappings has no state, or the reverse".into());
+        if per_sub
+            .keys()
+            .any(|slot| !self.subs.iter().any(|(s, _, _)| s == *slot))
+        {
+            return Err("a subscriber with mappings has no state".into());
         }
         let mut per_host: HashMap<IpAddr, (u32, u32)> = HashMap::new();
         for (_, r) in self.table.iter() {

@@ -691,7 +691,6 @@ proptest! {
     /// The rate limit also holds across a subscriber deleting (or expiring) all its
     /// mappings (RFC 7767 §3.2 rate per network attachment point).
     #[test]
-    #[ignore = "BUG: a subscriber's token bucket is discarded with its last mapping, so deleting all mappings restores a full checkpoint burst"]
     fn checkpoint_rate_holds_across_subscriber_state_loss(
         steps in prop::collection::vec(step(), 1..80)
     ) {

@@ -107,3 +107,40 @@ fn natpmp_results_are_counted_by_meaning() {
     let counts: Vec<_> = s.stats().answered_counts().collect();
     assert_eq!(counts, [(RequestKind::NatPmp, ResultCode::UnsuppOpcode, 1)]);
 }
+
+#[test]
+fn a_forced_checkpoint_that_loses_its_rule_must_fit_the_quota() {
+    use pcp_server::config::{PolicyRule, RuleAction};
+    let mut cfg = ServerConfig::default();
+    cfg.checkpoint.without_backup = WithoutBackup::Honour;
+    let t = cfg.tiers.get_mut("default").unwrap();
+    t.checkpoint_quota = 1;
+    cfg.policy = vec![PolicyRule {
+        name: "force-6000".into(),
+        action: RuleAction::Force,
+        tiers: vec![],
+        subscribers: vec![],
+        internal_prefixes: vec![],
+        opcodes: vec![],
+        protocols: vec![],
+        internal_ports: vec!["6000".parse().unwrap()],
+        remote_ports: vec![],
+        remote_prefixes: vec![],
+    }];
+    let host: IpAddr = "10.0.0.1".parse().unwrap();
+    let mut s = Server::new(cfg.clone(), Time(0), 1).unwrap();
+    send(&mut s, host, 5000, Time(0));
+    send(&mut s, host, 6000, Time(0));
+    assert_eq!(
+        s.checkpointed_count(),
+        2,
+        "one asked for, one forced past the quota"
+    );
+    cfg.policy.clear();
+    s.reload(cfg).unwrap();
+    send(&mut s, host, 6000, Time(1000));
+    let m = s.mappings().find(|m| m.key.internal_port == 6000).unwrap();
+    assert_eq!(m.checkpoint, pcp_server::Reason::Quota);
+    assert_eq!(s.checkpointed_count(), 1);
+    s.check_invariants().unwrap();
+}
