@@ -146,6 +146,9 @@ pub fn router(shared: Shared) -> Router {
         .route("/subscribers", get(subscribers))
         .route("/metrics", get(metrics))
         .route("/reload", post(reload))
+        .route("/ha", get(ha))
+        .route("/ha/promote", post(promote))
+        .route("/ha/switchover", post(switchover))
         .with_state(shared)
 }
 
@@ -232,6 +235,106 @@ async fn reload(State(s): State<Shared>) -> impl IntoResponse {
         Err(msg) => (
             StatusCode::UNPROCESSABLE_ENTITY,
             Json(serde_json::json!({ "ok": false, "error": msg })),
+        ),
+    }
+}
+
+/// Pair-mode status.
+#[derive(Debug, Serialize)]
+pub struct HaView {
+    /// Whether pair mode is configured.
+    pub enabled: bool,
+    /// `"active"`, `"backup"`, `"joining"`, `"draining"`, or `"standalone"`.
+    pub role: &'static str,
+    /// Current term.
+    pub term: u64,
+    /// Whether the peer was heard within the detection time.
+    pub peer_connected: bool,
+    /// Active: the backup holds a complete copy. Backup: this node does.
+    pub ready: bool,
+    /// Replication lag in records.
+    pub lag: u64,
+    /// Replies waiting for the backup's acknowledgement.
+    pub held_responses: usize,
+    /// Replies released after an acknowledgement, since start.
+    pub released_responses: u64,
+    /// Replies that went out without 192 because the backup was too slow.
+    pub ack_timeouts: u64,
+    /// Checkpointed mappings held for a takeover (backup).
+    pub stored: usize,
+    /// What the server core is told about the backup: `none`, `not_ready`, `ready`.
+    pub backup_status: &'static str,
+    /// Mappings adopted at the last takeover.
+    pub adopted: usize,
+}
+
+/// The pair-mode status of `core`.
+pub fn ha_view(core: &crate::core::Core) -> HaView {
+    let backup_status = match core.backup_status() {
+        BackupStatus::None => "none",
+        BackupStatus::NotReady => "not_ready",
+        BackupStatus::Ready => "ready",
+    };
+    match &core.pair {
+        None => HaView {
+            enabled: false,
+            role: "standalone",
+            term: 0,
+            peer_connected: false,
+            ready: false,
+            lag: 0,
+            held_responses: 0,
+            released_responses: 0,
+            ack_timeouts: 0,
+            stored: 0,
+            backup_status,
+            adopted: 0,
+        },
+        Some(p) => {
+            let st = p.node.status(core.now());
+            HaView {
+                enabled: true,
+                role: st.role.name(),
+                term: st.term,
+                peer_connected: st.peer_connected,
+                ready: st.ready,
+                lag: st.lag,
+                held_responses: p.held.len(),
+                released_responses: p.released,
+                ack_timeouts: p.timeouts,
+                stored: st.stored,
+                backup_status,
+                adopted: p.adopted,
+            }
+        }
+    }
+}
+
+async fn ha(State(s): State<Shared>) -> Json<HaView> {
+    Json(ha_view(&s.lock()))
+}
+
+async fn promote(State(s): State<Shared>) -> impl IntoResponse {
+    let r = s.lock().promote();
+    s.kick();
+    command_result(r, "promoted")
+}
+
+async fn switchover(State(s): State<Shared>) -> impl IntoResponse {
+    let r = s.lock().switchover();
+    s.kick();
+    command_result(r, "handing over to the backup")
+}
+
+fn command_result(r: Result<(), String>, ok: &str) -> (StatusCode, Json<serde_json::Value>) {
+    match r {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "ok": true, "message": ok })),
+        ),
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({ "ok": false, "error": e })),
         ),
     }
 }

@@ -44,6 +44,49 @@ impl Default for DaemonSection {
     }
 }
 
+/// High availability: this node and its peer (RFC 7767 check-pointing needs both).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// Where this node receives its peer's replication frames (UDP).
+    pub listen: SocketAddr,
+    /// The peer's `listen` address.
+    pub peer: SocketAddr,
+    /// The role this node starts in; the node started `active` takes over when no
+    /// active is heard, the `backup` follows.
+    pub role: HaRole,
+    /// Idle heartbeat interval, milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Silence after which the backup takes over, milliseconds.
+    #[serde(default = "default_detection_ms")]
+    pub detection_ms: u64,
+    /// Longest a reply echoing option 192 waits for the backup's acknowledgement
+    /// before it goes out without the option (and the checkpoint is cleared).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+fn default_detection_ms() -> u64 {
+    800
+}
+fn default_ack_timeout_ms() -> u64 {
+    250
+}
+
+/// The role a node starts in.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum HaRole {
+    /// Serve, and replicate to the peer.
+    Active,
+    /// Follow the peer, take over when it fails.
+    Backup,
+}
+
 /// Which data plane drives translations.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -66,6 +109,7 @@ struct File {
     checkpoint: CheckpointConfig,
     policy: Vec<PolicyRule>,
     mapping: MappingConfig,
+    ha: Option<HaSection>,
 }
 
 /// Everything pcpd runs with.
@@ -77,6 +121,8 @@ pub struct Config {
     pub daemon: DaemonSection,
     /// Server core settings.
     pub server: ServerConfig,
+    /// Pair mode, when configured.
+    pub ha: Option<HaSection>,
 }
 
 /// A configuration pcpd cannot run with.
@@ -112,6 +158,7 @@ impl Config {
             path: None,
             daemon: DaemonSection::default(),
             server: ServerConfig::default(),
+            ha: None,
         }
     }
 
@@ -165,10 +212,20 @@ impl Config {
                 invalid(line_of_key(text, &key), key, problem)
             }
         })?;
+        if let Some(ha) = &file.ha
+            && ha.detection_ms <= 2 * ha.heartbeat_ms
+        {
+            return Err(invalid(
+                line_of_key(text, "ha.detection_ms"),
+                "ha.detection_ms".into(),
+                format!("must exceed twice ha.heartbeat_ms ({} ms)", ha.heartbeat_ms),
+            ));
+        }
         Ok(Config {
             path: Some(path.to_path_buf()),
             daemon: file.pcpd,
             server,
+            ha: file.ha,
         })
     }
 }

@@ -8,8 +8,9 @@ use pcp_dataplane::memory::MemoryDataPlane;
 use pcp_server::{Reply, Server};
 use tokio::net::UdpSocket;
 
-use crate::config::{Config, DataPlaneKind};
-use crate::core::{Core, Shared};
+use crate::config::{Config, DataPlaneKind, HaRole};
+use crate::core::{Core, Pair, Shared};
+use pcp_ha::{HaConfig, HaNode};
 
 /// Why pcpd could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let signals = Signals::install();
     let origin = Instant::now();
     let seed = rand::random::<u64>();
-    let server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
+    let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
     let dataplane = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
     };
@@ -68,12 +69,59 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .filter_map(|s| s.local_addr().ok())
         .map(|a| a.to_string())
         .collect();
-    let shared = Shared::new(Core::new(server, dataplane, config, origin));
+    let ha = match &config.ha {
+        Some(ha) => {
+            let sock = UdpSocket::bind(ha.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "HA listen address",
+                    addr: ha.listen,
+                    source,
+                })?;
+            let cfg = HaConfig {
+                heartbeat: Duration::from_millis(ha.heartbeat_ms),
+                detection: Duration::from_millis(ha.detection_ms),
+                join: Duration::from_millis(ha.detection_ms + ha.detection_ms / 4),
+                ..HaConfig::default()
+            };
+            let mut node = HaNode::new(
+                cfg,
+                ha.role == HaRole::Active,
+                rand::random::<u64>() | 1,
+                pcp_server::Time(0),
+            );
+            node.set_epoch_base(server.epochs().base());
+            Some((
+                Arc::new(sock),
+                Pair {
+                    node,
+                    peer: ha.peer,
+                    held: Vec::new(),
+                    ack_timeout: Duration::from_millis(ha.ack_timeout_ms),
+                    timeouts: 0,
+                    released: 0,
+                    adopted: 0,
+                    adopt_failures: 0,
+                },
+            ))
+        }
+        None => None,
+    };
+    let (ha_sock, pair) = match ha {
+        Some((s, p)) => (Some(s), Some(p)),
+        None => (None, None),
+    };
+    let mut core = Core::new(server, dataplane, config, origin, seed, pair);
+    core.sockets = sockets.clone();
+    let shared = Shared::new(core);
 
-    for sock in &sockets {
-        tokio::spawn(serve_socket(sock.clone(), shared.clone()));
+    for (i, sock) in sockets.iter().enumerate() {
+        tokio::spawn(serve_socket(sock.clone(), i, shared.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
+    if let Some(sock) = ha_sock {
+        tokio::spawn(replicate(sock, shared.clone()));
+    }
     if shared.lock().config.daemon.announce_multicast {
         tokio::spawn(announce_start(sockets.clone(), shared.clone()));
     }
@@ -95,7 +143,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 }
 
 /// Receives, serves and answers datagrams on one socket.
-async fn serve_socket(sock: Arc<UdpSocket>, shared: Shared) {
+async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
     let mut buf = vec![0u8; 2048];
     let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
     loop {
@@ -108,14 +156,52 @@ async fn serve_socket(sock: Arc<UdpSocket>, shared: Shared) {
             }
         };
         let received = Instant::now();
-        let answer = shared.lock().handle(&buf[..n], src, &mut reply);
-        // `Hold` needs a backup acknowledging; with none configured the core never
-        // asks to hold (its backup status stays `None`).
-        if let Reply::Send(len) | Reply::Hold(len) = answer {
+        let answer = shared
+            .lock()
+            .handle(&buf[..n], src, index, received, &mut reply);
+        // Records may have been queued for the backup: send them now.
+        shared.kick();
+        // Held replies (waiting for the backup) are sent by the replication task.
+        if let Reply::Send(len) = answer {
             if let Err(e) = sock.send_to(&reply[..len], src).await {
                 tracing::debug!(error = %e, %src, "send_to");
             }
             shared.lock().latency.record(received.elapsed());
+        }
+    }
+}
+
+/// Runs the replication link: frames from the peer, timers, and sending whatever the
+/// HA node has to say (woken at once when requests queue records).
+async fn replicate(sock: Arc<UdpSocket>, shared: Shared) {
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::new();
+    loop {
+        let wake = shared
+            .lock()
+            .ha_tick()
+            .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+        let peer = shared.lock().ha_transmit(&mut out);
+        if let Some(peer) = peer {
+            for frame in out.drain(..) {
+                if let Err(e) = sock.send_to(&frame, peer).await {
+                    tracing::debug!(error = %e, %peer, "replication send");
+                }
+            }
+        }
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    if peer.is_some_and(|p| p.ip() == from.ip()) {
+                        shared.lock().ha_frame(&buf[..n]);
+                    } else {
+                        tracing::warn!(%from, "replication frame from an unknown address dropped");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "replication recv"),
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = shared.1.notified() => {}
         }
     }
 }

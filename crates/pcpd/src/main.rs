@@ -31,6 +31,15 @@ struct Args {
     /// Admin HTTP API address; replaces `[pcpd] admin`.
     #[arg(long, value_name = "ADDR:PORT")]
     admin: Option<SocketAddr>,
+    /// Pair mode: where this node receives its peer's replication frames (UDP).
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["ha_peer", "ha_role"])]
+    ha_listen: Option<SocketAddr>,
+    /// Pair mode: the peer's --ha-listen address.
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["ha_listen", "ha_role"])]
+    ha_peer: Option<SocketAddr>,
+    /// Pair mode: the role this node starts in.
+    #[arg(long, value_enum, requires_all = ["ha_listen", "ha_peer"])]
+    ha_role: Option<config::HaRole>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -53,6 +62,20 @@ fn main() -> ExitCode {
     }
     if let Some(admin) = args.admin {
         cfg.daemon.admin = admin;
+    }
+    if let (Some(listen), Some(peer), Some(role)) = (args.ha_listen, args.ha_peer, args.ha_role) {
+        let mut ha = cfg.ha.clone().unwrap_or(config::HaSection {
+            listen,
+            peer,
+            role,
+            heartbeat_ms: 100,
+            detection_ms: 800,
+            ack_timeout_ms: 250,
+        });
+        ha.listen = listen;
+        ha.peer = peer;
+        ha.role = role;
+        cfg.ha = Some(ha);
     }
     if args.check {
         println!("pcpd: configuration OK");

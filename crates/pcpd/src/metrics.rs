@@ -138,6 +138,68 @@ pub fn render(core: &Core) -> String {
         core.dataplane_failures
     );
 
+    let ha = crate::admin::ha_view(core);
+    if ha.enabled {
+        header(
+            &mut out,
+            "pcp_ha_active",
+            "gauge",
+            "1 when this node serves as the active.",
+        );
+        let _ = writeln!(out, "pcp_ha_active {}", u8::from(ha.role == "active"));
+        header(&mut out, "pcp_ha_term", "gauge", "Current HA term.");
+        let _ = writeln!(out, "pcp_ha_term {}", ha.term);
+        header(
+            &mut out,
+            "pcp_ha_peer_connected",
+            "gauge",
+            "1 when the peer is heard.",
+        );
+        let _ = writeln!(out, "pcp_ha_peer_connected {}", u8::from(ha.peer_connected));
+        header(
+            &mut out,
+            "pcp_ha_ready",
+            "gauge",
+            "1 when the backup holds a complete copy.",
+        );
+        let _ = writeln!(out, "pcp_ha_ready {}", u8::from(ha.ready));
+        header(
+            &mut out,
+            "pcp_ha_lag_records",
+            "gauge",
+            "Records not yet acknowledged or applied.",
+        );
+        let _ = writeln!(out, "pcp_ha_lag_records {}", ha.lag);
+        header(
+            &mut out,
+            "pcp_ha_held_responses",
+            "gauge",
+            "Replies waiting for the backup.",
+        );
+        let _ = writeln!(out, "pcp_ha_held_responses {}", ha.held_responses);
+        header(
+            &mut out,
+            "pcp_ha_released_total",
+            "counter",
+            "Held replies released after an acknowledgement.",
+        );
+        let _ = writeln!(out, "pcp_ha_released_total {}", ha.released_responses);
+        header(
+            &mut out,
+            "pcp_ha_ack_timeouts_total",
+            "counter",
+            "Held replies sent without 192 after the wait ran out.",
+        );
+        let _ = writeln!(out, "pcp_ha_ack_timeouts_total {}", ha.ack_timeouts);
+        header(
+            &mut out,
+            "pcp_ha_stored_mappings",
+            "gauge",
+            "Checkpointed mappings held for a takeover.",
+        );
+        let _ = writeln!(out, "pcp_ha_stored_mappings {}", ha.stored);
+    }
+
     let l = &core.latency;
     header(
         &mut out,
