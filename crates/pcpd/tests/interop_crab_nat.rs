@@ -207,11 +207,16 @@ async fn crab_nat_peer_create_renew_delete() {
         Some(2.0)
     );
 
-    p.try_drop()
-        .await
-        .map_err(|(e, _)| e)
-        .expect("crab_nat PEER delete");
-    assert!(d.mappings().is_empty());
+    // crab_nat "deletes" a PEER with lifetime 0, which RFC 6887 §12.1 does not allow
+    // ("it is not possible to reduce the lifetime of a mapping (or delete it, with
+    // requested lifetime=0) using PEER"): pcpd answers with the mapping's remaining
+    // lifetime, crab_nat reports that as a failed delete, and the mapping stays.
+    let external = p.external_port().get();
+    let dropped = p.try_drop().await;
+    assert!(dropped.is_err(), "crab_nat saw a PEER delete succeed");
+    let v = d.mapping(6, 5004);
+    assert_eq!(v["external_port"], external, "{v:#}");
+    assert!(v["lifetime_remaining"].as_u64().unwrap() > 0);
 }
 
 #[tokio::test]
