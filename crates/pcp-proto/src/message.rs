@@ -114,22 +114,20 @@ impl<'a> Request<'a> {
 
     /// Writes the request at the start of `buf` and returns its length.
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
-        let len = fit(self.buffer_len(), buf.len())?;
-        let mut p = Packet::new_unchecked(&mut buf[..len]);
-        p.set_version(VERSION);
-        p.set_r_opcode(false, self.opcode());
-        p.clear_reserved();
-        p.set_result_code(if self.opcode() == Opcode::Authentication {
+        let result = if self.opcode() == Opcode::Authentication {
             self.pa_result_code
         } else {
             ResultCode::Success
-        });
-        p.set_lifetime(self.lifetime);
-        p.set_client_addr(self.client_addr);
-        let payload = p.payload_mut();
-        self.body.emit(payload);
-        self.options.emit(&mut payload[self.body.wire_len()..])?;
-        Ok(len)
+        };
+        emit_message(
+            buf,
+            false,
+            result,
+            self.lifetime,
+            &self.body,
+            self.options,
+            |p| p.set_client_addr(self.client_addr),
+        )
     }
 }
 
@@ -160,19 +158,40 @@ impl<'a> Response<'a> {
 
     /// Writes the response at the start of `buf` and returns its length.
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
-        let len = fit(self.buffer_len(), buf.len())?;
-        let mut p = Packet::new_unchecked(&mut buf[..len]);
-        p.set_version(VERSION);
-        p.set_r_opcode(true, self.opcode());
-        p.clear_reserved();
-        p.set_result_code(self.result_code);
-        p.set_lifetime(self.lifetime);
-        p.set_epoch(self.epoch);
-        let payload = p.payload_mut();
-        self.body.emit(payload);
-        self.options.emit(&mut payload[self.body.wire_len()..])?;
-        Ok(len)
+        emit_message(
+            buf,
+            true,
+            self.result_code,
+            self.lifetime,
+            &self.body,
+            self.options,
+            |p| p.set_epoch(self.epoch),
+        )
     }
+}
+
+/// Writes the parts requests and responses share; `specific` fills octets 8–23.
+fn emit_message(
+    buf: &mut [u8],
+    response: bool,
+    result: ResultCode,
+    lifetime: u32,
+    body: &Body,
+    options: Options<'_>,
+    specific: impl FnOnce(&mut Packet<&mut [u8]>),
+) -> Result<usize, EmitError> {
+    let len = fit(HEADER_LEN + body.wire_len() + options.wire_len(), buf.len())?;
+    let mut p = Packet::new_unchecked(&mut buf[..len]);
+    p.set_version(VERSION);
+    p.set_r_opcode(response, body.opcode());
+    p.clear_reserved();
+    p.set_result_code(result);
+    p.set_lifetime(lifetime);
+    specific(&mut p);
+    let payload = p.payload_mut();
+    body.emit(payload);
+    options.emit(&mut payload[body.wire_len()..])?;
+    Ok(len)
 }
 
 fn fit(need: usize, have: usize) -> Result<usize, EmitError> {
