@@ -19,6 +19,7 @@ pub mod blocking;
 pub mod core;
 mod error;
 pub mod gateway;
+pub mod policy;
 pub mod tokio;
 
 pub use error::{Error, result_hint};

@@ -130,6 +130,10 @@ enum Cmd {
     ),
     Delete(MappingId, oneshot::Sender<Result<(), RequestError>>),
     Release(MappingId),
+    DeleteByNonce(
+        MappingRequest,
+        oneshot::Sender<Result<(MappingId, mpsc::UnboundedReceiver<Event>), RequestError>>,
+    ),
     Announce(oneshot::Sender<Result<AnnounceInfo, Error>>),
     Status(oneshot::Sender<(Vec<MappingStatus>, Option<u32>, Version)>),
 }
@@ -274,6 +278,33 @@ impl PcpClient {
             last: None,
             done: false,
         })
+    }
+
+    /// Deletes a mapping made elsewhere (e.g. by an earlier `pcpc map`), named by its
+    /// request and nonce. `Ok(true)` when the server confirmed.
+    pub async fn delete_by_nonce(&self, req: MappingRequest) -> Result<bool, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::DeleteByNonce(req, tx))
+            .map_err(|_| Error::Closed)?;
+        let (_, mut events) = rx.await.map_err(|_| Error::Closed)??;
+        let mut refused = None;
+        while let Some(e) = events.recv().await {
+            match e {
+                Event::Error { result, .. } => refused = Some(result),
+                Event::Deleted { confirmed, .. } => {
+                    return match (confirmed, refused) {
+                        (true, _) => Ok(true),
+                        (false, Some(result)) => Err(Error::Refused { result }),
+                        (false, None) => Err(Error::NoResponse {
+                            server: self.server,
+                        }),
+                    };
+                }
+                _ => {}
+            }
+        }
+        Err(Error::Closed)
     }
 
     /// Sends an ANNOUNCE and returns the server's epoch. A state loss it reveals makes
@@ -508,6 +539,14 @@ impl Driver {
             }
             Cmd::Delete(id, reply) => {
                 let _ = reply.send(self.core.delete(id, now));
+            }
+            Cmd::DeleteByNonce(req, reply) => {
+                let r = self.core.delete_by_nonce(req, now).map(|id| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    self.routes.insert(id, tx);
+                    (id, rx)
+                });
+                let _ = reply.send(r);
             }
             Cmd::Release(id) => {
                 let _ = self.core.release(id);

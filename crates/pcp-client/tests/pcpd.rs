@@ -360,10 +360,23 @@ async fn refusals_peer_and_delete() {
     assert_eq!(v["remote_port"], 3478);
     assert_eq!(v["description"], "call to 198.51.100.20");
     assert_eq!(v["checkpointed"], true);
-    // Delete: confirmed, and gone from the server.
-    assert!(peer.delete().await.unwrap());
+    // A PEER cannot be deleted (RFC 6887 §12.1): the client only stops renewing it.
+    assert!(!peer.delete().await.unwrap());
     let p2 = p.clone();
-    assert!(blocking(move || p2.mapping(5004)).await.is_none());
+    assert!(blocking(move || p2.mapping(5004)).await.is_some());
+    // A MAP can: confirmed, and gone from the server.
+    let mut map = client
+        .map(
+            MappingRequest::map(UDP, 5005)
+                .lifetime(300)
+                .checkpoint(true),
+        )
+        .await
+        .unwrap();
+    map.granted().await.unwrap();
+    assert!(map.delete().await.unwrap());
+    let p2 = p.clone();
+    assert!(blocking(move || p2.mapping(5005)).await.is_none());
 }
 
 #[test]

@@ -305,17 +305,68 @@ impl Client {
     }
 
     /// Deletes a mapping (lifetime 0, same nonce). `Deleted` follows.
+    ///
+    /// A PEER mapping cannot be deleted (RFC 6887 §12.1: a PEER request with lifetime 0
+    /// does not shorten it): the client stops renewing it and reports
+    /// `Deleted { confirmed: false }` at once; the server drops it when it expires.
     pub fn delete(&mut self, id: MappingId, now: Time) -> Result<(), RequestError> {
         let cfg = self.retransmit_cfg();
         let m = self
             .mappings
             .get_mut(&id)
             .ok_or(RequestError::NoSuchMapping(id))?;
+        if let Kind::Peer { .. } = m.req.kind {
+            self.mappings.remove(&id);
+            self.events.push_back(Event::Deleted {
+                id,
+                confirmed: false,
+            });
+            return Ok(());
+        }
         m.phase = Phase::Deleting;
         m.tx = Tx::Delete(Retransmit::new(cfg));
         m.timer = Some(now);
         self.fire_due(now);
         Ok(())
+    }
+
+    /// Deletes a mapping this client does not hold (made by another process, e.g. an
+    /// earlier `pcpc map`), named by its request and nonce. `Deleted` follows (after an
+    /// `Error` if the server refused, e.g. NOT_AUTHORIZED for a wrong nonce).
+    pub fn delete_by_nonce(
+        &mut self,
+        req: MappingRequest,
+        now: Time,
+    ) -> Result<MappingId, RequestError> {
+        let nonce = req.nonce.ok_or(RequestError::NoNonce)?;
+        if let Kind::Peer { .. } = req.kind {
+            return Err(RequestError::PeerCannotDelete);
+        }
+        self.validate(&MappingRequest {
+            lifetime: 1,
+            ..req.clone()
+        })?;
+        let id = MappingId(self.next_id);
+        self.next_id += 1;
+        let cfg = self.retransmit_cfg();
+        self.mappings.insert(
+            id,
+            Mapping {
+                id,
+                checkpoint: false,
+                req,
+                nonce,
+                phase: Phase::Deleting,
+                grant: None,
+                tx: Tx::Delete(Retransmit::new(cfg)),
+                timer: Some(now),
+                sent_checkpoint: false,
+                sent_canary: false,
+                pending_natpmp: None,
+            },
+        );
+        self.fire_due(now);
+        Ok(id)
     }
 
     /// Forgets a mapping without telling the server: no more renewals, no events; the

@@ -494,6 +494,16 @@ pub enum RequestError {
         "the server speaks only NAT-PMP, which maps UDP and TCP ports only (no PEER, no options)"
     )]
     NatPmpCannot,
+    /// Deleting a mapping made elsewhere needs its nonce.
+    #[error(
+        "deleting a mapping made by another process needs its nonce (24 hex digits, as `pcpc map` prints)"
+    )]
+    NoNonce,
+    /// PEER mappings cannot be deleted (RFC 6887 §12.1).
+    #[error(
+        "a PEER mapping cannot be deleted (RFC 6887 §12.1): stop renewing it and it expires at the end of its lifetime"
+    )]
+    PeerCannotDelete,
     /// No such mapping.
     #[error("no mapping {0}: it was deleted or lost")]
     NoSuchMapping(MappingId),
