@@ -265,7 +265,16 @@ pub fn remove_option(buf: &mut [u8], len: usize, code: crate::OptionCode) -> usi
     let Some(body) = packet.opcode().body_len() else {
         return len;
     };
-    let mut at = HEADER_LEN + body;
+    let start = HEADER_LEN + body;
+    // Only a whole, well-framed option area is edited.
+    let mut at = start;
+    while at < len {
+        match crate::OptionView::new_checked(&buf[at..len]) {
+            Ok(view) => at += view.wire_len(),
+            Err(_) => return len,
+        }
+    }
+    let mut at = start;
     let mut end = len;
     let code = u8::from(code);
     while at < end {

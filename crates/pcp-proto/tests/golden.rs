@@ -456,6 +456,14 @@ fn remove_option_strips_checkpoint_from_a_reply() {
         [PcpOption::Description("voip"), PcpOption::PreferFailure]
     );
     assert_eq!(back.body, resp.body);
+    // An option area that does not frame is left alone, even before the bad option.
+    let mut bad = hex(MAP_192);
+    bad.extend(hex("01 00 0064"));
+    let len = bad.len();
+    assert_eq!(
+        pcp_proto::remove_option(&mut bad, len, pcp_proto::OptionCode::CheckpointRequired),
+        len
+    );
     // Nothing to remove: unchanged.
     assert_eq!(
         pcp_proto::remove_option(&mut buf, m, pcp_proto::OptionCode::CheckpointRequired),
