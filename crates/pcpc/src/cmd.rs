@@ -99,8 +99,13 @@ fn options(cli: &Cli) -> Result<ClientOptions, CmdError> {
     o.bind = cli.bind;
     o.retransmit = RetransmitConfig {
         irt: Duration::from_millis(cli.irt_ms.max(1)),
+        mrc: cli.mrc,
+        mrd: Duration::from_secs(cli.mrd),
         ..RetransmitConfig::default()
     };
+    o.canary = !cli.no_canary;
+    o.announce_listen = cli.announce_listen;
+    o.join_multicast = cli.announce_multicast;
     Ok(o)
 }
 

@@ -44,6 +44,22 @@ pub struct Cli {
     /// Initial retransmission time in milliseconds (RFC 6887 IRT; default 3000).
     #[arg(long, value_name = "MS", default_value = "3000", global = true)]
     pub irt_ms: u64,
+    /// Do not probe the server for blind option echoing: believe its option 192 echo
+    /// (a server that echoes every option, like miniupnpd, then looks like it honours).
+    #[arg(long, global = true)]
+    pub no_canary: bool,
+    /// Listen for unsolicited ANNOUNCEs here too (e.g. 0.0.0.0:5350), with `--keep`/`run`.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub announce_listen: Option<SocketAddr>,
+    /// With --announce-listen: join the all-hosts multicast group (224.0.0.1 / ff02::1).
+    #[arg(long, global = true, requires = "announce_listen")]
+    pub announce_multicast: bool,
+    /// Maximum transmissions of a request (RFC 6887 MRC; 0 = no limit).
+    #[arg(long, value_name = "N", default_value = "0", global = true)]
+    pub mrc: u32,
+    /// Maximum retransmission duration in seconds (RFC 6887 MRD; 0 = no limit).
+    #[arg(long, value_name = "SECS", default_value = "0", global = true)]
+    pub mrd: u64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
