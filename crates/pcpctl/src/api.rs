@@ -95,9 +95,46 @@ pub struct Status {
     pub config: Option<String>,
 }
 
-/// `POST /reload`'s answer, both ways.
+/// `GET /ha`: pair-mode status.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-struct ReloadAnswer {
+pub struct Ha {
+    /// Whether pair mode is configured.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `"active"`, `"backup"`, `"joining"`, `"draining"` or `"standalone"`.
+    pub role: String,
+    /// Current term (odd: the node configured active took it; even: the other).
+    pub term: u64,
+    /// Whether the peer was heard within the detection time.
+    pub peer_connected: bool,
+    /// Active: the backup holds a complete copy. Backup: this node does.
+    pub ready: bool,
+    /// Replication lag in records.
+    pub lag: u64,
+    /// Replies waiting for the backup's acknowledgement.
+    #[serde(default)]
+    pub held_responses: u64,
+    /// Replies released after an acknowledgement, since start.
+    #[serde(default)]
+    pub released_responses: u64,
+    /// Replies sent without 192 because the backup did not acknowledge in time.
+    #[serde(default)]
+    pub ack_timeouts: u64,
+    /// Checkpointed mappings held for a takeover (backup).
+    #[serde(default)]
+    pub stored: u64,
+    /// What the server core is told about the backup: `none`, `not_ready`, `ready`.
+    #[serde(default)]
+    pub backup_status: String,
+    /// Mappings adopted at the last takeover.
+    #[serde(default)]
+    pub adopted: u64,
+}
+
+/// The answer of a mutating `POST` (`/reload`, `/ha/promote`, `/ha/switchover`), both
+/// ways.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+struct CommandAnswer {
     ok: bool,
     #[serde(default)]
     message: Option<String>,
@@ -142,8 +179,13 @@ pub enum ApiError {
         /// Why it does not parse.
         reason: String,
     },
-    /// pcpd refused to reload; its reason.
-    ReloadRefused(String),
+    /// pcpd refused a command (`reload`, `promote`, `switchover`); its reason.
+    Refused {
+        /// The command.
+        command: &'static str,
+        /// pcpd's reason.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ApiError {
@@ -175,7 +217,7 @@ impl fmt::Display for ApiError {
                 f,
                 "pcpd admin API at {admin}: unexpected answer to {request}: {reason}"
             ),
-            ApiError::ReloadRefused(reason) => write!(f, "reload refused: {reason}"),
+            ApiError::Refused { command, reason } => write!(f, "{command} refused: {reason}"),
         }
     }
 }
@@ -290,36 +332,57 @@ impl Client {
         Ok((value, body))
     }
 
-    /// `POST /reload`: pcpd's message, or [`ApiError::ReloadRefused`] with its reason.
+    /// `POST /reload`: pcpd's message, or [`ApiError::Refused`] with its reason.
     pub fn reload(&self) -> Result<String, ApiError> {
-        let request = "POST /reload";
-        let (status, body) = self.send("POST", "/reload")?;
-        let parsed: Option<ReloadAnswer> = serde_json::from_str(&body).ok();
+        self.command("reload", "/reload", "reloaded")
+    }
+
+    /// `POST /ha/promote`: make a backup active now.
+    pub fn promote(&self) -> Result<String, ApiError> {
+        self.command("promote", "/ha/promote", "promoted")
+    }
+
+    /// `POST /ha/switchover`: the active hands over to its ready backup.
+    pub fn switchover(&self) -> Result<String, ApiError> {
+        self.command("switchover", "/ha/switchover", "handing over to the backup")
+    }
+
+    /// A mutating `POST path` answered `{"ok": true, "message": …}` (pcpd's message,
+    /// or `default`) or `{"ok": false, "error": …}` ([`ApiError::Refused`]: 409 for the
+    /// HA commands, 422 for reload).
+    fn command(
+        &self,
+        command: &'static str,
+        path: &str,
+        default: &str,
+    ) -> Result<String, ApiError> {
+        let request = format!("POST {path}");
+        let (status, body) = self.send("POST", path)?;
+        let parsed: Option<CommandAnswer> = serde_json::from_str(&body).ok();
         match (status, parsed) {
             (
                 200,
-                Some(ReloadAnswer {
+                Some(CommandAnswer {
                     ok: true, message, ..
                 }),
-            ) => Ok(message.unwrap_or_else(|| "reloaded".into())),
+            ) => Ok(message.unwrap_or_else(|| default.into())),
             (
                 _,
-                Some(ReloadAnswer {
+                Some(CommandAnswer {
                     ok: false, error, ..
                 }),
-            ) => {
-                Err(ApiError::ReloadRefused(error.unwrap_or_else(|| {
-                    format!("HTTP {status}, no reason given")
-                })))
-            }
+            ) => Err(ApiError::Refused {
+                command,
+                reason: error.unwrap_or_else(|| format!("HTTP {status}, no reason given")),
+            }),
             (200, _) => Err(ApiError::Unexpected {
                 admin: self.admin.clone(),
-                request: request.into(),
-                reason: format!("not a reload answer: {}", body.trim()),
+                request,
+                reason: format!("not a command answer: {}", body.trim()),
             }),
             (status, _) => Err(ApiError::Status {
                 admin: self.admin.clone(),
-                request: request.into(),
+                request,
                 status,
                 body: body.trim().to_string(),
             }),
@@ -371,6 +434,29 @@ mod tests {
     fn a_missing_required_field_is_an_error() {
         let json = r#"{"opcode":"map"}"#;
         assert!(serde_json::from_str::<Mapping>(json).is_err());
+    }
+
+    #[test]
+    fn ha_parses_from_the_daemon_json() {
+        let json = r#"{"enabled":true,"role":"backup","term":2,"peer_connected":true,
+            "ready":true,"lag":0,"held_responses":0,"released_responses":0,
+            "ack_timeouts":0,"stored":12,"backup_status":"not_ready","adopted":0}"#;
+        let h: Ha = serde_json::from_str(json).unwrap();
+        assert_eq!(h.role, "backup");
+        assert_eq!(h.stored, 12);
+        assert!(serde_json::from_str::<Ha>(r#"{"enabled":true}"#).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_command() {
+        let e = ApiError::Refused {
+            command: "promote",
+            reason: "this node is already active".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "promote refused: this node is already active"
+        );
     }
 
     #[test]

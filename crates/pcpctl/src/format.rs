@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::api::{Mapping, Status, Subscriber};
+use crate::api::{Ha, Mapping, Status, Subscriber};
 
 /// A plain text table: a header row and left-aligned columns two spaces apart.
 struct Table {
@@ -183,6 +183,50 @@ pub fn status(s: &Status) -> String {
     out
 }
 
+/// The pair-mode status lines.
+pub fn ha(h: &Ha) -> String {
+    if !h.enabled {
+        return "role:          standalone (pair mode not configured)\n".into();
+    }
+    let rows = [
+        ("role", h.role.clone()),
+        ("term", h.term.to_string()),
+        (
+            "peer",
+            if h.peer_connected {
+                "connected"
+            } else {
+                "not heard"
+            }
+            .into(),
+        ),
+        (
+            "ready",
+            format!(
+                "{} ({})",
+                yes_no(h.ready),
+                if h.role == "backup" {
+                    "this node holds a complete copy"
+                } else {
+                    "the backup holds a complete copy"
+                }
+            ),
+        ),
+        ("lag", format!("{} records", h.lag)),
+        ("stored", h.stored.to_string()),
+        ("held", h.held_responses.to_string()),
+        ("released", h.released_responses.to_string()),
+        ("ack timeouts", h.ack_timeouts.to_string()),
+        ("backup", h.backup_status.clone()),
+        ("adopted", h.adopted.to_string()),
+    ];
+    let mut out = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(out, "{:<14} {v}", format!("{k}:"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +298,43 @@ mod tests {
         assert_eq!(lines.next().unwrap(), "1 mapping, 1 checkpointed");
         // Columns line up: each header starts where its cells start.
         assert_eq!(header.find("EXTERNAL"), row.find("[2001:db8::1]:40000"));
+    }
+
+    #[test]
+    fn ha_lines() {
+        let mut h = Ha {
+            enabled: true,
+            role: "active".into(),
+            term: 3,
+            peer_connected: true,
+            ready: true,
+            lag: 2,
+            held_responses: 1,
+            released_responses: 40,
+            ack_timeouts: 0,
+            stored: 0,
+            backup_status: "ready".into(),
+            adopted: 7,
+        };
+        let text = ha(&h);
+        for line in [
+            "role:          active",
+            "term:          3",
+            "peer:          connected",
+            "ready:         yes (the backup holds a complete copy)",
+            "lag:           2 records",
+            "held:          1",
+            "released:      40",
+            "backup:        ready",
+            "adopted:       7",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        h.enabled = false;
+        assert!(ha(&h).contains("standalone"));
     }
 
     #[test]

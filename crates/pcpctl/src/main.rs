@@ -6,10 +6,13 @@
 //! pcpctl [--admin ADDR] status [--json]       version, uptime, counts, config
 //! pcpctl [--admin ADDR] reload                re-read pcpd's config file
 //! pcpctl [--admin ADDR] metrics               the Prometheus text
+//! pcpctl [--admin ADDR] ha [--json]           pair mode: role, term, readiness, lag
+//! pcpctl [--admin ADDR] promote               make this backup active now
+//! pcpctl [--admin ADDR] switchover            hand over from this active to its backup
 //! ```
 //!
-//! Exit codes: 0 done; 1 pcpd could not be reached, answered an error, or refused to
-//! reload; 2 bad usage.
+//! Exit codes: 0 done; 1 pcpd could not be reached, answered an error, or refused the
+//! command (reload, promote, switchover: pcpd's reason is printed); 2 bad usage.
 #![forbid(unsafe_code)]
 
 mod api;
@@ -66,6 +69,20 @@ enum Command {
     Reload,
     /// Print pcpd's Prometheus metrics.
     Metrics,
+    /// Show pair mode (HA): role, term, peer, readiness, replication lag, held replies.
+    Ha {
+        /// Print pcpd's JSON as received.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote this backup to active now, even without a complete copy (what it holds
+    /// is all there is). The old active, if alive, steps down when it hears the new
+    /// term. Refused (exit 1) on a node that is already active or not in pair mode.
+    Promote,
+    /// Planned handover: this active stops answering, waits until its backup holds
+    /// every record, and the backup takes over; no checkpoint is lost. Refused (exit 1)
+    /// unless this node is active with a ready backup.
+    Switchover,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +148,12 @@ fn run(cli: &Cli) -> Result<String, ApiError> {
             Ok(format!("{message}\n"))
         }
         Command::Metrics => client.get_text("/metrics"),
+        Command::Ha { json } => {
+            let (ha, body) = client.get_json::<api::Ha>("/ha")?;
+            Ok(if *json { raw(body) } else { format::ha(&ha) })
+        }
+        Command::Promote => Ok(format!("{}\n", client.promote()?)),
+        Command::Switchover => Ok(format!("{}\n", client.switchover()?)),
     }
 }
 
@@ -152,6 +175,18 @@ mod tests {
         let cli = Cli::try_parse_from(["pcpctl", "status", "--admin", "127.0.0.9:1"]).unwrap();
         assert_eq!(cli.admin, "127.0.0.9:1");
         assert_eq!(cli.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ha_commands_parse() {
+        let cli = Cli::try_parse_from(["pcpctl", "ha", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Ha { json: true }));
+        let cli = Cli::try_parse_from(["pcpctl", "--admin", "127.0.0.9:1", "promote"]).unwrap();
+        assert!(matches!(cli.command, Command::Promote));
+        assert_eq!(cli.admin, "127.0.0.9:1");
+        let cli = Cli::try_parse_from(["pcpctl", "switchover"]).unwrap();
+        assert!(matches!(cli.command, Command::Switchover));
+        assert!(Cli::try_parse_from(["pcpctl", "promote", "--json"]).is_err());
     }
 
     #[test]

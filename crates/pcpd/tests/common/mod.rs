@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pcp_proto::{Body, MapBody, Options, PcpOption, Request, Response, ResultCode};
+use pcp_proto::{Body, MapBody, Options, PcpOption, PeerBody, Request, Response, ResultCode};
 
 /// How long a daemon may take to answer `GET /status` after it was started.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +83,8 @@ pub struct Builder {
     bin: PathBuf,
     config: Option<String>,
     pcp_port: Option<u16>,
+    ip: Option<Ipv4Addr>,
+    args: Vec<String>,
 }
 
 /// Starts building a daemon run from the `pcpd` binary at `bin`.
@@ -91,6 +93,8 @@ pub fn pcpd(bin: impl Into<PathBuf>) -> Builder {
         bin: bin.into(),
         config: None,
         pcp_port: None,
+        ip: None,
+        args: Vec::new(),
     }
 }
 
@@ -107,8 +111,26 @@ impl Builder {
         self
     }
 
+    /// Runs on this loopback address (default: a [`fresh_ip`]). Pair mode needs it:
+    /// each node's config names the other's replication address before either starts.
+    pub fn at(mut self, ip: Ipv4Addr) -> Builder {
+        self.ip = Some(ip);
+        self
+    }
+
+    /// Adds command-line arguments (after `--config`, `--listen` and `--admin`).
+    pub fn args<I, S>(mut self, args: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     /// Starts the daemon and waits until its admin API answers. If it cannot bind (the
-    /// address or port is taken by someone else), it is tried again on a fresh address.
+    /// address or port is taken by someone else), it is tried again on a fresh address
+    /// (with [`Builder::at`]: on the same address, fresh ports).
     pub fn start(self) -> Pcpd {
         let mut last = String::new();
         for _ in 0..5 {
@@ -122,7 +144,7 @@ impl Builder {
     }
 
     fn try_start(&self) -> Result<Pcpd, String> {
-        let ip = fresh_ip();
+        let ip = self.ip.unwrap_or_else(fresh_ip);
         let dir = TempDir::new();
         let pcp = SocketAddr::new(
             IpAddr::V4(ip),
@@ -144,6 +166,7 @@ impl Builder {
             .arg(pcp.to_string())
             .arg("--admin")
             .arg(admin.to_string())
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -287,6 +310,172 @@ impl Pcpd {
     pub fn client(&self) -> PcpClient {
         PcpClient::new(IpAddr::V4(self.ip), self.pcp)
     }
+
+    /// Kills the process with SIGKILL (no chance to clean up or say goodbye) and reaps
+    /// it: when this returns, everything it sent is in its receivers' buffers.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `GET /ha`.
+    pub fn ha(&self) -> serde_json::Value {
+        self.get_json("/ha")
+    }
+
+    /// `GET /ha`, `None` when the admin API does not answer (yet, or any more).
+    pub fn try_ha(&self) -> Option<serde_json::Value> {
+        match try_http("GET", self.admin, "/ha") {
+            Ok((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
+    /// `POST path`: status and body.
+    pub fn post(&self, path: &str) -> (u16, String) {
+        http("POST", self.admin, path)
+    }
+}
+
+/// Polls `f` every 10 ms until it gives a value; panics after `limit`, saying `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Timers of a pair (the `[ha]` keys other than the addresses and the role).
+#[derive(Debug, Clone, Copy)]
+pub struct HaTiming {
+    /// `heartbeat_ms`.
+    pub heartbeat_ms: u64,
+    /// `detection_ms`.
+    pub detection_ms: u64,
+    /// `ack_timeout_ms`.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for HaTiming {
+    fn default() -> Self {
+        HaTiming {
+            heartbeat_ms: 100,
+            detection_ms: 500,
+            ack_timeout_ms: 250,
+        }
+    }
+}
+
+/// One node of a planned pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    /// The first node (normally started `active`).
+    A,
+    /// The second node (normally started `backup`).
+    B,
+}
+
+/// An active/backup pair's addresses, fixed before either node starts: each node has its
+/// own fresh loopback address, on which it listens for PCP, admin and replication.
+#[derive(Debug, Clone)]
+pub struct PairPlan {
+    /// Node A's address.
+    pub ip_a: Ipv4Addr,
+    /// Node B's address.
+    pub ip_b: Ipv4Addr,
+    /// Node A's replication (`[ha] listen`) address.
+    pub ha_a: SocketAddr,
+    /// Node B's replication address.
+    pub ha_b: SocketAddr,
+    /// The server sections both nodes run with.
+    pub server_config: String,
+    /// The timers.
+    pub timing: HaTiming,
+}
+
+impl PairPlan {
+    /// Two fresh addresses with a free UDP replication port each.
+    pub fn new(server_config: &str, timing: HaTiming) -> PairPlan {
+        let (ip_a, ip_b) = (fresh_ip(), fresh_ip());
+        PairPlan {
+            ip_a,
+            ip_b,
+            ha_a: SocketAddr::new(IpAddr::V4(ip_a), free_port(ip_a, true)),
+            ha_b: SocketAddr::new(IpAddr::V4(ip_b), free_port(ip_b, true)),
+            server_config: server_config.to_string(),
+            timing,
+        }
+    }
+
+    /// The `[ha]` section of `node` starting as `role` (`"active"` or `"backup"`).
+    pub fn ha_section(&self, node: Node, role: &str) -> String {
+        let (listen, peer) = match node {
+            Node::A => (self.ha_a, self.ha_b),
+            Node::B => (self.ha_b, self.ha_a),
+        };
+        let t = self.timing;
+        format!(
+            "[ha]\nlisten = \"{listen}\"\npeer = \"{peer}\"\nrole = \"{role}\"\n\
+             heartbeat_ms = {}\ndetection_ms = {}\nack_timeout_ms = {}\n",
+            t.heartbeat_ms, t.detection_ms, t.ack_timeout_ms
+        )
+    }
+
+    /// The whole config file of `node` starting as `role`.
+    pub fn config(&self, node: Node, role: &str) -> String {
+        format!(
+            "{}\n\n{}",
+            self.server_config.trim_end(),
+            self.ha_section(node, role)
+        )
+    }
+
+    /// Starts `node` as `role` with the `[ha]` section in its config file.
+    pub fn start(&self, bin: impl Into<PathBuf>, node: Node, role: &str) -> Pcpd {
+        let ip = match node {
+            Node::A => self.ip_a,
+            Node::B => self.ip_b,
+        };
+        pcpd(bin).at(ip).config(&self.config(node, role)).start()
+    }
+}
+
+/// The role `GET /ha` of `d` shows, `None` when it does not answer.
+pub fn role(d: &Pcpd) -> Option<String> {
+    d.try_ha()
+        .and_then(|h| h["role"].as_str().map(str::to_string))
+}
+
+/// Waits until `d`'s `GET /ha` satisfies `f`; returns that answer.
+pub fn wait_ha(
+    d: &Pcpd,
+    limit: Duration,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = None;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(h) = d.try_ha() {
+            if f(&h) {
+                return h;
+            }
+            last = Some(h);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: timed out after {limit:?} waiting for {what}; last GET /ha: {last:?}",
+            d.pcp
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 impl Drop for Pcpd {
@@ -380,6 +569,8 @@ pub struct Answer {
     pub external: Option<SocketAddr>,
     /// Whether option 192 came back.
     pub checkpoint_echoed: bool,
+    /// The server's epoch time for this client.
+    pub epoch: u32,
     /// The datagram.
     pub raw: Vec<u8>,
 }
@@ -439,17 +630,64 @@ impl PcpClient {
 
     /// Sends a MAP and parses the answer.
     pub fn map(&self, m: Map) -> Answer {
+        parse_answer(&self.exchange(&self.map_request(m)))
+    }
+
+    /// Sends a MAP and waits up to `wait` for the answer to *it* (same nonce, protocol
+    /// and internal port; anything else that comes in meanwhile is skipped).
+    pub fn try_map(&self, m: Map, wait: Duration) -> Option<Answer> {
+        self.send(&self.map_request(m));
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let raw = self.recv_within(left)?;
+            let Ok(resp) = Response::parse(&raw) else {
+                continue;
+            };
+            if let Body::Map(b) = resp.body
+                && b.nonce == m.nonce
+                && b.protocol == m.protocol
+                && b.internal_port == m.internal_port
+            {
+                return Some(parse_answer(&raw));
+            }
+        }
+    }
+
+    /// The MAP request for `m` from this client's address.
+    pub fn map_request(&self, m: Map) -> Vec<u8> {
+        self.request(m, None)
+    }
+
+    /// Sends a PEER for `m` with remote peer `remote` and parses the answer.
+    pub fn peer(&self, m: Map, remote: SocketAddr) -> Answer {
+        parse_answer(&self.exchange(&self.request(m, Some(remote))))
+    }
+
+    /// A MAP request, or with `remote` a PEER request, for `m`.
+    pub fn request(&self, m: Map, remote: Option<SocketAddr>) -> Vec<u8> {
         let opts = [PcpOption::CheckpointRequired];
+        let mapping = MapBody {
+            nonce: m.nonce,
+            protocol: m.protocol,
+            internal_port: m.internal_port,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
         let req = Request {
             lifetime: m.lifetime,
             client_addr: self.ip(),
-            body: Body::Map(MapBody {
-                nonce: m.nonce,
-                protocol: m.protocol,
-                internal_port: m.internal_port,
-                external_port: 0,
-                external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            }),
+            body: match remote {
+                None => Body::Map(mapping),
+                Some(r) => Body::Peer(PeerBody {
+                    mapping,
+                    remote_port: r.port(),
+                    remote_addr: r.ip(),
+                }),
+            },
             options: if m.checkpoint {
                 Options::from_list(&opts)
             } else {
@@ -458,8 +696,8 @@ impl PcpClient {
             pa_result_code: ResultCode::Success,
         };
         let mut buf = [0u8; pcp_proto::MAX_MESSAGE_LEN];
-        let n = req.emit(&mut buf).expect("emit the MAP request");
-        parse_answer(&self.exchange(&buf[..n]))
+        let n = req.emit(&mut buf).expect("emit the request");
+        buf[..n].to_vec()
     }
 }
 
@@ -474,6 +712,7 @@ pub fn parse_answer(raw: &[u8]) -> Answer {
             .mapping()
             .map(|m| SocketAddr::new(m.external_addr, m.external_port)),
         checkpoint_echoed: resp.options.checkpoint_required(),
+        epoch: resp.epoch,
         raw: raw.to_vec(),
     }
 }

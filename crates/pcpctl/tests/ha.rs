@@ -1,0 +1,157 @@
+//! `pcpctl ha`, `pcpctl promote` and `pcpctl switchover` against a real pair of `pcpd`
+//! processes (see `support` for where pcpd comes from).
+
+#[path = "../../pcpd/tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use common::{HaTiming, Map, Node, PairPlan, Pcpd, wait_ha};
+use pcp_proto::ResultCode;
+use support::{pcpctl, pcpd_bin, start};
+
+const SERVER_CONFIG: &str = "\
+[pool]
+addresses = [\"192.0.2.1\"]
+
+[tiers.default]
+checkpoint_quota = 100
+checkpoint_rate = 1000.0
+checkpoint_burst = 100
+";
+
+/// A pair, A active and B backup, both ready.
+fn pair() -> (Pcpd, Pcpd) {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let a = plan.start(pcpd_bin(), Node::A, "active");
+    let b = plan.start(pcpd_bin(), Node::B, "backup");
+    wait_ha(&a, Duration::from_secs(10), "A active, backup ready", |h| {
+        h["role"] == "active" && h["backup_status"] == "ready"
+    });
+    wait_ha(&b, Duration::from_secs(10), "B ready", |h| {
+        h["ready"] == true
+    });
+    (a, b)
+}
+
+/// `pcpctl ha --json` parsed.
+fn ha_json(d: &Pcpd) -> serde_json::Value {
+    let (code, out, err) = pcpctl(d, &["ha", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("pcpctl ha --json: {e}: {out}"))
+}
+
+#[test]
+fn ha_shows_both_roles_as_text_and_json() {
+    let (a, b) = pair();
+    assert!(a.client().map(Map::udp(5060)).checkpoint_echoed);
+    wait_ha(&b, Duration::from_secs(5), "B stores the mapping", |h| {
+        h["stored"] == 1
+    });
+
+    let (code, out, err) = pcpctl(&a, &["ha"]);
+    assert_eq!(code, Some(0), "{err}");
+    for line in [
+        "role:          active",
+        "term:          1",
+        "peer:          connected",
+        "ready:         yes (the backup holds a complete copy)",
+        "backup:        ready",
+        "held:          0",
+        "released:      1",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} missing in\n{out}");
+    }
+    let (code, out, err) = pcpctl(&b, &["ha"]);
+    assert_eq!(code, Some(0), "{err}");
+    for line in [
+        "role:          backup",
+        "ready:         yes (this node holds a complete copy)",
+        "stored:        1",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} missing in\n{out}");
+    }
+
+    let v = ha_json(&a);
+    assert_eq!(v["role"], "active");
+    assert_eq!(v["enabled"], true);
+    assert_eq!(v["released_responses"], 1);
+    let v = ha_json(&b);
+    assert_eq!(v["role"], "backup");
+    assert_eq!(v["stored"], 1);
+}
+
+#[test]
+fn switchover_hands_over_and_refusals_exit_1_with_pcpds_reason() {
+    let (a, b) = pair();
+    let c = a.client();
+    let made = c.map(Map::udp(5060));
+    assert!(made.checkpoint_echoed);
+
+    // Refused: promote on the active, switchover on the backup.
+    let (code, out, err) = pcpctl(&a, &["promote"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(
+        err,
+        "pcpctl: promote refused: this node is already active\n"
+    );
+    assert!(out.is_empty(), "{out}");
+    let (code, _, err) = pcpctl(&b, &["switchover"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(
+        err,
+        "pcpctl: switchover refused: only an active with a ready backup can hand over\n"
+    );
+
+    let (code, out, err) = pcpctl(&a, &["switchover"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "handing over to the backup\n");
+    common::wait_for(Duration::from_secs(5), "roles swapped", || {
+        (ha_json(&a)["role"] == "backup" && ha_json(&b)["role"] == "active").then_some(())
+    });
+    // The mapping is on B, same endpoint; B answers for it.
+    let r = common::PcpClient::new(c.ip(), b.pcp).map(Map::udp(5060));
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.external, made.external);
+    wait_ha(&a, Duration::from_secs(10), "A holds B's copy", |h| {
+        h["ready"] == true && h["stored"] == 1
+    });
+}
+
+#[test]
+fn promote_makes_a_backup_active() {
+    let (a, b) = pair();
+    let made = a.client().map(Map::udp(5060));
+    assert!(made.checkpoint_echoed);
+    let (code, out, err) = pcpctl(&b, &["promote"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "promoted\n");
+    let v = ha_json(&b);
+    assert_eq!(v["role"], "active");
+    assert_eq!(v["term"], 2, "B started backup: its first term is even");
+    assert_eq!(v["adopted"], 1);
+    wait_ha(&a, Duration::from_secs(5), "A steps down", |h| {
+        h["role"] == "backup" && h["term"] == 2
+    });
+}
+
+#[test]
+fn ha_commands_on_a_standalone_pcpd() {
+    let d = start(None);
+    let (code, out, err) = pcpctl(&d, &["ha"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "role:          standalone (pair mode not configured)\n"
+    );
+    assert_eq!(ha_json(&d)["role"], "standalone");
+    for cmd in ["promote", "switchover"] {
+        let (code, out, err) = pcpctl(&d, &[cmd]);
+        assert_eq!(code, Some(1), "{cmd}: {out}{err}");
+        assert_eq!(
+            err,
+            format!("pcpctl: {cmd} refused: pcpd is not in pair mode\n")
+        );
+    }
+}
