@@ -1,0 +1,104 @@
+# shellcheck shell=bash
+# Helpers shared by the HA benchmarks; sourced, not run. Needs taskset, curl, jq.
+#
+# Every process a benchmark starts goes through `start`, which records its PID; on exit
+# (normal, error or Ctrl-C) each recorded PID, and only those, gets SIGKILL.
+
+BIN=${BIN:-target/release}
+export NO_COLOR=1
+PIDS=()
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pcp-bench.XXXXXX")
+LAST_PID=
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    echo "logs kept in $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CPU COMMAND...: runs COMMAND pinned to CPU in the background, its output in
+# $WORK/NAME.log; its PID in LAST_PID.
+start() {
+  local name=$1 cpu=$2
+  shift 2
+  taskset -c "$cpu" "$@" >>"$WORK/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  # No "Killed" notice from the shell when a benchmark kills it on purpose.
+  disown "$LAST_PID"
+}
+
+# gone PID: whether the process has exited and been reaped.
+gone() {
+  ! kill -0 "$1" 2>/dev/null
+}
+
+# kill9 PID: SIGKILL one process this script started; returns once it is gone.
+kill9() {
+  kill -9 "$1" 2>/dev/null || true
+  wait_until 10 "process $1 gone" gone "$1"
+}
+
+# api ADMIN PATH: GET http://ADMIN/PATH (fails when pcpd does not answer).
+api() {
+  curl -sf --noproxy '*' --max-time 5 "http://$1$2"
+}
+
+# ha_is ADMIN JQ_FILTER: whether GET /ha satisfies the filter.
+ha_is() {
+  local body
+  body=$(api "$1" /ha) || return 1
+  jq -e "$2" >/dev/null <<<"$body"
+}
+
+# wait_until SECONDS WHAT COMMAND...: runs COMMAND every 10 ms until it succeeds; gives
+# up (exit 1) after SECONDS.
+wait_until() {
+  local limit=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "timed out after ${limit}s waiting for: $what" >&2
+      return 1
+    fi
+    sleep 0.01
+  done
+}
+
+# now_ms: wall clock in milliseconds.
+now_ms() {
+  date +%s%3N
+}
+
+# machine: what the figures were measured on.
+machine() {
+  echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "nproc:   $(nproc)"
+  echo "uptime:  $(uptime)"
+  echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "rustc:   $(rustc --version 2>/dev/null || echo unknown)"
+  lscpu | head -20
+}
+
+# ha_section LISTEN PEER ROLE: the [ha] table of one node.
+ha_section() {
+  cat <<TOML
+
+[ha]
+listen = "$1"
+peer = "$2"
+role = "$3"
+heartbeat_ms = ${HEARTBEAT_MS:-100}
+detection_ms = ${DETECTION_MS:-500}
+ack_timeout_ms = ${ACK_TIMEOUT_MS:-250}
+TOML
+}
