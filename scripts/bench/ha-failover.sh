@@ -77,7 +77,7 @@ n=$(api "$A:18351" /status | jq .checkpointed)
 echo "active holds $n checkpointed mappings ($(api "$A:18351" /status | jq .mappings) in all)"
 wait_until 120 "backup stores $n" ha_is "$B:18351" ".stored == $n and .ready"
 echo "backup stores $n; RSS active $(rss_mib "$a_pid") MiB, backup $(rss_mib "$b_pid") MiB"
-before=$(python3 scripts/bench/pcp_probe.py once "$A:15351" "$SOURCE")
+before=$(python3 -B scripts/bench/pcp_probe.py once "$A:15351" "$SOURCE")
 echo "probe on the active: $before"
 
 echo "== resync: kill -9 the backup, start it again"
@@ -93,7 +93,7 @@ echo "resync: $n mappings; backup complete after $((t1 - t0)) ms (process start 
 echo "resync rate: $(( n * 1000 / (t1 - t0 > 0 ? t1 - t0 : 1) )) mappings/s"
 
 echo "== failover: kill -9 the active"
-after=$(python3 scripts/bench/pcp_probe.py failover "$B:15351" "$SOURCE" --kill "$a_pid" --admin "$B:18351")
+after=$(python3 -B scripts/bench/pcp_probe.py failover "$B:15351" "$SOURCE" --kill "$a_pid" --admin "$B:18351")
 echo "probe on the backup: $after"
 # (The probe's own renewal asked for 192 from a node that has no backup now: that one
 # mapping is no longer checkpointed, so count adopted and held mappings.)
