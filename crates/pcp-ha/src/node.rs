@@ -42,8 +42,10 @@ impl Default for HaConfig {
             retransmit: Duration::from_millis(150),
             join: Duration::from_millis(1000),
             max_log: 1 << 20,
-            bulk_chunk: 2048,
-            window: 8192,
+            bulk_chunk: 1024,
+            // ~100 octets a record: ~100 KiB in flight stays under a default 208 KiB
+            // UDP receive buffer, so a burst is not dropped and resent after a timeout.
+            window: 1024,
         }
     }
 }
@@ -82,8 +84,9 @@ pub enum Event {
     /// Tell the server core whether checkpoints can be honoured now.
     BackupStatus(BackupStatus),
     /// Start serving as active: adopt these mappings (expiries already in local
-    /// time), keep the epoch base, reset the epoch of (and announce to) hosts that lost
-    /// unprotected mappings.
+    /// time); keep the previous epoch only for `protected_hosts` (every other client's
+    /// epoch starts again: it may have lost state), and announce to
+    /// `unprotected_hosts`, which are known to have lost mappings.
     Promoted {
         /// The new term.
         term: u64,
@@ -91,6 +94,8 @@ pub enum Event {
         mappings: Vec<Mapping>,
         /// Hosts that also held unprotected mappings.
         unprotected_hosts: Vec<IpAddr>,
+        /// Hosts whose every mapping was checkpointed and is adopted.
+        protected_hosts: Vec<IpAddr>,
         /// The previous active's epoch base in local time, if it was heard.
         epoch_base: Option<Time>,
         /// Whether this node held a complete copy (it was a ready backup). `false`
@@ -371,16 +376,27 @@ impl HaNode {
     /// Operator command: promote this backup now (even if not ready: what it holds is
     /// all there is).
     pub fn promote(&mut self, now: Time) {
-        if matches!(self.role, Role::Backup | Role::Joining) {
-            self.become_active(now);
+        match self.role {
+            Role::Backup | Role::Joining => self.become_active(now),
+            // Abort a switchover: serve again.
+            Role::Draining => {
+                self.role = Role::Active;
+                self.tx.handover_sent = None;
+                self.report_status(now);
+            }
+            Role::Active => {}
         }
     }
 
     /// Operator command on the active: hand over to the backup without losing a
     /// checkpoint. This node stops serving at once and steps down when the backup has
     /// everything and takes over.
-    pub fn switchover(&mut self) -> bool {
-        if self.role == Role::Active && self.tx.peer_ready && self.tx.barrier.is_none() {
+    pub fn switchover(&mut self, now: Time) -> bool {
+        let alive = self
+            .tx
+            .peer_heard
+            .is_some_and(|t| now.since(t) <= self.cfg.detection);
+        if self.role == Role::Active && alive && self.tx.peer_ready && self.tx.barrier.is_none() {
             self.role = Role::Draining;
             true
         } else {
@@ -399,6 +415,13 @@ impl HaNode {
         mappings.sort_by_key(|m| m.key);
         let mut unprotected_hosts: Vec<IpAddr> = self.rx.unprotected.keys().copied().collect();
         unprotected_hosts.sort();
+        let mut protected_hosts: Vec<IpAddr> = mappings
+            .iter()
+            .map(|m| m.key.internal)
+            .filter(|h| !self.rx.unprotected.contains_key(h))
+            .collect();
+        protected_hosts.sort();
+        protected_hosts.dedup();
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
         self.rx = Receiver::default();
@@ -412,6 +435,7 @@ impl HaNode {
             term: self.term,
             mappings,
             unprotected_hosts,
+            protected_hosts,
             epoch_base,
             complete,
         });
@@ -844,7 +868,20 @@ impl HaNode {
                 // mappings and memory follows the active's table.
                 self.rx.store.retain(|_, (_, exp, _)| *exp > now);
             }
-            Role::Active | Role::Draining => self.report_status(now),
+            Role::Draining => {
+                // The backup went away mid-handover: nobody will take over, so serve
+                // again rather than drain forever.
+                let alive = self
+                    .tx
+                    .peer_heard
+                    .is_some_and(|t| now.since(t) <= self.cfg.detection);
+                if !alive {
+                    self.role = Role::Active;
+                    self.tx.handover_sent = None;
+                }
+                self.report_status(now);
+            }
+            Role::Active => self.report_status(now),
         }
     }
 

@@ -224,6 +224,7 @@ impl Sim {
                     term,
                     mappings,
                     unprotected_hosts: _,
+                    protected_hosts: _,
                     epoch_base,
                     complete,
                 } => {

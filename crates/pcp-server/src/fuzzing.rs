@@ -263,10 +263,23 @@ fn step(
     let backup = server.backup_status();
     let answer = server.handle(datagram, src, now, reply, effects);
     if let Reply::Hold(n) = answer {
-        // Held only when a ready backup must confirm a reply that echoes 192.
+        // Held only when a ready backup must confirm a reply that echoes 192 or makes
+        // a host exposed.
         assert_eq!(backup, BackupStatus::Ready, "held without a ready backup");
         let resp = Response::parse(&reply[..n]).expect("a held reply is a success reply");
-        assert!(resp.options.checkpoint_required(), "held reply without 192");
+        let exposes = effects.iter().any(|e| {
+            matches!(
+                e,
+                Effect::Replicate(crate::Change::Host {
+                    unprotected: true,
+                    ..
+                })
+            )
+        });
+        assert!(
+            resp.options.checkpoint_required() || exposes,
+            "held reply without 192 that exposes no host"
+        );
     }
     if let Reply::Send(n) | Reply::Hold(n) = answer {
         // No amplification: an answer is never longer than its request, except the

@@ -30,10 +30,12 @@ pub enum Reply {
     Drop,
     /// Send the first `n` octets of the reply buffer to the request's source.
     Send(usize),
-    /// The first `n` octets echo CHECKPOINT_REQUIRED: send them only once the backup
-    /// has acknowledged the `Effect::Replicate` records this call produced. If it does
-    /// not in time, call [`Server::withdraw_checkpoint`] and send the reply with
-    /// option 192 removed ([`pcp_proto::remove_option`]): an honest "not honoured".
+    /// Send the first `n` octets only once the backup has acknowledged the
+    /// `Effect::Replicate` records this call produced: the reply echoes
+    /// CHECKPOINT_REQUIRED, or it makes a protected host exposed (see `Change::Host`).
+    /// If the acknowledgement does not come in time and the reply echoes 192, call
+    /// [`Server::withdraw_checkpoint`] and send it with option 192 removed
+    /// ([`pcp_proto::remove_option`]): an honest "not honoured".
     Hold(usize),
 }
 
@@ -53,13 +55,14 @@ pub enum Change {
     Upsert(Box<Mapping>),
     /// The mapping is gone or no longer checkpointed.
     Remove(MappingKey),
-    /// Whether an internal host now holds mappings that are not checkpointed: a
-    /// successor resets the epoch of such hosts (they lose state) and keeps it for the
-    /// others.
+    /// Whether an internal host that has checkpointed mappings now also holds
+    /// mappings that are not checkpointed ("exposed"). A successor keeps the epoch of
+    /// hosts whose mappings it holds and that are not exposed, and resets (and
+    /// announces to) the exposed ones: they lose state in a takeover.
     Host {
         /// The internal host.
         host: IpAddr,
-        /// It holds at least one mapping that is not checkpointed.
+        /// It is exposed.
         unprotected: bool,
     },
 }
@@ -72,8 +75,9 @@ struct HostCount {
 }
 
 impl HostCount {
-    fn unprotected(&self) -> bool {
-        self.mappings > self.checkpointed
+    /// Has checkpointed mappings and unprotected ones too.
+    fn exposed(&self) -> bool {
+        self.checkpointed > 0 && self.mappings > self.checkpointed
     }
 }
 
@@ -103,6 +107,8 @@ pub struct Server {
     idle: std::collections::BinaryHeap<Reverse<(Time, SubscriberId)>>,
     /// The latest time seen (handle / expire).
     clock: Time,
+    /// Set when the request being served made a host exposed (see `Change::Host`).
+    exposed_now: bool,
     pool: Pool,
     ledger: Ledger,
     epochs: Epochs,
@@ -146,6 +152,7 @@ impl Server {
             hosts: HashMap::new(),
             idle: std::collections::BinaryHeap::new(),
             clock: now,
+            exposed_now: false,
             pool: Pool::new(&cfg.pool),
             ledger: Ledger {
                 count: 0,
@@ -337,6 +344,7 @@ impl Server {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         let src_ip = src.ip().to_canonical();
+        self.exposed_now = false;
         // A mapping whose lifetime has ended is gone, even if the shell's expiry timer
         // has not run yet (a peek when nothing is due).
         self.expire(now, effects);
@@ -350,9 +358,11 @@ impl Server {
                 match result {
                     Ok((n, echoed)) => {
                         self.stats.answered(kind, ResultCode::Success);
-                        // A promise needs the backup's word first; with no backup
-                        // configured (`without_backup = "honour"`) there is none to wait for.
-                        if echoed && self.backup == BackupStatus::Ready {
+                        // A promise needs the backup's word first, and so does a host
+                        // becoming exposed; with no backup configured
+                        // (`without_backup = "honour"`) there is none to wait for.
+                        let exposed = std::mem::take(&mut self.exposed_now);
+                        if (echoed || exposed) && self.backup == BackupStatus::Ready {
                             Reply::Hold(n)
                         } else {
                             Reply::Send(n)
@@ -874,12 +884,17 @@ impl Server {
             return;
         }
         let c = self.hosts.entry(host).or_default();
-        let before = c.unprotected();
+        let before = c.exposed();
         c.mappings = c.mappings.saturating_add_signed(mappings);
         c.checkpointed = c.checkpointed.saturating_add_signed(checkpointed);
-        let after = c.unprotected();
+        let after = c.exposed();
         if c.mappings == 0 {
             self.hosts.remove(&host);
+        }
+        if after && !before {
+            // The backup must know before the host is answered: a takeover in
+            // between would keep its epoch and hide the loss of the new mapping.
+            self.exposed_now = true;
         }
         if before != after {
             effects.push(Effect::Replicate(Change::Host {
@@ -889,16 +904,17 @@ impl Server {
         }
     }
 
-    /// Whether `host` holds mappings that are not checkpointed.
+    /// Whether `host` has checkpointed mappings and unprotected ones too.
     pub fn host_unprotected(&self, host: IpAddr) -> bool {
-        self.hosts.get(&host).is_some_and(HostCount::unprotected)
+        self.hosts.get(&host).is_some_and(HostCount::exposed)
     }
 
-    /// Hosts holding mappings that are not checkpointed (for a bulk copy to a backup).
+    /// Hosts with checkpointed mappings that also hold unprotected ones (for a bulk
+    /// copy to a backup).
     pub fn unprotected_hosts(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.hosts
             .iter()
-            .filter(|(_, c)| c.unprotected())
+            .filter(|(_, c)| c.exposed())
             .map(|(h, _)| *h)
     }
 

@@ -1285,8 +1285,12 @@ fn reply_echoing_checkpoint_is_held_for_a_ready_backup() {
     assert!(h.ok(&req).has_checkpoint());
     assert!(h.held, "a promise is held until the backup acknowledges");
     assert_eq!(upserts(&h.effects), vec![req.key()]);
-    h.ok(&Req::map(host(1), 5001));
+    h.ok(&Req::map(host(2), 5001));
     assert!(!h.held, "nothing promised, nothing held");
+    // A protected host's first unprotected mapping is held too: the backup must know
+    // the host is exposed before a takeover could hide the loss of that mapping.
+    h.ok(&Req::map(host(1), 5001));
+    assert!(h.held, "an exposing reply waits for the backup");
     // No backup configured but honoured: nobody to wait for.
     let mut h = Harness::honour();
     assert!(h.ok(&req).has_checkpoint());

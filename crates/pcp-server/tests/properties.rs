@@ -327,10 +327,20 @@ impl World {
         // RFC 7767 §3.2: never echo 192 unless asked; echo exactly when honoured.
         let echoed = r.result() == ResultCode::Success && r.has_checkpoint();
         ensure!(!echoed || cp, "192 echoed to a request without it: {req:?}");
-        // A reply promising a checkpoint waits for a ready backup's acknowledgement.
+        // A reply promising a checkpoint, or making a protected host exposed, waits
+        // for a ready backup's acknowledgement.
         let ready = self.h.server.backup_status() == BackupStatus::Ready;
+        let exposes = self.h.effects.iter().any(|e| {
+            matches!(
+                e,
+                Effect::Replicate(Change::Host {
+                    unprotected: true,
+                    ..
+                })
+            )
+        });
         ensure!(
-            self.h.held == (echoed && ready),
+            self.h.held == ((echoed || exposes) && ready),
             "held {} but echoed {echoed} with backup {:?}",
             self.h.held,
             self.h.server.backup_status()
@@ -620,9 +630,13 @@ impl World {
             "data plane effects diverged from the table"
         );
         for host in hosts() {
+            // Exposed: checkpointed mappings and unprotected ones side by side.
             let exposed = all
                 .iter()
-                .any(|m| m.key.internal == host && !m.is_checkpointed());
+                .any(|m| m.key.internal == host && !m.is_checkpointed())
+                && all
+                    .iter()
+                    .any(|m| m.key.internal == host && m.is_checkpointed());
             ensure!(
                 self.unprotected.get(&host).copied().unwrap_or(false) == exposed,
                 "Change::Host for {host} says unprotected={:?}, table says {exposed}",

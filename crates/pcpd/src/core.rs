@@ -291,12 +291,13 @@ impl Core {
                     term,
                     mappings,
                     unprotected_hosts,
+                    protected_hosts,
                     epoch_base,
                     complete,
                 } => self.take_over(
                     term,
                     &mappings,
-                    &unprotected_hosts,
+                    (&unprotected_hosts, &protected_hosts),
                     epoch_base,
                     complete,
                     now,
@@ -331,14 +332,18 @@ impl Core {
         &mut self,
         term: u64,
         mappings: &[pcp_server::Mapping],
-        unprotected: &[IpAddr],
+        (unprotected, protected): (&[IpAddr], &[IpAddr]),
         epoch_base: Option<Time>,
         complete: bool,
         now: Time,
     ) {
+        // The fresh core's epoch starts now for every client (any of them may have lost
+        // state), except hosts whose every mapping is adopted here: theirs continues.
         self.reset_server(now);
         if let Some(base) = epoch_base {
-            self.server.epochs().set_base(base);
+            for host in protected {
+                self.server.epochs().set(*host, base);
+            }
         }
         let mut failures = 0;
         for m in mappings {
@@ -348,11 +353,10 @@ impl Core {
             }
         }
         self.apply_effects(now);
-        // Hosts that held unprotected mappings lost state: their epoch starts again
-        // and they are told at once, so they re-create what they lost.
+        // Hosts known to have held unprotected mappings lost state: they are told at
+        // once, so they re-create what they lost.
         let mut buf = [0u8; pcp_proto::HEADER_LEN];
         for host in unprotected {
-            self.server.epochs().reset(*host, now);
             let n = self.server.announce(Some(*host), now, &mut buf);
             let to = SocketAddr::new(*host, pcp_proto::CLIENT_PORT);
             if let Some(sock) = self
@@ -407,7 +411,13 @@ impl Core {
         pair.held = waiting;
         pair.timeouts += late.len() as u64;
         for mut h in late {
-            self.server.withdraw_checkpoint(&h.key, &mut self.effects);
+            // Only a promise is withdrawn; a reply held because it exposed its host
+            // goes out as it is.
+            let promised =
+                pcp_proto::Response::parse(&h.reply).is_ok_and(|r| r.options.checkpoint_required());
+            if promised {
+                self.server.withdraw_checkpoint(&h.key, &mut self.effects);
+            }
             let len = h.reply.len();
             let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
             h.reply.truncate(n);
@@ -440,8 +450,9 @@ impl Core {
 
     /// Operator command: hand over to the backup.
     pub fn switchover(&mut self) -> Result<(), String> {
+        let now = self.now();
         let pair = self.pair.as_mut().ok_or("pcpd is not in pair mode")?;
-        if pair.node.switchover() {
+        if pair.node.switchover(now) {
             Ok(())
         } else {
             Err("only an active with a ready backup can hand over".into())

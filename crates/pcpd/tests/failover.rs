@@ -862,9 +862,6 @@ fn backup_lost_and_resynced_under_load_then_active_killed() {
 /// successor keeps the host's epoch and sends no ANNOUNCE: the host is never told that
 /// it lost a mapping (RFC 6887 §8.5) until it happens to renew it.
 #[test]
-#[ignore = "BUG: the reply creating a host's first unprotected mapping is not held for \
-            the Host record: a takeover right after it neither resets the host's epoch \
-            nor ANNOUNCEs (pcpd core.rs: only Reply::Hold waits for acknowledgement)"]
 fn unprotected_host_record_is_replicated_before_the_answer() {
     let attempts = 10;
     let mut missed = Vec::new();
@@ -935,9 +932,6 @@ fn two_nodes_configured_active_converge_to_one() {
 /// A switchover asked of an active whose backup died a while ago must be refused: there
 /// is nobody to hand over to.
 #[test]
-#[ignore = "BUG: switchover is accepted (200) after the backup died: HaNode::switchover checks \
-            tx.peer_ready, which only an ACK updates, not the peer's liveness; the active \
-            then drains forever (see draining_without_a_backup_resumes_service)"]
 fn switchover_is_refused_when_the_backup_is_gone() {
     let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
     let (a, mut b) = start_pair(&plan);
@@ -957,10 +951,6 @@ fn switchover_is_refused_when_the_backup_is_gone() {
 /// service for good: after the detection time it should serve again (or at least
 /// `POST /ha/promote` should bring it back).
 #[test]
-#[ignore = "BUG: a node left draining by a backup that died never serves again: \
-            HaNode::handle_timeout has no way out of Role::Draining, and \
-            POST /ha/promote on it answers 200 \"promoted\" but changes nothing \
-            (HaNode::promote only acts on Backup/Joining)"]
 fn draining_without_a_backup_resumes_service() {
     let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
     let (a, b) = start_pair(&plan);
