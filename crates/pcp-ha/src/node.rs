@@ -30,8 +30,12 @@ pub struct HaConfig {
     pub max_log: usize,
     /// Records per bulk chunk asked of the server.
     pub bulk_chunk: usize,
-    /// Unacknowledged records in flight at most (the send window).
+    /// Records in flight at most (the send window).
     pub window: usize,
+    /// Standby mode: the shell keeps a live copy in its own server from
+    /// [`Event::Replica`] events, so a takeover has nothing left to install
+    /// ([`Event::Promoted`] then carries no mappings).
+    pub standby: bool,
 }
 
 impl Default for HaConfig {
@@ -46,6 +50,7 @@ impl Default for HaConfig {
             // ~100 octets a record: ~100 KiB in flight stays under a default 208 KiB
             // UDP receive buffer, so a burst is not dropped and resent after a timeout.
             window: 1024,
+            standby: false,
         }
     }
 }
@@ -84,7 +89,7 @@ pub enum Event {
     /// Tell the server core whether checkpoints can be honoured now.
     BackupStatus(BackupStatus),
     /// Start serving as active: adopt these mappings (expiries already in local
-    /// time); keep the previous epoch only for `protected_hosts` (every other client's
+    /// time; none in standby mode, where the shell already holds them); keep the previous epoch only for `protected_hosts` (every other client's
     /// epoch starts again: it may have lost state), and announce to
     /// `unprotected_hosts`, which are known to have lost mappings.
     Promoted {
@@ -107,11 +112,22 @@ pub enum Event {
         /// The newer term.
         term: u64,
     },
+    /// Standby mode, backup: the copy changed; mirror it.
+    Replica(Replica),
     /// Supply the next bulk chunk with [`HaNode::bulk_chunk`], from this cursor.
     NeedBulk {
         /// Where to continue.
         cursor: u32,
     },
+}
+
+/// A change to the backup's copy, for a shell that keeps a standby server in step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Replica {
+    /// Install or replace this mapping (expiry in local time).
+    Upsert(Box<Mapping>),
+    /// Remove these mappings (removed, or swept at the end of a full copy).
+    Remove(Vec<MappingKey>),
 }
 
 /// What the admin API shows.
@@ -406,18 +422,24 @@ impl HaNode {
 
     fn become_active(&mut self, now: Time) {
         self.term = self.next_term(self.term);
-        let mut mappings = Vec::with_capacity(self.rx.store.len());
-        for (record, expires, _) in self.rx.store.values() {
-            if *expires > now {
-                mappings.push(mapping_of(record, *expires, now));
+        let mut mappings = Vec::new();
+        if !self.cfg.standby {
+            mappings.reserve(self.rx.store.len());
+            for (record, expires, _) in self.rx.store.values() {
+                if *expires > now {
+                    mappings.push(mapping_of(record, *expires, now));
+                }
             }
+            mappings.sort_by_key(|m| m.key);
         }
-        mappings.sort_by_key(|m| m.key);
         let mut unprotected_hosts: Vec<IpAddr> = self.rx.unprotected.keys().copied().collect();
         unprotected_hosts.sort();
-        let mut protected_hosts: Vec<IpAddr> = mappings
+        let mut protected_hosts: Vec<IpAddr> = self
+            .rx
+            .store
             .iter()
-            .map(|m| m.key.internal)
+            .filter(|(_, (_, exp, _))| *exp > now)
+            .map(|(k, _)| k.internal)
             .filter(|h| !self.rx.unprotected.contains_key(h))
             .collect();
         protected_hosts.sort();
@@ -650,12 +672,19 @@ impl HaNode {
                 // Received no earlier than written: the local expiry is never earlier
                 // than the one promised.
                 let expires = now.plus(Duration::from_millis(u64::from(m.remaining_ms)));
+                if self.cfg.standby {
+                    let view = Box::new(mapping_of(&m, expires, now));
+                    self.events.push_back(Event::Replica(Replica::Upsert(view)));
+                }
                 self.rx
                     .store
                     .insert(m.key, (m, expires, self.rx.generation));
             }
             Record::Remove(k) => {
-                self.rx.store.remove(&k);
+                if self.rx.store.remove(&k).is_some() && self.cfg.standby {
+                    self.events
+                        .push_back(Event::Replica(Replica::Remove(vec![k])));
+                }
             }
             Record::Host { host, unprotected } => {
                 if unprotected {
@@ -672,6 +701,19 @@ impl HaNode {
             }
             Record::BulkEnd => {
                 let g = self.rx.generation;
+                if self.cfg.standby {
+                    let swept: Vec<MappingKey> = self
+                        .rx
+                        .store
+                        .iter()
+                        .filter(|(_, (_, _, gen_))| *gen_ != g)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    if !swept.is_empty() {
+                        self.events
+                            .push_back(Event::Replica(Replica::Remove(swept)));
+                    }
+                }
                 self.rx.store.retain(|_, (_, _, gen_)| *gen_ == g);
                 self.rx.unprotected.retain(|_, gen_| *gen_ == g);
                 self.rx.ready = true;

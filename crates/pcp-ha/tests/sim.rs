@@ -53,6 +53,8 @@ struct Held {
 }
 
 struct Node {
+    /// Standby: mirrored mappings waiting for a stale holder of their endpoint to go.
+    pending: Vec<pcp_server::Mapping>,
     ha: HaNode,
     server: Server,
     alive: bool,
@@ -96,9 +98,14 @@ struct Sim {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
-        let cfg = HaConfig::default();
+        // Odd seeds run standby mode: the backup keeps its own server in step.
+        let cfg = HaConfig {
+            standby: seed % 2 == 1,
+            ..HaConfig::default()
+        };
         let now = Time(0);
         let node = |active: bool, inc: u64| Node {
+            pending: Vec::new(),
             ha: HaNode::new(cfg, active, inc, now),
             server: Server::new(server_config(), now, inc).unwrap(),
             alive: true,
@@ -214,6 +221,30 @@ impl Sim {
                     };
                     node.ha.bulk_chunk(&maps, next, &hosts, self.now);
                 }
+                Event::Replica(change) => {
+                    let now = self.now;
+                    let node = &mut self.nodes[i];
+                    let mut fx = Vec::new();
+                    match change {
+                        pcp_ha::Replica::Upsert(m) => {
+                            if node.server.mirror_upsert(&m, now, &mut fx).is_err() {
+                                node.pending.push(*m);
+                            }
+                        }
+                        pcp_ha::Replica::Remove(keys) => {
+                            for k in &keys {
+                                node.server.mirror_remove(k, &mut fx);
+                            }
+                            for m in std::mem::take(&mut node.pending) {
+                                if m.expires > now
+                                    && node.server.mirror_upsert(&m, now, &mut fx).is_err()
+                                {
+                                    node.pending.push(m);
+                                }
+                            }
+                        }
+                    }
+                }
                 Event::Demoted { .. } => {
                     let node = &mut self.nodes[i];
                     node.server =
@@ -230,7 +261,13 @@ impl Sim {
                 } => {
                     let now = self.now;
                     let node = &mut self.nodes[i];
-                    node.server = Server::new(server_config(), now, node.incarnations).unwrap();
+                    if self.cfg.standby {
+                        // The backup's own server already holds the copy.
+                        assert!(mappings.is_empty());
+                        node.pending.clear();
+                    } else {
+                        node.server = Server::new(server_config(), now, node.incarnations).unwrap();
+                    }
                     if let Some(base) = epoch_base {
                         node.server.epochs().set_base(base);
                     }
@@ -578,6 +615,18 @@ impl Sim {
             got, want,
             "seed {seed}: backup copy differs from the active's set"
         );
+        if self.cfg.standby {
+            let mut mirrored: Vec<(MappingKey, (IpAddr, u16))> = self.nodes[b]
+                .server
+                .mappings()
+                .map(|m| (m.key, (m.external.addr, m.external.port)))
+                .collect();
+            mirrored.sort();
+            assert_eq!(
+                mirrored, want,
+                "seed {seed}: standby server differs from the copy"
+            );
+        }
     }
 }
 

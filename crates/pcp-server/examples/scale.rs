@@ -126,4 +126,19 @@ fn main() {
         "renew at 1k: {small:.0} ns; renew at {n}: {large:.0} ns; ratio (1k/large) {:.2}",
         small / large
     );
+
+    // A takeover: adopt every mapping into a fresh core (what a backup does when it
+    // becomes active).
+    let all: Vec<_> = server.mappings().collect();
+    let mut fresh = Server::new(config(n), now, 2).expect("config");
+    let t = Instant::now();
+    for m in &all {
+        fresh.adopt(m, now, &mut effects).expect("adoptable");
+        effects.clear();
+    }
+    let adopt_ns = t.elapsed().as_nanos() as f64 / n as f64;
+    println!(
+        "adopt: {adopt_ns:.0} ns/mapping ({:.0} ms for {n})",
+        adopt_ns * n as f64 / 1e6
+    );
 }

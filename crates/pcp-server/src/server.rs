@@ -1008,6 +1008,27 @@ impl Server {
         Ok(())
     }
 
+    /// Standby (a backup keeping its core in step with the active): installs or
+    /// replaces a replicated mapping.
+    pub fn mirror_upsert(
+        &mut self,
+        m: &Mapping,
+        now: Time,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), AdoptError> {
+        if let Some(id) = self.table.find(&m.key) {
+            self.remove_mapping(id, effects);
+        }
+        self.adopt(m, now, effects)
+    }
+
+    /// Standby: removes a mapping the active no longer checkpoints.
+    pub fn mirror_remove(&mut self, key: &MappingKey, effects: &mut Vec<Effect>) {
+        if let Some(id) = self.table.find(key) {
+            self.remove_mapping(id, effects);
+        }
+    }
+
     /// Up to `max` checkpointed mappings from record slot `cursor` on, and the cursor to
     /// continue from (`None`: done). For paced bulk copies to a backup.
     pub fn checkpointed_from(&self, cursor: u32, max: usize) -> (Vec<Mapping>, Option<u32>) {

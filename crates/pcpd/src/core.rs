@@ -54,6 +54,9 @@ pub struct Pair {
     pub adopted: usize,
     /// Failed adoptions (conflicts) at the last takeover.
     pub adopt_failures: usize,
+    /// Standby: replicated mappings whose external endpoint a stale entry still holds,
+    /// installed once the copy's sweep removes it.
+    pub pending: Vec<pcp_server::Mapping>,
 }
 
 /// Everything behind the lock.
@@ -283,6 +286,7 @@ impl Core {
                         p.node.bulk_chunk(&maps, next, &hosts, now);
                     }
                 }
+                Event::Replica(change) => self.mirror(change, now),
                 Event::Demoted { term } => {
                     tracing::warn!(term, "a newer active exists: stepping down to backup");
                     self.reset_server(now);
@@ -304,6 +308,41 @@ impl Core {
                 ),
             }
         }
+    }
+
+    /// Standby: keeps this backup's own core (and data plane) in step with the copy, so
+    /// that a takeover has nothing left to install.
+    fn mirror(&mut self, change: pcp_ha::Replica, now: Time) {
+        match change {
+            pcp_ha::Replica::Upsert(m) => {
+                if self
+                    .server
+                    .mirror_upsert(&m, now, &mut self.effects)
+                    .is_err()
+                    && let Some(p) = self.pair.as_mut()
+                {
+                    p.pending.push(*m);
+                }
+            }
+            pcp_ha::Replica::Remove(keys) => {
+                for k in &keys {
+                    self.server.mirror_remove(k, &mut self.effects);
+                }
+                let pending = self.pair.as_mut().map(|p| std::mem::take(&mut p.pending));
+                for m in pending.unwrap_or_default() {
+                    if m.expires > now
+                        && self
+                            .server
+                            .mirror_upsert(&m, now, &mut self.effects)
+                            .is_err()
+                        && let Some(p) = self.pair.as_mut()
+                    {
+                        p.pending.push(m);
+                    }
+                }
+            }
+        }
+        self.apply_effects(now);
     }
 
     /// A fresh, empty server core (and data plane): this node stopped being active.
@@ -337,9 +376,23 @@ impl Core {
         complete: bool,
         now: Time,
     ) {
-        // The fresh core's epoch starts now for every client (any of them may have lost
-        // state), except hosts whose every mapping is adopted here: theirs continues.
-        self.reset_server(now);
+        // The epoch starts now for every client (any of them may have lost state),
+        // except hosts whose every mapping is held here: theirs continues. In standby
+        // mode the core already holds the copy; otherwise a fresh one adopts it.
+        if mappings.is_empty() {
+            self.server.epochs().set_base(now);
+            if let Some(p) = self.pair.as_mut()
+                && !p.pending.is_empty()
+            {
+                tracing::error!(
+                    count = p.pending.len(),
+                    "replicated mappings never installed (their external endpoints stayed taken)"
+                );
+                p.pending.clear();
+            }
+        } else {
+            self.reset_server(now);
+        }
         if let Some(base) = epoch_base {
             for host in protected {
                 self.server.epochs().set(*host, base);
@@ -368,14 +421,19 @@ impl Core {
             }
         }
         let base = self.server.epochs().base();
+        let adopted = if mappings.is_empty() {
+            self.server.checkpointed_count() as usize
+        } else {
+            mappings.len() - failures
+        };
         if let Some(p) = self.pair.as_mut() {
             p.node.set_epoch_base(base);
-            p.adopted = mappings.len() - failures;
+            p.adopted = adopted;
             p.adopt_failures = failures;
         }
         tracing::warn!(
             term,
-            adopted = mappings.len() - failures,
+            adopted,
             failures,
             complete,
             announced = unprotected.len(),

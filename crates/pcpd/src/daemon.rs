@@ -82,6 +82,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 heartbeat: Duration::from_millis(ha.heartbeat_ms),
                 detection: Duration::from_millis(ha.detection_ms),
                 join: Duration::from_millis(ha.detection_ms + ha.detection_ms / 4),
+                // The backup keeps its core and data plane in step: a takeover installs
+                // nothing (issue: failover within a second with a million mappings).
+                standby: true,
                 ..HaConfig::default()
             };
             let mut node = HaNode::new(
@@ -102,6 +105,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                     released: 0,
                     adopted: 0,
                     adopt_failures: 0,
+                    pending: Vec::new(),
                 },
             ))
         }
