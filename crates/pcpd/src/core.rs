@@ -83,15 +83,27 @@ pub struct Core {
 
 /// The core shared between tasks.
 #[derive(Clone)]
-pub struct Shared(Arc<Mutex<Core>>, pub Arc<tokio::sync::Notify>);
+pub struct Shared(
+    Arc<Mutex<Core>>,
+    pub Arc<tokio::sync::Notify>,
+    /// Whether pair mode is configured (fixed at start; read without the lock).
+    bool,
+);
 
 impl Shared {
     /// Wraps a core.
     pub fn new(core: Core) -> Shared {
+        let pair = core.pair.is_some();
         Shared(
             Arc::new(Mutex::new(core)),
             Arc::new(tokio::sync::Notify::new()),
+            pair,
         )
+    }
+
+    /// Whether pair mode is configured.
+    pub fn has_pair(&self) -> bool {
+        self.2
     }
 
     /// Locks the core. A panic while holding the lock is a bug that already aborted a

@@ -160,17 +160,31 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
             }
         };
         let received = Instant::now();
-        let answer = shared
-            .lock()
-            .handle(&buf[..n], src, index, received, &mut reply);
-        // Records may have been queued for the backup: send them now.
-        shared.kick();
+        // One lock per request: serve, and count the latency up to the reply being
+        // ready (sending is a non-blocking syscall right after).
+        let answer = {
+            let mut core = shared.lock();
+            let answer = core.handle(&buf[..n], src, index, received, &mut reply);
+            if matches!(answer, Reply::Send(_)) {
+                core.latency.record(received.elapsed());
+            }
+            answer
+        };
+        if shared.has_pair() {
+            // Records may have been queued for the backup: send them now.
+            shared.kick();
+        }
         // Held replies (waiting for the backup) are sent by the replication task.
         if let Reply::Send(len) = answer {
-            if let Err(e) = sock.send_to(&reply[..len], src).await {
+            let sent = match sock.try_send_to(&reply[..len], src) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    sock.send_to(&reply[..len], src).await.map(|_| ())
+                }
+                other => other.map(|_| ()),
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, %src, "send_to");
             }
-            shared.lock().latency.record(received.elapsed());
         }
     }
 }
