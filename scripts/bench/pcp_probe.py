@@ -7,10 +7,12 @@ a server holds that mapping and with which external port.
 
   pcp_probe.py once SERVER SOURCE [--client C] [--k K]
       one MAP; prints {"result": .., "external_port": .., "epoch": .., "echoed": ..}
-  pcp_probe.py failover SERVER SOURCE --kill PID --admin ADMIN [--client C] [--k K]
-      SIGKILLs PID (the active), then sends the MAP to SERVER (the backup) every 2 ms
-      until it is answered with SUCCESS; prints the time from the kill to the answer,
-      to GET /ha saying "active", and the backup's /status counts.
+  pcp_probe.py failover SERVER SOURCE (--kill PID | --post ADDR/PATH) --admin ADMIN
+                       [--client C] [--k K]
+      SIGKILLs PID (the active), or POSTs to http://ADDR/PATH (e.g. the active's
+      /ha/switchover), then sends the MAP to SERVER (the backup) every 2 ms until it is
+      answered with SUCCESS; prints the time from the kill (or POST) to the answer, to
+      the backup's GET /ha saying "active", and the backup's /status counts.
 """
 
 import argparse
@@ -80,6 +82,7 @@ def main():
     p.add_argument("--client", type=int, default=0)
     p.add_argument("--k", type=int, default=0)
     p.add_argument("--kill", type=int)
+    p.add_argument("--post")
     p.add_argument("--admin")
     a = p.parse_args()
 
@@ -93,9 +96,11 @@ def main():
         print(json.dumps(parse(sock.recv(2048))))
         return
 
-    if a.kill is None or a.admin is None:
-        sys.exit("failover needs --kill PID and --admin ADDR")
+    if (a.kill is None) == (a.post is None) or a.admin is None:
+        sys.exit("failover needs --kill PID or --post ADDR/PATH, and --admin ADDR")
     loopback(a.admin.rsplit(":", 1)[0])
+    if a.post is not None:
+        loopback(a.post.split("/", 1)[0].rsplit(":", 1)[0])
     active_at = {}
 
     def watch_role(t0):
@@ -110,7 +115,11 @@ def main():
 
     sock.settimeout(0.002)
     t0 = time.monotonic()
-    os.kill(a.kill, signal.SIGKILL)
+    if a.kill is not None:
+        os.kill(a.kill, signal.SIGKILL)
+    else:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        opener.open(urllib.request.Request(f"http://{a.post}", method="POST"), timeout=5).close()
     watcher = threading.Thread(target=watch_role, args=(t0,), daemon=True)
     watcher.start()
     answer = None

@@ -974,3 +974,73 @@ fn draining_without_a_backup_resumes_service() {
          then {after}, PCP answer after promote: {answered_after:?}"
     );
 }
+
+/// Creates `per_host` checkpointed mappings (internal ports 10000…) from each of `hosts`
+/// fresh hosts on `d`, `batch` requests in flight per host; stops at the first missing
+/// answer. Returns how many answers were SUCCESS with 192.
+fn fill(d: &Pcpd, hosts: usize, per_host: u16, batch: u16) -> usize {
+    let mut echoed = 0;
+    for _ in 0..hosts {
+        let c = PcpClient::new(IpAddr::V4(fresh_ip()), d.pcp);
+        for start in (0..per_host).step_by(usize::from(batch)) {
+            let end = (start + batch).min(per_host);
+            for k in start..end {
+                c.send(&c.map_request(Map::udp(10_000 + k)));
+            }
+            for _ in start..end {
+                let Some(raw) = c.recv_within(Duration::from_secs(2)) else {
+                    return echoed;
+                };
+                let a = common::parse_answer(&raw);
+                if a.result == ResultCode::Success && a.checkpoint_echoed {
+                    echoed += 1;
+                }
+            }
+        }
+    }
+    echoed
+}
+
+/// A switchover of a pair holding many checkpointed mappings keeps them all. The old
+/// active, stepping down, tears its table down under the core lock; when that takes
+/// longer than its join time (`detection_ms × 1.25`) it must still follow the new
+/// active — not take over again with an empty table, whose higher term makes the new
+/// active drop everything. Short timers make 28 000 mappings (debug build) enough; with
+/// the default timers the same happens from about 900 000 in a release build
+/// (`scripts/bench/ha-switchover.sh`). (With timers this short a node may also stall
+/// past `detection_ms` while a hash table grows during the fill — a spurious takeover,
+/// which then goes through the same step-down. Either way, every mapping whose answer
+/// carried 192 must be on the active at the end.)
+#[test]
+#[ignore = "BUG: after a switchover of 28 000 mappings (heartbeat 15 ms, detection 32 ms) the \
+            demoted node re-promotes itself with an empty table right after stepping down \
+            (term 3, complete=false) and the new active, fenced, drops every mapping: \
+            Event::Demoted -> Core::reset_server holds the core lock longer than the orphan \
+            wait, which is measured from an active_heard stamped before it"]
+fn switchover_of_a_large_table_keeps_it() {
+    let timing = HaTiming {
+        heartbeat_ms: 15,
+        detection_ms: 32,
+        ack_timeout_ms: 1000,
+    };
+    let plan = PairPlan::new(&SERVER_CONFIG.replace("4096", "100000"), timing);
+    let (a, b) = start_pair(&plan);
+    let n = fill(&a, 10, 2800, 50) as u64;
+    std::thread::sleep(Duration::from_millis(500));
+    if a.ha()["role"] == "active" {
+        wait_ha(&b, Duration::from_secs(20), "B stores every mapping", |h| {
+            h["stored"].as_u64() == Some(n) && h["ready"] == true
+        });
+        let (status, body) = a.post("/ha/switchover");
+        assert_eq!(status, 200, "{body}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (ha, hb) = (a.ha(), b.ha());
+    let active = if ha["role"] == "active" { &a } else { &b };
+    let held = active.get_json("/status");
+    assert!(
+        held["checkpointed"].as_u64().unwrap_or(0) >= n,
+        "{n} answers carried 192; after the switchover: A {ha}, B {hb}; the active holds \
+         {held}"
+    );
+}
