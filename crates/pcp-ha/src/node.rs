@@ -474,7 +474,7 @@ impl HaNode {
         if t % 2 == self.parity { t } else { t + 1 }
     }
 
-    fn demote(&mut self, term: u64) {
+    fn demote(&mut self, term: u64, now: Time) {
         self.term = term;
         if matches!(self.role, Role::Active | Role::Draining) {
             self.events.push_back(Event::Demoted { term });
@@ -482,6 +482,9 @@ impl HaNode {
         self.role = Role::Backup;
         self.tx = Sender::default();
         self.rx = Receiver::default();
+        // An active was just heard: the wait before an orphan takeover starts now,
+        // not at this node's start.
+        self.started = now;
     }
 
     /// Handles a frame from the peer.
@@ -495,7 +498,7 @@ impl HaNode {
         }
         if h.term > self.term {
             if matches!(self.role, Role::Active | Role::Draining) {
-                self.demote(h.term);
+                self.demote(h.term, now);
             } else {
                 // A backup or joining node only learns the term; it follows an active
                 // when one speaks (DATA, BEAT, HANDOVER).
@@ -557,7 +560,7 @@ impl HaNode {
                 // Another active in the same term (misconfiguration or a race at
                 // start): the lower incarnation steps down.
                 if h.term == self.term && h.sender > self.incarnation {
-                    self.demote(self.term);
+                    self.demote(self.term, now);
                 }
             }
         }

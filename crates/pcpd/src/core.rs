@@ -262,6 +262,11 @@ impl Core {
         Some(self.instant_of(next))
     }
 
+    /// The peer's replication address (pair mode).
+    pub fn ha_peer(&self) -> Option<SocketAddr> {
+        self.pair.as_ref().map(|p| p.peer)
+    }
+
     /// Frames to send to the peer now.
     pub fn ha_transmit(&mut self, out: &mut Vec<Vec<u8>>) -> Option<SocketAddr> {
         let now = self.now();

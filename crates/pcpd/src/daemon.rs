@@ -195,6 +195,13 @@ async fn replicate(sock: Arc<UdpSocket>, shared: Shared) {
     let mut buf = vec![0u8; 65536];
     let mut out = Vec::new();
     loop {
+        // Frames that queued while the core was busy (a long takeover or step-down)
+        // come before timers: silence is judged on what the peer actually sent.
+        while let Ok((n, from)) = sock.try_recv_from(&mut buf) {
+            if shared.lock().ha_peer().is_some_and(|p| p.ip() == from.ip()) {
+                shared.lock().ha_frame(&buf[..n]);
+            }
+        }
         let wake = shared
             .lock()
             .ha_tick()
