@@ -30,6 +30,9 @@ pub struct DaemonSection {
     /// 224.0.0.1:5350 / [ff02::1]:5350 from each listen socket (RFC 6887 §14.1.1).
     /// Off by default: only useful where the clients share the served link.
     pub announce_multicast: bool,
+    /// Runtime threads: 1 runs everything on one thread; more (default 2) use a
+    /// multi-threaded runtime.
+    pub threads: usize,
 }
 
 impl Default for DaemonSection {
@@ -40,6 +43,7 @@ impl Default for DaemonSection {
             dataplane: DataPlaneKind::Memory,
             log: "info".into(),
             announce_multicast: false,
+            threads: 2,
         }
     }
 }

@@ -89,11 +89,17 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // `threads = 1` runs everything on one thread (the core is single-threaded behind
+    // one lock anyway); the default of 2 lets the replication task and the admin API
+    // run beside the PCP path. Which serves faster is not settled (docs/BENCHMARKS.md).
+    let mut builder = if cfg.daemon.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cfg.daemon.threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pcpd: cannot start the runtime: {e}");
