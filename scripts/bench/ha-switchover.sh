@@ -61,6 +61,11 @@ taskset -c "$LOAD_CPU" "$BIN/pcpperf" map --server "$A:15351" --checkpoint \
   --clients "$CLIENTS" --mappings "$MAPPINGS" --window "$WINDOW" --lifetime 3600 \
   --duration "$FILL" --warmup 0 --source-base "$SOURCE" --json |
   jq -c '{rps: (.rps | floor), responses, timeouts, checkpoint_echoed}'
+if ! ha_is "$A:18351" '.role == "active"'; then
+  echo "FAILED: the backup took over from the live active during the fill (spurious takeover):" >&2
+  grep -h "took over\|stepping down" "$WORK/a.log" "$WORK/b.log" | sort >&2 || true
+  exit 1
+fi
 n=$(api "$A:18351" /status | jq .checkpointed)
 echo "active holds $n checkpointed mappings"
 wait_until 120 "backup stores $n" ha_is "$B:18351" ".stored == $n and .ready"
