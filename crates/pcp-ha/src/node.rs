@@ -276,7 +276,7 @@ impl HaNode {
                 role: self.role,
                 term: self.term,
                 peer_connected,
-                ready: self.tx.peer_ready && self.tx.barrier.is_none(),
+                ready: peer_connected && self.tx.peer_ready && self.tx.barrier.is_none(),
                 lag: self
                     .tx
                     .next_seq
