@@ -102,3 +102,31 @@ detection_ms = ${DETECTION_MS:-500}
 ack_timeout_ms = ${ACK_TIMEOUT_MS:-250}
 TOML
 }
+
+# require_bins NAME...: the release binaries the script runs must be built.
+require_bins() {
+  local b
+  for b in "$@"; do
+    [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p pcpd -p pcpperf" >&2; exit 1; }
+  done
+}
+
+# write_pair_configs A B: $WORK/a.toml and $WORK/b.toml for a pair on A and B, with a pool
+# of $ADDRS addresses, tier quotas of $MAPPINGS and a capacity of twice the fill.
+write_pair_configs() {
+  local pool server
+  pool=$(seq 1 "$ADDRS" | sed 's/.*/"198.18.0.&"/' | paste -sd, -)
+  server="[pool]
+addresses = [$pool]
+
+[tiers.default]
+mapping_quota = $MAPPINGS
+checkpoint_quota = $MAPPINGS
+checkpoint_rate = 1000000000.0
+checkpoint_burst = 1000000000
+
+[checkpoint]
+capacity = $((CLIENTS * MAPPINGS * 2))"
+  { echo "$server"; ha_section "$1:15352" "$2:15352" active; } >"$WORK/a.toml"
+  { echo "$server"; ha_section "$2:15352" "$1:15352" backup; } >"$WORK/b.toml"
+}

@@ -33,24 +33,8 @@ SOURCE=127.0.8.1
 A=127.0.0.211
 B=127.0.0.212
 
-for b in pcpd pcpperf; do
-  [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p pcpd -p pcpperf" >&2; exit 1; }
-done
-
-addrs=$(seq 1 "$ADDRS" | sed 's/.*/"198.18.0.&"/' | paste -sd, -)
-SERVER_TOML="[pool]
-addresses = [$addrs]
-
-[tiers.default]
-mapping_quota = $MAPPINGS
-checkpoint_quota = $MAPPINGS
-checkpoint_rate = 1000000000.0
-checkpoint_burst = 1000000000
-
-[checkpoint]
-capacity = $((CLIENTS * MAPPINGS * 2))"
-{ echo "$SERVER_TOML"; ha_section "$A:15352" "$B:15352" active; } >"$WORK/a.toml"
-{ echo "$SERVER_TOML"; ha_section "$B:15352" "$A:15352" backup; } >"$WORK/b.toml"
+require_bins pcpd pcpperf
+write_pair_configs "$A" "$B"
 
 start_a() {
   start a "$SERVER_CPU" "$BIN/pcpd" --config "$WORK/a.toml" --listen "$A:15351" --admin "$A:18351"
