@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pcp_dataplane::{DataPlane, Op};
+use pcp_dataplane::{DataPlane, DataPlaneError, Op};
 use pcp_ha::{Event, HaNode};
-use pcp_proto::OptionCode;
+use pcp_proto::{OptionCode, ResultCode};
 use pcp_server::{BackupStatus, Effect, Reply, Server, Time};
 use tokio::net::UdpSocket;
 
@@ -79,6 +79,7 @@ pub struct Core {
     seed: u64,
     effects: Vec<Effect>,
     ops: Vec<Op>,
+    changes: Vec<pcp_server::Change>,
 }
 
 /// The core shared between tasks.
@@ -140,6 +141,7 @@ impl Core {
             seed,
             effects: Vec::new(),
             ops: Vec::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -178,10 +180,31 @@ impl Core {
             return Reply::Drop;
         }
         let now = self.now();
+        // Expiry first, in its own batch: the request's batch then holds only what the
+        // request did, and a refusal takes back exactly that.
+        self.server.expire(now, &mut self.effects);
+        self.apply_effects(now);
         let r = self
             .server
             .handle(datagram, src, now, reply, &mut self.effects);
-        let seq = self.apply_effects(now);
+        let seq = match self.apply_request_effects(now) {
+            Ok(seq) => seq,
+            Err(e) => {
+                // No false SUCCESS: the kernel does not translate what the reply would
+                // promise. The request is taken back and answered with the error; the
+                // backup never heard of it (its records were withheld), so the
+                // take-back's records, which cancel them, are dropped too.
+                let code = match e {
+                    DataPlaneError::Failure(_) => ResultCode::NetworkFailure,
+                    DataPlaneError::NoResources(_) => ResultCode::NoResources,
+                };
+                let r = self
+                    .server
+                    .refuse(datagram, src, now, code, reply, &mut self.effects);
+                self.effects.clear();
+                return r;
+            }
+        };
         match (r, self.pair.as_mut()) {
             (Reply::Hold(n), Some(pair)) => {
                 let key = held_key(&reply[..n], src);
@@ -210,28 +233,58 @@ impl Core {
         self.apply_effects(now);
     }
 
-    /// Carries out pending effects: data plane operations as one batch, replication
-    /// records to the HA node. Returns the last sequence number queued (0: none).
+    /// Carries out pending effects that are not a client's request (expiry, mirroring,
+    /// takeover): data plane operations as one batch, replication records to the HA
+    /// node. A failed batch is logged and counted; the core has moved on regardless.
+    /// Returns the last sequence number queued (0: none).
     fn apply_effects(&mut self, now: Time) -> u64 {
+        let (seq, result) = self.carry_out(now, false);
+        if let Err(e) = result {
+            tracing::error!(error = %e, "data plane batch failed");
+        }
+        seq
+    }
+
+    /// Carries out the effects of one request: the data plane batch first, and the
+    /// replication records only if it succeeded. On failure nothing has been queued
+    /// and the effects are cleared; the caller refuses the request.
+    fn apply_request_effects(&mut self, now: Time) -> Result<u64, DataPlaneError> {
+        let (seq, result) = self.carry_out(now, true);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "data plane refused a request's batch");
+        }
+        result.map(|()| seq)
+    }
+
+    fn carry_out(&mut self, now: Time, atomic: bool) -> (u64, Result<(), DataPlaneError>) {
         self.ops.clear();
-        let mut seq = 0;
+        self.changes.clear();
         for e in self.effects.drain(..) {
             match e {
                 Effect::DataPlane(op) => self.ops.push(op),
-                Effect::Replicate(change) => {
-                    if let Some(s) = self.pair.as_mut().and_then(|p| p.node.push(&change, now)) {
-                        seq = s;
-                    }
+                Effect::Replicate(change) => self.changes.push(change),
+            }
+        }
+        let result = if self.ops.is_empty() {
+            Ok(())
+        } else {
+            self.dataplane.apply(&self.ops)
+        };
+        if result.is_err() {
+            self.dataplane_failures += 1;
+            if atomic {
+                self.changes.clear();
+            }
+        }
+        let mut seq = 0;
+        if let Some(p) = self.pair.as_mut() {
+            for change in self.changes.drain(..) {
+                if let Some(s) = p.node.push(&change, now) {
+                    seq = s;
                 }
             }
         }
-        if !self.ops.is_empty()
-            && let Err(e) = self.dataplane.apply(&self.ops)
-        {
-            self.dataplane_failures += 1;
-            tracing::error!(error = %e, ops = self.ops.len(), "data plane batch failed");
-        }
-        seq
+        (seq, result)
     }
 
     /// Handles a replication frame from the peer.
@@ -561,5 +614,85 @@ fn held_key(reply: &[u8], src: SocketAddr) -> pcp_server::MappingKey {
         protocol: m.protocol,
         internal_port: m.internal_port,
         remote,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_dataplane::memory::MemoryDataPlane;
+    use pcp_proto::{Body, MapBody, Options, Request, Response};
+
+    /// The memory data plane, refusing every batch while `refuse` is set.
+    struct Flaky {
+        inner: MemoryDataPlane,
+        refuse: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl DataPlane for Flaky {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(DataPlaneError::Failure("injected".into()));
+            }
+            self.inner.apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    fn map_request(port: u16, lifetime: u32) -> Vec<u8> {
+        let req = Request {
+            lifetime,
+            client_addr: "10.0.0.1".parse().unwrap(),
+            body: Body::Map(MapBody {
+                nonce: [7; 12],
+                protocol: 17,
+                internal_port: port,
+                external_port: 0,
+                external_addr: "0.0.0.0".parse().unwrap(),
+            }),
+            options: Options::EMPTY,
+            pa_result_code: ResultCode::Success,
+        };
+        let mut buf = vec![0u8; 1100];
+        let n = req.emit(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn a_refused_batch_is_answered_with_network_failure_and_leaves_nothing() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let dp = Flaky {
+            inner: MemoryDataPlane::new(),
+            refuse: refuse.clone(),
+        };
+        let mut core = Core::new(server, Box::new(dp), config, Instant::now(), 1, None);
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let mut reply = vec![0u8; 1100];
+        let r = core.handle(&map_request(5000, 3600), src, 0, Instant::now(), &mut reply);
+        let Reply::Send(n) = r else { panic!("{r:?}") };
+        let resp = Response::parse(&reply[..n]).unwrap();
+        assert_eq!(resp.result_code, ResultCode::NetworkFailure);
+        assert_eq!(resp.lifetime, 30, "short error lifetime");
+        assert_eq!(core.server.mapping_count(), 0);
+        assert_eq!(core.dataplane.len(), 0);
+        assert_eq!(core.dataplane_failures, 1);
+        // Once the data plane works again the same request succeeds.
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        let r = core.handle(&map_request(5000, 3600), src, 0, Instant::now(), &mut reply);
+        let Reply::Send(n) = r else { panic!("{r:?}") };
+        assert_eq!(
+            Response::parse(&reply[..n]).unwrap().result_code,
+            ResultCode::Success
+        );
+        assert_eq!((core.server.mapping_count(), core.dataplane.len()), (1, 1));
+        core.server.check_invariants().unwrap();
     }
 }
