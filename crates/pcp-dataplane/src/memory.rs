@@ -95,6 +95,21 @@ impl DataPlane for MemoryDataPlane {
     fn name(&self) -> &'static str {
         "memory"
     }
+
+    fn reconcile(&mut self, entries: &[Entry]) -> Result<(), DataPlaneError> {
+        if let Some(limit) = self.limit
+            && entries.len() > limit
+        {
+            return Err(DataPlaneError::NoResources(format!(
+                "memory data plane limited to {limit} entries"
+            )));
+        }
+        self.entries = entries
+            .iter()
+            .map(|e| (EntryId::of(e), e.clone()))
+            .collect();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

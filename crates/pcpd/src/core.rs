@@ -71,6 +71,9 @@ pub struct Core {
     pub latency: Latency,
     /// Data plane batches that failed (each is logged).
     pub dataplane_failures: u64,
+    /// A batch failed outside a request (expiry, mirroring, takeover): the data plane
+    /// may differ from the core's table until the next reconcile.
+    pub dataplane_dirty: bool,
     /// Pair mode, when configured.
     pub pair: Option<Pair>,
     /// The PCP listen sockets (held replies and ANNOUNCEs go out on them).
@@ -135,6 +138,7 @@ impl Core {
             config,
             latency: Latency::default(),
             dataplane_failures: 0,
+            dataplane_dirty: false,
             pair,
             sockets: Vec::new(),
             origin,
@@ -231,6 +235,9 @@ impl Core {
         let now = self.now();
         self.server.expire(now, &mut self.effects);
         self.apply_effects(now);
+        if self.dataplane_dirty {
+            let _ = self.reconcile();
+        }
     }
 
     /// Carries out pending effects that are not a client's request (expiry, mirroring,
@@ -240,9 +247,30 @@ impl Core {
     fn apply_effects(&mut self, now: Time) -> u64 {
         let (seq, result) = self.carry_out(now, false);
         if let Err(e) = result {
-            tracing::error!(error = %e, "data plane batch failed");
+            tracing::error!(error = %e, "data plane batch failed; reconciling at the next tick");
+            self.dataplane_dirty = true;
         }
         seq
+    }
+
+    /// Makes the data plane hold exactly the core's mappings.
+    pub fn reconcile(&mut self) -> Result<(), DataPlaneError> {
+        let entries: Vec<pcp_dataplane::Entry> = self
+            .server
+            .mappings()
+            .map(|m| pcp_server::entry_of(&m.key, m.external, &m.filters))
+            .collect();
+        let r = self.dataplane.reconcile(&entries);
+        match &r {
+            Ok(()) => {
+                if self.dataplane_dirty {
+                    tracing::info!(entries = entries.len(), "data plane reconciled");
+                }
+                self.dataplane_dirty = false;
+            }
+            Err(e) => tracing::error!(error = %e, "reconciling the data plane"),
+        }
+        r
     }
 
     /// Carries out the effects of one request: the data plane batch first, and the
@@ -426,6 +454,7 @@ impl Core {
             && let Err(e) = self.dataplane.apply(&removals)
         {
             tracing::error!(error = %e, "clearing the data plane");
+            self.dataplane_dirty = true;
         }
         self.seed = self.seed.wrapping_add(1);
         if let Ok(s) = Server::new(self.config.server.clone(), now, self.seed) {
@@ -641,6 +670,9 @@ mod tests {
         }
         fn name(&self) -> &'static str {
             "flaky"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.reconcile(entries)
         }
     }
 
