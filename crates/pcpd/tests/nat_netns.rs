@@ -284,13 +284,28 @@ fn failover_keeps_checkpointed_services() {
     if skip("failover_keeps_checkpointed_services") {
         return;
     }
-    let (mut lab, lan, wan, boxes) = topology("pn2", 2);
+    failover(true);
+}
+
+/// The same with `[ha] preinstall = false`: the backup installs the checkpointed
+/// mappings into its kernel only when it takes over.
+#[test]
+fn failover_keeps_checkpointed_services_installed_on_promotion() {
+    if skip("failover_keeps_checkpointed_services_installed_on_promotion") {
+        return;
+    }
+    failover(false);
+}
+
+fn failover(preinstall: bool) {
+    let tag = if preinstall { "pn2" } else { "pn3" };
+    let (mut lab, lan, wan, boxes) = topology(tag, 2);
     let (a, b) = (boxes[0].clone(), boxes[1].clone());
-    let dir = tempdir("nft2");
+    let dir = tempdir(tag);
     let ha = |listen: &str, peer: &str, role: &str| {
         config(&format!(
             "[ha]\nlisten = \"{listen}:5400\"\npeer = \"{peer}:5400\"\nrole = \"{role}\"\n\
-             heartbeat_ms = 100\ndetection_ms = 600\n"
+             heartbeat_ms = 100\ndetection_ms = 600\npreinstall = {preinstall}\n"
         ))
     };
     let active = start_pcpd(
@@ -401,9 +416,14 @@ fn failover_keeps_checkpointed_services() {
     );
     let mut session = Session::of(&mut lab, session);
     assert!(session.say("hello").contains("from "), "session before");
-    // The backup holds the checkpointed mappings in its own kernel table already.
+    // With preinstall the backup holds the checkpointed mappings in its own kernel
+    // table already; without, its table is empty until it takes over.
     let pre = nft_table(&lab, &b);
-    assert!(pre.contains(&format!("udp . {} :", port_of(&udp))), "{pre}");
+    assert_eq!(
+        pre.contains(&format!("udp . {} :", port_of(&udp))),
+        preinstall,
+        "{pre}"
+    );
     assert!(
         !pre.contains(&format!("udp . {} :", port_of(&bare))),
         "{pre}"
@@ -465,6 +485,9 @@ fn failover_keeps_checkpointed_services() {
         std::fs::read_to_string(dir.join("keep.out")).unwrap_or_default(),
         nft_table(&lab, &b)
     );
-    eprintln!("checkpointed UDP service reachable again {reachable_after:?} after SIGKILL");
+    eprintln!(
+        "preinstall = {preinstall}: checkpointed UDP service reachable again \
+         {reachable_after:?} after SIGKILL (addresses moved at once; detection_ms = 600)"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -155,7 +155,7 @@ impl Lab {
             .env(HELPER_ENV, args.join(" "))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("helper {args:?} in {ns}: {e}"));
         self.children.push(child);
