@@ -485,7 +485,10 @@ impl Core {
                 false
             }
             Event::NeedBulk { cursor } => {
-                let (maps, next) = self.server.checkpointed_from(cursor, 2048);
+                let chunk = self
+                    .lock_pair()
+                    .map_or(2048, |p| p.node.config().bulk_chunk);
+                let (maps, next) = self.server.checkpointed_from(cursor, chunk);
                 let hosts: Vec<IpAddr> = if next.is_none() {
                     self.server.unprotected_hosts().collect()
                 } else {

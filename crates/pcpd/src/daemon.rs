@@ -85,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 // The backup keeps its core and data plane in step: a takeover installs
                 // nothing (issue: failover within a second with a million mappings).
                 standby: true,
+                window: replication_window(&sock),
                 ..HaConfig::default()
             };
             let mut node = HaNode::new(
@@ -185,6 +186,26 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
             }
         }
     }
+}
+
+/// The receive buffer pcpd asks for on the replication socket (the kernel caps it at
+/// `net.core.rmem_max`, 4 MiB on common distributions, 208 KiB on some).
+const HA_RCVBUF: usize = 4 << 20;
+
+/// Enlarges the replication socket's buffers and returns the send window that fits
+/// the receive buffer obtained (the peer's is assumed alike: both run this code). A
+/// burst larger than the peer's buffer is dropped and only resent after a timeout,
+/// which is what held the bulk copy back.
+fn replication_window(sock: &UdpSocket) -> usize {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(HA_RCVBUF);
+    let _ = s.set_send_buffer_size(HA_RCVBUF);
+    // Linux reports twice what it grants (bookkeeping included); a quarter of the
+    // report leaves room for each datagram's overhead.
+    let got = s.recv_buffer_size().unwrap_or(212_992);
+    let window = (got / 4).clamp(64 * 1024, 2 << 20);
+    tracing::info!(rcvbuf = got, window, "replication socket");
+    window
 }
 
 /// Starts the replication link on a thread of its own, with its own runtime: frames,
