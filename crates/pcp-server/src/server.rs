@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use pcp_dataplane::{Direction, Entry, Op};
 use pcp_proto::{
-    Body, MapBody, Opcode, OptionCode, Options, ParseError, PcpOption, Request, Response,
-    ResultCode, emit_error_response, natpmp,
+    Body, Extensions, MapBody, Opcode, OptionCode, Options, ParseError, PcpOption, Request,
+    Response, ResultCode, emit_error_response, natpmp,
 };
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -391,7 +391,10 @@ impl Server {
         if natpmp::is_natpmp(datagram) {
             return self.handle_natpmp(datagram, src_ip, now, reply, effects);
         }
-        match Request::parse(datagram) {
+        // RFC 7652 is not served here (yet): parsed as by a server without it, the
+        // AUTHENTICATION opcode is UNSUPP_OPCODE and options 4–12 UNSUPP_OPTION
+        // whatever their contents (see docs/AUTH.md).
+        match Request::parse_with(datagram, Extensions::BASE) {
             Ok(req) => {
                 let kind = RequestKind::of(req.opcode());
                 let result = self.serve(&req, src_ip, now, reply, effects);
@@ -479,15 +482,6 @@ impl Server {
         if req.client_addr != src {
             return Err(ResultCode::AddressMismatch);
         }
-        // The opcode is checked before its options (RFC 6887 §8.3).
-        if matches!(req.body, Body::Authentication(_)) {
-            return Err(ResultCode::UnsuppOpcode);
-        }
-        // RFC 7652 options are mandatory to process; this server does not do PCP
-        // authentication yet.
-        if req.options.iter().any(|o| o.code().is_authentication()) {
-            return Err(ResultCode::UnsuppOption);
-        }
         let (mapping, remote) = match &req.body {
             Body::Announce => {
                 let resp = Response {
@@ -502,6 +496,7 @@ impl Server {
             }
             Body::Map(m) => (*m, None),
             Body::Peer(p) => (p.mapping, Some((p.remote_addr, p.remote_port))),
+            // Refused by the parser (Extensions::BASE); kept for exhaustiveness.
             Body::Authentication(_) => return Err(ResultCode::UnsuppOpcode),
         };
         let internal = match req.options.third_party() {
