@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use pcp_dataplane::{Direction, Entry, Op};
 use pcp_proto::{
-    Body, MapBody, Opcode, OptionCode, Options, ParseError, PcpOption, Request, Response,
-    ResultCode, emit_error_response, natpmp,
+    Body, Extensions, MapBody, Opcode, OptionCode, Options, ParseError, PcpOption, Request,
+    Response, ResultCode, emit_error_response, natpmp,
 };
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -15,6 +15,7 @@ use rand::rngs::SmallRng;
 use crate::checkpoint::{self, Ask, BackupStatus, Ledger, RuleNames};
 use crate::config::{ConfigError, OpcodeName, ServerConfig, TierConfig};
 use crate::epoch::Epochs;
+use crate::guard::{Guard, GuardFootprint};
 use crate::mapping::Mapping;
 use crate::policy::{Flow, Policy};
 use crate::pool::{AllocError, AllocRequest, ExternalEndpoint, Pool};
@@ -81,6 +82,24 @@ impl HostCount {
     }
 }
 
+/// Counts of everything the core keeps per host or subscriber (see
+/// [`Server::footprint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// The request-rate limiter's buckets.
+    pub guard: GuardFootprint,
+    /// Subscribers with state (mappings, or a checkpoint bucket still refilling).
+    pub subscribers: usize,
+    /// Entries of the queue of subscribers waiting for their bucket to refill.
+    pub idle_subscribers: usize,
+    /// Internal hosts with mappings.
+    pub hosts: usize,
+    /// Clients with an epoch of their own.
+    pub epoch_exceptions: usize,
+    /// Mappings.
+    pub mappings: usize,
+}
+
 /// Why a replicated mapping could not be adopted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdoptError {
@@ -117,6 +136,7 @@ pub struct Server {
     rng: SmallRng,
     /// What the request being served changed in the table, for [`Server::refuse`].
     undo: Vec<Undo>,
+    guard: Guard,
 }
 
 /// One change a request made to the table, recorded so that a request whose data plane
@@ -177,6 +197,7 @@ impl Server {
             stats: Stats::default(),
             rng: SmallRng::seed_from_u64(seed),
             undo: Vec::new(),
+            guard: Guard::new(&cfg.limits, now),
             cfg,
         })
     }
@@ -195,6 +216,7 @@ impl Server {
         self.policy = Policy::new(&cfg.policy);
         self.subscribers = SubscriberTable::new(&cfg.subscribers);
         self.ledger.capacity = cfg.checkpoint.capacity;
+        self.guard.configure(&cfg.limits, self.clock);
         // Tiers apply now; a host that moved to another subscriber moves with its
         // next request (see `create_or_renew`).
         for (id, st) in self.subs.iter_mut() {
@@ -272,6 +294,19 @@ impl Server {
         self.subs
             .iter()
             .map(|(_, id, st)| (id, st, self.cfg.tier(&st.tier)))
+    }
+
+    /// What the core keeps per host and per subscriber, for the bounded-state checks
+    /// and metrics.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            guard: self.guard.footprint(),
+            subscribers: self.subs.len(),
+            idle_subscribers: self.idle.len(),
+            hosts: self.hosts.len(),
+            epoch_exceptions: self.epochs.exceptions(),
+            mappings: self.table.len(),
+        }
     }
 
     /// Epoch bookkeeping (HA keeps it continuous across a takeover).
@@ -359,6 +394,11 @@ impl Server {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         let src_ip = src.ip().to_canonical();
+        // First of all, before any lookup: a flooding host costs one hash lookup.
+        if !self.guard.admit(src_ip, now) {
+            self.stats.rate_limited += 1;
+            return Reply::Drop;
+        }
         self.exposed_now = false;
         // A mapping whose lifetime has ended is gone, even if the shell's expiry timer
         // has not run yet (a peek when nothing is due). A shell that may have to
@@ -369,7 +409,10 @@ impl Server {
         if natpmp::is_natpmp(datagram) {
             return self.handle_natpmp(datagram, src_ip, now, reply, effects);
         }
-        match Request::parse(datagram) {
+        // RFC 7652 is not served here (yet): parsed as by a server without it, the
+        // AUTHENTICATION opcode is UNSUPP_OPCODE and options 4–12 UNSUPP_OPTION
+        // whatever their contents (see docs/AUTH.md).
+        match Request::parse_with(datagram, Extensions::BASE) {
             Ok(req) => {
                 let kind = RequestKind::of(req.opcode());
                 let result = self.serve(&req, src_ip, now, reply, effects);
@@ -457,15 +500,6 @@ impl Server {
         if req.client_addr != src {
             return Err(ResultCode::AddressMismatch);
         }
-        // The opcode is checked before its options (RFC 6887 §8.3).
-        if matches!(req.body, Body::Authentication(_)) {
-            return Err(ResultCode::UnsuppOpcode);
-        }
-        // RFC 7652 options are mandatory to process; this server does not do PCP
-        // authentication yet.
-        if req.options.iter().any(|o| o.code().is_authentication()) {
-            return Err(ResultCode::UnsuppOption);
-        }
         let (mapping, remote) = match &req.body {
             Body::Announce => {
                 let resp = Response {
@@ -480,6 +514,7 @@ impl Server {
             }
             Body::Map(m) => (*m, None),
             Body::Peer(p) => (p.mapping, Some((p.remote_addr, p.remote_port))),
+            // Refused by the parser (Extensions::BASE); kept for exhaustiveness.
             Body::Authentication(_) => return Err(ResultCode::UnsuppOpcode),
         };
         let internal = match req.options.third_party() {

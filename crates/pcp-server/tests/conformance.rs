@@ -245,6 +245,35 @@ fn unsupp_option_for_rfc7652_authentication_options_in_map() {
     assert_eq!(h.server.mapping_count(), 0);
 }
 
+/// Without RFC 7652 the server does not understand options 4–12, so it cannot judge
+/// their length, opcode or repetition: UNSUPP_OPTION whatever they hold (RFC 6887 §7.3:
+/// MALFORMED_OPTION is for options "understood by the PCP server").
+#[test]
+fn rfc7652_options_are_unsupported_whatever_their_contents() {
+    let mut h = Harness::honour();
+    let odd: [(u8, &[u8]); 4] = [
+        (4, &[0, 0, 1]),        // NONCE of 3 octets
+        (10, &[0, 0, 0, 0, 0]), // SESSION_LIFETIME of 5, and response-only
+        (6, &[]),               // PA_AUTHENTICATION_TAG without a key ID
+        (12, &[0xff, 0xfe]),    // ID_INDICATOR that is not UTF-8
+    ];
+    for (code, data) in odd {
+        let req = Req::map(host(1), 5000).opt(PcpOption::Unknown { code, data });
+        let r = h.pcp(&req);
+        assert_error(&r, 1, ResultCode::UnsuppOption, LONG);
+    }
+    // AUTHENTICATION with options a server with RFC 7652 would call malformed (two
+    // NONCEs; an AUTHENTICATION_TAG, which is for MAP/PEER/ANNOUNCE): the opcode is
+    // refused first.
+    let mut b = raw_header(2, 3, 0, host(1));
+    b.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 1]);
+    b.extend_from_slice(&[4, 0, 0, 4, 0, 0, 0, 9, 4, 0, 0, 4, 0, 0, 0, 9]);
+    b.extend_from_slice(&[5, 0, 0, 12, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]);
+    let r = h.pcp_raw(&b, host(1));
+    assert_error(&r, 3, ResultCode::UnsuppOpcode, LONG);
+    assert_eq!(h.server.mapping_count(), 0);
+}
+
 #[test]
 fn unknown_optional_option_is_ignored_and_not_echoed() {
     let mut h = Harness::honour();
