@@ -15,6 +15,7 @@ use rand::rngs::SmallRng;
 use crate::checkpoint::{self, Ask, BackupStatus, Ledger, RuleNames};
 use crate::config::{ConfigError, OpcodeName, ServerConfig, TierConfig};
 use crate::epoch::Epochs;
+use crate::guard::{Guard, GuardFootprint};
 use crate::mapping::Mapping;
 use crate::policy::{Flow, Policy};
 use crate::pool::{AllocError, AllocRequest, ExternalEndpoint, Pool};
@@ -81,6 +82,24 @@ impl HostCount {
     }
 }
 
+/// Counts of everything the core keeps per host or subscriber (see
+/// [`Server::footprint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// The request-rate limiter's buckets.
+    pub guard: GuardFootprint,
+    /// Subscribers with state (mappings, or a checkpoint bucket still refilling).
+    pub subscribers: usize,
+    /// Entries of the queue of subscribers waiting for their bucket to refill.
+    pub idle_subscribers: usize,
+    /// Internal hosts with mappings.
+    pub hosts: usize,
+    /// Clients with an epoch of their own.
+    pub epoch_exceptions: usize,
+    /// Mappings.
+    pub mappings: usize,
+}
+
 /// Why a replicated mapping could not be adopted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdoptError {
@@ -115,6 +134,7 @@ pub struct Server {
     backup: BackupStatus,
     stats: Stats,
     rng: SmallRng,
+    guard: Guard,
 }
 
 /// A mapping request after validation, before commitment.
@@ -162,6 +182,7 @@ impl Server {
             backup: BackupStatus::None,
             stats: Stats::default(),
             rng: SmallRng::seed_from_u64(seed),
+            guard: Guard::new(&cfg.limits, now),
             cfg,
         })
     }
@@ -180,6 +201,7 @@ impl Server {
         self.policy = Policy::new(&cfg.policy);
         self.subscribers = SubscriberTable::new(&cfg.subscribers);
         self.ledger.capacity = cfg.checkpoint.capacity;
+        self.guard.configure(&cfg.limits, self.clock);
         // Tiers apply now; a host that moved to another subscriber moves with its
         // next request (see `create_or_renew`).
         for (id, st) in self.subs.iter_mut() {
@@ -257,6 +279,19 @@ impl Server {
         self.subs
             .iter()
             .map(|(_, id, st)| (id, st, self.cfg.tier(&st.tier)))
+    }
+
+    /// What the core keeps per host and per subscriber, for the bounded-state checks
+    /// and metrics.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            guard: self.guard.footprint(),
+            subscribers: self.subs.len(),
+            idle_subscribers: self.idle.len(),
+            hosts: self.hosts.len(),
+            epoch_exceptions: self.epochs.exceptions(),
+            mappings: self.table.len(),
+        }
     }
 
     /// Epoch bookkeeping (HA keeps it continuous across a takeover).
@@ -344,6 +379,11 @@ impl Server {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         let src_ip = src.ip().to_canonical();
+        // First of all, before any lookup: a flooding host costs one hash lookup.
+        if !self.guard.admit(src_ip, now) {
+            self.stats.rate_limited += 1;
+            return Reply::Drop;
+        }
         self.exposed_now = false;
         // A mapping whose lifetime has ended is gone, even if the shell's expiry timer
         // has not run yet (a peek when nothing is due).

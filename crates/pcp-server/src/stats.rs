@@ -61,6 +61,8 @@ pub struct Stats {
     answered: [[u64; RESULTS + 1]; 5],
     /// Datagrams dropped without an answer.
     pub dropped: u64,
+    /// Datagrams dropped by the per-host rate limit (not in `dropped`).
+    pub rate_limited: u64,
     decisions: [u64; Reason::CODES.len()],
     /// Mappings removed because their lifetime ended.
     pub expired: u64,
@@ -71,6 +73,7 @@ impl Default for Stats {
         Stats {
             answered: [[0; RESULTS + 1]; 5],
             dropped: 0,
+            rate_limited: 0,
             decisions: [0; Reason::CODES.len()],
             expired: 0,
         }

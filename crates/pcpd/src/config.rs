@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use pcp_server::ServerConfig;
 use pcp_server::config::{
-    CheckpointConfig, LifetimeConfig, MappingConfig, PolicyRule, PoolConfig, SubscriberConfig,
-    TierConfig,
+    CheckpointConfig, LifetimeConfig, LimitsConfig, MappingConfig, PolicyRule, PoolConfig,
+    SubscriberConfig, TierConfig,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -113,6 +113,7 @@ struct File {
     checkpoint: CheckpointConfig,
     policy: Vec<PolicyRule>,
     mapping: MappingConfig,
+    limits: LimitsConfig,
     ha: Option<HaSection>,
 }
 
@@ -206,6 +207,7 @@ impl Config {
             checkpoint: file.checkpoint,
             policy: file.policy,
             mapping: file.mapping,
+            limits: file.limits,
             ..ServerConfig::default()
         };
         if let Some(tiers) = file.tiers {
