@@ -9,12 +9,16 @@
 //!   datagrams and `now`, producing datagrams, events and timers, over any EAP method
 //!   that implements [`eap::EapPeer`] / [`eap::EapAuthenticator`].
 //!
+//! - [`gate::Gate`]: per-prefix `off | optional | required` in front of a PCP server
+//!   core: what to serve, what to refuse, and tags on the replies.
+//!
 //! Every choice RFC 7652 leaves open is recorded in `docs/AUTH.md`.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod crypto;
 pub mod eap;
+pub mod gate;
 mod pa;
 pub mod replay;
 pub mod retransmit;

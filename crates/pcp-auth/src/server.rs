@@ -817,9 +817,12 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// §6.5). Nothing changes unless the tag verifies; then its sequence number is
     /// recorded.
     pub fn check_request(&mut self, src: IpAddr, datagram: &[u8]) -> Check {
+        // Not framed far enough to hold a tag: untagged (the core judges the framing).
         let at = match tag::locate(datagram) {
             Ok(at) if at.code == pcp_proto::OptionCode::AuthenticationTag => at,
-            Ok(_) | Err(tag::TagError::Missing) => return Check::Untagged,
+            Ok(_) | Err(tag::TagError::Missing | tag::TagError::NotFramed) => {
+                return Check::Untagged;
+            }
             Err(_) => return Check::Discard(Discard::BadTag),
         };
         if Opcode::from_bits(datagram[1]) == Opcode::Authentication {
