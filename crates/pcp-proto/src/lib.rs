@@ -39,7 +39,7 @@ pub use body::{
 };
 pub use error::{EmitError, Malformed, OptionError, ParseError};
 pub use header::Packet;
-pub use message::{Request, Response, emit_error_response, remove_option};
+pub use message::{Request, Response, append_option, emit_error_response, remove_option};
 pub use opcode::Opcode;
 pub use option::{
     AUTHENTICATION_TAG_MIN_LEN, AuthenticationTag, Extensions, Filter, OPTION_HEADER_LEN,

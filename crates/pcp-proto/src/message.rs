@@ -257,6 +257,19 @@ pub fn emit_error_response(
     Ok(len)
 }
 
+/// Appends `option` after the PCP message in `buf[..len]` (request or response) and
+/// returns the new length. RFC 7652 tags are added this way, last, to a message that is
+/// otherwise complete.
+pub fn append_option(
+    buf: &mut [u8],
+    len: usize,
+    option: &crate::PcpOption<'_>,
+) -> Result<usize, EmitError> {
+    let end = fit(len + option.wire_len(), buf.len())?;
+    option.emit(&mut buf[len..end])?;
+    Ok(end)
+}
+
 /// Removes every option with `code` from the PCP message in `buf[..len]` (request or
 /// response), in place, and returns the new length. A message that does not parse as
 /// far as its options is returned unchanged.

@@ -491,7 +491,7 @@ impl<'a> PcpOption<'a> {
 
     /// Writes the option (header, data, zero padding) at the start of `buf`, which
     /// must hold [`PcpOption::wire_len`] octets.
-    fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
+    pub(crate) fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
         let code = u8::from(self.code());
         let len = u16::try_from(self.data_len()).map_err(|_| EmitError::BadOption {
             code,

@@ -375,3 +375,27 @@ fn reserved_octet_of_other_requests_is_ignored() {
     assert_eq!(r.pa_result_code, ResultCode::Success);
     assert_eq!(emit_req(&r)[3], 0);
 }
+
+/// `append_option` after an emitted message gives the bytes of the message emitted with
+/// the option last.
+#[test]
+fn append_option_puts_a_tag_last() {
+    let mut buf = map("c0 00 0000");
+    let len = buf.len();
+    buf.resize(1100, 0);
+    let mac = [0x5a; 16];
+    let tag = PcpOption::AuthenticationTag(AuthenticationTag {
+        session_id: 9,
+        sequence_number: 1,
+        key_id: 1,
+        mac: &mac,
+    });
+    let n = pcp_proto::append_option(&mut buf, len, &tag).unwrap();
+    assert_eq!(n, len + 32);
+    let r = Request::parse(&buf[..n]).unwrap();
+    assert_eq!(r.options.iter().last(), Some(tag));
+    // Too long for PCP.
+    let mut small = map("");
+    small.resize(1100, 0);
+    assert!(pcp_proto::append_option(&mut small, 1076, &tag).is_err());
+}
