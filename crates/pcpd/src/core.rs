@@ -325,6 +325,13 @@ impl Core {
     }
 
     /// The instant of a core time.
+    /// The epoch the server core gives `client` now (for answers made outside it: the
+    /// authentication gate's).
+    pub fn epoch_for(&mut self, client: IpAddr) -> u32 {
+        let now = self.now();
+        self.server.epochs().epoch(client.to_canonical(), now)
+    }
+
     pub fn instant_of(&self, t: Time) -> Instant {
         self.origin + Duration::from_millis(t.0)
     }
