@@ -204,6 +204,31 @@ impl Auth {
     }
 }
 
+/// Appends the gate's counters to the Prometheus text.
+pub fn render_metrics(out: &mut String, s: &pcp_auth::gate::GateStats) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_requests_total Common requests seen by the authentication gate, by outcome."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_requests_total counter");
+    for (outcome, n) in [
+        ("authenticated", s.authenticated),
+        ("authentication_required", s.required),
+        ("unknown_session", s.unknown_session),
+        ("replayed", s.replayed),
+        ("bad_tag", s.bad_tag),
+    ] {
+        let _ = writeln!(out, "pcp_auth_requests_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_pa_messages_total PA messages received."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_pa_messages_total counter");
+    let _ = writeln!(out, "pcp_auth_pa_messages_total {}", s.pa_messages());
+}
+
 /// The listen socket to send to `dst` from: the first of its address family.
 pub fn socket_for(sockets: &[Arc<UdpSocket>], dst: SocketAddr) -> Option<&Arc<UdpSocket>> {
     sockets

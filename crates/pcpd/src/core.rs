@@ -207,6 +207,9 @@ pub struct Core {
     pub pair: Option<Arc<Mutex<Pair>>>,
     /// The PCP listen sockets (ANNOUNCEs and late replies go out on them).
     pub sockets: Vec<Arc<UdpSocket>>,
+    /// The authentication gate, for the admin API (its own lock: never take it while
+    /// holding the core's; clone the handle and let go of the core first).
+    pub auth: Option<crate::auth::SharedAuth>,
     /// Whether this core serves PCP: always without a pair; in pair mode from the
     /// moment it carried out a promotion until a step-down.
     serving: bool,
@@ -304,6 +307,7 @@ impl Core {
             serving: pair.is_none(),
             pair: pair.map(|p| Arc::new(Mutex::new(p))),
             sockets: Vec::new(),
+            auth: None,
             pending: Vec::new(),
             node_serves: Arc::new(AtomicBool::new(false)),
             origin,

@@ -117,6 +117,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut core = Core::new(server, dataplane, config, origin, seed, pair);
     core.sockets = sockets.clone();
+    core.auth = auth.clone();
     let shared = Shared::new(core);
 
     for (i, sock) in sockets.iter().enumerate() {

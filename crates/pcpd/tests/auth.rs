@@ -203,6 +203,15 @@ fn required_authentication_with_eap_ttls_then_tagged_map() {
     third[24 + 16] ^= 0x40;
     assert_eq!(p.exchange(&third), None, "tampered request answered");
     assert_eq!(s.pcpd.mappings().len(), 2);
+    // Refusals are counted.
+    let m = |o: &str| {
+        s.pcpd
+            .metric(&format!("pcp_auth_requests_total{{outcome=\"{o}\"}}"))
+    };
+    assert_eq!(m("replayed"), Some(1.0));
+    assert_eq!(m("bad_tag"), Some(1.0));
+    assert_eq!(m("authentication_required"), Some(1.0));
+    assert_eq!(m("authenticated"), Some(2.0));
 }
 
 #[test]
