@@ -237,3 +237,53 @@ fn off_keeps_answering_as_a_server_without_rfc7652() {
     m.extend_from_slice(&[0; 28]);
     assert_eq!(result(&p.exchange(&m).unwrap()), ResultCode::UnsuppOption);
 }
+
+/// What `pcpc --identity --password-file --ca` runs: the pcp-client library with
+/// authentication, which authenticates in `connect` and tags every request.
+#[test]
+fn pcp_client_library_authenticates_then_maps() {
+    use pcp_client::core::MappingRequest;
+    use pcp_client::tokio::{Authentication, ClientOptions, PcpClient};
+    let s = setup("required");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ip = IpAddr::V4(s.pcpd.ip);
+    let opts = |password: &'static str| {
+        let ca = s.ca.clone();
+        let mut o = ClientOptions::new(s.pcpd.pcp);
+        o.bind = Some(SocketAddr::new(ip, 0));
+        o.authentication = Some(Authentication::new(move || {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.clone()).unwrap();
+            Box::new(
+                TtlsPeer::new(PeerConfig {
+                    outer_identity: "anonymous".into(),
+                    username: "alice".into(),
+                    password: password.as_bytes().to_vec(),
+                    server_name: ServerName::try_from("pcp.example").unwrap(),
+                    roots,
+                })
+                .unwrap(),
+            )
+        }));
+        o
+    };
+    rt.block_on(async {
+        let c = PcpClient::connect(opts("correct horse"))
+            .await
+            .expect("authenticated");
+        c.map(MappingRequest::map(17, 6000)).await.expect("mapped");
+        let e = PcpClient::connect(opts("wrong")).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                pcp_client::Error::Authentication(Failure::AuthenticationFailed)
+            ),
+            "{e}"
+        );
+    });
+    let maps = s.pcpd.mappings();
+    assert_eq!(maps.len(), 1, "{maps:?}");
+}
