@@ -4,6 +4,7 @@
 //!
 //! The gate has its own lock, taken before the core's and never while holding it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -126,6 +127,9 @@ pub struct Auth {
     /// The gate.
     pub gate: Gate<TtlsAuthenticator, Factory>,
     origin: Instant,
+    /// The listen socket each client's PA messages came in on: answers and
+    /// retransmissions leave from the address the client talks to.
+    routes: HashMap<SocketAddr, usize>,
 }
 
 /// Shared handle.
@@ -165,6 +169,7 @@ impl Auth {
         Ok(Some(Arc::new(Mutex::new(Auth {
             gate,
             origin: Instant::now(),
+            routes: HashMap::new(),
         }))))
     }
 
@@ -198,9 +203,20 @@ impl Auth {
         }
     }
 
-    /// The PA messages to send.
-    pub fn transmits(&mut self) -> Vec<Transmit> {
-        std::iter::from_fn(|| self.gate.poll_transmit()).collect()
+    /// Remembers that `client` talks to listen socket `socket`.
+    pub fn route(&mut self, client: SocketAddr, socket: usize) {
+        // Bounded: forget everything when it outgrows the session table.
+        if self.routes.len() > 2 * self.gate.server.session_count() + 1024 {
+            self.routes.clear();
+        }
+        self.routes.insert(client, socket);
+    }
+
+    /// The PA messages to send, each with the index of the socket to send it from.
+    pub fn transmits(&mut self) -> Vec<(Option<usize>, Transmit)> {
+        std::iter::from_fn(|| self.gate.poll_transmit())
+            .map(|t| (self.routes.get(&t.dst).copied(), t))
+            .collect()
     }
 }
 
@@ -237,9 +253,12 @@ pub fn socket_for(sockets: &[Arc<UdpSocket>], dst: SocketAddr) -> Option<&Arc<Ud
 }
 
 /// Sends PA messages.
-pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<Transmit>) {
-    for t in out {
-        if let Some(sock) = socket_for(sockets, t.dst)
+pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<(Option<usize>, Transmit)>) {
+    for (socket, t) in out {
+        let sock = socket
+            .and_then(|i| sockets.get(i))
+            .or_else(|| socket_for(sockets, t.dst));
+        if let Some(sock) = sock
             && let Err(e) = sock.send_to(&t.payload, t.dst).await
         {
             tracing::debug!(error = %e, dst = %t.dst, "PA send_to");

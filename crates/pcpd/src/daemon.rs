@@ -190,6 +190,9 @@ async fn serve_socket(
             let (verdict, out) = {
                 let mut a = crate::auth::lock(auth);
                 let now = a.now();
+                if buf.get(1).is_some_and(|b| b & 0x7f == 3) {
+                    a.route(src, index);
+                }
                 let v = a.gate.inbound(now, src, epoch, &mut buf, n);
                 a.log_events();
                 (v, a.transmits())
