@@ -171,6 +171,22 @@ impl DataPlane for MemoryDataPlane {
     fn name(&self) -> &'static str {
         "memory"
     }
+
+    fn reconcile(&mut self, entries: &[Entry]) -> Result<(), DataPlaneError> {
+        if let Some(limit) = self.limit
+            && entries.len() > limit
+        {
+            return Err(DataPlaneError::NoResources(format!(
+                "memory data plane limited to {limit} entries"
+            )));
+        }
+        self.packed.clear();
+        self.full.clear();
+        for e in entries {
+            self.install(e);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcp_auth::gate::Inbound;
+use pcp_dataplane::DataPlane;
 use pcp_dataplane::memory::MemoryDataPlane;
+use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
 use pcp_server::{Reply, Server};
 use tokio::net::UdpSocket;
 
@@ -29,6 +31,9 @@ pub enum StartError {
     /// The server core refused the configuration.
     #[error("configuration: {0}")]
     Config(#[from] pcp_server::ConfigError),
+    /// The data plane could not start.
+    #[error("data plane: {0}")]
+    DataPlane(String),
     /// The authentication back end could not start (certificate, key, credentials).
     #[error("[auth]: {0}")]
     Auth(#[from] pcp_eap::BackendError),
@@ -47,8 +52,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
     let auth = crate::auth::Auth::build(&config.auth)?;
-    let dataplane = match config.daemon.dataplane {
+    let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
+        DataPlaneKind::Nftables => {
+            let n = &config.nftables;
+            let dp = NftDataPlane::open(NftConfig {
+                table: n.table.clone(),
+                remove_on_exit: n.remove_on_exit,
+                max_elements: (n.max_elements > 0).then_some(n.max_elements),
+                nft: n.nft.clone(),
+            })
+            .map_err(|e| StartError::DataPlane(e.to_string()))?;
+            tracing::info!(table = %n.table, "nftables table declared (inet family)");
+            Box::new(dp)
+        }
     };
     let mut sockets = Vec::new();
     for addr in &config.daemon.listen {
@@ -87,9 +104,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 heartbeat: Duration::from_millis(ha.heartbeat_ms),
                 detection: Duration::from_millis(ha.detection_ms),
                 join: Duration::from_millis(ha.detection_ms + ha.detection_ms / 4),
-                // The backup keeps its core and data plane in step: a takeover installs
-                // nothing (issue: failover within a second with a million mappings).
-                standby: true,
+                // The backup keeps its core and data plane in step (`preinstall`, the
+                // default): a takeover installs nothing (issue: failover within a second
+                // with a million mappings).
+                standby: ha.preinstall,
                 window: replication_window(&sock),
                 ..HaConfig::default()
             };
@@ -155,8 +173,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
-    signals.run(shared).await;
+    signals.run(shared.clone()).await;
     tracing::info!("pcpd stopping");
+    if let Err(e) = shared.lock().dataplane.shutdown() {
+        tracing::error!(error = %e, "data plane shutdown");
+    }
     Ok(())
 }
 
