@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcp_auth::gate::Inbound;
 use pcp_dataplane::DataPlane;
 use pcp_dataplane::memory::MemoryDataPlane;
 use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
@@ -33,6 +34,9 @@ pub enum StartError {
     /// The data plane could not start.
     #[error("data plane: {0}")]
     DataPlane(String),
+    /// The authentication back end could not start (certificate, key, credentials).
+    #[error("[auth]: {0}")]
+    Auth(#[from] pcp_eap::BackendError),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -47,6 +51,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
+    let auth = crate::auth::Auth::build(&config.auth)?;
     let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
         DataPlaneKind::Nftables => {
@@ -130,10 +135,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut core = Core::new(server, dataplane, config, origin, seed, pair);
     core.sockets = sockets.clone();
+    core.auth = auth.clone();
     let shared = Shared::new(core);
 
     for (i, sock) in sockets.iter().enumerate() {
-        tokio::spawn(serve_socket(sock.clone(), i, shared.clone()));
+        tokio::spawn(serve_socket(
+            sock.clone(),
+            i,
+            shared.clone(),
+            auth.clone(),
+            sockets.clone(),
+        ));
+    }
+    if let Some(auth) = &auth {
+        tokio::spawn(crate::auth::timers(auth.clone(), sockets.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -166,10 +181,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Receives, serves and answers datagrams on one socket.
-async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
+/// Receives, serves and answers datagrams on one socket; with authentication on, the
+/// gate decides first and tags the reply (docs/AUTH.md).
+async fn serve_socket(
+    sock: Arc<UdpSocket>,
+    index: usize,
+    shared: Shared,
+    auth: Option<crate::auth::SharedAuth>,
+    sockets: Vec<Arc<UdpSocket>>,
+) {
     let mut buf = vec![0u8; 2048];
-    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
+    // Room for the tag the gate appends to a reply.
+    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN + 64];
     loop {
         let (n, src) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -180,6 +203,38 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
             }
         };
         let received = Instant::now();
+        let mut n = n;
+        let mut session = None;
+        if let Some(auth) = &auth {
+            // The gate's answers carry the core's epoch for this client.
+            let epoch = shared.lock().epoch_for(src.ip());
+            let (verdict, out) = {
+                let mut a = crate::auth::lock(auth);
+                let now = a.now();
+                if buf.get(1).is_some_and(|b| b & 0x7f == 3) {
+                    a.route(src, index);
+                }
+                let v = a.gate.inbound(now, src, epoch, &mut buf, n);
+                a.log_events();
+                (v, a.transmits())
+            };
+            crate::auth::send_all(&sockets, out).await;
+            match verdict {
+                Inbound::Serve {
+                    len, session: s, ..
+                } => {
+                    n = len;
+                    session = s;
+                }
+                Inbound::Answer(a) => {
+                    if let Err(e) = sock.send_to(&a, src).await {
+                        tracing::debug!(error = %e, %src, "send_to");
+                    }
+                    continue;
+                }
+                Inbound::Handled | Inbound::Drop => continue,
+            }
+        }
         // One lock per request: serve, and count the latency up to the reply being
         // ready (sending is a non-blocking syscall right after).
         let answer = {
@@ -196,6 +251,15 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
         }
         // Held replies (waiting for the backup) are sent by the replication task.
         if let Reply::Send(len) = answer {
+            let len = match (&auth, session) {
+                (Some(a), Some(_)) => {
+                    match crate::auth::lock(a).gate.outbound(session, &mut reply, len) {
+                        Some(l) => l,
+                        None => continue,
+                    }
+                }
+                _ => len,
+            };
             let sent = match sock.try_send_to(&reply[..len], src) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     sock.send_to(&reply[..len], src).await.map(|_| ())
