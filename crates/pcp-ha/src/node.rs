@@ -224,7 +224,17 @@ pub struct HaNode {
     parity: u64,
     /// Silence tolerated before a backup without a complete copy takes over anyway.
     orphan_wait: Duration,
+    /// The copy a promotion or step-down let go of, for the shell to free where it does
+    /// not delay anything ([`HaNode::take_retired`]); freeing a million records takes
+    /// longer than a takeover may.
+    retired: Option<Retired>,
+    /// When expired entries were last swept from the copy.
+    last_sweep: Time,
 }
+
+/// State a node let go of (see [`HaNode::take_retired`]).
+#[derive(Debug)]
+pub struct Retired(#[allow(dead_code)] Receiver);
 
 impl HaNode {
     /// A node that starts as active (`true`: it first listens for an existing active
@@ -249,6 +259,8 @@ impl HaNode {
             parity: u64::from(start_active),
             // The node meant to be active waits least, so the two do not race.
             orphan_wait: if start_active { cfg.join } else { cfg.join * 3 },
+            retired: None,
+            last_sweep: now,
         }
     }
 
@@ -397,6 +409,12 @@ impl HaNode {
         self.rewind(start - 1);
     }
 
+    /// The copy a promotion or step-down let go of, if any: drop it on another thread
+    /// (it is freed at the next role change otherwise).
+    pub fn take_retired(&mut self) -> Option<Retired> {
+        self.retired.take()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &HaConfig {
         &self.cfg
@@ -477,7 +495,7 @@ impl HaNode {
         protected_hosts.dedup();
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
-        self.rx = Receiver::default();
+        self.retired = Some(Retired(std::mem::take(&mut self.rx)));
         self.tx = Sender {
             next_seq: 1,
             last_progress: now,
@@ -512,7 +530,7 @@ impl HaNode {
         }
         self.role = Role::Backup;
         self.tx = Sender::default();
-        self.rx = Receiver::default();
+        self.retired = Some(Retired(std::mem::take(&mut self.rx)));
         // An active was just heard: the wait before an orphan takeover starts now,
         // not at this node's start.
         self.started = now;
@@ -951,9 +969,13 @@ impl HaNode {
                     // (both nodes lost state): serving beats not serving.
                     self.become_active(now);
                 }
-                // Drop what expired while waiting, so a takeover installs only live
-                // mappings and memory follows the active's table.
-                self.rx.store.retain(|_, (_, exp, _)| *exp > now);
+                // Drop what expired while waiting, so memory follows the active's
+                // table (a takeover skips expired entries anyway). Once per detection
+                // time: the scan visits the whole copy.
+                if now.since(self.last_sweep) >= self.cfg.detection {
+                    self.last_sweep = now;
+                    self.rx.store.retain(|_, (_, exp, _)| *exp > now);
+                }
             }
             Role::Draining => {
                 // The backup went away mid-handover: nobody will take over, so serve

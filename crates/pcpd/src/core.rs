@@ -74,6 +74,7 @@ pub struct Pair {
     /// them (a reply must never say less than the core's state).
     pub late: Vec<Held>,
     origin: Instant,
+    frame_buf: Vec<u8>,
 }
 
 impl Pair {
@@ -93,6 +94,7 @@ impl Pair {
             for_core: VecDeque::new(),
             late: Vec::new(),
             origin,
+            frame_buf: Vec::new(),
         }
     }
 
@@ -116,6 +118,16 @@ impl Pair {
         let now = self.now();
         self.node.handle_frame(frame, now);
         self.route_events(now);
+    }
+
+    /// Frees what a role change let go of (a million records take a while) on a
+    /// thread of its own, so a takeover does not wait for it.
+    fn free_retired(&mut self) {
+        if let Some(old) = self.node.take_retired() {
+            let _ = std::thread::Builder::new()
+                .name("pcpd-free".into())
+                .spawn(move || drop(old));
+        }
     }
 
     /// Runs HA timers and held-reply deadlines. Returns when to run again.
@@ -145,10 +157,12 @@ impl Pair {
     /// Frames to send to the peer now.
     pub fn transmit(&mut self, out: &mut Vec<Vec<u8>>) {
         let now = self.now();
-        let mut buf = vec![0u8; pcp_ha::wire::MAX_FRAME];
+        let mut buf = std::mem::take(&mut self.frame_buf);
+        buf.resize(pcp_ha::wire::MAX_FRAME, 0);
         while let Some(n) = self.node.poll_transmit(now, &mut buf) {
             out.push(buf[..n].to_vec());
         }
+        self.frame_buf = buf;
         // Transmitting may ask for a bulk chunk.
         self.route_events(now);
     }
@@ -156,6 +170,7 @@ impl Pair {
     /// Acknowledgements are handled here (held replies go out from this thread); the
     /// rest is for the core.
     fn route_events(&mut self, now: Time) {
+        self.free_retired();
         while let Some(ev) = self.node.poll_event() {
             match ev {
                 Event::Acked(cum) => self.release(cum, now),
