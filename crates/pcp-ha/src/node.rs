@@ -204,6 +204,9 @@ struct Receiver {
     handover_at: Option<u64>,
     /// The active's last sequence number as its heartbeat said.
     active_last_seq: u64,
+    /// Acknowledge no further than this (the shell's backpressure, see
+    /// [`HaNode::hold_acks`]).
+    ack_cap: Option<u64>,
 }
 
 /// One node.
@@ -415,6 +418,21 @@ impl HaNode {
         self.retired.take()
     }
 
+    /// Backup backpressure: while `hold` is true, acknowledgements (still sent, as
+    /// liveness) stop advancing, so the active's window fills and it stops sending
+    /// records until the shell caught up (a standby core applying a copy more slowly
+    /// than it arrives). Bounds what queues between this node and the shell.
+    pub fn hold_acks(&mut self, hold: bool) {
+        match (hold, self.rx.ack_cap) {
+            (true, None) => self.rx.ack_cap = Some(self.rx.applied),
+            (false, Some(_)) => {
+                self.rx.ack_cap = None;
+                self.rx.ack_due = true;
+            }
+            _ => {}
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &HaConfig {
         &self.cfg
@@ -483,16 +501,16 @@ impl HaNode {
         }
         let mut unprotected_hosts: Vec<IpAddr> = self.rx.unprotected.keys().copied().collect();
         unprotected_hosts.sort();
-        let mut protected_hosts: Vec<IpAddr> = self
-            .rx
-            .store
-            .iter()
-            .filter(|(_, (_, exp, _))| *exp > now)
-            .map(|(k, _)| k.internal)
-            .filter(|h| !self.rx.unprotected.contains_key(h))
-            .collect();
+        // A set first: a million mappings of a few thousand hosts, sorted whole, would
+        // cost a takeover tens of milliseconds.
+        let mut hosts = std::collections::HashSet::new();
+        for (k, (_, exp, _)) in &self.rx.store {
+            if *exp > now && !self.rx.unprotected.contains_key(&k.internal) {
+                hosts.insert(k.internal);
+            }
+        }
+        let mut protected_hosts: Vec<IpAddr> = hosts.into_iter().collect();
         protected_hosts.sort();
-        protected_hosts.dedup();
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
         self.retired = Some(Retired(std::mem::take(&mut self.rx)));
@@ -920,7 +938,11 @@ impl HaNode {
         let mut w = Writer::new(buf);
         let flags = u8::from(self.rx.ready);
         wire::write_header(&mut w, &self.header(kind, flags, self.rx.stream))?;
-        wire::write_u64(&mut w, self.rx.applied)?;
+        let applied = self
+            .rx
+            .ack_cap
+            .map_or(self.rx.applied, |c| c.min(self.rx.applied));
+        wire::write_u64(&mut w, applied)?;
         Some(w.len())
     }
 

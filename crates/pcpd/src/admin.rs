@@ -271,6 +271,9 @@ pub struct HaView {
     pub backup_status: &'static str,
     /// Mappings adopted at the last takeover.
     pub adopted: usize,
+    /// Backup: replicated changes not yet applied to the standby core (a takeover
+    /// applies them first).
+    pub standby_backlog: usize,
 }
 
 /// The pair-mode status of `core` (and its pair state, locked after the core).
@@ -294,6 +297,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
             stored: 0,
             backup_status,
             adopted: 0,
+            standby_backlog: 0,
         },
         Some(p) => {
             let st = p.node.status(p.now());
@@ -316,6 +320,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 stored: st.stored,
                 backup_status,
                 adopted: p.adopted,
+                standby_backlog: p.for_core.len(),
             }
         }
     }

@@ -46,6 +46,11 @@ pub struct Held {
     pub received: Instant,
 }
 
+/// Events queued for the core above which a backup holds its acknowledgements.
+const BACKLOG_HIGH: usize = 64 * 1024;
+/// ... and below which it releases them.
+const BACKLOG_LOW: usize = 16 * 1024;
+
 /// Pair mode state, behind its own lock (see the module doc).
 pub struct Pair {
     /// The HA state machine.
@@ -113,6 +118,18 @@ impl Pair {
         !self.for_core.is_empty() || !self.late.is_empty()
     }
 
+    /// Backup: holds acknowledgements while the core's queue is long (and releases them
+    /// once it is short), so the copy never runs further ahead of the standby core than
+    /// this: bounded memory, and "acknowledged" stays close to "installed".
+    fn backpressure(&mut self) {
+        let queued = self.for_core.len();
+        if queued > BACKLOG_HIGH {
+            self.node.hold_acks(true);
+        } else if queued < BACKLOG_LOW {
+            self.node.hold_acks(false);
+        }
+    }
+
     /// Handles a replication frame from the peer.
     pub fn frame(&mut self, frame: &[u8]) {
         let now = self.now();
@@ -171,6 +188,7 @@ impl Pair {
     /// rest is for the core.
     fn route_events(&mut self, now: Time) {
         self.free_retired();
+        self.backpressure();
         while let Some(ev) = self.node.poll_event() {
             match ev {
                 Event::Acked(cum) => self.release(cum, now),
@@ -475,12 +493,15 @@ impl Core {
                 };
                 let n = p.for_core.len().min(4096);
                 let events: Vec<Event> = p.for_core.drain(..n).collect();
+                p.backpressure();
                 (events, std::mem::take(&mut p.late))
             };
             if events.is_empty() && late.is_empty() {
                 return kicked;
             }
             let now = self.now();
+            // Acknowledgements may be due again (backpressure released).
+            kicked |= !events.is_empty();
             for ev in events {
                 kicked |= self.core_event(ev, now);
             }
