@@ -433,6 +433,12 @@ impl HaNode {
         }
     }
 
+    /// Raises the term to at least `term`: the highest term this node saw before a
+    /// restart (kept by the shell), so that it never takes a term already used.
+    pub fn set_term_floor(&mut self, term: u64) {
+        self.term = self.term.max(term);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &HaConfig {
         &self.cfg

@@ -337,7 +337,7 @@ fn pair_command(s: &Shared, f: fn(&mut Pair) -> Result<(), String>) -> Result<()
     let r = {
         let mut p = s.lock_pair().ok_or("pcpd is not in pair mode")?;
         let r = f(&mut p);
-        s.after_ha(&p);
+        s.after_ha(&mut p);
         r
     };
     s.kick();

@@ -80,6 +80,11 @@ pub struct Pair {
     pub late: Vec<Held>,
     origin: Instant,
     frame_buf: Vec<u8>,
+    /// When the HA node last promoted itself (the core logs how long carrying it out
+    /// took: applying the standby backlog, then the takeover).
+    pub promoted_at: Option<Instant>,
+    /// Where the term is kept across restarts, and the term last written there.
+    state_file: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Pair {
@@ -100,6 +105,32 @@ impl Pair {
             late: Vec::new(),
             origin,
             frame_buf: Vec::new(),
+            promoted_at: None,
+            state_file: None,
+        }
+    }
+
+    /// Keeps the term in `path` (see [`read_term`]); the node starts from the term
+    /// found there.
+    pub fn keep_term_in(&mut self, path: std::path::PathBuf, term: u64) {
+        self.node.set_term_floor(term);
+        self.state_file = Some((path, term));
+    }
+
+    /// Writes a new term to the state file before anything of that term goes out.
+    fn persist_term(&mut self) {
+        let term = self.node.term();
+        let Some((path, written)) = self.state_file.as_mut() else {
+            return;
+        };
+        if term <= *written {
+            return;
+        }
+        match write_term(path, term) {
+            Ok(()) => *written = term,
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), term, "cannot record the HA term")
+            }
         }
     }
 
@@ -192,6 +223,10 @@ impl Pair {
         while let Some(ev) = self.node.poll_event() {
             match ev {
                 Event::Acked(cum) => self.release(cum, now),
+                Event::Promoted { .. } => {
+                    self.promoted_at = Some(Instant::now());
+                    self.for_core.push_back(ev);
+                }
                 Event::Demoted { .. } => {
                     // Nothing held will be confirmed by this stream any more; the
                     // clients retransmit to whoever serves now.
@@ -213,6 +248,35 @@ impl Pair {
             send_held(&self.sockets, &mut self.latency, &h);
         }
     }
+}
+
+/// The term recorded in a state file: `Ok(0)` when there is none yet.
+pub fn read_term(path: &std::path::Path) -> Result<u64, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .find_map(|l| l.strip_prefix("term "))
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| format!("{}: no \"term N\" line", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes the term to a temporary file, syncs it and renames it over `path`: a crash
+/// leaves the old term or the new one, never a torn file.
+fn write_term(path: &std::path::Path, term: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "# pcpd HA state: the highest term this node has seen")?;
+    writeln!(f, "term {term}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn send_held(sockets: &[Arc<UdpSocket>], latency: &mut Latency, h: &Held) {
@@ -300,7 +364,8 @@ impl Shared {
 
     /// Publishes whether the HA node serves, and wakes the core task when the HA node
     /// queued work for it. Call after every HA operation, with the pair lock held.
-    pub fn after_ha(&self, pair: &Pair) {
+    pub fn after_ha(&self, pair: &mut Pair) {
+        pair.persist_term();
         self.node_serves
             .store(pair.node.serves(), Ordering::Release);
         if pair.core_work() {
@@ -679,16 +744,19 @@ impl Core {
         } else {
             mappings.len() - failures
         };
+        let mut promotion_ms = 0;
         if let Some(mut p) = self.lock_pair() {
             p.node.set_epoch_base(base);
             p.adopted = adopted;
             p.adopt_failures = failures;
+            promotion_ms = p.promoted_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         }
         tracing::warn!(
             term,
             adopted,
             failures,
             complete,
+            promotion_ms,
             announced = unprotected.len(),
             "took over as active"
         );

@@ -28,6 +28,9 @@ pub enum StartError {
     /// The server core refused the configuration.
     #[error("configuration: {0}")]
     Config(#[from] pcp_server::ConfigError),
+    /// The HA state file exists but cannot be read.
+    #[error("HA state file {0}")]
+    State(String),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -102,6 +105,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 origin,
             );
             pair.sockets = sockets.clone();
+            if let Some(path) = &ha.state_file {
+                let term = crate::core::read_term(path).map_err(StartError::State)?;
+                tracing::info!(term, path = %path.display(), "HA term from the state file");
+                pair.keep_term_in(path.clone(), term);
+            }
             Some((sock, pair))
         }
         None => None,
@@ -257,14 +265,14 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
                 && let Some(mut p) = shared.lock_pair()
             {
                 p.frame(&buf[..n]);
-                shared.after_ha(&p);
+                shared.after_ha(&mut p);
             }
         }
         let wake = match shared.lock_pair() {
             Some(mut p) => {
                 let wake = p.tick();
                 p.transmit(&mut out);
-                shared.after_ha(&p);
+                shared.after_ha(&mut p);
                 wake
             }
             None => return,
@@ -280,7 +288,7 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
                     if from.ip() == peer.ip() {
                         if let Some(mut p) = shared.lock_pair() {
                             p.frame(&buf[..n]);
-                            shared.after_ha(&p);
+                            shared.after_ha(&mut p);
                         }
                     } else {
                         tracing::warn!(%from, "replication frame from an unknown address dropped");

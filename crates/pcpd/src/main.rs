@@ -71,6 +71,7 @@ fn main() -> ExitCode {
             heartbeat_ms: 100,
             detection_ms: 800,
             ack_timeout_ms: 250,
+            state_file: None,
         });
         ha.listen = listen;
         ha.peer = peer;
