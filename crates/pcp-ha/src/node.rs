@@ -45,7 +45,7 @@ impl Default for HaConfig {
     fn default() -> Self {
         HaConfig {
             heartbeat: Duration::from_millis(100),
-            detection: Duration::from_millis(800),
+            detection: Duration::from_millis(500),
             retransmit: Duration::from_millis(150),
             join: Duration::from_millis(1000),
             max_log: 1 << 20,
@@ -103,7 +103,9 @@ pub enum Event {
         mappings: Vec<Mapping>,
         /// Hosts that also held unprotected mappings.
         unprotected_hosts: Vec<IpAddr>,
-        /// Hosts whose every mapping was checkpointed and is adopted.
+        /// Hosts whose every mapping was checkpointed and is adopted. Empty in standby
+        /// mode: they are the hosts of the shell's standby core that are not in
+        /// `unprotected_hosts`.
         protected_hosts: Vec<IpAddr>,
         /// The previous active's epoch base in local time, if it was heard.
         epoch_base: Option<Time>,
@@ -507,16 +509,19 @@ impl HaNode {
         }
         let mut unprotected_hosts: Vec<IpAddr> = self.rx.unprotected.keys().copied().collect();
         unprotected_hosts.sort();
-        // A set first: a million mappings of a few thousand hosts, sorted whole, would
-        // cost a takeover tens of milliseconds.
-        let mut hosts = std::collections::HashSet::new();
-        for (k, (_, exp, _)) in &self.rx.store {
-            if *exp > now && !self.rx.unprotected.contains_key(&k.internal) {
-                hosts.insert(k.internal);
+        // In standby mode the shell's core holds the same hosts and finds them there
+        // (a scan of a million stored records would delay the takeover).
+        let mut protected_hosts: Vec<IpAddr> = Vec::new();
+        if !self.cfg.standby {
+            let mut hosts = std::collections::HashSet::new();
+            for (k, (_, exp, _)) in &self.rx.store {
+                if *exp > now && !self.rx.unprotected.contains_key(&k.internal) {
+                    hosts.insert(k.internal);
+                }
             }
+            protected_hosts.extend(hosts);
+            protected_hosts.sort();
         }
-        let mut protected_hosts: Vec<IpAddr> = hosts.into_iter().collect();
-        protected_hosts.sort();
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
         self.retired = Some(Retired(std::mem::take(&mut self.rx)));

@@ -81,7 +81,7 @@ fn default_heartbeat_ms() -> u64 {
     100
 }
 fn default_detection_ms() -> u64 {
-    800
+    500
 }
 fn default_ack_timeout_ms() -> u64 {
     250

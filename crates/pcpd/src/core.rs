@@ -164,7 +164,9 @@ impl Pair {
     /// Handles a replication frame from the peer.
     pub fn frame(&mut self, frame: &[u8]) {
         let now = self.now();
+        let t = Instant::now();
         self.node.handle_frame(frame, now);
+        slow("handling a replication frame", t);
         self.route_events(now);
     }
 
@@ -182,7 +184,9 @@ impl Pair {
     pub fn tick(&mut self) -> Instant {
         let now = self.now();
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
+            let t = Instant::now();
             self.node.handle_timeout(now);
+            slow("running HA timers", t);
         }
         self.route_events(now);
         if self.held.first().is_some_and(|h| h.deadline <= now) {
@@ -247,6 +251,14 @@ impl Pair {
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
             send_held(&self.sockets, &mut self.latency, &h);
         }
+    }
+}
+
+/// Logs an HA node call that took long enough to matter for failure detection.
+fn slow(what: &str, since: Instant) {
+    let took = since.elapsed();
+    if took >= Duration::from_millis(20) {
+        tracing::info!(took_ms = took.as_millis() as u64, "{what}");
     }
 }
 
@@ -712,6 +724,18 @@ impl Core {
             self.reset_server(now);
         }
         if let Some(base) = epoch_base {
+            if mappings.is_empty() && protected.is_empty() {
+                // Standby: the hosts this core holds, less those known exposed.
+                let exposed: std::collections::HashSet<&IpAddr> = unprotected.iter().collect();
+                let hosts: Vec<IpAddr> = self
+                    .server
+                    .hosts()
+                    .filter(|h| !exposed.contains(h))
+                    .collect();
+                for host in hosts {
+                    self.server.epochs().set(host, base);
+                }
+            }
             for host in protected {
                 self.server.epochs().set(*host, base);
             }
