@@ -35,6 +35,11 @@ pub struct HaConfig {
     /// window. Keep it under the backup's UDP receive buffer, or a burst is dropped
     /// and only sent again after `retransmit`.
     pub window: usize,
+    /// Checkpointed mappings the backup's copy is sized for up front (the node's
+    /// checkpoint capacity): growing a table of a million entries stalls the
+    /// replication path for hundreds of milliseconds. Memory is touched only as
+    /// entries arrive.
+    pub expected: usize,
     /// Standby mode: the shell keeps a live copy in its own server from
     /// [`Event::Replica`] events, so a takeover has nothing left to install
     /// ([`Event::Promoted`] then carries no mappings).
@@ -55,9 +60,13 @@ impl Default for HaConfig {
             // that enlarges the buffer should enlarge this too.
             window: 128 * 1024,
             standby: false,
+            expected: 0,
         }
     }
 }
+
+/// How often a backup drops expired entries from its copy.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The role this node plays now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +220,14 @@ struct Receiver {
     ack_cap: Option<u64>,
 }
 
+impl Receiver {
+    fn sized(expected: usize) -> Receiver {
+        let mut rx = Receiver::default();
+        rx.store.reserve(expected);
+        rx
+    }
+}
+
 /// One node.
 #[derive(Debug)]
 pub struct HaNode {
@@ -257,7 +274,7 @@ impl HaNode {
             term: 0,
             started: now,
             tx: Sender::default(),
-            rx: Receiver::default(),
+            rx: Receiver::sized(cfg.expected),
             epoch_base: now,
             events: VecDeque::new(),
             fence_due: false,
@@ -559,7 +576,8 @@ impl HaNode {
         }
         self.role = Role::Backup;
         self.tx = Sender::default();
-        self.retired = Some(Retired(std::mem::take(&mut self.rx)));
+        let fresh = Receiver::sized(self.cfg.expected);
+        self.retired = Some(Retired(std::mem::replace(&mut self.rx, fresh)));
         // An active was just heard: the wait before an orphan takeover starts now,
         // not at this node's start.
         self.started = now;
@@ -1003,9 +1021,9 @@ impl HaNode {
                     self.become_active(now);
                 }
                 // Drop what expired while waiting, so memory follows the active's
-                // table (a takeover skips expired entries anyway). Once per detection
-                // time: the scan visits the whole copy.
-                if now.since(self.last_sweep) >= self.cfg.detection {
+                // table (a takeover skips expired entries anyway). Rarely: the scan
+                // visits the whole copy (tens of ms at a million).
+                if now.since(self.last_sweep) >= SWEEP_EVERY {
                     self.last_sweep = now;
                     self.rx.store.retain(|_, (_, exp, _)| *exp > now);
                 }

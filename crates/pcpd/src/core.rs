@@ -80,6 +80,7 @@ pub struct Pair {
     pub late: Vec<Held>,
     origin: Instant,
     frame_buf: Vec<u8>,
+    socket: Option<std::net::UdpSocket>,
     /// When the HA node last promoted itself (the core logs how long carrying it out
     /// took: applying the standby backlog, then the takeover).
     pub promoted_at: Option<Instant>,
@@ -105,6 +106,7 @@ impl Pair {
             late: Vec::new(),
             origin,
             frame_buf: Vec::new(),
+            socket: None,
             promoted_at: None,
             state_file: None,
         }
@@ -206,17 +208,29 @@ impl Pair {
         self.origin + Duration::from_millis(next.0)
     }
 
-    /// Frames to send to the peer now.
-    pub fn transmit(&mut self, out: &mut Vec<Vec<u8>>) {
+    /// Sends the peer whatever the HA node has to say now. Frames go out under the pair
+    /// lock, so that two threads transmitting never reorder them on the wire (a gap
+    /// would cost a go-back-N timeout).
+    pub fn transmit(&mut self) {
         let now = self.now();
         let mut buf = std::mem::take(&mut self.frame_buf);
         buf.resize(pcp_ha::wire::MAX_FRAME, 0);
         while let Some(n) = self.node.poll_transmit(now, &mut buf) {
-            out.push(buf[..n].to_vec());
+            if let Some(sock) = &self.socket
+                && let Err(e) = sock.send_to(&buf[..n], self.peer)
+            {
+                // A full send buffer loses the frame; go-back-N sends it again.
+                tracing::debug!(error = %e, peer = %self.peer, "replication send");
+            }
         }
         self.frame_buf = buf;
         // Transmitting may ask for a bulk chunk.
         self.route_events(now);
+    }
+
+    /// The replication socket frames are sent on (non-blocking).
+    pub fn set_socket(&mut self, sock: std::net::UdpSocket) {
+        self.socket = Some(sock);
     }
 
     /// Acknowledgements are handled here (held replies go out from this thread); the
@@ -356,11 +370,6 @@ impl Shared {
             kick_core: Arc::new(tokio::sync::Notify::new()),
             node_serves,
         }
-    }
-
-    /// Whether pair mode is configured.
-    pub fn has_pair(&self) -> bool {
-        self.pair.is_some()
     }
 
     /// Locks the core. A panic while holding the lock is a bug that already aborted a

@@ -89,6 +89,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 // nothing (issue: failover within a second with a million mappings).
                 standby: true,
                 window: replication_window(&sock),
+                expected: usize::try_from(config.server.checkpoint.capacity).unwrap_or(0),
                 ..HaConfig::default()
             };
             let mut node = HaNode::new(
@@ -158,7 +159,7 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
     let mut buf = vec![0u8; 2048];
     let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
+        let first = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
                 // ICMP errors from earlier sends surface here on some systems; keep going.
@@ -166,32 +167,57 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
                 continue;
             }
         };
-        let received = Instant::now();
-        // One lock per request: serve, and count the latency up to the reply being
-        // ready (sending is a non-blocking syscall right after).
-        let answer = {
-            let mut core = shared.lock();
-            let answer = core.handle(&buf[..n], src, index, received, &mut reply);
-            if matches!(answer, Reply::Send(_)) {
-                core.latency.record(received.elapsed());
+        serve_one(&sock, index, &shared, &buf[..first.0], first.1, &mut reply).await;
+        // Whatever else is already queued is served before the records go to the
+        // backup: one frame (and one acknowledgement) for the lot — group commit.
+        for _ in 1..BATCH {
+            match sock.try_recv_from(&mut buf) {
+                Ok((n, src)) => serve_one(&sock, index, &shared, &buf[..n], src, &mut reply).await,
+                Err(_) => break,
             }
-            answer
-        };
-        if shared.has_pair() {
-            // Records may have been queued for the backup: send them now.
-            shared.kick();
         }
-        // Held replies (waiting for the backup) are sent by the replication task.
-        if let Reply::Send(len) = answer {
-            let sent = match sock.try_send_to(&reply[..len], src) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    sock.send_to(&reply[..len], src).await.map(|_| ())
-                }
-                other => other.map(|_| ()),
-            };
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, %src, "send_to");
+        // Records queued for the backup go out now, from this task: no wake-up of the
+        // replication thread on a request's path.
+        if let Some(mut p) = shared.lock_pair() {
+            p.transmit();
+            shared.after_ha(&mut p);
+        }
+    }
+}
+
+/// Datagrams served per socket before the replication records they queued are sent.
+const BATCH: usize = 32;
+
+/// Serves one datagram; a reply to send now is sent (held replies are sent when the
+/// backup acknowledges, by whoever hears the acknowledgement).
+async fn serve_one(
+    sock: &UdpSocket,
+    index: usize,
+    shared: &Shared,
+    datagram: &[u8],
+    src: SocketAddr,
+    reply: &mut [u8],
+) {
+    let received = Instant::now();
+    // One lock per request: serve, and count the latency up to the reply being ready
+    // (sending is a non-blocking syscall right after).
+    let answer = {
+        let mut core = shared.lock();
+        let answer = core.handle(datagram, src, index, received, reply);
+        if matches!(answer, Reply::Send(_)) {
+            core.latency.record(received.elapsed());
+        }
+        answer
+    };
+    if let Reply::Send(len) = answer {
+        let sent = match sock.try_send_to(&reply[..len], src) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                sock.send_to(&reply[..len], src).await.map(|_| ())
             }
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, %src, "send_to");
         }
     }
 }
@@ -220,6 +246,16 @@ fn replication_window(sock: &UdpSocket) -> usize {
 /// timers and heartbeats must never wait for the PCP path or the core lock, even on a
 /// one-thread runtime or while the core is busy for a long time.
 pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
+    // Frames go out on a second handle of the socket, from whichever thread has them
+    // (the PCP path sends its records itself); this thread receives.
+    match sock.set_nonblocking(true).and_then(|()| sock.try_clone()) {
+        Ok(tx) => {
+            if let Some(mut p) = shared.lock_pair() {
+                p.set_socket(tx);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "replication socket"),
+    }
     let spawned = std::thread::Builder::new()
         .name("pcpd-ha".into())
         .spawn(move || {
@@ -234,10 +270,7 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
                 }
             };
             rt.block_on(async move {
-                match sock
-                    .set_nonblocking(true)
-                    .and_then(|()| UdpSocket::from_std(sock))
-                {
+                match UdpSocket::from_std(sock) {
                     Ok(sock) => replicate(sock, shared).await,
                     Err(e) => tracing::error!(error = %e, "replication socket"),
                 }
@@ -253,7 +286,6 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
 /// pair lock; work for the core is queued and the core task woken.
 async fn replicate(sock: UdpSocket, shared: Shared) {
     let mut buf = vec![0u8; 65536];
-    let mut out = Vec::new();
     let Some(peer) = shared.lock_pair().map(|p| p.peer) else {
         return;
     };
@@ -271,17 +303,12 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
         let wake = match shared.lock_pair() {
             Some(mut p) => {
                 let wake = p.tick();
-                p.transmit(&mut out);
+                p.transmit();
                 shared.after_ha(&mut p);
                 wake
             }
             None => return,
         };
-        for frame in out.drain(..) {
-            if let Err(e) = sock.send_to(&frame, peer).await {
-                tracing::debug!(error = %e, %peer, "replication send");
-            }
-        }
         tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
