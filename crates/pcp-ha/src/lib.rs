@@ -15,6 +15,8 @@
 //! node that hears a higher term steps down; a promotion takes a new term.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod node;
 pub mod wire;
 

@@ -228,6 +228,9 @@ impl Receiver {
     }
 }
 
+/// The largest term or sequence number a frame may carry (see `handle_frame`).
+const MAX_NUMBER: u64 = 1 << 62;
+
 /// One node.
 #[derive(Debug)]
 pub struct HaNode {
@@ -590,6 +593,12 @@ impl HaNode {
             return;
         };
         if h.sender == self.incarnation {
+            return;
+        }
+        // Terms and sequence numbers grow one step at a time and never come near
+        // 2^62: a frame claiming more is corrupt or forged, and the arithmetic on it
+        // (next term, first + count) would overflow. Found by the `decode` fuzz target.
+        if h.term > MAX_NUMBER || r.clone().u64().is_ok_and(|seq| seq > MAX_NUMBER) {
             return;
         }
         if h.term > self.term {

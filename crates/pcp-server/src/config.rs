@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub policy: Vec<PolicyRule>,
     /// Request-handling limits and permissions.
     pub mapping: MappingConfig,
+    /// Per-host request-rate limits (abuse resistance).
+    pub limits: LimitsConfig,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +39,40 @@ impl Default for ServerConfig {
             checkpoint: CheckpointConfig::default(),
             policy: Vec::new(),
             mapping: MappingConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// Per-host request-rate limiting (see `guard.rs`): checked first for every datagram,
+/// before anything costly.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Datagrams per second one host may send, sustained; beyond, they are dropped
+    /// silently. 0 turns limiting off. A PCP client sends a few per mapping lifetime;
+    /// the default leaves room for THIRD_PARTY proxies and NAT-PMP bursts.
+    pub host_rate: f64,
+    /// Datagrams one host may send in a burst.
+    pub host_burst: u32,
+    /// Hosts whose buckets are tracked at once (per generation; memory is at most
+    /// about 2 × this × 64 octets). Hosts beyond share one overflow bucket.
+    pub max_hosts: usize,
+    /// IPv6 sources are limited per prefix of this length (a host owns its /64).
+    pub ipv6_prefix: u8,
+    /// Datagrams per second all untracked hosts together may send (only used while
+    /// `max_hosts` are tracked: a flood of spoofed sources).
+    pub overflow_rate: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            host_rate: 1000.0,
+            host_burst: 2000,
+            max_hosts: 65_536,
+            ipv6_prefix: 64,
+            overflow_rate: 5000.0,
         }
     }
 }
@@ -389,6 +425,31 @@ impl ServerConfig {
                     "must be a non-negative number",
                 ));
             }
+        }
+        let lim = &self.limits;
+        if !(lim.host_rate.is_finite() && lim.host_rate >= 0.0) {
+            return Err(invalid("limits.host_rate", "must be a non-negative number"));
+        }
+        if !(lim.overflow_rate.is_finite() && lim.overflow_rate >= 0.0) {
+            return Err(invalid(
+                "limits.overflow_rate",
+                "must be a non-negative number",
+            ));
+        }
+        if lim.host_rate > 0.0 && lim.host_burst == 0 {
+            return Err(invalid(
+                "limits.host_burst",
+                "at least 1 when limiting is on",
+            ));
+        }
+        if lim.host_rate > 0.0 && lim.max_hosts < 2 {
+            return Err(invalid(
+                "limits.max_hosts",
+                "at least 2 when limiting is on",
+            ));
+        }
+        if lim.ipv6_prefix > 128 {
+            return Err(invalid("limits.ipv6_prefix", "at most 128"));
         }
         for (i, e) in self.subscribers.entries.iter().enumerate() {
             if !self.tiers.contains_key(&e.tier) {

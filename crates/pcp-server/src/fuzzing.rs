@@ -65,6 +65,12 @@ fn config() -> ServerConfig {
     cfg.checkpoint.without_backup = WithoutBackup::Honour;
     cfg.mapping.third_party_prefixes = vec!["10.9.0.0/16".parse().unwrap()];
     cfg.mapping.max_filters = 2;
+    // A tight per-host limit, so sessions also go through the limiter's drops and
+    // generation changes.
+    cfg.limits.host_rate = 20.0;
+    cfg.limits.host_burst = 24;
+    cfg.limits.max_hosts = 4;
+    cfg.limits.overflow_rate = 10.0;
     cfg.policy = vec![
         PolicyRule {
             name: "sip".into(),

@@ -61,6 +61,8 @@ pub struct Stats {
     answered: [[u64; RESULTS + 1]; 5],
     /// Datagrams dropped without an answer.
     pub dropped: u64,
+    /// Datagrams dropped by the per-host rate limit (not in `dropped`).
+    pub rate_limited: u64,
     decisions: [u64; Reason::CODES.len()],
     /// Mappings removed because their lifetime ended.
     pub expired: u64,
@@ -71,6 +73,7 @@ impl Default for Stats {
         Stats {
             answered: [[0; RESULTS + 1]; 5],
             dropped: 0,
+            rate_limited: 0,
             decisions: [0; Reason::CODES.len()],
             expired: 0,
         }
@@ -87,6 +90,16 @@ impl Stats {
             .unwrap_or(3);
         let c = usize::from(code.to_u8()).min(RESULTS);
         self.answered[k][c] += 1;
+    }
+
+    /// Takes back one count (a reply that was rewritten before it went out).
+    pub fn retract(&mut self, kind: RequestKind, code: ResultCode) {
+        let k = RequestKind::ALL
+            .iter()
+            .position(|x| *x == kind)
+            .unwrap_or(3);
+        let c = usize::from(code.to_u8()).min(RESULTS);
+        self.answered[k][c] = self.answered[k][c].saturating_sub(1);
     }
 
     /// Counts a checkpoint decision.

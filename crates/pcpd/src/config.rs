@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use pcp_server::ServerConfig;
 use pcp_server::config::{
-    CheckpointConfig, LifetimeConfig, MappingConfig, PolicyRule, PoolConfig, SubscriberConfig,
-    TierConfig,
+    CheckpointConfig, LifetimeConfig, LimitsConfig, MappingConfig, PolicyRule, PoolConfig,
+    SubscriberConfig, TierConfig,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -22,7 +22,7 @@ pub struct DaemonSection {
     pub listen: Vec<SocketAddr>,
     /// Admin HTTP API address.
     pub admin: SocketAddr,
-    /// Data plane: `"memory"` (default).
+    /// Data plane: `"memory"` (default) or `"nftables"` (see `[nftables]`).
     pub dataplane: DataPlaneKind,
     /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG`.
     pub log: String,
@@ -75,6 +75,15 @@ pub struct HaSection {
     /// term 0 and learns the current term on contact.
     #[serde(default)]
     pub state_file: Option<std::path::PathBuf>,
+    /// The backup installs replicated mappings into its own data plane as they arrive
+    /// (true), or only when it takes over (false). See docs/BENCHMARKS.md for which
+    /// fails over faster.
+    #[serde(default = "default_preinstall")]
+    pub preinstall: bool,
+}
+
+fn default_preinstall() -> bool {
+    true
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -104,6 +113,34 @@ pub enum DataPlaneKind {
     /// Record mappings in memory (no privileges; enforces nothing).
     #[default]
     Memory,
+    /// Drive the Linux kernel's NAT through an nftables table of pcpd's own.
+    Nftables,
+}
+
+/// The nftables data plane (`dataplane = "nftables"`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NftablesSection {
+    /// The table (family `inet`) pcpd owns; it never touches another.
+    pub table: String,
+    /// Delete the table when pcpd stops cleanly (SIGTERM/SIGINT).
+    pub remove_on_exit: bool,
+    /// Most elements each of the table's maps and sets may hold; beyond, requests get
+    /// NO_RESOURCES. 0: no limit but the kernel's memory.
+    pub max_elements: u32,
+    /// The `nft` binary that declares the table at start.
+    pub nft: String,
+}
+
+impl Default for NftablesSection {
+    fn default() -> Self {
+        NftablesSection {
+            table: "pcpd".into(),
+            remove_on_exit: true,
+            max_elements: 0,
+            nft: "nft".into(),
+        }
+    }
 }
 
 /// The whole file. The server sections mirror [`ServerConfig`] so that one
@@ -119,7 +156,9 @@ struct File {
     checkpoint: CheckpointConfig,
     policy: Vec<PolicyRule>,
     mapping: MappingConfig,
+    limits: LimitsConfig,
     ha: Option<HaSection>,
+    nftables: NftablesSection,
 }
 
 /// Everything pcpd runs with.
@@ -133,6 +172,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Pair mode, when configured.
     pub ha: Option<HaSection>,
+    /// The nftables data plane's settings.
+    pub nftables: NftablesSection,
 }
 
 /// A configuration pcpd cannot run with.
@@ -169,6 +210,7 @@ impl Config {
             daemon: DaemonSection::default(),
             server: ServerConfig::default(),
             ha: None,
+            nftables: NftablesSection::default(),
         }
     }
 
@@ -212,6 +254,7 @@ impl Config {
             checkpoint: file.checkpoint,
             policy: file.policy,
             mapping: file.mapping,
+            limits: file.limits,
             ..ServerConfig::default()
         };
         if let Some(tiers) = file.tiers {
@@ -222,6 +265,19 @@ impl Config {
                 invalid(line_of_key(text, &key), key, problem)
             }
         })?;
+        let nft = &file.nftables;
+        if nft.table.is_empty()
+            || !nft
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                line_of_key(text, "nftables.table"),
+                "nftables.table".into(),
+                format!("{:?}: letters, digits, '_' and '-' only", nft.table),
+            ));
+        }
         if let Some(ha) = &file.ha
             && ha.detection_ms <= 2 * ha.heartbeat_ms
         {
@@ -236,6 +292,7 @@ impl Config {
             daemon: file.pcpd,
             server,
             ha: file.ha,
+            nftables: file.nftables,
         })
     }
 }
@@ -340,6 +397,25 @@ mod tests {
     fn syntax_errors_have_a_line() {
         let (line, _, _) = err("[pool]\nport_min = = 3\n");
         assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn nftables_section_is_checked() {
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[pcpd]\ndataplane = \"nftables\"\n[nftables]\ntable = \"edge\"\nmax_elements = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.dataplane, DataPlaneKind::Nftables);
+        assert_eq!(
+            (c.nftables.table.as_str(), c.nftables.max_elements),
+            ("edge", 10)
+        );
+        assert!(c.nftables.remove_on_exit);
+        let (line, key, _) = err("[nftables]\n\ntable = \"a b\"\n");
+        assert_eq!((line, key.as_str()), (3, "nftables.table"));
+        let (line, key, _) = err("[pcpd]\ndataplane = \"iptables\"\n");
+        assert_eq!((line, key.as_str()), (2, "pcpd.dataplane"));
     }
 
     #[test]

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pcp_dataplane::{DataPlane, Op};
+use pcp_dataplane::{DataPlane, DataPlaneError, Op};
 use pcp_ha::{Event, HaNode};
-use pcp_proto::OptionCode;
+use pcp_proto::{OptionCode, ResultCode};
 use pcp_server::{BackupStatus, Change, Effect, Reply, Server, Time};
 use tokio::net::UdpSocket;
 
@@ -326,6 +326,9 @@ pub struct Core {
     pub latency: Latency,
     /// Data plane batches that failed (each is logged).
     pub dataplane_failures: u64,
+    /// A batch failed outside a request (expiry, mirroring, takeover): the data plane
+    /// may differ from the core's table until the next reconcile.
+    pub dataplane_dirty: bool,
     /// Pair mode, when configured (its own lock).
     pub pair: Option<Arc<Mutex<Pair>>>,
     /// The PCP listen sockets (ANNOUNCEs and late replies go out on them).
@@ -420,6 +423,7 @@ impl Core {
             config,
             latency: Latency::default(),
             dataplane_failures: 0,
+            dataplane_dirty: false,
             serving: pair.is_none(),
             pair: pair.map(|p| Arc::new(Mutex::new(p))),
             sockets: Vec::new(),
@@ -478,34 +482,46 @@ impl Core {
             return Reply::Drop;
         }
         let now = self.now();
+        // Expiry first, in its own batch: the request's batch then holds only what the
+        // request did, and a refusal takes back exactly that.
+        self.server.expire(now, &mut self.effects);
+        self.apply_effects(now);
         let r = self
             .server
             .handle(datagram, src, now, reply, &mut self.effects);
+        let held = match r {
+            Reply::Hold(n) if self.pair.is_some() => Some(Held {
+                seq: 0,
+                reply: reply[..n].to_vec(),
+                to: src,
+                socket,
+                key: held_key(&reply[..n], src),
+                at: now,
+                deadline: now,
+                received,
+            }),
+            _ => None,
+        };
+        if let Err(e) = self.apply_effects_holding(now, held, true) {
+            // No false SUCCESS: the kernel does not translate what the reply would
+            // promise. The request is taken back and answered with the error; the
+            // backup never heard of it (its records were withheld), so the take-back's
+            // records, which cancel them, are dropped too.
+            let code = match e {
+                DataPlaneError::Failure(_) => ResultCode::NetworkFailure,
+                DataPlaneError::NoResources(_) => ResultCode::NoResources,
+            };
+            let r = self
+                .server
+                .refuse(datagram, src, now, code, reply, &mut self.effects);
+            self.effects.clear();
+            return r;
+        }
         match r {
-            Reply::Hold(n) if self.pair.is_some() => {
-                let key = held_key(&reply[..n], src);
-                let held = Held {
-                    seq: 0,
-                    reply: reply[..n].to_vec(),
-                    to: src,
-                    socket,
-                    key,
-                    at: now,
-                    deadline: now,
-                    received,
-                };
-                self.apply_effects_holding(now, Some(held));
-                Reply::Drop
-            }
+            Reply::Hold(_) if self.pair.is_some() => Reply::Drop,
             // Without a pair the core never holds (its backup status stays `None`).
-            Reply::Hold(n) => {
-                self.apply_effects(now);
-                Reply::Send(n)
-            }
-            other => {
-                self.apply_effects(now);
-                other
-            }
+            Reply::Hold(n) => Reply::Send(n),
+            other => other,
         }
     }
 
@@ -514,17 +530,51 @@ impl Core {
         let now = self.now();
         self.server.expire(now, &mut self.effects);
         self.apply_effects(now);
+        if self.dataplane_dirty {
+            let _ = self.reconcile();
+        }
     }
 
-    /// Carries out pending effects: data plane operations as one batch, replication
-    /// records to the HA node. Returns the last sequence number queued (0: none).
+    /// Makes the data plane hold exactly the core's mappings.
+    pub fn reconcile(&mut self) -> Result<(), DataPlaneError> {
+        let entries: Vec<pcp_dataplane::Entry> = self
+            .server
+            .mappings()
+            .map(|m| pcp_server::entry_of(&m.key, m.external, &m.filters))
+            .collect();
+        let r = self.dataplane.reconcile(&entries);
+        match &r {
+            Ok(()) => {
+                if self.dataplane_dirty {
+                    tracing::info!(entries = entries.len(), "data plane reconciled");
+                }
+                self.dataplane_dirty = false;
+            }
+            Err(e) => tracing::error!(error = %e, "reconciling the data plane"),
+        }
+        r
+    }
+
+    /// Carries out pending effects that are not a client's request (expiry, mirroring,
+    /// takeover): data plane operations as one batch, replication records to the HA
+    /// node. A failed batch is logged and counted and the data plane marked for a
+    /// reconcile; the core has moved on regardless. Returns the last sequence number
+    /// queued (0: none).
     fn apply_effects(&mut self, now: Time) -> u64 {
-        self.apply_effects_holding(now, None)
+        self.apply_effects_holding(now, None, false).unwrap_or(0)
     }
 
     /// [`Core::apply_effects`], and holds `held` (if any) until the backup acknowledged
     /// the records just queued. The pair lock is taken once, after the data plane.
-    fn apply_effects_holding(&mut self, now: Time, held: Option<Held>) -> u64 {
+    /// For a client's `request` the data plane goes first and must succeed: on failure
+    /// nothing is queued for the backup, nothing is held, and the error is returned
+    /// (the caller refuses the request).
+    fn apply_effects_holding(
+        &mut self,
+        now: Time,
+        held: Option<Held>,
+        request: bool,
+    ) -> Result<u64, DataPlaneError> {
         self.ops.clear();
         self.changes.clear();
         for e in self.effects.drain(..) {
@@ -537,13 +587,19 @@ impl Core {
             && let Err(e) = self.dataplane.apply(&self.ops)
         {
             self.dataplane_failures += 1;
-            tracing::error!(error = %e, ops = self.ops.len(), "data plane batch failed");
+            if request {
+                tracing::warn!(error = %e, ops = self.ops.len(), "data plane refused a request's batch");
+                self.changes.clear();
+                return Err(e);
+            }
+            tracing::error!(error = %e, ops = self.ops.len(), "data plane batch failed; reconciling at the next tick");
+            self.dataplane_dirty = true;
         }
         if self.changes.is_empty() && held.is_none() {
-            return 0;
+            return Ok(0);
         }
         let Some(pair) = self.pair.as_deref() else {
-            return 0;
+            return Ok(0);
         };
         let mut p = lock_pair(pair);
         let mut seq = 0;
@@ -564,38 +620,38 @@ impl Core {
                 p.held.push(h);
             }
         }
-        seq
+        Ok(seq)
     }
 
-    /// Carries out what the HA node queued for the core: bulk chunks, standby
-    /// mirroring, promotion, step-down, and late replies. Returns whether the
-    /// replication thread has something new to send.
-    pub fn ha_work(&mut self) -> bool {
-        let mut kicked = false;
-        loop {
-            let (events, late) = {
-                let Some(mut p) = self.lock_pair() else {
-                    return false;
-                };
-                let n = p.for_core.len().min(4096);
-                let events: Vec<Event> = p.for_core.drain(..n).collect();
-                p.backpressure();
-                (events, std::mem::take(&mut p.late))
+    /// Carries out one batch of what the HA node queued for the core: bulk chunks,
+    /// standby mirroring, promotion, step-down, and late replies. Returns whether the
+    /// replication thread has something new to send, and whether more is queued (the
+    /// caller releases the core lock between batches, so that requests and the admin
+    /// API are not shut out while a copy streams in).
+    pub fn ha_work(&mut self) -> (bool, bool) {
+        let (events, late, more) = {
+            let Some(mut p) = self.lock_pair() else {
+                return (false, false);
             };
-            if events.is_empty() && late.is_empty() {
-                return kicked;
-            }
-            let now = self.now();
-            // Acknowledgements may be due again (backpressure released).
-            kicked |= !events.is_empty();
-            for ev in events {
-                kicked |= self.core_event(ev, now);
-            }
-            if !late.is_empty() {
-                self.late_replies(late, now);
-                kicked = true;
-            }
+            let n = p.for_core.len().min(4096);
+            let events: Vec<Event> = p.for_core.drain(..n).collect();
+            p.backpressure();
+            (events, std::mem::take(&mut p.late), !p.for_core.is_empty())
+        };
+        if events.is_empty() && late.is_empty() {
+            return (false, more);
         }
+        let now = self.now();
+        // Acknowledgements may be due again (backpressure released).
+        let mut kicked = !events.is_empty();
+        for ev in events {
+            kicked |= self.core_event(ev, now);
+        }
+        if !late.is_empty() {
+            self.late_replies(late, now);
+            kicked = true;
+        }
+        (kicked, more)
     }
 
     fn core_event(&mut self, ev: Event, now: Time) -> bool {
@@ -696,6 +752,7 @@ impl Core {
             && let Err(e) = self.dataplane.apply(&removals)
         {
             tracing::error!(error = %e, "clearing the data plane");
+            self.dataplane_dirty = true;
         }
         self.seed = self.seed.wrapping_add(1);
         if let Ok(s) = Server::new(self.config.server.clone(), now, self.seed) {
@@ -815,7 +872,8 @@ impl Core {
                     .iter()
                     .any(|e| matches!(e, Effect::Replicate(Change::Host { .. })));
                 if exposes {
-                    self.apply_effects_holding(now, Some(h));
+                    // Not a client's request: a data plane failure is healed later.
+                    let _ = self.apply_effects_holding(now, Some(h), false);
                     continue;
                 }
             }
@@ -873,5 +931,87 @@ fn held_key(reply: &[u8], src: SocketAddr) -> pcp_server::MappingKey {
         protocol: m.protocol,
         internal_port: m.internal_port,
         remote,
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_dataplane::memory::MemoryDataPlane;
+    use pcp_proto::{Body, MapBody, Options, Request, Response};
+
+    /// The memory data plane, refusing every batch while `refuse` is set.
+    struct Flaky {
+        inner: MemoryDataPlane,
+        refuse: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl DataPlane for Flaky {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(DataPlaneError::Failure("injected".into()));
+            }
+            self.inner.apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.reconcile(entries)
+        }
+    }
+
+    fn map_request(port: u16, lifetime: u32) -> Vec<u8> {
+        let req = Request {
+            lifetime,
+            client_addr: "10.0.0.1".parse().unwrap(),
+            body: Body::Map(MapBody {
+                nonce: [7; 12],
+                protocol: 17,
+                internal_port: port,
+                external_port: 0,
+                external_addr: "0.0.0.0".parse().unwrap(),
+            }),
+            options: Options::EMPTY,
+            pa_result_code: ResultCode::Success,
+        };
+        let mut buf = vec![0u8; 1100];
+        let n = req.emit(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn a_refused_batch_is_answered_with_network_failure_and_leaves_nothing() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let dp = Flaky {
+            inner: MemoryDataPlane::new(),
+            refuse: refuse.clone(),
+        };
+        let mut core = Core::new(server, Box::new(dp), config, Instant::now(), 1, None);
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let mut reply = vec![0u8; 1100];
+        let r = core.handle(&map_request(5000, 3600), src, 0, Instant::now(), &mut reply);
+        let Reply::Send(n) = r else { panic!("{r:?}") };
+        let resp = Response::parse(&reply[..n]).unwrap();
+        assert_eq!(resp.result_code, ResultCode::NetworkFailure);
+        assert_eq!(resp.lifetime, 30, "short error lifetime");
+        assert_eq!(core.server.mapping_count(), 0);
+        assert_eq!(core.dataplane.len(), 0);
+        assert_eq!(core.dataplane_failures, 1);
+        // Once the data plane works again the same request succeeds.
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        let r = core.handle(&map_request(5000, 3600), src, 0, Instant::now(), &mut reply);
+        let Reply::Send(n) = r else { panic!("{r:?}") };
+        assert_eq!(
+            Response::parse(&reply[..n]).unwrap().result_code,
+            ResultCode::Success
+        );
+        assert_eq!((core.server.mapping_count(), core.dataplane.len()), (1, 1));
+        core.server.check_invariants().unwrap();
     }
 }

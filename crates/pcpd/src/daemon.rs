@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcp_dataplane::DataPlane;
 use pcp_dataplane::memory::MemoryDataPlane;
+use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
 use pcp_server::{Reply, Server};
 use tokio::net::UdpSocket;
 
@@ -31,6 +33,9 @@ pub enum StartError {
     /// The HA state file exists but cannot be read.
     #[error("HA state file {0}")]
     State(String),
+    /// The data plane could not start.
+    #[error("data plane: {0}")]
+    DataPlane(String),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -45,8 +50,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
-    let dataplane = match config.daemon.dataplane {
+    let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
+        DataPlaneKind::Nftables => {
+            let n = &config.nftables;
+            let dp = NftDataPlane::open(NftConfig {
+                table: n.table.clone(),
+                remove_on_exit: n.remove_on_exit,
+                max_elements: (n.max_elements > 0).then_some(n.max_elements),
+                nft: n.nft.clone(),
+            })
+            .map_err(|e| StartError::DataPlane(e.to_string()))?;
+            tracing::info!(table = %n.table, "nftables table declared (inet family)");
+            Box::new(dp)
+        }
     };
     let mut sockets = Vec::new();
     for addr in &config.daemon.listen {
@@ -85,9 +102,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 heartbeat: Duration::from_millis(ha.heartbeat_ms),
                 detection: Duration::from_millis(ha.detection_ms),
                 join: Duration::from_millis(ha.detection_ms + ha.detection_ms / 4),
-                // The backup keeps its core and data plane in step: a takeover installs
-                // nothing (issue: failover within a second with a million mappings).
-                standby: true,
+                // The backup keeps its core and data plane in step (`preinstall`, the
+                // default): a takeover installs nothing (issue: failover within a second
+                // with a million mappings).
+                standby: ha.preinstall,
                 window: replication_window(&sock),
                 expected: usize::try_from(config.server.checkpoint.capacity).unwrap_or(0),
                 ..HaConfig::default()
@@ -149,8 +167,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
-    signals.run(shared).await;
+    signals.run(shared.clone()).await;
     tracing::info!("pcpd stopping");
+    if let Err(e) = shared.lock().dataplane.shutdown() {
+        tracing::error!(error = %e, "data plane shutdown");
+    }
     Ok(())
 }
 
@@ -334,9 +355,16 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
 async fn core_work(shared: Shared) {
     loop {
         shared.kick_core.notified().await;
-        let kick = shared.lock().ha_work();
-        if kick {
-            shared.kick();
+        loop {
+            let (kick, more) = shared.lock().ha_work();
+            if kick {
+                shared.kick();
+            }
+            if !more {
+                break;
+            }
+            // The core lock was released: let requests and the admin API in.
+            tokio::task::yield_now().await;
         }
     }
 }

@@ -72,6 +72,7 @@ fn main() -> ExitCode {
             detection_ms: 500,
             ack_timeout_ms: 250,
             state_file: None,
+            preinstall: true,
         });
         ha.listen = listen;
         ha.peer = peer;
