@@ -259,7 +259,14 @@ pub struct HaNode {
 
 /// State a node let go of (see [`HaNode::take_retired`]).
 #[derive(Debug)]
-pub struct Retired(#[allow(dead_code)] Receiver);
+pub struct Retired(#[allow(dead_code)] Vec<Junk>);
+
+/// What [`Retired`] holds.
+#[derive(Debug)]
+enum Junk {
+    Copy(#[allow(dead_code)] Receiver),
+    Log(#[allow(dead_code)] VecDeque<LogEntry>),
+}
 
 impl HaNode {
     /// A node that starts as active (`true`: it first listens for an existing active
@@ -371,7 +378,7 @@ impl HaNode {
         if self.tx.log.len() > self.cfg.max_log {
             // The backup cannot keep up: forget the log (bounded memory) and resync it
             // with a fresh bulk copy once it is heard again.
-            self.tx.log.clear();
+            self.drop_log();
             self.tx.bulk_cursor = None;
             self.tx.peer_ready = false;
             self.start_bulk(now);
@@ -438,6 +445,22 @@ impl HaNode {
     /// (it is freed at the next role change otherwise).
     pub fn take_retired(&mut self) -> Option<Retired> {
         self.retired.take()
+    }
+
+    /// Keeps what a role change let go of for the shell to free elsewhere.
+    fn retire(&mut self, junk: Junk) {
+        self.retired
+            .get_or_insert_with(|| Retired(Vec::new()))
+            .0
+            .push(junk);
+    }
+
+    /// Forgets the send log (a fresh copy replaces it), freeing it elsewhere.
+    fn drop_log(&mut self) {
+        let old = std::mem::take(&mut self.tx.log);
+        if !old.is_empty() {
+            self.retire(Junk::Log(old));
+        }
     }
 
     /// Backup backpressure: while `hold` is true, acknowledgements (still sent, as
@@ -544,7 +567,8 @@ impl HaNode {
         }
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
-        self.retired = Some(Retired(std::mem::take(&mut self.rx)));
+        let old = std::mem::take(&mut self.rx);
+        self.retire(Junk::Copy(old));
         self.tx = Sender {
             next_seq: 1,
             last_progress: now,
@@ -578,9 +602,11 @@ impl HaNode {
             self.events.push_back(Event::Demoted { term });
         }
         self.role = Role::Backup;
-        self.tx = Sender::default();
+        let old = std::mem::take(&mut self.tx);
+        self.retire(Junk::Log(old.log));
         let fresh = Receiver::sized(self.cfg.expected);
-        self.retired = Some(Retired(std::mem::replace(&mut self.rx, fresh)));
+        let old = std::mem::replace(&mut self.rx, fresh);
+        self.retire(Junk::Copy(old));
         // An active was just heard: the wait before an orphan takeover starts now,
         // not at this node's start.
         self.started = now;
@@ -640,7 +666,7 @@ impl HaNode {
                         // The backup lost the thread (new, restarted, or too far
                         // behind): it gets a fresh full copy.
                         self.tx.peer_ready = false;
-                        self.tx.log.clear();
+                        self.drop_log();
                         self.tx.bulk_cursor = None;
                         self.start_bulk(now);
                     }

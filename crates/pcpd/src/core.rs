@@ -382,8 +382,12 @@ impl Shared {
     }
 
     /// Locks the pair state (pair mode). Never wait for the core while holding it.
-    pub fn lock_pair(&self) -> Option<MutexGuard<'_, Pair>> {
-        self.pair.as_ref().map(|p| lock_pair(p))
+    #[track_caller]
+    pub fn lock_pair(&self) -> Option<PairGuard<'_>> {
+        match &self.pair {
+            Some(p) => Some(lock_pair(p)),
+            None => None,
+        }
     }
 
     /// Publishes whether the HA node serves, and wakes the core task when the HA node
@@ -403,8 +407,51 @@ impl Shared {
     }
 }
 
-fn lock_pair(p: &Mutex<Pair>) -> MutexGuard<'_, Pair> {
-    p.lock().unwrap_or_else(|p| p.into_inner())
+/// The pair lock, held. Waiting for it or holding it long enough to delay heartbeats
+/// is logged with the place that did it (the replication thread needs it for every
+/// frame and timer).
+pub struct PairGuard<'a> {
+    guard: MutexGuard<'a, Pair>,
+    since: Instant,
+    at: &'static std::panic::Location<'static>,
+}
+
+/// Waits or holds longer than this are logged.
+const PAIR_LOCK_SLOW: Duration = Duration::from_millis(50);
+
+#[track_caller]
+fn lock_pair(p: &Mutex<Pair>) -> PairGuard<'_> {
+    let at = std::panic::Location::caller();
+    let asked = Instant::now();
+    let guard = p.lock().unwrap_or_else(|p| p.into_inner());
+    let since = Instant::now();
+    let waited = since - asked;
+    if waited >= PAIR_LOCK_SLOW {
+        tracing::info!(waited_ms = waited.as_millis() as u64, at = %at, "waited for the pair lock");
+    }
+    PairGuard { guard, since, at }
+}
+
+impl std::ops::Deref for PairGuard<'_> {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for PairGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Pair {
+        &mut self.guard
+    }
+}
+
+impl Drop for PairGuard<'_> {
+    fn drop(&mut self) {
+        let held = self.since.elapsed();
+        if held >= PAIR_LOCK_SLOW {
+            tracing::info!(held_ms = held.as_millis() as u64, at = %self.at, "held the pair lock");
+        }
+    }
 }
 
 impl Core {
@@ -452,8 +499,12 @@ impl Core {
         self.origin + Duration::from_millis(t.0)
     }
 
-    fn lock_pair(&self) -> Option<MutexGuard<'_, Pair>> {
-        self.pair.as_deref().map(lock_pair)
+    #[track_caller]
+    fn lock_pair(&self) -> Option<PairGuard<'_>> {
+        match self.pair.as_deref() {
+            Some(p) => Some(lock_pair(p)),
+            None => None,
+        }
     }
 
     /// Whether the core carried out a promotion (pair mode) and serves unless draining.
