@@ -383,6 +383,8 @@ impl Shared {
 
     /// Locks the pair state (pair mode). Never wait for the core while holding it.
     #[track_caller]
+    // A closure (`map`) would report its own location instead of the caller's.
+    #[allow(clippy::manual_map)]
     pub fn lock_pair(&self) -> Option<PairGuard<'_>> {
         match &self.pair {
             Some(p) => Some(lock_pair(p)),
@@ -500,6 +502,8 @@ impl Core {
     }
 
     #[track_caller]
+    // A closure (`map`) would report its own location instead of the caller's.
+    #[allow(clippy::manual_map)]
     fn lock_pair(&self) -> Option<PairGuard<'_>> {
         match self.pair.as_deref() {
             Some(p) => Some(lock_pair(p)),
