@@ -222,10 +222,17 @@ async fn subscribers(State(s): State<Shared>) -> Json<Vec<SubscriberView>> {
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    // The gate's lock is never taken while holding the core's.
+    let auth = s.lock().auth.clone();
+    let auth = auth.map(|a| crate::auth::lock(&a).gate.stats());
     let text = {
         let core = s.lock();
         let pair = s.lock_pair();
-        crate::metrics::render(&core, pair.as_deref())
+        let mut text = crate::metrics::render(&core, pair.as_deref());
+        if let Some(stats) = auth {
+            crate::auth::render_metrics(&mut text, &stats);
+        }
+        text
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -333,6 +333,9 @@ pub struct Core {
     pub pair: Option<Arc<Mutex<Pair>>>,
     /// The PCP listen sockets (ANNOUNCEs and late replies go out on them).
     pub sockets: Vec<Arc<UdpSocket>>,
+    /// The authentication gate, for the admin API (its own lock: never take it while
+    /// holding the core's; clone the handle and let go of the core first).
+    pub auth: Option<crate::auth::SharedAuth>,
     /// Whether this core serves PCP: always without a pair; in pair mode from the
     /// moment it carried out a promotion until a step-down.
     serving: bool,
@@ -476,6 +479,7 @@ impl Core {
             serving: pair.is_none(),
             pair: pair.map(|p| Arc::new(Mutex::new(p))),
             sockets: Vec::new(),
+            auth: None,
             pending: Vec::new(),
             node_serves: Arc::new(AtomicBool::new(false)),
             origin,
@@ -497,6 +501,13 @@ impl Core {
     }
 
     /// The instant of a core time.
+    /// The epoch the server core gives `client` now (for answers made outside it: the
+    /// authentication gate's).
+    pub fn epoch_for(&mut self, client: IpAddr) -> u32 {
+        let now = self.now();
+        self.server.epochs().epoch(client.to_canonical(), now)
+    }
+
     pub fn instant_of(&self, t: Time) -> Instant {
         self.origin + Duration::from_millis(t.0)
     }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcp_auth::gate::Inbound;
 use pcp_dataplane::DataPlane;
 use pcp_dataplane::memory::MemoryDataPlane;
 use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
@@ -36,6 +37,9 @@ pub enum StartError {
     /// The data plane could not start.
     #[error("data plane: {0}")]
     DataPlane(String),
+    /// The authentication back end could not start (certificate, key, credentials).
+    #[error("[auth]: {0}")]
+    Auth(#[from] pcp_eap::BackendError),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -50,6 +54,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
+    let auth = crate::auth::Auth::build(&config.auth)?;
     let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
         DataPlaneKind::Nftables => {
@@ -139,10 +144,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut core = Core::new(server, dataplane, config, origin, seed, pair);
     core.sockets = sockets.clone();
+    core.auth = auth.clone();
     let shared = Shared::new(core);
 
     for (i, sock) in sockets.iter().enumerate() {
-        tokio::spawn(serve_socket(sock.clone(), i, shared.clone()));
+        tokio::spawn(serve_socket(
+            sock.clone(),
+            i,
+            shared.clone(),
+            auth.clone(),
+            sockets.clone(),
+        ));
+    }
+    if let Some(auth) = &auth {
+        tokio::spawn(crate::auth::timers(auth.clone(), sockets.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -175,12 +190,27 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Receives, serves and answers datagrams on one socket.
-async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
+/// Receives, serves and answers datagrams on one socket; with authentication on, the
+/// gate decides first and tags the reply (docs/AUTH.md).
+async fn serve_socket(
+    sock: Arc<UdpSocket>,
+    index: usize,
+    shared: Shared,
+    auth: Option<crate::auth::SharedAuth>,
+    sockets: Vec<Arc<UdpSocket>>,
+) {
     let mut buf = vec![0u8; 2048];
-    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
+    // Room for the tag the gate appends to a reply.
+    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN + 64];
+    let ctx = Serve {
+        sock: &sock,
+        index,
+        shared: &shared,
+        auth: auth.as_ref(),
+        sockets: &sockets,
+    };
     loop {
-        let first = match sock.recv_from(&mut buf).await {
+        let (n, src) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
                 // ICMP errors from earlier sends surface here on some systems; keep going.
@@ -188,12 +218,12 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
                 continue;
             }
         };
-        serve_one(&sock, index, &shared, &buf[..first.0], first.1, &mut reply).await;
+        ctx.one(&mut buf, n, src, &mut reply).await;
         // Whatever else is already queued is served before the records go to the
         // backup: one frame (and one acknowledgement) for the lot — group commit.
         for _ in 1..BATCH {
             match sock.try_recv_from(&mut buf) {
-                Ok((n, src)) => serve_one(&sock, index, &shared, &buf[..n], src, &mut reply).await,
+                Ok((n, src)) => ctx.one(&mut buf, n, src, &mut reply).await,
                 Err(_) => break,
             }
         }
@@ -209,36 +239,82 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
 /// Datagrams served per socket before the replication records they queued are sent.
 const BATCH: usize = 32;
 
-/// Serves one datagram; a reply to send now is sent (held replies are sent when the
-/// backup acknowledges, by whoever hears the acknowledgement).
-async fn serve_one(
-    sock: &UdpSocket,
+/// What serving one socket needs.
+struct Serve<'a> {
+    sock: &'a UdpSocket,
     index: usize,
-    shared: &Shared,
-    datagram: &[u8],
-    src: SocketAddr,
-    reply: &mut [u8],
-) {
-    let received = Instant::now();
-    // One lock per request: serve, and count the latency up to the reply being ready
-    // (sending is a non-blocking syscall right after).
-    let answer = {
-        let mut core = shared.lock();
-        let answer = core.handle(datagram, src, index, received, reply);
-        if matches!(answer, Reply::Send(_)) {
-            core.latency.record(received.elapsed());
-        }
-        answer
-    };
-    if let Reply::Send(len) = answer {
-        let sent = match sock.try_send_to(&reply[..len], src) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                sock.send_to(&reply[..len], src).await.map(|_| ())
+    shared: &'a Shared,
+    auth: Option<&'a crate::auth::SharedAuth>,
+    sockets: &'a [Arc<UdpSocket>],
+}
+
+impl Serve<'_> {
+    /// Serves one datagram (`buf[..n]`); a reply to send now is sent (held replies go
+    /// out when the backup acknowledges, from whoever hears the acknowledgement).
+    async fn one(&self, buf: &mut [u8], n: usize, src: SocketAddr, reply: &mut [u8]) {
+        let (sock, shared) = (self.sock, self.shared);
+        let received = Instant::now();
+        let mut n = n;
+        let mut session = None;
+        if let Some(auth) = self.auth {
+            // The gate's answers carry the core's epoch for this client.
+            let epoch = shared.lock().epoch_for(src.ip());
+            let (verdict, out) = {
+                let mut a = crate::auth::lock(auth);
+                let now = a.now();
+                if buf.get(1).is_some_and(|b| b & 0x7f == 3) {
+                    a.route(src, self.index);
+                }
+                let v = a.gate.inbound(now, src, epoch, buf, n);
+                a.log_events();
+                (v, a.transmits())
+            };
+            crate::auth::send_all(self.sockets, out).await;
+            match verdict {
+                Inbound::Serve {
+                    len, session: s, ..
+                } => {
+                    n = len;
+                    session = s;
+                }
+                Inbound::Answer(a) => {
+                    if let Err(e) = sock.send_to(&a, src).await {
+                        tracing::debug!(error = %e, %src, "send_to");
+                    }
+                    return;
+                }
+                Inbound::Handled | Inbound::Drop => return,
             }
-            other => other.map(|_| ()),
+        }
+        // One lock per request: serve, and count the latency up to the reply being
+        // ready (sending is a non-blocking syscall right after).
+        let answer = {
+            let mut core = shared.lock();
+            let answer = core.handle(&buf[..n], src, self.index, received, reply);
+            if matches!(answer, Reply::Send(_)) {
+                core.latency.record(received.elapsed());
+            }
+            answer
         };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, %src, "send_to");
+        if let Reply::Send(len) = answer {
+            let len = match (self.auth, session) {
+                (Some(a), Some(_)) => {
+                    match crate::auth::lock(a).gate.outbound(session, reply, len) {
+                        Some(l) => l,
+                        None => return,
+                    }
+                }
+                _ => len,
+            };
+            let sent = match sock.try_send_to(&reply[..len], src) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    sock.send_to(&reply[..len], src).await.map(|_| ())
+                }
+                other => other.map(|_| ()),
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, %src, "send_to");
+            }
         }
     }
 }
