@@ -155,12 +155,18 @@ impl Default for SubscriberConfig {
     }
 }
 
-/// One configured subscriber.
+/// One configured subscriber: its attachment prefixes and/or its PCP identities
+/// (RFC 7652: the identity a client authenticated as, see docs/AUTH.md).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriberEntry {
     /// The subscriber's attachment prefixes.
+    #[serde(default)]
     pub prefixes: Vec<IpNet>,
+    /// Authenticated identities charged to this subscriber, wherever they connect from
+    /// (an authenticated request is charged by identity, never by prefix).
+    #[serde(default)]
+    pub identities: Vec<String>,
     /// A stable name shown in the admin API and metrics.
     pub id: String,
     /// Tier name; must be a key of `tiers`.
@@ -269,6 +275,10 @@ pub struct PolicyRule {
     /// Subscriber ids it applies to (empty: any).
     #[serde(default)]
     pub subscribers: Vec<String>,
+    /// Authenticated PCP identities it applies to (empty: any; an unauthenticated
+    /// request never matches a non-empty list).
+    #[serde(default)]
+    pub identities: Vec<String>,
     /// Internal address prefixes (empty: any).
     #[serde(default)]
     pub internal_prefixes: Vec<IpNet>,
@@ -458,11 +468,28 @@ impl ServerConfig {
                     format!("unknown tier {:?}", e.tier),
                 ));
             }
-            if e.prefixes.is_empty() {
+            if e.prefixes.is_empty() && e.identities.is_empty() {
                 return Err(invalid(
                     format!("subscribers.entries[{i}].prefixes"),
-                    "at least one prefix",
+                    "at least one prefix or identity",
                 ));
+            }
+            for name in &e.identities {
+                if name.is_empty() {
+                    return Err(invalid(
+                        format!("subscribers.entries[{i}].identities"),
+                        "an identity cannot be empty",
+                    ));
+                }
+                let earlier = self.subscribers.entries[..i]
+                    .iter()
+                    .position(|o| o.identities.contains(name));
+                if let Some(j) = earlier {
+                    return Err(invalid(
+                        format!("subscribers.entries[{i}].identities"),
+                        format!("identity {name:?} is already in subscribers.entries[{j}]"),
+                    ));
+                }
             }
         }
         for (i, r) in self.policy.iter().enumerate() {

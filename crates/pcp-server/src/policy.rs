@@ -15,6 +15,8 @@ pub struct Flow<'a> {
     pub subscriber: &'a SubscriberId,
     /// Its tier.
     pub tier: &'a str,
+    /// The identity the request was authenticated as (RFC 7652), if any.
+    pub identity: Option<&'a str>,
     /// MAP or PEER.
     pub opcode: OpcodeName,
     /// Internal address.
@@ -83,8 +85,9 @@ fn matches(r: &PolicyRule, f: &Flow<'_>) -> bool {
     any_or(&r.tiers, |t| t == f.tier)
         && any_or(&r.subscribers, |s| match f.subscriber {
             SubscriberId::Named(n) => **n == **s,
-            SubscriberId::Prefix(p) => p.to_string() == *s,
+            SubscriberId::Prefix(_) | SubscriberId::Identity(_) => f.subscriber.to_string() == *s,
         })
+        && any_or(&r.identities, |i| f.identity == Some(i.as_str()))
         && any_or(&r.internal_prefixes, |p| p.contains(&f.internal))
         && any_or(&r.opcodes, |o| *o == f.opcode)
         && any_or(&r.protocols, |p| *p == f.protocol)
@@ -107,6 +110,7 @@ mod tests {
             action,
             tiers: vec![],
             subscribers: vec![],
+            identities: vec![],
             internal_prefixes: vec![],
             opcodes: vec![],
             protocols: vec![],
@@ -128,6 +132,7 @@ mod tests {
         let mut flow = Flow {
             subscriber: &sub,
             tier: "bronze",
+            identity: None,
             opcode: OpcodeName::Map,
             internal: "10.0.0.1".parse().unwrap(),
             protocol: 17,
@@ -153,6 +158,7 @@ mod tests {
         let mut flow = Flow {
             subscriber: &sub,
             tier: "default",
+            identity: None,
             opcode: OpcodeName::Map,
             internal: "10.0.0.1".parse().unwrap(),
             protocol: 6,

@@ -3,6 +3,7 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use pcp_dataplane::{Direction, Entry, Op};
 use pcp_proto::{
@@ -163,6 +164,8 @@ struct Ask2<'a> {
     filters: Option<&'a [pcp_proto::Filter]>,
     description: Option<&'a str>,
     requested: bool,
+    /// The PCP identity the request was authenticated as (RFC 7652), if any.
+    identity: Option<&'a str>,
 }
 
 /// What a served mapping request produced.
@@ -393,6 +396,23 @@ impl Server {
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
     ) -> Reply {
+        self.handle_as(datagram, src, None, now, reply, effects)
+    }
+
+    /// [`Server::handle`] for a request that the shell authenticated (RFC 7652) as
+    /// `identity`: its mappings are charged to the subscriber of that identity
+    /// (`subscribers.entries[].identities`, else a subscriber of its own) instead of
+    /// the one of its address, and policy rules with `identities` can match it. The
+    /// core trusts the shell: the tag was verified and removed before this call.
+    pub fn handle_as(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        identity: Option<&str>,
+        now: Time,
+        reply: &mut [u8],
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
         let src_ip = src.ip().to_canonical();
         // First of all, before any lookup: a flooding host costs one hash lookup.
         if !self.guard.admit(src_ip, now) {
@@ -415,7 +435,7 @@ impl Server {
         match Request::parse_with(datagram, Extensions::BASE) {
             Ok(req) => {
                 let kind = RequestKind::of(req.opcode());
-                let result = self.serve(&req, src_ip, now, reply, effects);
+                let result = self.serve(&req, src_ip, identity, now, reply, effects);
                 match result {
                     Ok((n, echoed)) => {
                         self.stats.answered(kind, ResultCode::Success);
@@ -493,6 +513,7 @@ impl Server {
         &mut self,
         req: &Request<'_>,
         src: IpAddr,
+        identity: Option<&str>,
         now: Time,
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
@@ -533,8 +554,9 @@ impl Server {
             _ => src,
         };
         let filters = self.filters(req.options)?;
-        let granted =
-            self.serve_mapping(req, &mapping, remote, internal, src, &filters, now, effects)?;
+        let granted = self.serve_mapping(
+            req, &mapping, remote, internal, src, identity, &filters, now, effects,
+        )?;
         self.write_success(req, &mapping, remote, &granted, src, now, reply)
     }
 
@@ -565,6 +587,7 @@ impl Server {
         remote: Option<(IpAddr, u16)>,
         internal: IpAddr,
         client: IpAddr,
+        identity: Option<&str>,
         filters: &Option<Vec<pcp_proto::Filter>>,
         now: Time,
         effects: &mut Vec<Effect>,
@@ -609,6 +632,7 @@ impl Server {
             filters: filters.as_deref(),
             description: req.options.description(),
             requested: req.options.checkpoint_required(),
+            identity,
         };
         // "It is not possible to reduce the lifetime of a mapping (or delete it, with
         // requested lifetime=0) using PEER" (RFC 6887 §12.1): a PEER only extends.
@@ -694,7 +718,7 @@ impl Server {
         // The subscriber, looked up afresh: a reload may have moved the host to another
         // one, and a renewal then moves the mapping with its accounting. Its state is a
         // copy until the commit, so a refused request changes nothing.
-        let (subscriber, tier_name) = self.subscribers.lookup(ask.key.internal);
+        let (subscriber, tier_name) = self.subscribers.resolve(ask.key.internal, ask.identity);
         let sub_slot = self.subs.find(&subscriber);
         let old_slot = existing.map(|id| self.table.get(id).sub);
         let moving = old_slot.is_some() && old_slot != sub_slot;
@@ -757,6 +781,7 @@ impl Server {
             self.policy.evaluate(&Flow {
                 subscriber: &subscriber,
                 tier: &tier_name,
+                identity: ask.identity,
                 opcode: if ask.key.is_peer() {
                     OpcodeName::Peer
                 } else {
@@ -1054,9 +1079,11 @@ impl Server {
         self.error(datagram, code, true, kind, src_ip, now, reply)
     }
 
-    /// Puts a mapping taken away by a refused request back as it was.
+    /// Puts a mapping taken away by a refused request back as it was, charged to the
+    /// subscriber it was charged to (which may be an identity's, not the address's).
     fn restore(&mut self, m: &Mapping, now: Time, effects: &mut Vec<Effect>) {
-        match self.adopt(m, now, effects) {
+        let tier = self.subscribers.tier_of(&m.subscriber);
+        match self.install(m, Some((m.subscriber.clone(), tier)), now, effects) {
             Ok(()) if m.is_checkpointed() => {
                 effects.push(Effect::Replicate(Change::Upsert(Box::new(m.clone()))));
             }
@@ -1097,6 +1124,18 @@ impl Server {
         now: Time,
         effects: &mut Vec<Effect>,
     ) -> Result<(), AdoptError> {
+        self.install(m, None, now, effects)
+    }
+
+    /// [`Server::adopt`], charged to `charge` (subscriber, tier) when given, else to
+    /// this node's lookup of the internal address.
+    fn install(
+        &mut self,
+        m: &Mapping,
+        charge: Option<(SubscriberId, Arc<str>)>,
+        now: Time,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), AdoptError> {
         if self.table.find(&m.key).is_some() {
             return Err(AdoptError::Exists(m.key));
         }
@@ -1110,7 +1149,8 @@ impl Server {
             }
             None => {}
         }
-        let (subscriber, tier_name) = self.subscribers.lookup(m.key.internal);
+        let (subscriber, tier_name) =
+            charge.unwrap_or_else(|| self.subscribers.lookup(m.key.internal));
         let tier = *self.cfg.tier(&tier_name);
         let checkpointed = m.is_checkpointed();
         let sub = match self.subs.find(&subscriber) {
@@ -1308,6 +1348,8 @@ impl Server {
                         filters: None,
                         description: None,
                         requested: false,
+                        // NAT-PMP cannot authenticate.
+                        identity: None,
                     };
                     if m.lifetime == 0 {
                         self.delete_one(&ask, effects)

@@ -1,6 +1,8 @@
-//! Network attachment points (RFC 7767 §3.2): every request is charged to a subscriber,
-//! found by longest-prefix match in the configured table, or else derived from the
-//! source address with the default IPv4/IPv6 masks.
+//! Network attachment points (RFC 7767 §3.2): every request is charged to a subscriber.
+//! An authenticated request (RFC 7652) is charged to its PCP identity: the configured
+//! entry that lists the identity, or else a subscriber of its own named after it. Any
+//! other request is charged by its internal address: longest-prefix match in the
+//! configured table, or else a prefix derived with the default IPv4/IPv6 masks.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,6 +21,8 @@ pub enum SubscriberId {
     Named(Arc<str>),
     /// A subscriber derived from the source prefix.
     Prefix(IpNet),
+    /// An authenticated PCP identity that no configured entry lists.
+    Identity(Arc<str>),
 }
 
 impl std::fmt::Display for SubscriberId {
@@ -26,6 +30,8 @@ impl std::fmt::Display for SubscriberId {
         match self {
             SubscriberId::Named(n) => f.write_str(n),
             SubscriberId::Prefix(p) => write!(f, "{p}"),
+            // Distinct from configured ids and prefixes, which share the namespace.
+            SubscriberId::Identity(n) => write!(f, "identity:{n}"),
         }
     }
 }
@@ -42,15 +48,23 @@ pub struct SubscriberTable {
     ipv6_mask: u8,
     default_tier: Arc<str>,
     tiers: HashMap<Arc<str>, Arc<str>>,
+    /// Identity → (id, tier) of the configured entry that lists it.
+    identities: HashMap<Arc<str>, (Arc<str>, Arc<str>)>,
 }
 
 impl SubscriberTable {
     /// Builds the table from configuration (already validated).
     pub fn new(cfg: &SubscriberConfig) -> SubscriberTable {
         let mut lens: HashMap<(bool, u8), Bucket> = HashMap::new();
+        let mut identities = HashMap::new();
         for e in &cfg.entries {
             let id: Arc<str> = e.id.as_str().into();
             let tier: Arc<str> = e.tier.as_str().into();
+            for name in &e.identities {
+                identities
+                    .entry(Arc::from(name.as_str()))
+                    .or_insert_with(|| (id.clone(), tier.clone()));
+            }
             for p in &e.prefixes {
                 lens.entry((matches!(p, IpNet::V6(_)), p.prefix_len()))
                     .or_default()
@@ -70,6 +84,22 @@ impl SubscriberTable {
             ipv6_mask: cfg.ipv6_mask,
             default_tier: DEFAULT_TIER.into(),
             tiers,
+            identities,
+        }
+    }
+
+    /// The subscriber and tier a request is charged to: by its authenticated
+    /// `identity` when it has one, else by its internal address.
+    pub fn resolve(&self, addr: IpAddr, identity: Option<&str>) -> (SubscriberId, Arc<str>) {
+        match identity {
+            Some(name) => match self.identities.get(name) {
+                Some((id, tier)) => (SubscriberId::Named(id.clone()), tier.clone()),
+                None => (
+                    SubscriberId::Identity(name.into()),
+                    self.default_tier.clone(),
+                ),
+            },
+            None => self.lookup(addr),
         }
     }
 
@@ -77,7 +107,7 @@ impl SubscriberTable {
     pub fn tier_of(&self, id: &SubscriberId) -> Arc<str> {
         match id {
             SubscriberId::Named(n) => self.tiers.get(n).cloned(),
-            SubscriberId::Prefix(_) => None,
+            SubscriberId::Prefix(_) | SubscriberId::Identity(_) => None,
         }
         .unwrap_or_else(|| self.default_tier.clone())
     }
@@ -217,6 +247,7 @@ mod tests {
             entries: vec![
                 SubscriberEntry {
                     prefixes: vec!["10.0.0.0/8".parse().unwrap()],
+                    identities: vec![],
                     id: "big".into(),
                     tier: "bronze".into(),
                 },
@@ -225,6 +256,7 @@ mod tests {
                         "10.1.0.0/16".parse().unwrap(),
                         "2001:db8:1::/48".parse().unwrap(),
                     ],
+                    identities: vec!["alice".into(), "bob".into()],
                     id: "acme".into(),
                     tier: "gold".into(),
                 },
@@ -241,6 +273,27 @@ mod tests {
         assert_eq!((id.to_string(), &*tier), ("big".into(), "bronze"));
         let (id, _) = t.lookup("2001:db8:1:ff::1".parse().unwrap());
         assert_eq!(id.to_string(), "acme");
+    }
+
+    #[test]
+    fn identity_wins_over_address() {
+        let t = table();
+        // Alice is acme's wherever she connects from.
+        let (id, tier) = t.resolve("192.0.2.7".parse().unwrap(), Some("alice"));
+        assert_eq!((id.to_string(), &*tier), ("acme".into(), "gold"));
+        // An unlisted identity is a subscriber of its own, even inside acme's prefix.
+        let (id, tier) = t.resolve("10.1.2.3".parse().unwrap(), Some("carol"));
+        assert_eq!(id, SubscriberId::Identity("carol".into()));
+        assert_eq!(
+            (id.to_string(), &*tier),
+            ("identity:carol".into(), "default")
+        );
+        // Unauthenticated: by address.
+        let (id, _) = t.resolve("10.1.2.3".parse().unwrap(), None);
+        assert_eq!(id.to_string(), "acme");
+        // Names are compared exactly.
+        let (id, _) = t.resolve("10.1.2.3".parse().unwrap(), Some("Alice"));
+        assert_eq!(id, SubscriberId::Identity("Alice".into()));
     }
 
     #[test]

@@ -1460,6 +1460,7 @@ fn subscriber_entries_give_their_tier_quotas() {
     );
     cfg.subscribers.entries = vec![SubscriberEntry {
         prefixes: vec!["10.0.1.0/24".parse().unwrap()],
+        identities: vec![],
         id: "acme".into(),
         tier: "gold".into(),
     }];
@@ -1686,5 +1687,158 @@ fn refused_peer_and_natpmp_get_their_protocols_errors() {
         other => panic!("{other:?}"),
     }
     assert_eq!(h.server.mapping_count(), 0);
+    h.check();
+}
+
+// ---------------------------------------------------------------------------------------
+// PCP identities (RFC 7652 authentication, docs/AUTH.md): an authenticated request is
+// charged to its identity's subscriber, wherever it comes from.
+
+/// A config where identity `alice` is subscriber `acme` (tier gold: 2 mappings, burst
+/// of 2 checkpoints, no refill to speak of) and the default tier allows 1 mapping.
+fn identity_cfg() -> pcp_server::ServerConfig {
+    let mut cfg = honour_cfg();
+    cfg.tiers.get_mut("default").unwrap().mapping_quota = 1;
+    cfg.tiers.insert(
+        "gold".into(),
+        TierConfig {
+            mapping_quota: 3,
+            checkpoint_quota: 10,
+            checkpoint_rate: 0.001,
+            checkpoint_burst: 2,
+        },
+    );
+    cfg.subscribers.entries = vec![SubscriberEntry {
+        prefixes: vec![],
+        identities: vec!["alice".into()],
+        id: "acme".into(),
+        tier: "gold".into(),
+    }];
+    cfg
+}
+
+#[test]
+fn identity_quota_is_shared_across_addresses() {
+    let mut h = Harness::new(identity_cfg());
+    let acme = SubscriberId::Named(Arc::from("acme"));
+    let v6: IpAddr = "2001:db8::7".parse().unwrap();
+    // Alice from three addresses, both families: one subscriber, gold quota of 3.
+    for (src, port) in [(host(1), 5000), (host(2), 5000), (v6, 5000)] {
+        let req = Req::map(src, port);
+        assert_eq!(h.pcp_as(&req, "alice").result(), ResultCode::Success);
+        assert_eq!(h.mapping(&req.key()).unwrap().subscriber, acme);
+    }
+    let fourth = Req::map(host(3), 5000);
+    assert_eq!(h.pcp_as(&fourth, "alice").result(), ResultCode::UserExQuota);
+    assert!(h.mapping(&fourth.key()).is_none());
+    // The same address unauthenticated is its own (default-tier) subscriber...
+    h.ok(&fourth);
+    assert_eq!(
+        h.mapping(&fourth.key()).unwrap().subscriber,
+        SubscriberId::Prefix("10.0.0.3/32".parse().unwrap())
+    );
+    // ...whose quota of 1 alice's mappings from host 1 did not use up either.
+    h.ok(&Req::map(host(1), 6000));
+    assert_eq!(
+        h.pcp(&Req::map(host(1), 6001)).result(),
+        ResultCode::UserExQuota
+    );
+    let (_, st, tier) = h
+        .server
+        .subscribers()
+        .find(|(id, _, _)| **id == acme)
+        .expect("acme has state");
+    assert_eq!((st.mappings, &*st.tier, tier.mapping_quota), (3, "gold", 3));
+    h.check();
+}
+
+#[test]
+fn identity_checkpoint_rate_is_shared_across_addresses() {
+    let mut h = Harness::new(identity_cfg());
+    let a = Req::map(host(1), 5000).cp();
+    let b = Req::map(host(2), 5000).cp();
+    let c = Req::map(host(3), 5000).cp();
+    assert!(h.pcp_as(&a, "alice").has_checkpoint());
+    assert!(h.pcp_as(&b, "alice").has_checkpoint());
+    // Burst of 2 spent, from two addresses: the third address is refused for rate.
+    let r = h.pcp_as(&c, "alice");
+    assert_eq!(r.result(), ResultCode::Success);
+    assert!(!r.has_checkpoint());
+    assert_eq!(reason(&h, &c), Reason::Rate);
+    h.check();
+}
+
+#[test]
+fn unlisted_identity_is_a_subscriber_of_its_own() {
+    let mut h = Harness::new(identity_cfg());
+    let carol = SubscriberId::Identity(Arc::from("carol"));
+    let a = Req::map(host(1), 5000);
+    assert_eq!(h.pcp_as(&a, "carol").result(), ResultCode::Success);
+    assert_eq!(h.mapping(&a.key()).unwrap().subscriber, carol);
+    assert_eq!(carol.to_string(), "identity:carol");
+    // Default tier (1 mapping) per identity, not per address.
+    let b = Req::map(host(2), 5000);
+    assert_eq!(h.pcp_as(&b, "carol").result(), ResultCode::UserExQuota);
+    // Another identity from the same address has its own quota.
+    assert_eq!(h.pcp_as(&b, "dave").result(), ResultCode::Success);
+    // A renewal (same nonce) authenticated as someone else moves the mapping, with
+    // its accounting, as a reload that moves a host does.
+    assert_eq!(h.pcp_as(&a, "dave").result(), ResultCode::Success);
+    assert_eq!(
+        h.mapping(&a.key()).unwrap().subscriber,
+        SubscriberId::Identity(Arc::from("dave"))
+    );
+    assert!(h.server.subscribers().all(|(id, _, _)| *id != carol));
+    h.check();
+}
+
+#[test]
+fn policy_rule_by_identity() {
+    let mut cfg = identity_cfg();
+    let mut vip = rule("alice-always", RuleAction::Force);
+    vip.identities = vec!["alice".into()];
+    let mut never = rule("mallory-never", RuleAction::Deny);
+    never.identities = vec!["mallory".into()];
+    let mut by_sub = rule("carol-by-subscriber", RuleAction::Force);
+    by_sub.subscribers = vec!["identity:carol".into()];
+    cfg.policy = vec![vip, never, by_sub];
+    let mut h = Harness::new(cfg);
+    // Alice is forced without asking; the same host unauthenticated is not.
+    let a = Req::map(host(1), 5000);
+    assert_eq!(h.pcp_as(&a, "alice").result(), ResultCode::Success);
+    assert_eq!(reason(&h, &a), Reason::Forced(Arc::from("alice-always")));
+    let anon = Req::map(host(1), 5001);
+    h.ok(&anon);
+    assert_eq!(reason(&h, &anon), Reason::NotRequested);
+    // Mallory asks and is denied.
+    let m = Req::map(host(2), 5000).cp();
+    let r = h.pcp_as(&m, "mallory");
+    assert!(!r.has_checkpoint());
+    assert_eq!(reason(&h, &m), Reason::Denied(Arc::from("mallory-never")));
+    // A `subscribers` condition names an unlisted identity as `identity:NAME`.
+    let c = Req::map(host(3), 5000);
+    assert_eq!(h.pcp_as(&c, "carol").result(), ResultCode::Success);
+    assert_eq!(
+        reason(&h, &c),
+        Reason::Forced(Arc::from("carol-by-subscriber"))
+    );
+    h.check();
+}
+
+#[test]
+fn refused_delete_restores_the_identity_charge() {
+    let mut h = Harness::new(identity_cfg());
+    let acme = SubscriberId::Named(Arc::from("acme"));
+    let a = Req::map(host(1), 5000).cp();
+    assert!(h.pcp_as(&a, "alice").has_checkpoint());
+    let del = a.clone().lifetime(0);
+    assert_eq!(h.pcp_as(&del, "alice").result(), ResultCode::Success);
+    assert!(h.mapping(&a.key()).is_none());
+    // The data plane refused the delete's batch: the mapping comes back, charged to
+    // acme again (not to host 1's prefix, which has its own quota of 1).
+    h.refuse(&del.bytes(), host(1), ResultCode::NetworkFailure);
+    let m = h.mapping(&a.key()).expect("restored");
+    assert_eq!(m.subscriber, acme);
+    assert!(m.is_checkpointed());
     h.check();
 }

@@ -67,6 +67,7 @@ fn config(deny: bool) -> ServerConfig {
     cfg.tiers.insert("gold".into(), GOLD_TIER);
     cfg.subscribers.entries = vec![SubscriberEntry {
         prefixes: vec!["10.0.1.0/24".parse().unwrap()],
+        identities: vec![],
         id: "acme".into(),
         tier: "gold".into(),
     }];

@@ -65,6 +65,7 @@ fn reload_moves_a_host_to_its_new_subscriber_on_renewal() {
     );
     cfg.subscribers.entries.push(SubscriberEntry {
         prefixes: vec!["10.0.0.0/24".parse().unwrap()],
+        identities: vec![],
         id: "acme".into(),
         tier: "gold".into(),
     });
@@ -120,6 +121,7 @@ fn a_forced_checkpoint_that_loses_its_rule_must_fit_the_quota() {
         action: RuleAction::Force,
         tiers: vec![],
         subscribers: vec![],
+        identities: vec![],
         internal_prefixes: vec![],
         opcodes: vec![],
         protocols: vec![],

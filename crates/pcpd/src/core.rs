@@ -534,11 +534,29 @@ impl Core {
 
     /// Serves one datagram received on listen socket `socket`. A reply to send now is
     /// in `reply`; a reply that must wait for the backup is kept in the pair state and
-    /// sent by the replication thread.
+    /// sent by the replication thread. (The daemon always goes through
+    /// [`Core::handle_as`]; this is the unauthenticated shorthand for tests.)
+    #[cfg(test)]
     pub fn handle(
         &mut self,
         datagram: &[u8],
         src: SocketAddr,
+        socket: usize,
+        received: Instant,
+        reply: &mut [u8],
+    ) -> Reply {
+        self.handle_as(datagram, src, None, socket, received, reply)
+    }
+
+    /// Serves one datagram received on listen socket `socket`, authenticated by the
+    /// gate as `identity` (RFC 7652; charged to that identity's subscriber) or not
+    /// (`None`). A reply to send now is in `reply`; a reply that must wait for the
+    /// backup is kept in the pair state and sent by the replication thread.
+    pub fn handle_as(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        identity: Option<&str>,
         socket: usize,
         received: Instant,
         reply: &mut [u8],
@@ -554,7 +572,7 @@ impl Core {
         self.apply_effects(now);
         let r = self
             .server
-            .handle(datagram, src, now, reply, &mut self.effects);
+            .handle_as(datagram, src, identity, now, reply, &mut self.effects);
         let held = match r {
             Reply::Hold(n) if self.pair.is_some() => Some(Held {
                 seq: 0,

@@ -256,6 +256,7 @@ impl Serve<'_> {
         let received = Instant::now();
         let mut n = n;
         let mut session = None;
+        let mut identity = None;
         if let Some(auth) = self.auth {
             // The gate's answers carry the core's epoch for this client.
             let epoch = shared.lock().epoch_for(src.ip());
@@ -272,10 +273,13 @@ impl Serve<'_> {
             crate::auth::send_all(self.sockets, out).await;
             match verdict {
                 Inbound::Serve {
-                    len, session: s, ..
+                    len,
+                    session: s,
+                    identity: who,
                 } => {
                     n = len;
                     session = s;
+                    identity = who;
                 }
                 Inbound::Answer(a) => {
                     if let Err(e) = sock.send_to(&a, src).await {
@@ -290,7 +294,14 @@ impl Serve<'_> {
         // ready (sending is a non-blocking syscall right after).
         let answer = {
             let mut core = shared.lock();
-            let answer = core.handle(&buf[..n], src, self.index, received, reply);
+            let answer = core.handle_as(
+                &buf[..n],
+                src,
+                identity.as_deref(),
+                self.index,
+                received,
+                reply,
+            );
             if matches!(answer, Reply::Send(_)) {
                 core.latency.record(received.elapsed());
             }

@@ -31,6 +31,11 @@ fn setup(mode: &str) -> Setup {
 }
 
 fn setup_with(mode: &str, lifetime: u32) -> Setup {
+    setup_config(mode, lifetime, "")
+}
+
+/// [`setup_with`] with `extra` appended to pcpd's configuration.
+fn setup_config(mode: &str, lifetime: u32, extra: &str) -> Setup {
     let dir = TempDir::new();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -49,7 +54,7 @@ fn setup_with(mode: &str, lifetime: u32) -> Setup {
     )
     .unwrap();
     let config = format!(
-        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {lifetime}\n",
+        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {lifetime}\n{extra}",
         c.display(),
         k.display(),
         u.display()
@@ -72,7 +77,11 @@ struct Peer {
 
 impl Peer {
     fn new(s: &Setup, password: &str) -> Peer {
-        let ip = IpAddr::V4(s.pcpd.ip);
+        Peer::new_at(s, password, IpAddr::V4(s.pcpd.ip))
+    }
+
+    /// A peer (alice) sending from loopback address `ip`.
+    fn new_at(s: &Setup, password: &str, ip: IpAddr) -> Peer {
         let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -372,4 +381,48 @@ fn downgrade_attempt_is_detected() {
         result(&p.exchange(&m).unwrap()),
         ResultCode::AuthenticationRequired
     );
+}
+
+/// The authenticated identity is the subscriber (docs/AUTH.md): alice, listed under
+/// subscriber `acme` (a tier of one mapping), is one subscriber from two addresses,
+/// while an unauthenticated request from the second address is charged to its prefix.
+#[test]
+fn identity_is_the_subscriber_across_addresses() {
+    let extra = "[tiers.default]\n[tiers.gold]\nmapping_quota = 1\n\
+        [[subscribers.entries]]\nid = \"acme\"\nidentities = [\"alice\"]\ntier = \"gold\"\n";
+    let s = setup_config("optional", 600, extra);
+    let mut a = Peer::new(&s, "correct horse");
+    let o = s.pcpd.ip.octets();
+    let other = std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] ^ 1);
+    let mut b = Peer::new_at(&s, "correct horse", IpAddr::V4(other));
+    for p in [&mut a, &mut b] {
+        assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    }
+    common::wait_for(Duration::from_secs(5), "both SAs at the server", || {
+        (s.pcpd
+            .output()
+            .matches("PCP authentication succeeded")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let m = a.map(5000, true);
+    let r = a.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    assert_eq!(s.pcpd.mapping(17, 5000)["subscriber"], "acme");
+    // Alice from the other address: acme's one mapping is used up.
+    let m = b.map(5001, true);
+    let r = b.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::UserExQuota);
+    let now = b.now();
+    assert!(b.client.verify_response(now, &r).is_ok(), "answered tagged");
+    // The same address unauthenticated is its own subscriber.
+    let m = b.map(5001, false);
+    assert_eq!(result(&b.exchange(&m).unwrap()), ResultCode::Success);
+    assert_eq!(
+        s.pcpd.mapping(17, 5001)["subscriber"],
+        format!("{other}/32").as_str()
+    );
+    let subs = s.pcpd.get_json("/subscribers");
+    assert!(subs.to_string().contains("\"acme\""), "{subs}");
 }

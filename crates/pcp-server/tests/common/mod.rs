@@ -46,6 +46,7 @@ pub fn rule(name: &str, action: RuleAction) -> PolicyRule {
         action,
         tiers: vec![],
         subscribers: vec![],
+        identities: vec![],
         internal_prefixes: vec![],
         opcodes: vec![],
         protocols: vec![],
@@ -324,11 +325,23 @@ impl Harness {
     /// Sends raw octets from `src`; returns the reply octets (sent now or held), or
     /// `None` when dropped. The effects of this call replace [`Harness::effects`].
     pub fn send_raw(&mut self, bytes: &[u8], src: IpAddr) -> Option<Vec<u8>> {
+        self.send_raw_as(bytes, src, None)
+    }
+
+    /// [`Harness::send_raw`] as a request the shell authenticated as `identity`
+    /// (`Server::handle_as`).
+    pub fn send_raw_as(
+        &mut self,
+        bytes: &[u8],
+        src: IpAddr,
+        identity: Option<&str>,
+    ) -> Option<Vec<u8>> {
         self.effects.clear();
         let mut reply = [0u8; 1100];
-        let r = self.server.handle(
+        let r = self.server.handle_as(
             bytes,
             SocketAddr::new(src, CLIENT_PORT),
+            identity,
             self.now,
             &mut reply,
             &mut self.effects,
@@ -351,6 +364,14 @@ impl Harness {
     /// Sends a request and returns the response.
     pub fn pcp(&mut self, req: &Req) -> Resp {
         self.pcp_raw(&req.bytes(), req.src)
+    }
+
+    /// Sends a request authenticated as `identity` and returns the response.
+    pub fn pcp_as(&mut self, req: &Req, identity: &str) -> Resp {
+        let bytes = self
+            .send_raw_as(&req.bytes(), req.src, Some(identity))
+            .expect("the server answers this request");
+        Resp { bytes }
     }
 
     /// Sends a request and asserts SUCCESS.
