@@ -55,6 +55,10 @@ pub enum AuthStep {
     },
     /// Not a response to the outstanding request: ignore it.
     Discard,
+    /// The response went on to a back end (RADIUS pass-through); its answer comes
+    /// later, through [`crate::server::Server::resume`]. Nothing is sent meanwhile,
+    /// and copies of the client's message are dropped.
+    Pending,
 }
 
 /// The EAP authenticator of the PCP server, one per PA conversation.

@@ -211,6 +211,8 @@ struct Session<A> {
     pending: Option<(TransportKey, Arc<str>)>,
     identity: Option<Arc<str>>,
     last_key_id: u32,
+    /// The authenticator waits for its back end ([`AuthStep::Pending`]).
+    waiting: bool,
 }
 
 /// The server side of all PA sessions.
@@ -224,6 +226,8 @@ pub struct Server<A, F> {
     initiations: HashMap<(SocketAddr, u32), u32>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<ServerEvent>,
+    /// Sessions waiting for their back end, not yet seen by the shell.
+    backend: VecDeque<u32>,
 }
 
 impl<A, F> std::fmt::Debug for Server<A, F> {
@@ -255,6 +259,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             initiations: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            backend: VecDeque::new(),
         }
     }
 
@@ -315,6 +320,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             pending: None,
             identity: None,
             last_key_id: 0,
+            waiting: false,
         }
     }
 
@@ -383,8 +389,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         }
         if let Some(answer) = s.link.duplicate(datagram, now) {
-            self.transmits
-                .extend(answer.map(|payload| Transmit { dst: src, payload }));
+            // While the back end thinks, our last message is not the answer to it.
+            if !s.waiting {
+                self.transmits
+                    .extend(answer.map(|payload| Transmit { dst: src, payload }));
+            }
             return;
         }
         if body.sequence_number != s.link.in_seq {
@@ -438,6 +447,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             (Phase::Established | Phase::Eap, ResultCode::Initiation) if s.sa.is_some() => {
                 s.link.accepted(datagram);
                 s.auth = (self.new_authenticator)();
+                s.waiting = false;
                 self.reauth_request(now, id);
             }
             (_, ResultCode::SessionTerminated) => {
@@ -529,8 +539,44 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         let Some(eap) = req.options.eap_payload() else {
             return;
         };
+        let step = s.auth.receive(eap);
+        self.step(now, id, step);
+    }
+
+    /// Sessions whose authenticator answered [`AuthStep::Pending`]: the shell takes
+    /// what the authenticator has for its back end ([`Server::authenticator_mut`]) and
+    /// later calls [`Server::resume`].
+    pub fn poll_backend(&mut self) -> Option<u32> {
+        self.backend.pop_front()
+    }
+
+    /// The authenticator of a session (to reach a back end's outgoing request).
+    pub fn authenticator_mut(&mut self, session_id: u32) -> Option<&mut A> {
+        self.sessions.get_mut(&session_id).map(|s| &mut s.auth)
+    }
+
+    /// The back end answered for `session_id`: `f` turns the answer into the next
+    /// step with the session's authenticator (which discards an answer it no longer
+    /// waits for). Nothing happens for a session that is gone or not waiting.
+    pub fn resume(&mut self, now: Time, session_id: u32, f: impl FnOnce(&mut A) -> AuthStep) {
+        let Some(s) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if !s.waiting || s.phase != Phase::Eap {
+            return;
+        }
+        let step = f(&mut s.auth);
+        self.step(now, session_id, step);
+    }
+
+    /// Carries out what the authenticator decided.
+    fn step(&mut self, now: Time, id: u32, step: AuthStep) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        s.waiting = matches!(step, AuthStep::Pending) || (s.waiting && step == AuthStep::Discard);
         let current = s.sa.as_ref().map(|sa| sa.key.clone());
-        match s.auth.receive(eap) {
+        match step {
             AuthStep::Request(packet) => {
                 let mut opts = Vec::new();
                 if std::mem::take(&mut s.echo_nonce) {
@@ -601,6 +647,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 );
             }
             AuthStep::Discard => {}
+            AuthStep::Pending => self.backend.push_back(id),
         }
     }
 
@@ -698,6 +745,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         }
         s.auth = (self.new_authenticator)();
+        s.waiting = false;
         self.reauth_request(now, session_id);
     }
 

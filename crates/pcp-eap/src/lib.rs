@@ -12,6 +12,7 @@ pub mod authenticator;
 pub mod credentials;
 pub mod packet;
 pub mod peer;
+pub mod radius;
 mod tls;
 pub mod ttls;
 

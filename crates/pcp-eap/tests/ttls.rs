@@ -85,7 +85,9 @@ fn eap(auth: &mut TtlsAuthenticator, peer: &mut TtlsPeer) -> (AuthStep, PeerStep
                 assert!(resp.len() <= pcp_auth::eap::MAX_EAP_PACKET);
                 match auth.receive(&resp) {
                     AuthStep::Request(r) => req = r,
-                    AuthStep::Discard => panic!("authenticator discarded a response"),
+                    AuthStep::Discard | AuthStep::Pending => {
+                        panic!("authenticator discarded a response")
+                    }
                     end @ (AuthStep::Success { .. } | AuthStep::Failure { .. }) => {
                         let packet = match &end {
                             AuthStep::Success { packet, .. } | AuthStep::Failure { packet } => {
