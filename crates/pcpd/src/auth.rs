@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::gate::{Gate, Mode, Rules};
 use pcp_auth::server::{Server, ServerConfig as SessionConfig, Transmit};
+use pcp_eap::radius::{RadiusAuthenticator, RadiusClient, RadiusConfig, RadiusError};
 use pcp_eap::{Embedded, TtlsAuthenticator};
 use serde::Deserialize;
 use tokio::net::UdpSocket;
@@ -70,6 +72,58 @@ pub struct AuthSection {
     pub max_sessions: usize,
     /// Open a server-initiated session when answering AUTHENTICATION_REQUIRED.
     pub server_initiated: bool,
+    /// RADIUS pass-through to an AAA server instead of the embedded back end.
+    pub radius: Option<RadiusSection>,
+}
+
+/// `[auth.radius]`: the AAA server that runs EAP-TTLS (docs/AUTH.md).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RadiusSection {
+    /// The AAA server's authentication address, e.g. `"192.0.2.5:1812"`.
+    pub server: SocketAddr,
+    /// File holding the shared secret (first line).
+    pub secret_file: PathBuf,
+    /// NAS-Identifier sent in every Access-Request.
+    #[serde(default = "default_nas_identifier")]
+    pub nas_identifier: String,
+    /// Milliseconds before an Access-Request is sent again.
+    #[serde(default = "default_radius_timeout")]
+    pub timeout_ms: u64,
+    /// Transmissions of one Access-Request before the authentication fails.
+    #[serde(default = "default_radius_tries")]
+    pub tries: u32,
+}
+
+fn default_nas_identifier() -> String {
+    "pcpd".into()
+}
+
+fn default_radius_timeout() -> u64 {
+    1000
+}
+
+fn default_radius_tries() -> u32 {
+    3
+}
+
+/// Why the authentication back end cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The embedded back end's files.
+    #[error(transparent)]
+    Embedded(#[from] pcp_eap::BackendError),
+    /// The RADIUS back end's secret.
+    #[error(transparent)]
+    Radius(#[from] RadiusError),
+    /// The RADIUS socket.
+    #[error("auth.radius: cannot open a UDP socket towards {server}: {error}")]
+    Socket {
+        /// The AAA server.
+        server: SocketAddr,
+        /// What the OS said.
+        error: std::io::Error,
+    },
 }
 
 impl Default for AuthSection {
@@ -83,6 +137,7 @@ impl Default for AuthSection {
             session_lifetime: 3600,
             max_sessions: 65_536,
             server_initiated: false,
+            radius: None,
         }
     }
 }
@@ -104,13 +159,40 @@ impl AuthSection {
                 "authentication is not supported in pair mode yet (docs/AUTH.md)".into(),
             ));
         }
-        for (key, v) in [
-            ("auth.certificate", &self.certificate),
-            ("auth.key", &self.key),
-            ("auth.credentials", &self.credentials),
-        ] {
-            if v.is_none() {
-                return Some((key, "required when any source has auth on".into()));
+        if let Some(r) = &self.radius {
+            for (key, v) in [
+                ("auth.certificate", &self.certificate),
+                ("auth.key", &self.key),
+                ("auth.credentials", &self.credentials),
+            ] {
+                if v.is_some() {
+                    return Some((
+                        key,
+                        "belongs to the embedded back end; with [auth.radius] the AAA server holds certificate and credentials".into(),
+                    ));
+                }
+            }
+            if r.tries == 0 || r.timeout_ms == 0 {
+                return Some((
+                    "auth.radius.tries",
+                    "tries and timeout_ms must be at least 1".into(),
+                ));
+            }
+            if r.nas_identifier.is_empty() || r.nas_identifier.len() > 253 {
+                return Some(("auth.radius.nas_identifier", "1 to 253 octets".into()));
+            }
+        } else {
+            for (key, v) in [
+                ("auth.certificate", &self.certificate),
+                ("auth.key", &self.key),
+                ("auth.credentials", &self.credentials),
+            ] {
+                if v.is_none() {
+                    return Some((
+                        key,
+                        "required when any source has auth on (or configure [auth.radius])".into(),
+                    ));
+                }
             }
         }
         if self.session_lifetime == 0 {
@@ -120,16 +202,49 @@ impl AuthSection {
     }
 }
 
-type Factory = Box<dyn FnMut() -> TtlsAuthenticator + Send>;
+/// The EAP authenticator of one PA conversation, of whichever back end is configured.
+#[derive(Debug)]
+pub enum Backend {
+    /// EAP-TTLS here.
+    Embedded(Box<TtlsAuthenticator>),
+    /// Passed through to a RADIUS server.
+    Radius(RadiusAuthenticator),
+}
+
+impl EapAuthenticator for Backend {
+    fn start(&mut self) -> Vec<u8> {
+        match self {
+            Backend::Embedded(a) => a.start(),
+            Backend::Radius(a) => a.start(),
+        }
+    }
+    fn receive(&mut self, packet: &[u8]) -> AuthStep {
+        match self {
+            Backend::Embedded(a) => a.receive(packet),
+            Backend::Radius(a) => a.receive(packet),
+        }
+    }
+}
+
+type Factory = Box<dyn FnMut() -> Backend + Send>;
+
+/// The RADIUS leg: its socket and the requests in flight.
+pub struct Radius {
+    client: RadiusClient,
+    /// Connected to the AAA server.
+    pub sock: Arc<UdpSocket>,
+}
 
 /// The gate and its clock.
 pub struct Auth {
     /// The gate.
-    pub gate: Gate<TtlsAuthenticator, Factory>,
+    pub gate: Gate<Backend, Factory>,
     origin: Instant,
     /// The listen socket each client's PA messages came in on: answers and
     /// retransmissions leave from the address the client talks to.
     routes: HashMap<SocketAddr, usize>,
+    /// The RADIUS back end, when configured.
+    pub radius: Option<Radius>,
 }
 
 /// Shared handle.
@@ -141,21 +256,51 @@ pub fn lock(a: &SharedAuth) -> MutexGuard<'_, Auth> {
 }
 
 impl Auth {
-    /// Builds the gate from a validated section: loads certificate, key and credentials.
-    pub fn build(s: &AuthSection) -> Result<Option<SharedAuth>, pcp_eap::BackendError> {
+    /// Builds the gate from a validated section: loads certificate, key and credentials,
+    /// or the RADIUS secret and opens the RADIUS socket (inside the runtime).
+    pub fn build(s: &AuthSection) -> Result<Option<SharedAuth>, BuildError> {
         if !s.enabled() {
             return Ok(None);
         }
-        let (Some(cert), Some(key), Some(creds)) = (&s.certificate, &s.key, &s.credentials) else {
-            return Ok(None);
+        let (factory, radius): (Factory, _) = match &s.radius {
+            Some(r) => {
+                let cfg = Arc::new(RadiusConfig {
+                    server: r.server.to_string(),
+                    secret: pcp_eap::radius::load_secret(&r.secret_file)?,
+                    nas_identifier: r.nas_identifier.clone(),
+                    timeout_ms: r.timeout_ms,
+                    tries: r.tries,
+                });
+                let sock = radius_socket(r.server).map_err(|error| BuildError::Socket {
+                    server: r.server,
+                    error,
+                })?;
+                let c = cfg.clone();
+                (
+                    Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone()))),
+                    Some(Radius {
+                        client: RadiusClient::new(cfg),
+                        sock: Arc::new(sock),
+                    }),
+                )
+            }
+            None => {
+                let (Some(cert), Some(key), Some(creds)) = (&s.certificate, &s.key, &s.credentials)
+                else {
+                    return Ok(None);
+                };
+                let backend = Embedded::load(cert, key, creds)?;
+                (
+                    Box::new(move || Backend::Embedded(Box::new(backend.authenticator()))),
+                    None,
+                )
+            }
         };
-        let backend = Embedded::load(cert, key, creds)?;
         let cfg = SessionConfig {
             session_lifetime: s.session_lifetime,
             max_sessions: s.max_sessions,
             ..SessionConfig::default()
         };
-        let factory: Factory = Box::new(move || backend.authenticator());
         let rules = Rules {
             default: s.default.into(),
             prefixes: s
@@ -170,7 +315,76 @@ impl Auth {
             gate,
             origin: Instant::now(),
             routes: HashMap::new(),
+            radius,
         }))))
+    }
+
+    /// Hands the Access-Requests of sessions that went to the back end to the RADIUS
+    /// client: the datagrams to send to the AAA server.
+    pub fn backend_requests(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let now = self.now();
+        while let Some(id) = self.gate.server.poll_backend() {
+            let req = match self.gate.server.authenticator_mut(id) {
+                Some(Backend::Radius(a)) => a.take_request(),
+                _ => None,
+            };
+            let (Some(req), Some(r)) = (req, self.radius.as_mut()) else {
+                continue;
+            };
+            match r.client.send(id, &req, now.0) {
+                Some(d) => out.push(d),
+                None => {
+                    tracing::warn!(
+                        session_id = id,
+                        "RADIUS: 256 requests in flight, the AAA server is far behind; authentication failed"
+                    );
+                    self.gate.server.resume(now, id, fail_radius);
+                }
+            }
+        }
+        out
+    }
+
+    /// A datagram from the AAA server.
+    pub fn radius_datagram(&mut self, datagram: &[u8]) {
+        let now = self.now();
+        let Some(r) = self.radius.as_mut() else {
+            return;
+        };
+        match r.client.receive(datagram) {
+            Ok(Some((id, answer))) => {
+                if let Err(e) = &answer {
+                    tracing::warn!(session_id = id, error = %e, "RADIUS");
+                }
+                self.gate.server.resume(now, id, |a| match a {
+                    Backend::Radius(r) => r.answer(answer),
+                    Backend::Embedded(_) => AuthStep::Discard,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "RADIUS"),
+        }
+    }
+
+    /// RADIUS retransmissions due (datagrams to send) and sessions given up on.
+    fn radius_timeout(&mut self) -> (Vec<Vec<u8>>, Option<u64>) {
+        let now = self.now();
+        let Some(r) = self.radius.as_mut() else {
+            return (Vec::new(), None);
+        };
+        let (again, failed) = r.client.handle_timeout(now.0);
+        let next = r.client.poll_timeout();
+        for (id, answer) in failed {
+            if let Err(e) = &answer {
+                tracing::warn!(session_id = id, error = %e, "RADIUS");
+            }
+            self.gate.server.resume(now, id, |a| match a {
+                Backend::Radius(r) => r.answer(answer),
+                Backend::Embedded(_) => AuthStep::Discard,
+            });
+        }
+        (again, next)
     }
 
     /// Now on the gate's clock.
@@ -217,6 +431,66 @@ impl Auth {
         std::iter::from_fn(|| self.gate.poll_transmit())
             .map(|t| (self.routes.get(&t.dst).copied(), t))
             .collect()
+    }
+}
+
+fn fail_radius(a: &mut Backend) -> AuthStep {
+    match a {
+        Backend::Radius(r) => r.answer(Err(RadiusError::Timeout {
+            server: String::new(),
+            tries: 0,
+        })),
+        Backend::Embedded(_) => AuthStep::Discard,
+    }
+}
+
+/// A UDP socket connected to the AAA server (only its answers come in).
+fn radius_socket(server: SocketAddr) -> std::io::Result<UdpSocket> {
+    let local: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(local)?;
+    s.connect(server)?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
+}
+
+/// Sends Access-Requests.
+pub async fn send_radius(sock: &UdpSocket, out: Vec<Vec<u8>>) {
+    for d in out {
+        if let Err(e) = sock.send(&d).await {
+            tracing::warn!(error = %e, "RADIUS send");
+        }
+    }
+}
+
+/// Receives the AAA server's answers.
+pub async fn radius_receiver(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
+    let Some(sock) = lock(&auth).radius.as_ref().map(|r| r.sock.clone()) else {
+        return;
+    };
+    let mut buf = vec![0u8; pcp_eap::radius::MAX_PACKET];
+    loop {
+        let n = match sock.recv(&mut buf).await {
+            Ok(n) => n,
+            // ICMP port unreachable and the like: the retransmission timer decides.
+            Err(e) => {
+                tracing::debug!(error = %e, "RADIUS recv");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (out, radius_out) = {
+            let mut a = lock(&auth);
+            a.radius_datagram(&buf[..n]);
+            a.log_events();
+            let r = a.backend_requests();
+            (a.transmits(), r)
+        };
+        send_radius(&sock, radius_out).await;
+        send_all(&sockets, out).await;
     }
 }
 
@@ -268,19 +542,32 @@ pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<(Option<usize>, Trans
 
 /// Runs the PA sessions' timers (retransmissions, expiry, re-authentication).
 pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
+    let radius_sock = lock(&auth).radius.as_ref().map(|r| r.sock.clone());
     loop {
-        let (out, wake) = {
+        let (out, radius_out, wake) = {
             let mut a = lock(&auth);
             let now = a.now();
             a.gate.server.handle_timeout(now);
+            let (mut radius_out, radius_next) = a.radius_timeout();
+            radius_out.extend(a.backend_requests());
             a.log_events();
             let out = a.transmits();
-            let next = a.gate.server.poll_timeout();
+            let next = [a.gate.server.poll_timeout().map(|t| t.0), radius_next]
+                .into_iter()
+                .flatten()
+                .min();
             let wait = next.map_or(Duration::from_secs(1), |t| {
-                Duration::from_millis(t.0.saturating_sub(now.0)).min(Duration::from_secs(1))
+                Duration::from_millis(t.saturating_sub(now.0)).min(Duration::from_secs(1))
             });
-            (out, Instant::now() + wait.max(Duration::from_millis(5)))
+            (
+                out,
+                radius_out,
+                Instant::now() + wait.max(Duration::from_millis(5)),
+            )
         };
+        if let Some(sock) = &radius_sock {
+            send_radius(sock, radius_out).await;
+        }
         send_all(&sockets, out).await;
         tokio::time::sleep_until(wake.into()).await;
     }

@@ -39,7 +39,7 @@ pub enum StartError {
     DataPlane(String),
     /// The authentication back end could not start (certificate, key, credentials).
     #[error("[auth]: {0}")]
-    Auth(#[from] pcp_eap::BackendError),
+    Auth(#[from] crate::auth::BuildError),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -158,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     if let Some(auth) = &auth {
         tokio::spawn(crate::auth::timers(auth.clone(), sockets.clone()));
+        tokio::spawn(crate::auth::radius_receiver(auth.clone(), sockets.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -267,7 +268,16 @@ impl Serve<'_> {
                     a.route(src, self.index);
                 }
                 let v = a.gate.inbound(now, src, epoch, buf, n);
+                let radius_out = a.backend_requests();
+                let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
                 a.log_events();
+                if let Some(sock) = radius_sock {
+                    // Non-blocking: a full socket buffer is a loss the RADIUS
+                    // retransmission covers.
+                    for d in radius_out {
+                        let _ = sock.try_send(&d);
+                    }
+                }
                 (v, a.transmits())
             };
             crate::auth::send_all(self.sockets, out).await;
