@@ -400,6 +400,26 @@ mod tests {
         );
         assert_eq!(key, "auth");
         assert!(msg.contains("pair mode"), "{msg}");
+        // RADIUS instead of the embedded files; not both.
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[auth]\ndefault = \"required\"\n[auth.radius]\nserver = \"127.0.0.1:1812\"\nsecret_file = \"s\"\n",
+        )
+        .unwrap();
+        let r = c.auth.radius.unwrap();
+        assert_eq!(
+            (r.timeout_ms, r.tries, r.nas_identifier.as_str()),
+            (1000, 3, "pcpd")
+        );
+        let (_, key, msg) = err(
+            "[auth]\ndefault = \"required\"\ncredentials = \"u\"\n[auth.radius]\nserver = \"127.0.0.1:1812\"\nsecret_file = \"s\"\n",
+        );
+        assert_eq!(key, "auth.credentials");
+        assert!(msg.contains("embedded"), "{msg}");
+        let (_, key, _) = err(
+            "[auth]\ndefault = \"required\"\n[auth.radius]\nserver = \"127.0.0.1:1812\"\nsecret_file = \"s\"\ntries = 0\n",
+        );
+        assert_eq!(key, "auth.radius.tries");
         // Off is the default and needs nothing.
         assert!(
             !Config::parse(Path::new("x.toml"), "")
