@@ -1025,8 +1025,43 @@ mod tests {
             "flaky"
         }
         fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(DataPlaneError::Failure("injected".into()));
+            }
             self.inner.reconcile(entries)
         }
+    }
+
+    #[test]
+    fn a_dirty_data_plane_is_reconciled_at_the_next_tick() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dp = Flaky {
+            inner: MemoryDataPlane::new(),
+            refuse: refuse.clone(),
+        };
+        let mut core = Core::new(server, Box::new(dp), config, Instant::now(), 1, None);
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let mut reply = vec![0u8; 1100];
+        for port in [5000, 5001] {
+            core.handle(&map_request(port, 3600), src, 0, Instant::now(), &mut reply);
+        }
+        assert_eq!(core.dataplane.len(), 2);
+        // The kernel lost its entries behind pcpd's back, and a batch outside a request
+        // failed (marking the data plane dirty); the reconcile fails too at first.
+        core.dataplane.reconcile(&[]).unwrap();
+        core.dataplane_dirty = true;
+        refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        core.expire();
+        assert!(
+            core.dataplane_dirty,
+            "still dirty while the data plane refuses"
+        );
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        core.expire();
+        assert!(!core.dataplane_dirty);
+        assert_eq!(core.dataplane.len(), 2, "both mappings back");
     }
 
     fn map_request(port: u16, lifetime: u32) -> Vec<u8> {
