@@ -222,7 +222,7 @@ async fn subscribers(State(s): State<Shared>) -> Json<Vec<SubscriberView>> {
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
-    // The gate's lock is never taken while holding the core's.
+    // Not nested: the core's lock is never taken while holding the gate's.
     let auth = s.lock().auth.clone();
     let auth = auth.map(|a| crate::auth::lock(&a).gate.stats());
     let text = {

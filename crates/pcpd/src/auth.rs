@@ -2,7 +2,9 @@
 //! in front of the server core (`off | optional | required` per source prefix), the
 //! embedded EAP-TTLS back end, and the task that runs the PA sessions' timers.
 //!
-//! The gate has its own lock, taken before the core's and never while holding it.
+//! The gate has its own lock. It may be taken while holding the core's or the pair's
+//! (held replies are tagged when they are finally sent, docs/AUTH.md), so the core's
+//! and the pair's are never taken while holding the gate's.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -149,15 +151,9 @@ impl AuthSection {
     }
 
     /// The first problem, as (key, message), for the config loader.
-    pub fn problem(&self, pair_mode: bool) -> Option<(&'static str, String)> {
+    pub fn problem(&self) -> Option<(&'static str, String)> {
         if !self.enabled() {
             return None;
-        }
-        if pair_mode {
-            return Some((
-                "auth",
-                "authentication is not supported in pair mode yet (docs/AUTH.md)".into(),
-            ));
         }
         if let Some(r) = &self.radius {
             for (key, v) in [

@@ -294,7 +294,7 @@ impl Config {
                 format!("must exceed twice ha.heartbeat_ms ({} ms)", ha.heartbeat_ms),
             ));
         }
-        if let Some((key, message)) = file.auth.problem(file.ha.is_some()) {
+        if let Some((key, message)) = file.auth.problem() {
             return Err(invalid(line_of_key(text, key), key.into(), message));
         }
         Ok(Config {
@@ -394,12 +394,13 @@ mod tests {
             msg.contains("sometimes") || msg.contains("variant"),
             "{msg}"
         );
-        // Not in pair mode (yet).
-        let (_, key, msg) = err(
+        // Pair mode too.
+        let c = Config::parse(
+            Path::new("x.toml"),
             "[ha]\nlisten = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nrole = \"active\"\n[auth]\ndefault = \"optional\"\ncertificate = \"c\"\nkey = \"k\"\ncredentials = \"u\"\n",
-        );
-        assert_eq!(key, "auth");
-        assert!(msg.contains("pair mode"), "{msg}");
+        )
+        .unwrap();
+        assert!(c.auth.enabled() && c.ha.is_some());
         // RADIUS instead of the embedded files; not both.
         let c = Config::parse(
             Path::new("x.toml"),

@@ -44,6 +44,9 @@ pub struct Held {
     pub deadline: Time,
     /// When the request arrived (latency).
     pub received: Instant,
+    /// The PA session that authenticated the request: the reply is tagged when it is
+    /// finally sent, after any rewrite (RFC 7652, docs/AUTH.md).
+    pub session: Option<u32>,
 }
 
 /// Events queued for the core above which a backup holds its acknowledgements.
@@ -71,6 +74,9 @@ pub struct Pair {
     pub adopt_failures: usize,
     /// The PCP listen sockets (released replies go out on them).
     pub sockets: Vec<Arc<UdpSocket>>,
+    /// The authentication gate, which tags released replies of authenticated requests
+    /// (its lock is taken while holding this one, never the other way round).
+    pub auth: Option<crate::auth::SharedAuth>,
     /// Latency of the replies released here (receive to send).
     pub latency: Latency,
     /// Events the server core must act on, in order.
@@ -101,6 +107,7 @@ impl Pair {
             adopted: 0,
             adopt_failures: 0,
             sockets: Vec::new(),
+            auth: None,
             latency: Latency::default(),
             for_core: VecDeque::new(),
             late: Vec::new(),
@@ -263,7 +270,7 @@ impl Pair {
         self.released += ready.len() as u64;
         for mut h in ready {
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
-            send_held(&self.sockets, &mut self.latency, &h);
+            send_held(&self.sockets, self.auth.as_ref(), &mut self.latency, &h);
         }
     }
 }
@@ -305,9 +312,33 @@ fn write_term(path: &std::path::Path, term: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn send_held(sockets: &[Arc<UdpSocket>], latency: &mut Latency, h: &Held) {
+/// Sends a held reply as it finally is (aged, maybe without 192): tagged now when its
+/// request was authenticated, so the tag covers exactly what goes out.
+fn send_held(
+    sockets: &[Arc<UdpSocket>],
+    auth: Option<&crate::auth::SharedAuth>,
+    latency: &mut Latency,
+    h: &Held,
+) {
+    let mut tagged;
+    let reply: &[u8] = match (h.session, auth) {
+        (Some(_), Some(a)) => {
+            tagged = h.reply.clone();
+            tagged.resize(pcp_proto::MAX_MESSAGE_LEN, 0);
+            match crate::auth::lock(a)
+                .gate
+                .outbound(h.session, &mut tagged, h.reply.len())
+            {
+                Some(n) => &tagged[..n],
+                // The session is gone: an untagged answer would be dropped by the
+                // client anyway, which retransmits and re-authenticates.
+                None => return,
+            }
+        }
+        _ => &h.reply,
+    };
     if let Some(sock) = sockets.get(h.socket)
-        && let Err(e) = sock.try_send_to(&h.reply, h.to)
+        && let Err(e) = sock.try_send_to(reply, h.to)
     {
         tracing::debug!(error = %e, to = %h.to, "sending a held reply");
     }
@@ -545,18 +576,20 @@ impl Core {
         received: Instant,
         reply: &mut [u8],
     ) -> Reply {
-        self.handle_as(datagram, src, None, socket, received, reply)
+        self.handle_as(datagram, src, None, None, socket, received, reply)
     }
 
     /// Serves one datagram received on listen socket `socket`, authenticated by the
     /// gate as `identity` (RFC 7652; charged to that identity's subscriber) or not
     /// (`None`). A reply to send now is in `reply`; a reply that must wait for the
     /// backup is kept in the pair state and sent by the replication thread.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_as(
         &mut self,
         datagram: &[u8],
         src: SocketAddr,
         identity: Option<&str>,
+        session: Option<u32>,
         socket: usize,
         received: Instant,
         reply: &mut [u8],
@@ -583,6 +616,7 @@ impl Core {
                 at: now,
                 deadline: now,
                 received,
+                session,
             }),
             _ => None,
         };
@@ -963,7 +997,7 @@ impl Core {
             }
             self.apply_effects(now);
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
-            send_held(&self.sockets, &mut self.latency, &h);
+            send_held(&self.sockets, self.auth.as_ref(), &mut self.latency, &h);
         }
     }
 

@@ -129,6 +129,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 origin,
             );
             pair.sockets = sockets.clone();
+            pair.auth = auth.clone();
             if let Some(path) = &ha.state_file {
                 let term = crate::core::read_term(path).map_err(StartError::State)?;
                 tracing::info!(term, path = %path.display(), "HA term from the state file");
@@ -259,8 +260,15 @@ impl Serve<'_> {
         let mut session = None;
         let mut identity = None;
         if let Some(auth) = self.auth {
-            // The gate's answers carry the core's epoch for this client.
-            let epoch = shared.lock().epoch_for(src.ip());
+            // The gate's answers carry the core's epoch for this client. A node that
+            // does not serve (a backup) keeps quiet for PA messages too.
+            let (serves, epoch) = {
+                let mut core = shared.lock();
+                (core.serves(), core.epoch_for(src.ip()))
+            };
+            if !serves {
+                return;
+            }
             let (verdict, out) = {
                 let mut a = crate::auth::lock(auth);
                 let now = a.now();
@@ -308,6 +316,7 @@ impl Serve<'_> {
                 &buf[..n],
                 src,
                 identity.as_deref(),
+                session,
                 self.index,
                 received,
                 reply,

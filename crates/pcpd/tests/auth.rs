@@ -9,11 +9,11 @@ mod common;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Pcpd, TempDir};
+use common::{HaTiming, Node, PairPlan, Pcpd, TempDir, wait_ha};
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent, Ended, Failure};
 use pcp_eap::{PeerConfig, TtlsPeer, hash_password};
-use pcp_proto::{Body, MapBody, Options, Request, Response, ResultCode};
+use pcp_proto::{Body, MapBody, Options, PcpOption, Request, Response, ResultCode};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -37,6 +37,18 @@ fn setup_with(mode: &str, lifetime: u32) -> Setup {
 /// [`setup_with`] with `extra` appended to pcpd's configuration.
 fn setup_config(mode: &str, lifetime: u32, extra: &str) -> Setup {
     let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, mode, lifetime);
+    let pcpd = common::pcpd(PCPD).config(&format!("{auth}{extra}")).start();
+    Setup {
+        _dir: dir,
+        pcpd,
+        ca,
+    }
+}
+
+/// A CA, a server certificate for `pcp.example`, alice's credentials in `dir`, and the
+/// `[auth]` section that uses them.
+fn auth_files(dir: &TempDir, mode: &str, lifetime: u32) -> (String, CertificateDer<'static>) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
@@ -54,17 +66,12 @@ fn setup_config(mode: &str, lifetime: u32, extra: &str) -> Setup {
     )
     .unwrap();
     let config = format!(
-        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {lifetime}\n{extra}",
+        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {lifetime}\n",
         c.display(),
         k.display(),
         u.display()
     );
-    let pcpd = common::pcpd(PCPD).config(&config).start();
-    Setup {
-        _dir: dir,
-        pcpd,
-        ca: ca.der().clone(),
-    }
+    (config, ca.der().clone())
 }
 
 struct Peer {
@@ -82,11 +89,16 @@ impl Peer {
 
     /// A peer (alice) sending from loopback address `ip`.
     fn new_at(s: &Setup, password: &str, ip: IpAddr) -> Peer {
+        Peer::to(&s.ca, s.pcpd.pcp, password, ip)
+    }
+
+    /// A peer (alice) sending from `ip` to the server at `server`.
+    fn to(ca: &CertificateDer<'static>, server: SocketAddr, password: &str, ip: IpAddr) -> Peer {
         let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let mut roots = RootCertStore::empty();
-        roots.add(s.ca.clone()).unwrap();
+        roots.add(ca.clone()).unwrap();
         let peer = TtlsPeer::new(PeerConfig {
             outer_identity: "anonymous".into(),
             username: "alice".into(),
@@ -97,7 +109,7 @@ impl Peer {
         .unwrap();
         Peer {
             sock,
-            server: s.pcpd.pcp,
+            server,
             ip,
             client: Client::new(ClientConfig::new(ip), peer),
             origin: Instant::now(),
@@ -138,6 +150,10 @@ impl Peer {
     }
 
     fn map(&mut self, port: u16, tag: bool) -> Vec<u8> {
+        self.map_with(port, tag, &[])
+    }
+
+    fn map_with(&mut self, port: u16, tag: bool, options: &[PcpOption<'_>]) -> Vec<u8> {
         let req = Request {
             lifetime: 600,
             client_addr: self.ip,
@@ -148,7 +164,7 @@ impl Peer {
                 external_port: 0,
                 external_addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             }),
-            options: Options::EMPTY,
+            options: Options::from_list(options),
             pa_result_code: ResultCode::Success,
         };
         let mut buf = vec![0u8; 1100];
@@ -425,4 +441,84 @@ fn identity_is_the_subscriber_across_addresses() {
     );
     let subs = s.pcpd.get_json("/subscribers");
     assert!(subs.to_string().contains("\"acme\""), "{subs}");
+}
+
+/// Pair mode (docs/AUTH.md): a checkpointed MAP's reply is held until the backup holds
+/// the mapping and tagged when it is finally sent, so it verifies at the client with
+/// option 192; PA sessions are not replicated, so after a failover the successor
+/// answers the client's next tagged request UNKNOWN_SESSION_ID, the client
+/// authenticates with it and carries on with its (replicated) mapping.
+#[test]
+fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
+    let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, "required", 600);
+    let plan = PairPlan::new(&auth, HaTiming::default());
+    let mut a = plan.start(PCPD, Node::A, "active");
+    let b = plan.start(PCPD, Node::B, "backup");
+    wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
+        h["role"] == "active" && h["ready"] == true && h["backup_status"] == "ready"
+    });
+    wait_ha(&b, Duration::from_secs(10), "B backup and ready", |h| {
+        h["role"] == "backup" && h["ready"] == true
+    });
+    let client_ip = IpAddr::V4(plan.ip_a);
+    let mut p = Peer::to(&ca, a.pcp, "correct horse", client_ip);
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "A's SA", || {
+        a.output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let m = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&m).expect("the held reply, released");
+    let now = p.now();
+    p.client
+        .verify_response(now, &r)
+        .expect("tagged after release");
+    let resp = Response::parse(&r).unwrap();
+    assert_eq!(resp.result_code, ResultCode::Success);
+    assert!(resp.options.checkpoint_required(), "promised: 192 echoed");
+    let Body::Map(body) = resp.body else {
+        panic!("not a MAP")
+    };
+    // The backup keeps quiet, PA messages included.
+    let mut q = Peer::to(&ca, b.pcp, "correct horse", client_ip);
+    q.client.start(q.now());
+    let first = q.client.poll_transmit().unwrap();
+    q.sock.send_to(&first, b.pcp).unwrap();
+    let mut buf = [0u8; 2048];
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        q.sock.recv_from(&mut buf).is_err(),
+        "a backup answered a PA-Initiation"
+    );
+
+    a.kill9();
+    wait_ha(&b, Duration::from_secs(10), "B takes over", |h| {
+        h["role"] == "active"
+    });
+    p.server = b.pcp;
+    let stale = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&stale).expect("an answer");
+    assert_eq!(result(&r), ResultCode::UnknownSessionId);
+    let now = p.now();
+    assert!(p.client.verify_response(now, &r).is_err());
+    assert_eq!(p.client.poll_event(), Some(ClientEvent::Ended(Ended::Lost)));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "B's SA", || {
+        b.output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let renew = p.map_with(5000, true, &[]);
+    let r = p.exchange(&renew).expect("an answer");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged by B");
+    let resp = Response::parse(&r).unwrap();
+    assert_eq!(resp.result_code, ResultCode::Success);
+    let Body::Map(renewed) = resp.body else {
+        panic!("not a MAP")
+    };
+    // The same mapping, kept across the failover.
+    assert_eq!(renewed.external_port, body.external_port);
 }
