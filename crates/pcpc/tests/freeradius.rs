@@ -1,7 +1,8 @@
 //! `pcpc` ↔ `pcpd` ↔ FreeRADIUS: pcpd passes EAP through RADIUS (`[auth.radius]`) to a
 //! real FreeRADIUS (Debian package `freeradius`) that this test starts on loopback at
 //! an unprivileged port, with a generated configuration (EAP-TTLS/PAP, a generated CA
-//! and server certificate, one user) and stops afterwards. The first tagged MAP
+//! and server certificate, one user; FreeRADIUS's default fragment size) and stops
+//! afterwards. The first tagged MAP
 //! verifying proves that pcpd's MSK (from FreeRADIUS's MS-MPPE keys) is the one pcpc
 //! derived itself.
 //!
@@ -113,7 +114,6 @@ modules {{
             cipher_list = "DEFAULT"
             tls_min_version = "1.2"
             tls_max_version = "1.2"
-            fragment_size = 900
         }}
         ttls {{
             tls = tls-common
@@ -228,7 +228,12 @@ fn pcpc_authenticates_through_pcpd_to_freeradius() {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["aaa.example".to_string()])
+    // Enough names that the server's TLS flight spans several EAP-TTLS fragments:
+    // FreeRADIUS keeps its default fragment_size (1024), and only the Framed-MTU pcpd
+    // sends keeps each EAP packet small enough for PCP.
+    let mut names = vec!["aaa.example".to_string()];
+    names.extend((0..60).map(|i| format!("filler-{i}.aaa.example")));
+    let cert = CertificateParams::new(names)
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
