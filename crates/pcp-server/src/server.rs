@@ -437,6 +437,46 @@ impl Server {
         }
     }
 
+    /// Answers a datagram from a source the shell must not serve (its access list says
+    /// so): NOT_AUTHORIZED to a PCP request (RFC 6887 §7.4: the request is copied, no
+    /// state is touched), nothing to NAT-PMP or to what would be dropped anyway. The
+    /// per-host rate limit applies first, as in [`Server::handle`].
+    pub fn refuse(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        now: Time,
+        reply: &mut [u8],
+    ) -> Reply {
+        let src_ip = src.ip().to_canonical();
+        if !self.guard.admit(src_ip, now) {
+            self.stats.rate_limited += 1;
+            return Reply::Drop;
+        }
+        if natpmp::is_natpmp(datagram) {
+            self.stats.dropped += 1;
+            return Reply::Drop;
+        }
+        let parsed = match Request::parse(datagram) {
+            Ok(_) => true,
+            Err(e) if e.result_code().is_some() => false,
+            Err(_) => {
+                self.stats.dropped += 1;
+                return Reply::Drop;
+            }
+        };
+        let kind = RequestKind::of(Opcode::from_bits(datagram[1]));
+        self.error(
+            datagram,
+            ResultCode::NotAuthorized,
+            parsed,
+            kind,
+            src_ip,
+            now,
+            reply,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn error(
         &mut self,

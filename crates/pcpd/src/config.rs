@@ -14,6 +14,8 @@ use pcp_server::config::{
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+pub use crate::acl::AclSection;
+
 /// The daemon's own settings.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -33,6 +35,11 @@ pub struct DaemonSection {
     /// Runtime threads: 1 runs everything on one thread; more (default 2) use a
     /// multi-threaded runtime.
     pub threads: usize,
+    /// File holding the admin API's bearer token (every endpoint). Required when
+    /// `admin` is not a loopback address; never on the command line.
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding a read-only bearer token (`GET` endpoints only).
+    pub admin_read_token_file: Option<PathBuf>,
 }
 
 impl Default for DaemonSection {
@@ -44,6 +51,8 @@ impl Default for DaemonSection {
             log: "info".into(),
             announce_multicast: false,
             threads: 2,
+            admin_token_file: None,
+            admin_read_token_file: None,
         }
     }
 }
@@ -114,6 +123,7 @@ struct File {
     policy: Vec<PolicyRule>,
     mapping: MappingConfig,
     limits: LimitsConfig,
+    acl: AclSection,
     ha: Option<HaSection>,
 }
 
@@ -128,6 +138,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Pair mode, when configured.
     pub ha: Option<HaSection>,
+    /// Which clients each listen address answers.
+    pub acl: AclSection,
 }
 
 /// A configuration pcpd cannot run with.
@@ -164,6 +176,7 @@ impl Config {
             daemon: DaemonSection::default(),
             server: ServerConfig::default(),
             ha: None,
+            acl: AclSection::default(),
         }
     }
 
@@ -232,6 +245,7 @@ impl Config {
             daemon: file.pcpd,
             server,
             ha: file.ha,
+            acl: file.acl,
         })
     }
 }

@@ -8,6 +8,7 @@ use pcp_dataplane::memory::MemoryDataPlane;
 use pcp_server::{Reply, Server};
 use tokio::net::UdpSocket;
 
+use crate::acl::{Reject, SocketAcl};
 use crate::config::{Config, DataPlaneKind, HaRole};
 use crate::core::{Core, Pair, Shared};
 use pcp_ha::{HaConfig, HaNode};
@@ -28,6 +29,9 @@ pub enum StartError {
     /// The server core refused the configuration.
     #[error("configuration: {0}")]
     Config(#[from] pcp_server::ConfigError),
+    /// The admin API's tokens are missing or unusable.
+    #[error("admin API: {0}")]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -45,6 +49,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let dataplane = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
     };
+    // Tokens before anything listens: an API that would be open beyond this host
+    // refuses to start.
+    let auth = crate::auth::Auth::load(
+        config.daemon.admin,
+        config.daemon.admin_token_file.as_deref(),
+        config.daemon.admin_read_token_file.as_deref(),
+    )?;
+    for l in &config.acl.listen {
+        if !config.daemon.listen.contains(&l.address) {
+            tracing::warn!(address = %l.address, "[[acl.listen]] names an address pcpd does not listen on");
+        }
+    }
+    let acls: Vec<Arc<SocketAcl>> = config
+        .daemon
+        .listen
+        .iter()
+        .map(|a| Arc::new(SocketAcl::new(&config.acl, *a)))
+        .collect();
     let mut sockets = Vec::new();
     for addr in &config.daemon.listen {
         let sock = UdpSocket::bind(addr)
@@ -117,10 +139,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut core = Core::new(server, dataplane, config, origin, seed, pair);
     core.sockets = sockets.clone();
+    core.acls = acls.clone();
     let shared = Shared::new(core);
 
-    for (i, sock) in sockets.iter().enumerate() {
-        tokio::spawn(serve_socket(sock.clone(), i, shared.clone()));
+    for (i, (sock, acl)) in sockets.iter().zip(&acls).enumerate() {
+        tracing::info!(
+            listen = %acl.listen,
+            allow = ?acl.allowed().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            reject = ?acl.reject,
+            "client access list"
+        );
+        tokio::spawn(serve_socket(sock.clone(), i, shared.clone(), acl.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -129,7 +158,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if shared.lock().config.daemon.announce_multicast {
         tokio::spawn(announce_start(sockets.clone(), shared.clone()));
     }
-    let app = crate::admin::router(shared.clone());
+    let app = crate::admin::router(shared.clone(), auth.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin, app).await {
             tracing::error!(error = %e, "admin API stopped");
@@ -138,6 +167,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(
         listen = ?listen,
         admin = %admin_addr,
+        admin_auth = if auth.required() { "bearer token" } else { "none (loopback)" },
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
@@ -147,7 +177,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 }
 
 /// Receives, serves and answers datagrams on one socket.
-async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
+async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared, acl: Arc<SocketAcl>) {
     let mut buf = vec![0u8; 2048];
     let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
     loop {
@@ -160,6 +190,25 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared) {
             }
         };
         let received = Instant::now();
+        if !acl.admits(src.ip()) {
+            // Not a client of this address: counted, and dropped before the lock, or
+            // refused by the core (rate-limited like any answer).
+            if acl.reject == Reject::Drop {
+                continue;
+            }
+            let answer = {
+                let mut core = shared.lock();
+                if !core.serves() {
+                    continue;
+                }
+                let now = core.now();
+                core.server.refuse(&buf[..n], src, now, &mut reply)
+            };
+            if let Reply::Send(len) = answer {
+                let _ = sock.try_send_to(&reply[..len], src);
+            }
+            continue;
+        }
         // One lock per request: serve, and count the latency up to the reply being
         // ready (sending is a non-blocking syscall right after).
         let answer = {
