@@ -40,6 +40,10 @@ pub struct DaemonSection {
     pub admin_token_file: Option<PathBuf>,
     /// File holding a read-only bearer token (`GET` endpoints only).
     pub admin_read_token_file: Option<PathBuf>,
+    /// Receive buffer of each PCP listen socket, octets (the kernel caps it at
+    /// net.core.rmem_max). A deep queue rides out a flood's bursts and scheduling
+    /// hiccups, so other hosts' requests are not lost behind it.
+    pub recv_buffer: usize,
 }
 
 impl Default for DaemonSection {
@@ -53,6 +57,7 @@ impl Default for DaemonSection {
             threads: 2,
             admin_token_file: None,
             admin_read_token_file: None,
+            recv_buffer: 4 << 20,
         }
     }
 }

@@ -76,6 +76,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 addr: *addr,
                 source,
             })?;
+        if let Err(e) =
+            socket2::SockRef::from(&sock).set_recv_buffer_size(config.daemon.recv_buffer)
+        {
+            tracing::warn!(error = %e, "cannot set the PCP socket's receive buffer");
+        }
         sockets.push(Arc::new(sock));
     }
     let admin_addr = config.daemon.admin;
