@@ -363,5 +363,27 @@ mod tests {
         let c = Config::parse(Path::new("docs/pcpd.example.toml"), text).unwrap();
         assert!(c.server.tiers.contains_key("gold"));
         assert!(!c.server.policy.is_empty());
+        // The documented defaults are the defaults.
+        assert_eq!(c.server.limits, pcp_server::config::LimitsConfig::default());
+        assert_eq!(c.acl.allow, AclSection::default().allow);
+        assert_eq!(c.daemon.recv_buffer, DaemonSection::default().recv_buffer);
+        assert_eq!(c.acl.listen.len(), 1);
+    }
+
+    #[test]
+    fn security_keys_are_checked_with_their_line() {
+        let (line, key, _) = err("[limits]
+host_rate = -1.0
+");
+        assert_eq!((line, key.as_str()), (2, "limits.host_rate"));
+        let (line, key, _) = err("[acl]
+reject = \"maybe\"
+");
+        assert_eq!((line, key.as_str()), (2, "acl.reject"));
+        let (line, key, _) = err("[acl]
+allow = [\"10.0.0.0/33\"]
+");
+        assert_eq!(line, 2);
+        assert!(key.starts_with("acl.allow"), "{key}");
     }
 }
