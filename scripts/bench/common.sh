@@ -111,12 +111,13 @@ require_bins() {
   done
 }
 
-# write_pair_configs A B: $WORK/a.toml and $WORK/b.toml for a pair on A and B, with a pool
-# of $ADDRS addresses, tier quotas of $MAPPINGS and a capacity of twice the fill.
-write_pair_configs() {
-  local pool server
+# server_config: the [pool], [tiers] and [checkpoint] tables of a node, with a pool of
+# $ADDRS addresses, tier quotas of $MAPPINGS and a capacity of twice the fill.
+server_config() {
+  local pool
   pool=$(seq 1 "$ADDRS" | sed 's/.*/"198.18.0.&"/' | paste -sd, -)
-  server="[pool]
+  cat <<TOML
+[pool]
 addresses = [$pool]
 
 [tiers.default]
@@ -126,7 +127,22 @@ checkpoint_rate = 1000000000.0
 checkpoint_burst = 1000000000
 
 [checkpoint]
-capacity = $((CLIENTS * MAPPINGS * 2))"
-  { echo "$server"; ha_section "$1:15352" "$2:15352" active; } >"$WORK/a.toml"
-  { echo "$server"; ha_section "$2:15352" "$1:15352" backup; } >"$WORK/b.toml"
+capacity = $((CLIENTS * MAPPINGS * 2))
+TOML
+}
+
+# write_pair_configs A B: $WORK/a.toml and $WORK/b.toml for a pair on A and B.
+write_pair_configs() {
+  { server_config; ha_section "$1:15352" "$2:15352" active; } >"$WORK/a.toml"
+  { server_config; ha_section "$2:15352" "$1:15352" backup; } >"$WORK/b.toml"
+}
+
+# rss_mib PID: resident memory of a process in MiB.
+rss_mib() {
+  awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$1/status"
+}
+
+# rss_kib PID: resident memory of a process in KiB.
+rss_kib() {
+  awk '/VmRSS/ { print $2 }' "/proc/$1/status"
 }

@@ -44,9 +44,6 @@ start_b() {
   start b "$LOAD_CPU" "$BIN/pcpd" --config "$WORK/b.toml" --listen "$B:15351" --admin "$B:18351"
   b_pid=$LAST_PID
 }
-rss_mib() {
-  awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$1/status"
-}
 
 machine
 echo "== fill: $CLIENTS clients x $MAPPINGS mappings, window $WINDOW, ${FILL}s, $ADDRS pool addresses"

@@ -9,6 +9,7 @@
 # request after the first pass a renewal of a checkpointed mapping):
 #   echo        pcpperf echo: the floor (no server logic at all)
 #   standalone  pcpd without a backup, [checkpoint] without_backup = "honour"
+#   standalone-1t  the same with [pcpd] threads = 1 (one runtime thread)
 #   pair        pcpd active with a live backup: every reply waits for the backup's ACK
 # Servers run on CPU $SERVER_CPU, pcpperf (and the backup) on CPU $LOAD_CPU.
 # Settings (environment): ROUNDS (3), DURATION (5 s), WARMUP (1 s), CLIENTS (4),
@@ -42,6 +43,8 @@ checkpoint_rate = 1000000000.0
 checkpoint_burst = 1000000000"
 
 printf '%s\n\n[checkpoint]\nwithout_backup = "honour"\n' "$SERVER_TOML" >"$WORK/standalone.toml"
+printf '[pcpd]\nthreads = 1\n\n%s\n\n[checkpoint]\nwithout_backup = "honour"\n' "$SERVER_TOML" \
+  >"$WORK/standalone-1t.toml"
 { echo "$SERVER_TOML"; ha_section 127.0.0.203:15352 127.0.0.204:15352 active; } >"$WORK/active.toml"
 { echo "$SERVER_TOML"; ha_section 127.0.0.204:15352 127.0.0.203:15352 backup; } >"$WORK/backup.toml"
 
@@ -72,6 +75,13 @@ for round in $(seq 1 "$ROUNDS"); do
   pcpd_pid=$LAST_PID
   wait_until 10 "standalone pcpd up" api 127.0.0.202:18351 /status >/dev/null
   load standalone 127.0.0.202:15351
+  kill9 "$pcpd_pid"
+
+  start standalone-1t "$SERVER_CPU" "$BIN/pcpd" --config "$WORK/standalone-1t.toml" \
+    --listen 127.0.0.205:15351 --admin 127.0.0.205:18351
+  pcpd_pid=$LAST_PID
+  wait_until 10 "standalone-1t pcpd up" api 127.0.0.205:18351 /status >/dev/null
+  load standalone-1t 127.0.0.205:15351
   kill9 "$pcpd_pid"
 
   start active "$SERVER_CPU" "$BIN/pcpd" --config "$WORK/active.toml" \

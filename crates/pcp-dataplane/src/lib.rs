@@ -3,10 +3,13 @@
 //! The server core decides; the data plane enforces. Operations come in batches so an
 //! implementation can commit many mappings in one transaction (one netlink batch for
 //! nftables). [`memory::MemoryDataPlane`] is the default: it records entries and needs no
-//! privileges.
+//! privileges. [`nftables::NftDataPlane`] (feature `nftables`, Linux) drives a
+//! kernel NAT.
 #![forbid(unsafe_code)]
 
 pub mod memory;
+#[cfg(all(feature = "nftables", target_os = "linux"))]
+pub mod nftables;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -81,4 +84,12 @@ pub trait DataPlane: Send {
     }
     /// A short name for logs and the admin API (`"memory"`, `"nftables"`).
     fn name(&self) -> &'static str;
+    /// Makes the installed entries exactly `entries`: stale ones removed, missing ones
+    /// added. Used at start and to heal after a batch failed outside a request (an
+    /// expiry whose removals the kernel refused).
+    fn reconcile(&mut self, entries: &[Entry]) -> Result<(), DataPlaneError>;
+    /// Clean shutdown: release what the data plane owns, where configured so.
+    fn shutdown(&mut self) -> Result<(), DataPlaneError> {
+        Ok(())
+    }
 }

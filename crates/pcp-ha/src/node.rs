@@ -28,9 +28,12 @@ pub struct HaConfig {
     /// Records kept for the backup before it must resync with a bulk copy instead
     /// (bounds memory when the backup is slow or away).
     pub max_log: usize,
-    /// Records per bulk chunk asked of the server.
+    /// Records per bulk chunk asked of the server; a new chunk is asked for when fewer
+    /// than this many records wait to be sent.
     pub bulk_chunk: usize,
-    /// Records in flight at most (the send window).
+    /// Octets of DATA frames in flight (sent, not acknowledged) at most: the send
+    /// window. Keep it under the backup's UDP receive buffer, or a burst is dropped
+    /// and only sent again after `retransmit`.
     pub window: usize,
     /// Standby mode: the shell keeps a live copy in its own server from
     /// [`Event::Replica`] events, so a takeover has nothing left to install
@@ -46,10 +49,11 @@ impl Default for HaConfig {
             retransmit: Duration::from_millis(150),
             join: Duration::from_millis(1000),
             max_log: 1 << 20,
-            bulk_chunk: 1024,
-            // ~100 octets a record: ~100 KiB in flight stays under a default 208 KiB
-            // UDP receive buffer, so a burst is not dropped and resent after a timeout.
-            window: 1024,
+            bulk_chunk: 4096,
+            // Under a default 208 KiB UDP receive buffer (with its per-datagram
+            // overhead), so a burst is not dropped and resent after a timeout. A shell
+            // that enlarges the buffer should enlarge this too.
+            window: 128 * 1024,
             standby: false,
         }
     }
@@ -170,6 +174,10 @@ struct Sender {
     bulk_cursor: Option<u32>,
     bulk_end_seq: Option<u64>,
     bulk_requested: bool,
+    /// DATA frames in flight: (last sequence number, octets), oldest first.
+    frames: VecDeque<(u64, usize)>,
+    /// Their octets.
+    in_flight: usize,
     last_beat: Option<Time>,
     reported_ack: u64,
     reported_status: Option<BackupStatus>,
@@ -389,7 +397,30 @@ impl HaNode {
         self.tx.bulk_cursor = Some(0);
         self.tx.bulk_end_seq = None;
         self.tx.bulk_requested = false;
-        self.tx.sent_up_to = start - 1;
+        self.rewind(start - 1);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HaConfig {
+        &self.cfg
+    }
+
+    /// Forgets which frames are in flight: everything after `sent_up_to` is sent again.
+    fn rewind(&mut self, sent_up_to: u64) {
+        self.tx.sent_up_to = sent_up_to;
+        self.tx.frames.clear();
+        self.tx.in_flight = 0;
+    }
+
+    /// Drops acknowledged frames from the flight count.
+    fn landed(&mut self) {
+        while let Some(&(last, n)) = self.tx.frames.front() {
+            if last > self.tx.acked {
+                break;
+            }
+            self.tx.frames.pop_front();
+            self.tx.in_flight -= n;
+        }
     }
 
     /// Operator command: promote this backup now (even if not ready: what it holds is
@@ -536,10 +567,10 @@ impl HaNode {
                 if h.kind == Kind::Hello {
                     if follows_us && applied + 1 >= first_kept {
                         // Resume: send again whatever it has not applied.
-                        self.tx.sent_up_to = applied;
+                        self.rewind(applied);
                     } else if let Some(b) = self.tx.barrier.filter(|b| *b >= first_kept) {
                         // A copy is under way and still whole in the log: from its start.
-                        self.tx.sent_up_to = b - 1;
+                        self.rewind(b - 1);
                     } else {
                         // The backup lost the thread (new, restarted, or too far
                         // behind): it gets a fresh full copy.
@@ -556,6 +587,7 @@ impl HaNode {
                         while self.tx.log.front().is_some_and(|e| e.seq <= self.tx.acked) {
                             self.tx.log.pop_front();
                         }
+                        self.landed();
                     }
                     if self.tx.bulk_end_seq.is_some_and(|e| self.tx.acked >= e) {
                         self.tx.barrier = None;
@@ -754,9 +786,15 @@ impl HaNode {
     }
 
     fn transmit_active(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        let queued = self
+            .tx
+            .next_seq
+            .saturating_sub(1)
+            .saturating_sub(self.tx.sent_up_to);
         if self.tx.bulk_cursor.is_some()
             && !self.tx.bulk_requested
-            && self.tx.log.len() < self.cfg.window
+            && queued < self.cfg.bulk_chunk as u64
+            && self.tx.log.len() < self.cfg.max_log / 2
         {
             self.tx.bulk_requested = true;
             let cursor = self.tx.bulk_cursor.unwrap_or(0);
@@ -773,14 +811,17 @@ impl HaNode {
             .max(self.tx.acked);
         // Go back when nothing was acknowledged for a while.
         if floor < self.tx.sent_up_to && now.since(self.tx.last_progress) >= self.cfg.retransmit {
-            self.tx.sent_up_to = floor;
+            self.rewind(floor);
             self.tx.last_progress = now;
         }
-        self.tx.sent_up_to = self.tx.sent_up_to.max(floor);
-        let in_flight = (self.tx.sent_up_to - floor) as usize;
+        if self.tx.sent_up_to < floor {
+            self.rewind(floor);
+        }
         let first = self.tx.sent_up_to + 1;
         let has_data = self.tx.log.back().is_some_and(|e| e.seq >= first);
-        if has_data && in_flight < self.cfg.window {
+        // One frame may always be in flight, whatever the window.
+        let room = self.tx.in_flight == 0 || self.tx.in_flight + wire::MAX_FRAME <= self.cfg.window;
+        if has_data && room {
             let mut w = Writer::new(buf);
             wire::write_header(&mut w, &self.header(Kind::Data, 0, self.incarnation))?;
             let at = wire::write_data_prefix(&mut w, first)?;
@@ -791,14 +832,13 @@ impl HaNode {
                 .map_or(0, |e| first.saturating_sub(e.seq)) as usize;
             let mut count = 0u16;
             for e in self.tx.log.iter().skip(skip) {
-                let mut rec = e.record.clone();
-                if let Record::Upsert(m) = &mut rec {
-                    m.remaining_ms =
-                        u32::try_from(e.expires.since(now).as_millis()).unwrap_or(u32::MAX);
-                }
+                // The lifetime left now, not when the record was queued.
+                let remaining = u32::try_from(e.expires.since(now).as_millis()).unwrap_or(u32::MAX);
                 // A record is at most ~500 octets (16 filters would be more, and then it
                 // starts the next frame); stop while a whole one surely fits.
-                if w.remaining() < 600 || wire::write_record(&mut w, &rec).is_none() {
+                if w.remaining() < 600
+                    || wire::write_record_remaining(&mut w, &e.record, remaining).is_none()
+                {
                     break;
                 }
                 count += 1;
@@ -812,6 +852,8 @@ impl HaNode {
                     self.tx.last_progress = now;
                 }
                 self.tx.sent_up_to = first + u64::from(count) - 1;
+                self.tx.frames.push_back((self.tx.sent_up_to, w.len()));
+                self.tx.in_flight += w.len();
                 self.tx.last_beat = Some(now);
                 return Some(w.len());
             }

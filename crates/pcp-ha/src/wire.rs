@@ -339,6 +339,16 @@ fn read_key(r: &mut Reader<'_>) -> Result<MappingKey, WireError> {
 
 /// Writes one record (kind, length, body). `None` when it does not fit.
 pub fn write_record(w: &mut Writer<'_>, rec: &Record) -> Option<()> {
+    let remaining = match rec {
+        Record::Upsert(m) => m.remaining_ms,
+        _ => 0,
+    };
+    write_record_remaining(w, rec, remaining)
+}
+
+/// [`write_record`] with an upsert's remaining lifetime given (the sender computes it
+/// when the frame is written; no copy of the record is made).
+pub fn write_record_remaining(w: &mut Writer<'_>, rec: &Record, remaining_ms: u32) -> Option<()> {
     let start = w.len();
     let kind = match rec {
         Record::Upsert(_) => 1,
@@ -355,7 +365,7 @@ pub fn write_record(w: &mut Writer<'_>, rec: &Record) -> Option<()> {
             w.put(&m.nonce)?;
             w.addr(m.external_addr)?;
             w.u16(m.external_port)?;
-            w.u32(m.remaining_ms)?;
+            w.u32(remaining_ms)?;
             w.u32(m.lifetime)?;
             w.u8(match m.origin {
                 Origin::Pcp => 0,

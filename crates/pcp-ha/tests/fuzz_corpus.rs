@@ -76,7 +76,9 @@ fn upsert(port: u16) -> Record {
             internal: "10.0.0.1".parse().unwrap(),
             protocol: 17,
             internal_port: port,
-            remote: (port % 2 == 0).then(|| ("2001:db8::5".parse().unwrap(), 443)),
+            remote: port
+                .is_multiple_of(2)
+                .then(|| ("2001:db8::5".parse().unwrap(), 443)),
         },
         nonce: [9; 12],
         external_addr: "192.0.2.1".parse().unwrap(),
@@ -85,7 +87,7 @@ fn upsert(port: u16) -> Record {
         lifetime: 3600,
         origin: Origin::Pcp,
         requested: true,
-        forced_by: (port % 3 == 0).then(|| "sip".into()),
+        forced_by: port.is_multiple_of(3).then(|| "sip".into()),
         client: "10.0.0.1".parse().unwrap(),
         filters: vec![pcp_proto::Filter {
             prefix_len: 120,
@@ -142,7 +144,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ],
     );
     vec![
-        ("backup-bulk-copy", program(0, &[bulk.clone()], 5)),
+        (
+            "backup-bulk-copy",
+            program(0, std::slice::from_ref(&bulk), 5),
+        ),
         (
             "backup-bulk-then-live-and-beat",
             program(

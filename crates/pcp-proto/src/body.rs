@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use crate::addr::{read_addr, write_addr};
 use crate::header::{read_u16, read_u32, write_u16, write_u32};
-use crate::{Malformed, Opcode, ParseError};
+use crate::{Extensions, Malformed, Opcode, ParseError};
 
 /// Length of the MAP opcode body.
 pub const MAP_LEN: usize = 36;
@@ -160,13 +160,51 @@ impl PeerBody {
     }
 }
 
-/// Owned AUTHENTICATION body (RFC 7652 §5.1); framing only.
+/// A view of an AUTHENTICATION body (RFC 7652 §5.2).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthenticationView<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> AuthenticationView<T> {
+    /// Wraps a buffer that holds at least an AUTHENTICATION body.
+    pub fn new_checked(buffer: T) -> Option<Self> {
+        (buffer.as_ref().len() >= AUTHENTICATION_LEN).then_some(AuthenticationView { buffer })
+    }
+    /// PA session identifier (0 in a PA-Initiation).
+    pub fn session_id(&self) -> u32 {
+        read_u32(self.buffer.as_ref(), field::SESSION_ID)
+    }
+    /// PA message sequence number.
+    pub fn sequence_number(&self) -> u32 {
+        read_u32(self.buffer.as_ref(), field::SEQUENCE)
+    }
+}
+
+/// Owned AUTHENTICATION body (RFC 7652 §5.2). The result code of a PA-Client message
+/// travels in the request header ([`crate::Request::pa_result_code`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AuthenticationBody {
-    /// PA session identifier.
+    /// PA session identifier, chosen by the server; 0 in a PA-Initiation.
     pub session_id: u32,
-    /// Sequence number.
+    /// PA message sequence number (RFC 7652 §6.4).
     pub sequence_number: u32,
+}
+
+impl AuthenticationBody {
+    /// Reads an AUTHENTICATION body from a view.
+    pub fn parse<T: AsRef<[u8]>>(view: &AuthenticationView<T>) -> AuthenticationBody {
+        AuthenticationBody {
+            session_id: view.session_id(),
+            sequence_number: view.sequence_number(),
+        }
+    }
+
+    /// Writes the body into the first [`AUTHENTICATION_LEN`] octets of `buf`.
+    pub fn emit(&self, buf: &mut [u8]) {
+        write_u32(buf, field::SESSION_ID, self.session_id);
+        write_u32(buf, field::SEQUENCE, self.sequence_number);
+    }
 }
 
 /// Opcode-specific information of a request or response.
@@ -207,10 +245,16 @@ impl Body {
         }
     }
 
-    /// Parses the body for `opcode` from the start of `payload`.
-    pub(crate) fn parse(opcode: Opcode, payload: &[u8]) -> Result<Body, ParseError> {
+    /// Parses the body for `opcode` from the start of `payload`; AUTHENTICATION is an
+    /// unsupported opcode unless `ext` has authentication.
+    pub(crate) fn parse(
+        opcode: Opcode,
+        payload: &[u8],
+        ext: Extensions,
+    ) -> Result<Body, ParseError> {
         let need = opcode
             .body_len()
+            .filter(|_| opcode != Opcode::Authentication || ext.authentication)
             .ok_or(ParseError::UnsupportedOpcode(opcode.to_bits()))?;
         if payload.len() < need {
             return Err(ParseError::Malformed(Malformed::BodyTruncated {
@@ -223,10 +267,11 @@ impl Body {
             Opcode::Announce => Body::Announce,
             Opcode::Map => Body::Map(MapBody::parse(&MapView { buffer: payload })),
             Opcode::Peer => Body::Peer(PeerBody::parse(&PeerView { buffer: payload })),
-            Opcode::Authentication => Body::Authentication(AuthenticationBody {
-                session_id: read_u32(payload, field::SESSION_ID),
-                sequence_number: read_u32(payload, field::SEQUENCE),
-            }),
+            Opcode::Authentication => {
+                Body::Authentication(AuthenticationBody::parse(&AuthenticationView {
+                    buffer: payload,
+                }))
+            }
             Opcode::Unknown(v) => return Err(ParseError::UnsupportedOpcode(v)),
         })
     }
@@ -237,10 +282,7 @@ impl Body {
             Body::Announce => {}
             Body::Map(m) => m.emit(buf),
             Body::Peer(p) => p.emit(buf),
-            Body::Authentication(a) => {
-                write_u32(buf, field::SESSION_ID, a.session_id);
-                write_u32(buf, field::SEQUENCE, a.sequence_number);
-            }
+            Body::Authentication(a) => a.emit(buf),
         }
     }
 }

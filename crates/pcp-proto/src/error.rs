@@ -125,6 +125,9 @@ pub enum OptionError {
     /// An option that must be last is not.
     #[error("must be the last option")]
     NotLast,
+    /// An option that may appear in responses only was found in a request.
+    #[error("allowed in responses only")]
+    ResponseOnly,
 }
 
 /// Why a message could not be written.

@@ -6,8 +6,8 @@
 //! exactly the same properties. A violated invariant panics.
 
 use crate::{
-    HEADER_LEN, MAX_MESSAGE_LEN, OptionCode, PcpOption, Request, Response, ResultCode, VERSION,
-    natpmp,
+    Extensions, HEADER_LEN, MAX_MESSAGE_LEN, OptionCode, PcpOption, Request, Response, ResultCode,
+    VERSION, natpmp,
 };
 
 /// Size of the output buffer every emit is given: the PCP maximum message length.
@@ -18,6 +18,8 @@ pub const EMIT_BUF_LEN: usize = MAX_MESSAGE_LEN;
 /// [`remove_option`](crate::remove_option), and panics if an invariant does not hold:
 ///
 /// - no parser, emitter or accessor panics, whatever the input;
+/// - a request that parses without RFC 7652 support ([`Extensions::BASE`]) parses to
+///   the same value with it;
 /// - whenever a parse succeeds, emitting the value into a
 ///   [`EMIT_BUF_LEN`]-octet buffer succeeds, writes at most `data.len()` octets (no
 ///   growth), re-parsing the emitted octets gives an equal value
@@ -40,9 +42,20 @@ pub fn check_invariants(data: &[u8]) {
 }
 
 fn pcp_request(data: &[u8]) {
+    let base = Request::parse_with(data, Extensions::BASE);
     let Ok(req) = Request::parse(data) else {
+        assert!(
+            base.is_err(),
+            "a request parses without RFC 7652 but not with it"
+        );
         return;
     };
+    if let Ok(base) = base {
+        assert_eq!(
+            base, req,
+            "RFC 7652 support changed a request that parses without it"
+        );
+    }
     // Accessors over the validated option area must not panic either.
     let _ = (req.options.len(), req.options.description(), req.opcode());
     let mut buf = [0u8; EMIT_BUF_LEN];

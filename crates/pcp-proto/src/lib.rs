@@ -1,7 +1,9 @@
 //! Wire codec for the Port Control Protocol.
 //!
 //! Covers PCP version 2 ([RFC 6887]) with its options — including
-//! CHECKPOINT_REQUIRED ([RFC 7767], code 192) — and NAT-PMP ([RFC 6886], version 0).
+//! CHECKPOINT_REQUIRED ([RFC 7767], code 192) — the AUTHENTICATION opcode, result
+//! codes and options of PCP authentication ([RFC 7652]), and NAT-PMP ([RFC 6886],
+//! version 0).
 //!
 //! The shape follows smoltcp's `wire` module: zero-copy *views* over a byte buffer
 //! ([`Packet`], [`MapView`], [`PeerView`], [`OptionView`]) with named field offsets, and
@@ -15,6 +17,7 @@
 //! [RFC 6887]: https://www.rfc-editor.org/rfc/rfc6887
 //! [RFC 7767]: https://www.rfc-editor.org/rfc/rfc7767
 //! [RFC 6886]: https://www.rfc-editor.org/rfc/rfc6886
+//! [RFC 7652]: https://www.rfc-editor.org/rfc/rfc7652
 #![forbid(unsafe_code)]
 
 mod addr;
@@ -30,13 +33,18 @@ mod option;
 mod result_code;
 
 pub use addr::{decode_addr, encode_addr};
-pub use body::{AuthenticationBody, Body, MapBody, MapView, PeerBody, PeerView};
+pub use body::{
+    AUTHENTICATION_LEN, AuthenticationBody, AuthenticationView, Body, MapBody, MapView, PeerBody,
+    PeerView,
+};
 pub use error::{EmitError, Malformed, OptionError, ParseError};
 pub use header::Packet;
-pub use message::{Request, Response, emit_error_response, remove_option};
+pub use message::{Request, Response, append_option, emit_error_response, remove_option};
 pub use opcode::Opcode;
 pub use option::{
-    Filter, OptionCode, OptionIter, OptionView, Options, PcpOption, PortSet, validate_options,
+    AUTHENTICATION_TAG_MIN_LEN, AuthenticationTag, Extensions, Filter, OPTION_HEADER_LEN,
+    OptionCode, OptionIter, OptionView, Options, PA_AUTHENTICATION_TAG_MIN_LEN,
+    PaAuthenticationTag, PcpOption, PortSet, pa_tag, tag, validate_options,
 };
 pub use result_code::ResultCode;
 

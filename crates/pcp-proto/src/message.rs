@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use crate::body::Body;
 use crate::error::{EmitError, Malformed, ParseError};
 use crate::header::{Packet, field};
-use crate::option::{Direction, Options, validate};
+use crate::option::{Direction, Extensions, Options, validate};
 use crate::{HEADER_LEN, MAX_MESSAGE_LEN, Opcode, ResultCode, VERSION};
 
 /// A PCP request (RFC 6887 §7.1).
@@ -73,21 +73,29 @@ fn check_frame(buf: &[u8], want_response: bool) -> Result<Packet<&[u8]>, ParseEr
 fn parse_body_and_options<'a>(
     packet: Packet<&'a [u8]>,
     direction: Direction,
+    ext: Extensions,
 ) -> Result<(Body, Options<'a>), ParseError> {
     let opcode = packet.opcode();
     let payload = packet.into_inner();
     let payload = &payload[HEADER_LEN..];
-    let body = Body::parse(opcode, payload)?;
-    let options = validate(opcode, &payload[body.wire_len()..], direction)?;
+    let body = Body::parse(opcode, payload, ext)?;
+    let options = validate(opcode, &payload[body.wire_len()..], direction, ext)?;
     Ok((body, options))
 }
 
 impl<'a> Request<'a> {
-    /// Parses and validates a request. See [`ParseError`] for the answer each failure
-    /// calls for.
+    /// Parses and validates a request with every extension this crate knows
+    /// ([`Extensions::ALL`]). See [`ParseError`] for the answer each failure calls for.
     pub fn parse(buf: &'a [u8]) -> Result<Request<'a>, ParseError> {
+        Request::parse_with(buf, Extensions::ALL)
+    }
+
+    /// Parses and validates a request as a server implementing `ext` must: what it
+    /// does not implement is unsupported (UNSUPP_OPCODE, UNSUPP_OPTION) before any
+    /// check of its contents.
+    pub fn parse_with(buf: &'a [u8], ext: Extensions) -> Result<Request<'a>, ParseError> {
         let packet = check_frame(buf, false)?;
-        let (body, options) = parse_body_and_options(packet, Direction::Request)?;
+        let (body, options) = parse_body_and_options(packet, Direction::Request, ext)?;
         let pa_result_code = if packet.opcode() == Opcode::Authentication {
             packet.result_code()
         } else {
@@ -136,7 +144,7 @@ impl<'a> Response<'a> {
     /// judge; framing, lengths and known-option rules are enforced.
     pub fn parse(buf: &'a [u8]) -> Result<Response<'a>, ParseError> {
         let packet = check_frame(buf, true)?;
-        let (body, options) = parse_body_and_options(packet, Direction::Response)?;
+        let (body, options) = parse_body_and_options(packet, Direction::Response, Extensions::ALL)?;
         Ok(Response {
             result_code: packet.result_code(),
             lifetime: packet.lifetime(),
@@ -247,6 +255,19 @@ pub fn emit_error_response(
         p.set_epoch_only(epoch);
     }
     Ok(len)
+}
+
+/// Appends `option` after the PCP message in `buf[..len]` (request or response) and
+/// returns the new length. RFC 7652 tags are added this way, last, to a message that is
+/// otherwise complete.
+pub fn append_option(
+    buf: &mut [u8],
+    len: usize,
+    option: &crate::PcpOption<'_>,
+) -> Result<usize, EmitError> {
+    let end = fit(len + option.wire_len(), buf.len())?;
+    option.emit(&mut buf[len..end])?;
+    Ok(end)
 }
 
 /// Removes every option with `code` from the PCP message in `buf[..len]` (request or

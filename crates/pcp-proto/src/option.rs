@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use crate::addr::{read_addr, write_addr};
 use crate::error::{EmitError, OptionError, ParseError};
-use crate::header::{read_u16, write_u16};
+use crate::header::{read_u16, read_u32, write_u16, write_u32};
 use crate::{Opcode, body::MAP_LEN};
 
 /// Length of an option header.
@@ -20,6 +20,26 @@ mod field {
     pub const RESERVED: usize = 1;
     pub const LENGTH: usize = 2;
     pub const DATA: usize = 4;
+}
+
+/// Field offsets inside AUTHENTICATION_TAG data (RFC 7652 §5.4).
+pub mod tag {
+    /// Session ID.
+    pub const SESSION_ID: usize = 0;
+    /// Sequence Number.
+    pub const SEQUENCE: usize = 4;
+    /// Key ID.
+    pub const KEY_ID: usize = 8;
+    /// Authentication Data (the MAC).
+    pub const MAC: usize = 12;
+}
+
+/// Field offsets inside PA_AUTHENTICATION_TAG data (RFC 7652 §5.5).
+pub mod pa_tag {
+    /// Key ID.
+    pub const KEY_ID: usize = 0;
+    /// Authentication Data (the MAC).
+    pub const MAC: usize = 4;
 }
 
 /// A PCP option code.
@@ -148,32 +168,52 @@ impl OptionCode {
         }
     }
 
-    /// What the RFCs allow for this option; `None` for unknown codes.
-    fn rule(self) -> Option<Rule> {
+    /// What the RFCs allow for this option; `None` for codes the parsing end does not
+    /// implement (unknown codes, and the RFC 7652 ones when authentication is off).
+    fn rule(self, ext: Extensions) -> Option<Rule> {
         use LenRule::*;
+        const ANNOUNCE: u8 = 1 << 0;
         const MAP: u8 = 1 << 1;
         const PEER: u8 = 1 << 2;
+        const AUTH: u8 = 1 << 3;
         const ANY: u8 = 0b1111;
+        if self.is_authentication() && !ext.authentication {
+            return None;
+        }
+        // RFC 7652 §7 (IANA registrations) gives opcodes, lengths and occurrences of
+        // options 4–12; §6.1 puts the tags at the end of the message.
         let (len, opcodes, once) = match self {
             OptionCode::ThirdParty => (Exact(16), MAP | PEER, true),
             OptionCode::PreferFailure => (Exact(0), MAP, true),
             OptionCode::Filter => (Exact(20), MAP, false),
-            OptionCode::Nonce | OptionCode::SessionLifetime | OptionCode::ReceivedPak => {
-                (Exact(4), ANY, true)
+            OptionCode::Nonce | OptionCode::ReceivedPak | OptionCode::SessionLifetime => {
+                (Exact(4), AUTH, true)
             }
-            OptionCode::AuthenticationTag
-            | OptionCode::PaAuthenticationTag
-            | OptionCode::EapPayload
-            | OptionCode::Prf
-            | OptionCode::MacAlgorithm
-            | OptionCode::IdIndicator => (Any, ANY, false),
+            OptionCode::Prf | OptionCode::MacAlgorithm => (Exact(4), AUTH, false),
+            OptionCode::AuthenticationTag => {
+                (Min(AUTHENTICATION_TAG_MIN_LEN), MAP | PEER | ANNOUNCE, true)
+            }
+            OptionCode::PaAuthenticationTag => (Min(PA_AUTHENTICATION_TAG_MIN_LEN), AUTH, true),
+            OptionCode::EapPayload => (Min(EAP_HEADER_LEN), AUTH, true),
+            OptionCode::IdIndicator => (Any, AUTH, true),
             OptionCode::Description => (Any, MAP | PEER, true),
             OptionCode::Prefix64 => (Min(PREFIX64_MIN_LEN), ANY, false),
             OptionCode::PortSet => (Exact(PORT_SET_LEN), MAP, true),
             OptionCode::CheckpointRequired => (Exact(0), MAP | PEER, true),
             OptionCode::Unknown(_) => return None,
         };
-        Some(Rule { len, opcodes, once })
+        let response_only = matches!(self, OptionCode::SessionLifetime | OptionCode::IdIndicator);
+        let last = matches!(
+            self,
+            OptionCode::AuthenticationTag | OptionCode::PaAuthenticationTag
+        );
+        Some(Rule {
+            len,
+            opcodes,
+            once,
+            response_only,
+            last,
+        })
     }
 }
 
@@ -196,6 +236,10 @@ struct Rule {
     /// Bit `n` set: allowed with opcode `n`.
     opcodes: u8,
     once: bool,
+    /// "May appear in: Response" only (RFC 7652 SESSION_LIFETIME, ID_INDICATOR).
+    response_only: bool,
+    /// Must be the last option (the RFC 7652 tags, which cover everything before them).
+    last: bool,
 }
 
 impl Rule {
@@ -213,6 +257,13 @@ impl Rule {
     }
 }
 
+/// Smallest AUTHENTICATION_TAG data: Session ID, Sequence Number and Key ID (RFC 7652
+/// §5.4: the Option-Length counts this "12-octet fixed-length header" and the MAC).
+pub const AUTHENTICATION_TAG_MIN_LEN: u16 = 12;
+/// Smallest PA_AUTHENTICATION_TAG data: the Key ID (RFC 7652 §5.5).
+pub const PA_AUTHENTICATION_TAG_MIN_LEN: u16 = 4;
+/// An EAP packet has at least its 4-octet header (RFC 3748 §4): code, identifier, length.
+const EAP_HEADER_LEN: u16 = 4;
 /// Data length of FILTER.
 const FILTER_LEN: u16 = 20;
 /// Data length of PORT_SET.
@@ -246,6 +297,30 @@ pub struct PortSet {
     pub parity: bool,
 }
 
+/// AUTHENTICATION_TAG option data (RFC 7652 §5.4): the tag of a common PCP message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuthenticationTag<'a> {
+    /// PA session the message belongs to.
+    pub session_id: u32,
+    /// Sequence number of the common message (RFC 7652 §6.5).
+    pub sequence_number: u32,
+    /// Transport key ID (0 when the MSK is used directly).
+    pub key_id: u32,
+    /// The MAC ("Authentication Data"); its length depends on the session's MAC
+    /// algorithm, and the option's padding follows it.
+    pub mac: &'a [u8],
+}
+
+/// PA_AUTHENTICATION_TAG option data (RFC 7652 §5.5): the tag of a PA message, whose
+/// session ID and sequence number are in the AUTHENTICATION body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PaAuthenticationTag<'a> {
+    /// Transport key ID (0 when the MSK is used directly).
+    pub key_id: u32,
+    /// The MAC ("Authentication Data").
+    pub mac: &'a [u8],
+}
+
 /// One PCP option with its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PcpOption<'a> {
@@ -255,13 +330,25 @@ pub enum PcpOption<'a> {
     PreferFailure,
     /// FILTER: a remote peer filter.
     Filter(Filter),
-    /// One of the RFC 7652 authentication options (codes 4–12), data kept raw.
-    Authentication {
-        /// The option code (4–12).
-        code: OptionCode,
-        /// The option data.
-        data: &'a [u8],
-    },
+    /// NONCE (RFC 7652 §5.3): the client's random nonce of a PA session start.
+    Nonce(u32),
+    /// AUTHENTICATION_TAG (RFC 7652 §5.4): tag of a common (MAP, PEER, ANNOUNCE) message.
+    AuthenticationTag(AuthenticationTag<'a>),
+    /// PA_AUTHENTICATION_TAG (RFC 7652 §5.5): tag of a PA message.
+    PaAuthenticationTag(PaAuthenticationTag<'a>),
+    /// EAP_PAYLOAD (RFC 7652 §5.6): one EAP packet.
+    EapPayload(&'a [u8]),
+    /// PRF (RFC 7652 §5.7): an IKEv2 transform type 2 ID (5 = PRF_HMAC_SHA2_256).
+    Prf(u32),
+    /// MAC_ALGORITHM (RFC 7652 §5.8): an IKEv2 transform type 3 ID
+    /// (12 = AUTH_HMAC_SHA2_256_128).
+    MacAlgorithm(u32),
+    /// SESSION_LIFETIME (RFC 7652 §5.9): PA session lifetime in seconds.
+    SessionLifetime(u32),
+    /// RECEIVED_PAK (RFC 7652 §5.10): sequence number of the PA message acknowledged.
+    ReceivedPak(u32),
+    /// ID_INDICATOR (RFC 7652 §5.11): the authority whose credentials to use.
+    IdIndicator(&'a str),
     /// DESCRIPTION: UTF-8 text.
     Description(&'a str),
     /// PREFIX64 (RFC 7225): data kept raw — Prefix64-Length (16), 12 octets of prefix
@@ -287,7 +374,15 @@ impl<'a> PcpOption<'a> {
             PcpOption::ThirdParty(_) => OptionCode::ThirdParty,
             PcpOption::PreferFailure => OptionCode::PreferFailure,
             PcpOption::Filter(_) => OptionCode::Filter,
-            PcpOption::Authentication { code, .. } => *code,
+            PcpOption::Nonce(_) => OptionCode::Nonce,
+            PcpOption::AuthenticationTag(_) => OptionCode::AuthenticationTag,
+            PcpOption::PaAuthenticationTag(_) => OptionCode::PaAuthenticationTag,
+            PcpOption::EapPayload(_) => OptionCode::EapPayload,
+            PcpOption::Prf(_) => OptionCode::Prf,
+            PcpOption::MacAlgorithm(_) => OptionCode::MacAlgorithm,
+            PcpOption::SessionLifetime(_) => OptionCode::SessionLifetime,
+            PcpOption::ReceivedPak(_) => OptionCode::ReceivedPak,
+            PcpOption::IdIndicator(_) => OptionCode::IdIndicator,
             PcpOption::Description(_) => OptionCode::Description,
             PcpOption::Prefix64(_) => OptionCode::Prefix64,
             PcpOption::PortSet(_) => OptionCode::PortSet,
@@ -303,8 +398,19 @@ impl<'a> PcpOption<'a> {
             PcpOption::PreferFailure | PcpOption::CheckpointRequired => 0,
             PcpOption::Filter(_) => usize::from(FILTER_LEN),
             PcpOption::PortSet(_) => usize::from(PORT_SET_LEN),
-            PcpOption::Description(s) => s.len(),
-            PcpOption::Authentication { data, .. }
+            PcpOption::Description(s) | PcpOption::IdIndicator(s) => s.len(),
+            PcpOption::Nonce(_)
+            | PcpOption::Prf(_)
+            | PcpOption::MacAlgorithm(_)
+            | PcpOption::SessionLifetime(_)
+            | PcpOption::ReceivedPak(_) => 4,
+            PcpOption::AuthenticationTag(t) => {
+                usize::from(AUTHENTICATION_TAG_MIN_LEN) + t.mac.len()
+            }
+            PcpOption::PaAuthenticationTag(t) => {
+                usize::from(PA_AUTHENTICATION_TAG_MIN_LEN) + t.mac.len()
+            }
+            PcpOption::EapPayload(data)
             | PcpOption::Prefix64(data)
             | PcpOption::Unknown { data, .. } => data.len(),
         }
@@ -355,7 +461,27 @@ impl<'a> PcpOption<'a> {
                 parity: data[4] & 1 != 0,
             }),
             OptionCode::CheckpointRequired => PcpOption::CheckpointRequired,
-            c if c.is_authentication() => PcpOption::Authentication { code: c, data },
+            OptionCode::Nonce => PcpOption::Nonce(read_u32(data, 0)),
+            OptionCode::Prf => PcpOption::Prf(read_u32(data, 0)),
+            OptionCode::MacAlgorithm => PcpOption::MacAlgorithm(read_u32(data, 0)),
+            OptionCode::SessionLifetime => PcpOption::SessionLifetime(read_u32(data, 0)),
+            OptionCode::ReceivedPak => PcpOption::ReceivedPak(read_u32(data, 0)),
+            OptionCode::AuthenticationTag => PcpOption::AuthenticationTag(AuthenticationTag {
+                session_id: read_u32(data, tag::SESSION_ID),
+                sequence_number: read_u32(data, tag::SEQUENCE),
+                key_id: read_u32(data, tag::KEY_ID),
+                mac: &data[tag::MAC..],
+            }),
+            OptionCode::PaAuthenticationTag => {
+                PcpOption::PaAuthenticationTag(PaAuthenticationTag {
+                    key_id: read_u32(data, pa_tag::KEY_ID),
+                    mac: &data[pa_tag::MAC..],
+                })
+            }
+            OptionCode::EapPayload => PcpOption::EapPayload(data),
+            OptionCode::IdIndicator => PcpOption::IdIndicator(
+                std::str::from_utf8(data).map_err(|_| OptionError::InvalidField("not UTF-8"))?,
+            ),
             c => PcpOption::Unknown {
                 code: c.into(),
                 data,
@@ -365,7 +491,7 @@ impl<'a> PcpOption<'a> {
 
     /// Writes the option (header, data, zero padding) at the start of `buf`, which
     /// must hold [`PcpOption::wire_len`] octets.
-    fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
+    pub(crate) fn emit(&self, buf: &mut [u8]) -> Result<usize, EmitError> {
         let code = u8::from(self.code());
         let len = u16::try_from(self.data_len()).map_err(|_| EmitError::BadOption {
             code,
@@ -390,8 +516,25 @@ impl<'a> PcpOption<'a> {
                 write_u16(data, 2, p.first_internal_port);
                 data[4] = u8::from(p.parity);
             }
-            PcpOption::Description(s) => data[..s.len()].copy_from_slice(s.as_bytes()),
-            PcpOption::Authentication { data: d, .. }
+            PcpOption::Description(s) | PcpOption::IdIndicator(s) => {
+                data[..s.len()].copy_from_slice(s.as_bytes())
+            }
+            PcpOption::Nonce(v)
+            | PcpOption::Prf(v)
+            | PcpOption::MacAlgorithm(v)
+            | PcpOption::SessionLifetime(v)
+            | PcpOption::ReceivedPak(v) => write_u32(data, 0, *v),
+            PcpOption::AuthenticationTag(t) => {
+                write_u32(data, tag::SESSION_ID, t.session_id);
+                write_u32(data, tag::SEQUENCE, t.sequence_number);
+                write_u32(data, tag::KEY_ID, t.key_id);
+                data[tag::MAC..tag::MAC + t.mac.len()].copy_from_slice(t.mac);
+            }
+            PcpOption::PaAuthenticationTag(t) => {
+                write_u32(data, pa_tag::KEY_ID, t.key_id);
+                data[pa_tag::MAC..pa_tag::MAC + t.mac.len()].copy_from_slice(t.mac);
+            }
+            PcpOption::EapPayload(d)
             | PcpOption::Prefix64(d)
             | PcpOption::Unknown { data: d, .. } => data[..d.len()].copy_from_slice(d),
         }
@@ -542,6 +685,78 @@ impl<'a> Options<'a> {
         })
     }
 
+    /// The NONCE, if present.
+    pub fn nonce(&self) -> Option<u32> {
+        self.iter().find_map(|o| match o {
+            PcpOption::Nonce(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// The AUTHENTICATION_TAG, if present.
+    pub fn authentication_tag(&self) -> Option<AuthenticationTag<'a>> {
+        self.iter().find_map(|o| match o {
+            PcpOption::AuthenticationTag(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    /// The PA_AUTHENTICATION_TAG, if present.
+    pub fn pa_authentication_tag(&self) -> Option<PaAuthenticationTag<'a>> {
+        self.iter().find_map(|o| match o {
+            PcpOption::PaAuthenticationTag(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    /// The EAP_PAYLOAD, if present.
+    pub fn eap_payload(&self) -> Option<&'a [u8]> {
+        self.iter().find_map(|o| match o {
+            PcpOption::EapPayload(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// Every PRF transform ID, in order.
+    pub fn prfs(&self) -> impl Iterator<Item = u32> + 'a {
+        self.iter().filter_map(|o| match o {
+            PcpOption::Prf(v) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// Every MAC_ALGORITHM transform ID, in order.
+    pub fn mac_algorithms(&self) -> impl Iterator<Item = u32> + 'a {
+        self.iter().filter_map(|o| match o {
+            PcpOption::MacAlgorithm(v) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// The SESSION_LIFETIME in seconds, if present.
+    pub fn session_lifetime(&self) -> Option<u32> {
+        self.iter().find_map(|o| match o {
+            PcpOption::SessionLifetime(v) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// The RECEIVED_PAK sequence number, if present.
+    pub fn received_pak(&self) -> Option<u32> {
+        self.iter().find_map(|o| match o {
+            PcpOption::ReceivedPak(v) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// The ID_INDICATOR, if present.
+    pub fn id_indicator(&self) -> Option<&'a str> {
+        self.iter().find_map(|o| match o {
+            PcpOption::IdIndicator(s) => Some(s),
+            _ => None,
+        })
+    }
+
     /// Every FILTER, in order.
     pub fn filters(&self) -> impl Iterator<Item = Filter> + 'a {
         self.iter().filter_map(|o| match o {
@@ -619,20 +834,50 @@ impl<'a> Iterator for OptionIter<'a> {
     }
 }
 
+/// Protocol extensions the parsing end implements beyond RFC 6887 and the options this
+/// crate always knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Extensions {
+    /// RFC 7652 authentication: the AUTHENTICATION opcode and options 4–12. When off,
+    /// the opcode is unsupported (UNSUPP_OPCODE) and the options are unknown
+    /// mandatory-to-process options (UNSUPP_OPTION) whatever their contents, as from
+    /// any server that does not implement RFC 7652.
+    pub authentication: bool,
+}
+
+impl Extensions {
+    /// Everything this crate can parse.
+    pub const ALL: Extensions = Extensions {
+        authentication: true,
+    };
+    /// RFC 6887 and the non-authentication options only.
+    pub const BASE: Extensions = Extensions {
+        authentication: false,
+    };
+}
+
+impl Default for Extensions {
+    fn default() -> Self {
+        Extensions::ALL
+    }
+}
+
 /// Validates the option area of a request (`bytes`, everything after the opcode body)
 /// for `opcode` and returns it as [`Options`].
 ///
-/// Checks framing, lengths, values, opcode applicability and repetition. An unknown
-/// option with a mandatory code is UNSUPP_OPTION; an unknown optional one is kept (a
-/// server ignores it and does not echo it).
+/// Checks framing, lengths, values, opcode applicability, direction, repetition and
+/// placement (the RFC 7652 tags come last). An unknown option with a mandatory code is
+/// UNSUPP_OPTION; an unknown optional one is kept (a server ignores it and does not
+/// echo it).
 pub fn validate_options(opcode: Opcode, bytes: &[u8]) -> Result<Options<'_>, ParseError> {
-    validate(opcode, bytes, Direction::Request)
+    validate(opcode, bytes, Direction::Request, Extensions::ALL)
 }
 
 pub(crate) fn validate(
     opcode: Opcode,
     bytes: &[u8],
     direction: Direction,
+    ext: Extensions,
 ) -> Result<Options<'_>, ParseError> {
     let mut seen = [0u64; 4];
     let mut rest = bytes;
@@ -642,7 +887,7 @@ pub(crate) fn validate(
         let view = OptionView::new_checked(rest).map_err(fail)?;
         let data = view.data();
         let oc = OptionCode::from(code);
-        match oc.rule() {
+        match oc.rule(ext) {
             None if oc.is_mandatory() && direction == Direction::Request => {
                 return Err(ParseError::UnsupportedOption { code });
             }
@@ -650,6 +895,12 @@ pub(crate) fn validate(
             Some(rule) => {
                 if !rule.allows_opcode(opcode) {
                     return Err(fail(OptionError::NotAllowedForOpcode));
+                }
+                if rule.response_only && direction == Direction::Request {
+                    return Err(fail(OptionError::ResponseOnly));
+                }
+                if rule.last && view.wire_len() != rest.len() {
+                    return Err(fail(OptionError::NotLast));
                 }
                 if !rule.allows_len(view.data_len()) {
                     return Err(fail(OptionError::BadLength {

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use pcp_proto::fuzzing::check_invariants;
 use pcp_proto::natpmp;
 use pcp_proto::{
-    AuthenticationBody, Body, Filter, MAX_MESSAGE_LEN, MapBody, OptionCode, Options, PcpOption,
-    PeerBody, PortSet, Request, Response, ResultCode, protocol,
+    AuthenticationBody, AuthenticationTag, Body, Filter, MAX_MESSAGE_LEN, MapBody, Options,
+    PaAuthenticationTag, PcpOption, PeerBody, PortSet, Request, Response, ResultCode, protocol,
 };
 
 fn fuzz_dir(sub: &str) -> PathBuf {
@@ -255,27 +255,110 @@ fn seeds() -> Vec<(&'static str, Kind, Vec<u8>)> {
             request(0, "192.0.2.10", Body::Announce, &[]),
         ),
         (
-            "pcp-authentication-request-nonce-tag",
+            "pcp-authentication-initiation-nonce",
+            PcpRequest,
+            emit_request(&Request {
+                lifetime: 0,
+                client_addr: addr("192.0.2.10"),
+                body: Body::Authentication(AuthenticationBody {
+                    session_id: 0,
+                    sequence_number: 0,
+                }),
+                options: Options::from_list(&[PcpOption::Nonce(0x0102_0304)]),
+                pa_result_code: ResultCode::Initiation,
+            }),
+        ),
+        (
+            "pcp-authentication-server-eap-algorithms",
+            PcpResponse,
+            response(
+                ResultCode::AuthenticationRequest,
+                0,
+                Body::Authentication(AuthenticationBody {
+                    session_id: 0xdead_beef,
+                    sequence_number: 0,
+                }),
+                &[
+                    PcpOption::Nonce(0x0102_0304),
+                    PcpOption::Prf(5),
+                    PcpOption::MacAlgorithm(12),
+                    PcpOption::IdIndicator("example.net"),
+                    // EAP-Request/Identity.
+                    PcpOption::EapPayload(&[1, 1, 0, 5, 1]),
+                ],
+            ),
+        ),
+        (
+            "pcp-authentication-client-succeeded-tagged",
+            PcpRequest,
+            emit_request(&Request {
+                lifetime: 0,
+                client_addr: addr("2001:db8::10"),
+                body: Body::Authentication(AuthenticationBody {
+                    session_id: 0xdead_beef,
+                    sequence_number: 7,
+                }),
+                options: Options::from_list(&[
+                    PcpOption::Prf(5),
+                    PcpOption::MacAlgorithm(12),
+                    PcpOption::PaAuthenticationTag(PaAuthenticationTag {
+                        key_id: 1,
+                        mac: &[0xaa; 16],
+                    }),
+                ]),
+                pa_result_code: ResultCode::AuthenticationSucceeded,
+            }),
+        ),
+        (
+            "pcp-authentication-server-succeeded-lifetime-tagged",
+            PcpResponse,
+            response(
+                ResultCode::AuthenticationSucceeded,
+                0,
+                Body::Authentication(AuthenticationBody {
+                    session_id: 0xdead_beef,
+                    sequence_number: 7,
+                }),
+                &[
+                    PcpOption::SessionLifetime(3600),
+                    PcpOption::PaAuthenticationTag(PaAuthenticationTag {
+                        key_id: 1,
+                        mac: &[0x55; 16],
+                    }),
+                ],
+            ),
+        ),
+        (
+            "pcp-authentication-ack",
             PcpRequest,
             emit_request(&Request {
                 lifetime: 0,
                 client_addr: addr("192.0.2.10"),
                 body: Body::Authentication(AuthenticationBody {
                     session_id: 0xdead_beef,
-                    sequence_number: 1,
+                    sequence_number: 3,
                 }),
-                options: Options::from_list(&[
-                    PcpOption::Authentication {
-                        code: OptionCode::Nonce,
-                        data: &[1, 2, 3, 4],
-                    },
-                    PcpOption::Authentication {
-                        code: OptionCode::AuthenticationTag,
-                        data: &[0xaa; 10],
-                    },
-                ]),
-                pa_result_code: ResultCode::Initiation,
+                options: Options::from_list(&[PcpOption::ReceivedPak(2)]),
+                pa_result_code: ResultCode::AuthenticationReply,
             }),
+        ),
+        (
+            "pcp-map-request-checkpoint-authentication-tag",
+            PcpRequest,
+            request(
+                3600,
+                "192.0.2.10",
+                Body::Map(map_v4),
+                &[
+                    PcpOption::CheckpointRequired,
+                    PcpOption::AuthenticationTag(AuthenticationTag {
+                        session_id: 0xdead_beef,
+                        sequence_number: 42,
+                        key_id: 1,
+                        mac: &[0x11; 16],
+                    }),
+                ],
+            ),
         ),
         (
             "pcp-map-response-success-checkpoint",

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use pcp_proto::{
-    AuthenticationBody, Body, Filter, MapBody, OptionCode, Options, PcpOption, PeerBody, PortSet,
-    Request, Response, ResultCode, natpmp,
+    AuthenticationBody, AuthenticationTag, Body, Filter, MapBody, Options, PaAuthenticationTag,
+    PcpOption, PeerBody, PortSet, Request, Response, ResultCode, natpmp,
 };
 use proptest::prelude::*;
 
@@ -15,7 +15,17 @@ enum Owned {
     ThirdParty(IpAddr),
     PreferFailure,
     Filter(Filter),
-    Auth(u8, Vec<u8>),
+    Nonce(u32),
+    Prf(u32),
+    Mac(u32),
+    SessionLifetime(u32),
+    ReceivedPak(u32),
+    Eap(Vec<u8>),
+    IdIndicator(String),
+    /// AUTHENTICATION_TAG: session, sequence, key ID, MAC.
+    Tag(u32, u32, u32, Vec<u8>),
+    /// PA_AUTHENTICATION_TAG: key ID, MAC.
+    PaTag(u32, Vec<u8>),
     Description(String),
     Prefix64(Vec<u8>),
     PortSet(PortSet),
@@ -29,10 +39,25 @@ impl Owned {
             Owned::ThirdParty(a) => PcpOption::ThirdParty(*a),
             Owned::PreferFailure => PcpOption::PreferFailure,
             Owned::Filter(f) => PcpOption::Filter(*f),
-            Owned::Auth(code, data) => PcpOption::Authentication {
-                code: OptionCode::from(*code),
-                data,
-            },
+            Owned::Nonce(v) => PcpOption::Nonce(*v),
+            Owned::Prf(v) => PcpOption::Prf(*v),
+            Owned::Mac(v) => PcpOption::MacAlgorithm(*v),
+            Owned::SessionLifetime(v) => PcpOption::SessionLifetime(*v),
+            Owned::ReceivedPak(v) => PcpOption::ReceivedPak(*v),
+            Owned::Eap(d) => PcpOption::EapPayload(d),
+            Owned::IdIndicator(s) => PcpOption::IdIndicator(s),
+            Owned::Tag(session_id, sequence_number, key_id, mac) => {
+                PcpOption::AuthenticationTag(AuthenticationTag {
+                    session_id: *session_id,
+                    sequence_number: *sequence_number,
+                    key_id: *key_id,
+                    mac,
+                })
+            }
+            Owned::PaTag(key_id, mac) => PcpOption::PaAuthenticationTag(PaAuthenticationTag {
+                key_id: *key_id,
+                mac,
+            }),
             Owned::Description(d) => PcpOption::Description(d),
             Owned::Prefix64(d) => PcpOption::Prefix64(d),
             Owned::PortSet(p) => PcpOption::PortSet(*p),
@@ -67,9 +92,46 @@ fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..max)
 }
 
+/// RFC 7652 options valid for `opcode` in a request or a response: each once-only option
+/// at most once, PRF and MAC_ALGORITHM repeated, response-only ones in responses only;
+/// the tag, if any, is returned apart because it must come last.
+fn auth_options_for(
+    opcode: u8,
+    response: bool,
+) -> impl Strategy<Value = (Vec<Owned>, Option<Owned>)> {
+    let auth = opcode == 3;
+    (
+        proptest::option::weighted(0.3, any::<u32>()),
+        proptest::collection::vec(any::<u32>(), 0..3),
+        proptest::collection::vec(any::<u32>(), 0..3),
+        proptest::option::weighted(0.3, any::<u32>()),
+        proptest::option::weighted(0.3, any::<u32>()),
+        proptest::option::weighted(0.3, proptest::collection::vec(any::<u8>(), 4..300)),
+        proptest::option::weighted(0.3, "\\PC{0,20}"),
+        proptest::option::weighted(0.5, (any::<u32>(), any::<u32>(), any::<u32>(), bytes(33))),
+    )
+        .prop_map(move |(nonce, prfs, macs, lifetime, pak, eap, id, tag)| {
+            let mut v = Vec::new();
+            if !auth {
+                let tag = tag.map(|(s, q, k, m)| Owned::Tag(s, q, k, m));
+                return (v, tag);
+            }
+            v.extend(nonce.map(Owned::Nonce));
+            v.extend(prfs.into_iter().map(Owned::Prf));
+            v.extend(macs.into_iter().map(Owned::Mac));
+            v.extend(pak.map(Owned::ReceivedPak));
+            v.extend(eap.map(Owned::Eap));
+            if response {
+                v.extend(lifetime.map(Owned::SessionLifetime));
+                v.extend(id.map(Owned::IdIndicator));
+            }
+            (v, tag.map(|(_, _, k, m)| Owned::PaTag(k, m)))
+        })
+}
+
 /// Options valid for `opcode` (1 MAP, 2 PEER, 0 ANNOUNCE, 3 AUTHENTICATION): each
-/// once-only option at most once, in a random order.
-fn options_for(opcode: u8) -> impl Strategy<Value = Vec<Owned>> {
+/// once-only option at most once, in a random order, a tag last.
+fn options_for(opcode: u8, response: bool) -> impl Strategy<Value = Vec<Owned>> {
     let map_or_peer = opcode == 1 || opcode == 2;
     let map = opcode == 1;
     (
@@ -86,7 +148,7 @@ fn options_for(opcode: u8) -> impl Strategy<Value = Vec<Owned>> {
             }),
         ),
         proptest::bool::weighted(0.5),
-        proptest::collection::vec((5u8..=9, bytes(24)), 0..2),
+        auth_options_for(opcode, response),
         proptest::collection::vec(
             (131u8..=255, bytes(9)).prop_filter("not 192", |(c, _)| *c != 192),
             0..3,
@@ -112,10 +174,14 @@ fn options_for(opcode: u8) -> impl Strategy<Value = Vec<Owned>> {
                 v.extend(filters.into_iter().map(Owned::Filter));
                 v.extend(ps.map(Owned::PortSet));
             }
-            v.extend(auth.into_iter().map(|(c, d)| Owned::Auth(c, d)));
+            let (auth, tag) = auth;
+            v.extend(auth);
             v.extend(unknown.into_iter().map(|(c, d)| Owned::Unknown(c, d)));
             v.extend(p64.map(Owned::Prefix64));
-            Just(v).prop_shuffle()
+            Just(v).prop_shuffle().prop_map(move |mut v| {
+                v.extend(tag.clone());
+                v
+            })
         })
 }
 
@@ -158,10 +224,10 @@ fn body() -> impl Strategy<Value = Body> {
     ]
 }
 
-fn body_and_options() -> impl Strategy<Value = (Body, Vec<Owned>)> {
-    body().prop_flat_map(|b| {
+fn body_and_options(response: bool) -> impl Strategy<Value = (Body, Vec<Owned>)> {
+    body().prop_flat_map(move |b| {
         let opcode = b.opcode().to_bits();
-        (Just(b), options_for(opcode))
+        (Just(b), options_for(opcode, response))
     })
 }
 
@@ -170,7 +236,7 @@ proptest! {
 
     #[test]
     fn request_round_trips(
-        (body, owned) in body_and_options(),
+        (body, owned) in body_and_options(false),
         lifetime in any::<u32>(),
         client_addr in addr(),
         pa in any::<u8>(),
@@ -205,7 +271,7 @@ proptest! {
 
     #[test]
     fn response_round_trips(
-        (body, owned) in body_and_options(),
+        (body, owned) in body_and_options(true),
         lifetime in any::<u32>(),
         epoch in any::<u32>(),
         result in any::<u8>(),
@@ -277,9 +343,8 @@ proptest! {
     /// Valid messages with random octets overwritten: the most interesting near-misses.
     #[test]
     fn mutated_messages_never_panic(
-        (body, owned) in body_and_options(),
+        (response, (body, owned)) in any::<bool>().prop_flat_map(|r| (Just(r), body_and_options(r))),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
-        response in any::<bool>(),
     ) {
         let list: Vec<PcpOption<'_>> = owned.iter().map(Owned::borrow).collect();
         let mut buf = [0u8; 2048];

@@ -3,7 +3,9 @@
 //! `cargo run --release -p pcp-server --example scale -- [MAPPINGS]` creates MAPPINGS
 //! mappings (default 1 000 000) through `Server::handle`, then reports resident bytes
 //! per mapping and the cost of a renewal at that size against the cost at 1 000
-//! mappings, measured in the same run.
+//! mappings, measured in the same run: two cores side by side, renewed in alternating
+//! rounds so that whatever else the machine does falls on both alike; the median round
+//! of each counts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -67,14 +69,19 @@ fn request(i: usize, checkpoint: bool, buf: &mut [u8]) -> (usize, SocketAddr) {
     (req.emit(buf).expect("fits"), SocketAddr::new(host, 40_000))
 }
 
-/// Mean nanoseconds per renewal over `rounds` passes of the first `live` mappings.
-fn renew_cost(server: &mut Server, live: usize, rounds: usize, now: Time) -> f64 {
+/// Renewals per measured round.
+const ROUND: usize = 20_000;
+/// Rounds per core.
+const ROUNDS: usize = 15;
+
+/// Mean nanoseconds per renewal over one round of `ROUND` renewals of the `live`
+/// mappings, starting at renewal number `from`.
+fn renew_cost(server: &mut Server, live: usize, from: usize, now: Time) -> f64 {
     let mut req = [0u8; 1100];
     let mut reply = [0u8; 1100];
     let mut effects: Vec<Effect> = Vec::new();
-    let count = 200_000.min(live * rounds);
     let start = Instant::now();
-    for k in 0..count {
+    for k in from..from + ROUND {
         // A stride spreads the renewals over the whole table, as real clients do.
         let i = (k * 7919) % live;
         let (n, src) = request(i, true, &mut req);
@@ -82,7 +89,28 @@ fn renew_cost(server: &mut Server, live: usize, rounds: usize, now: Time) -> f64
         assert!(matches!(r, Reply::Send(_)));
         effects.clear();
     }
-    start.elapsed().as_nanos() as f64 / count as f64
+    start.elapsed().as_nanos() as f64 / ROUND as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Fills a fresh core with mappings `0..n`.
+fn fill(n: usize, now: Time) -> Server {
+    let mut server = Server::new(config(n), now, 1).expect("config");
+    let mut req = [0u8; 1100];
+    let mut reply = [0u8; 1100];
+    let mut effects: Vec<Effect> = Vec::new();
+    for i in 0..n {
+        let (len, src) = request(i, true, &mut req);
+        let r = server.handle(&req[..len], src, now, &mut reply, &mut effects);
+        assert!(matches!(r, Reply::Send(_)));
+        effects.clear();
+    }
+    assert_eq!(server.mapping_count(), n);
+    server
 }
 
 fn main() {
@@ -91,46 +119,37 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let now = Time(1_000);
-    let mut server = Server::new(config(n), now, 1).expect("config");
-    let mut req = [0u8; 1100];
-    let mut reply = [0u8; 1100];
-    let mut effects: Vec<Effect> = Vec::new();
-
-    for i in 0..1000 {
-        let (len, src) = request(i, true, &mut req);
-        server.handle(&req[..len], src, now, &mut reply, &mut effects);
-        effects.clear();
-    }
-    let small = renew_cost(&mut server, 1000, 200, now);
+    let mut small = fill(1000, now);
     let rss_before = rss_bytes();
     let t = Instant::now();
-    for i in 1000..n {
-        let (len, src) = request(i, true, &mut req);
-        let r = server.handle(&req[..len], src, now, &mut reply, &mut effects);
-        assert!(matches!(r, Reply::Send(_)));
-        effects.clear();
-    }
-    let create_ns = t.elapsed().as_nanos() as f64 / (n - 1000).max(1) as f64;
+    let mut server = fill(n, now);
+    let create_ns = t.elapsed().as_nanos() as f64 / n as f64;
     let rss_after = rss_bytes();
-    assert_eq!(server.mapping_count(), n);
-    let large = renew_cost(&mut server, n, 1, now);
+    let (mut at_small, mut at_large) = (Vec::new(), Vec::new());
+    for r in 0..ROUNDS {
+        at_small.push(renew_cost(&mut small, 1000, r * ROUND, now));
+        at_large.push(renew_cost(&mut server, n, r * ROUND, now));
+    }
+    let (small_ns, large_ns) = (median(at_small), median(at_large));
     println!("mappings: {n}");
     println!("create: {create_ns:.0} ns/mapping");
     println!(
         "resident: {:.0} bytes/mapping (RSS {} -> {} MiB)",
-        (rss_after.saturating_sub(rss_before)) as f64 / (n - 1000).max(1) as f64,
+        (rss_after.saturating_sub(rss_before)) as f64 / n as f64,
         rss_before >> 20,
         rss_after >> 20
     );
     println!(
-        "renew at 1k: {small:.0} ns; renew at {n}: {large:.0} ns; ratio (1k/large) {:.2}",
-        small / large
+        "renew at 1k: {small_ns:.0} ns; renew at {n}: {large_ns:.0} ns; ratio (1k/large) {:.2} \
+         (medians of {ROUNDS} alternating rounds of {ROUND})",
+        small_ns / large_ns
     );
 
     // A takeover: adopt every mapping into a fresh core (what a backup does when it
     // becomes active).
     let all: Vec<_> = server.mappings().collect();
     let mut fresh = Server::new(config(n), now, 2).expect("config");
+    let mut effects: Vec<Effect> = Vec::new();
     let t = Instant::now();
     for m in &all {
         fresh.adopt(m, now, &mut effects).expect("adoptable");

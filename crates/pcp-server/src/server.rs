@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use pcp_dataplane::{Direction, Entry, Op};
 use pcp_proto::{
-    Body, MapBody, Opcode, OptionCode, Options, ParseError, PcpOption, Request, Response,
-    ResultCode, emit_error_response, natpmp,
+    Body, Extensions, MapBody, Opcode, OptionCode, Options, ParseError, PcpOption, Request,
+    Response, ResultCode, emit_error_response, natpmp,
 };
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -134,7 +134,21 @@ pub struct Server {
     backup: BackupStatus,
     stats: Stats,
     rng: SmallRng,
+    /// What the request being served changed in the table, for [`Server::refuse`].
+    undo: Vec<Undo>,
     guard: Guard,
+}
+
+/// One change a request made to the table, recorded so that a request whose data plane
+/// batch fails can be taken back ([`Server::refuse`]).
+#[derive(Debug)]
+enum Undo {
+    /// A new mapping was created.
+    Created(MappingKey),
+    /// An existing mapping changed what the data plane enforces; this was it before.
+    Replaced(Box<Mapping>),
+    /// A mapping was deleted; this was it.
+    Removed(Box<Mapping>),
 }
 
 /// A mapping request after validation, before commitment.
@@ -182,6 +196,7 @@ impl Server {
             backup: BackupStatus::None,
             stats: Stats::default(),
             rng: SmallRng::seed_from_u64(seed),
+            undo: Vec::new(),
             guard: Guard::new(&cfg.limits, now),
             cfg,
         })
@@ -386,12 +401,18 @@ impl Server {
         }
         self.exposed_now = false;
         // A mapping whose lifetime has ended is gone, even if the shell's expiry timer
-        // has not run yet (a peek when nothing is due).
+        // has not run yet (a peek when nothing is due). A shell that may have to
+        // [`Server::refuse`] the request calls [`Server::expire`] first, so that the
+        // request's effects are its own.
         self.expire(now, effects);
+        self.undo.clear();
         if natpmp::is_natpmp(datagram) {
             return self.handle_natpmp(datagram, src_ip, now, reply, effects);
         }
-        match Request::parse(datagram) {
+        // RFC 7652 is not served here (yet): parsed as by a server without it, the
+        // AUTHENTICATION opcode is UNSUPP_OPCODE and options 4–12 UNSUPP_OPTION
+        // whatever their contents (see docs/AUTH.md).
+        match Request::parse_with(datagram, Extensions::BASE) {
             Ok(req) => {
                 let kind = RequestKind::of(req.opcode());
                 let result = self.serve(&req, src_ip, now, reply, effects);
@@ -441,7 +462,7 @@ impl Server {
     /// so): NOT_AUTHORIZED to a PCP request (RFC 6887 §7.4: the request is copied, no
     /// state is touched), nothing to NAT-PMP or to what would be dropped anyway. The
     /// per-host rate limit applies first, as in [`Server::handle`].
-    pub fn refuse(
+    pub fn not_authorized(
         &mut self,
         datagram: &[u8],
         src: SocketAddr,
@@ -519,15 +540,6 @@ impl Server {
         if req.client_addr != src {
             return Err(ResultCode::AddressMismatch);
         }
-        // The opcode is checked before its options (RFC 6887 §8.3).
-        if matches!(req.body, Body::Authentication(_)) {
-            return Err(ResultCode::UnsuppOpcode);
-        }
-        // RFC 7652 options are mandatory to process; this server does not do PCP
-        // authentication yet.
-        if req.options.iter().any(|o| o.code().is_authentication()) {
-            return Err(ResultCode::UnsuppOption);
-        }
         let (mapping, remote) = match &req.body {
             Body::Announce => {
                 let resp = Response {
@@ -542,6 +554,7 @@ impl Server {
             }
             Body::Map(m) => (*m, None),
             Body::Peer(p) => (p.mapping, Some((p.remote_addr, p.remote_port))),
+            // Refused by the parser (Extensions::BASE); kept for exhaustiveness.
             Body::Authentication(_) => return Err(ResultCode::UnsuppOpcode),
         };
         let internal = match req.options.third_party() {
@@ -662,6 +675,7 @@ impl Server {
                     return Err(ResultCode::NotAuthorized);
                 }
                 let ext = self.table.external_of(id);
+                self.undo.push(Undo::Removed(Box::new(self.view(id))));
                 self.remove_mapping(id, effects);
                 ext
             }
@@ -689,6 +703,7 @@ impl Server {
                 && (origin == Origin::NatPmp || r.nonce == *nonce)
                 && r.remote.is_none();
             if owned {
+                self.undo.push(Undo::Removed(Box::new(self.view(id))));
                 self.remove_mapping(id, effects);
             }
         }
@@ -845,9 +860,13 @@ impl Server {
         let client = (ask.client != ask.key.internal).then_some(ask.client);
         let (id, install) = match existing {
             Some(id) => {
+                let install = ask
+                    .filters
+                    .is_some_and(|f| f != self.table.get(id).filters());
+                if install {
+                    self.undo.push(Undo::Replaced(Box::new(self.view(id))));
+                }
                 let r = self.table.get_mut(id);
-                let old_filters: &[pcp_proto::Filter] = r.filters();
-                let install = ask.filters.is_some_and(|f| f != old_filters);
                 if ask.filters.is_some() || ask.description.is_some() || client.is_some() {
                     let extra = r.extra.get_or_insert_with(Default::default);
                     if let Some(f) = ask.filters {
@@ -897,6 +916,7 @@ impl Server {
                 if fresh {
                     self.pool.take(external);
                 }
+                self.undo.push(Undo::Created(ask.key));
                 (id, true)
             }
         };
@@ -996,6 +1016,90 @@ impl Server {
             .iter()
             .filter(|(_, c)| c.exposed())
             .map(|(h, _)| *h)
+    }
+
+    /// The data plane refused the batch of the request just passed to
+    /// [`Server::handle`]: takes back everything that request did to the table (a new
+    /// mapping is removed and its port freed, a changed one restored, a deleted one put
+    /// back) and rewrites `reply` as an error with `code` (NETWORK_FAILURE or
+    /// NO_RESOURCES) and the short error lifetime, so that no client is told SUCCESS
+    /// for a translation the kernel does not make.
+    ///
+    /// Batches are all-or-nothing, so the data plane still holds what it held before
+    /// the request: the take-back has no data plane operations. Its replication
+    /// records are appended to `effects`; they cancel the request's own, so a shell
+    /// that withheld those (replicating only after the data plane succeeded) drops
+    /// both.
+    pub fn refuse(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        now: Time,
+        code: ResultCode,
+        reply: &mut [u8],
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        let mut undone = Vec::new();
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Created(key) => {
+                    if let Some(id) = self.table.find(&key) {
+                        self.remove_mapping(id, &mut undone);
+                    }
+                }
+                Undo::Replaced(old) => {
+                    if let Some(id) = self.table.find(&old.key) {
+                        self.remove_mapping(id, &mut undone);
+                    }
+                    self.restore(&old, now, &mut undone);
+                }
+                Undo::Removed(old) => self.restore(&old, now, &mut undone),
+            }
+        }
+        effects.extend(
+            undone
+                .into_iter()
+                .filter(|e| matches!(e, Effect::Replicate(_))),
+        );
+        self.exposed_now = false;
+        let src_ip = src.ip().to_canonical();
+        if natpmp::is_natpmp(datagram) {
+            self.stats.retract(RequestKind::NatPmp, ResultCode::Success);
+            self.stats.answered(RequestKind::NatPmp, code);
+            let epoch = self.epochs.epoch(src_ip, now);
+            let resp = match natpmp::Request::parse(datagram) {
+                Ok(natpmp::Request::Map(m)) => natpmp::Response::Map {
+                    protocol: m.protocol,
+                    result: natpmp_code(code),
+                    epoch,
+                    internal_port: m.internal_port,
+                    external_port: 0,
+                    lifetime: 0,
+                },
+                // Only MAP requests change the data plane.
+                _ => return Reply::Drop,
+            };
+            return match resp.emit(reply) {
+                Some(n) => Reply::Send(n),
+                None => Reply::Drop,
+            };
+        }
+        let kind = RequestKind::of(Opcode::from_bits(datagram.get(1).copied().unwrap_or(0)));
+        self.stats.retract(kind, ResultCode::Success);
+        self.error(datagram, code, true, kind, src_ip, now, reply)
+    }
+
+    /// Puts a mapping taken away by a refused request back as it was.
+    fn restore(&mut self, m: &Mapping, now: Time, effects: &mut Vec<Effect>) {
+        match self.adopt(m, now, effects) {
+            Ok(()) if m.is_checkpointed() => {
+                effects.push(Effect::Replicate(Change::Upsert(Box::new(m.clone()))));
+            }
+            Ok(()) => {}
+            // Its endpoint was freed by the same request, so this cannot happen; if it
+            // did, the mapping stays gone, which the invariants check would show.
+            Err(_) => {}
+        }
     }
 
     /// Clears the checkpoint of the mapping with `key` because the backup did not

@@ -92,6 +92,16 @@ impl Stats {
         self.answered[k][c] += 1;
     }
 
+    /// Takes back one count (a reply that was rewritten before it went out).
+    pub fn retract(&mut self, kind: RequestKind, code: ResultCode) {
+        let k = RequestKind::ALL
+            .iter()
+            .position(|x| *x == kind)
+            .unwrap_or(3);
+        let c = usize::from(code.to_u8()).min(RESULTS);
+        self.answered[k][c] = self.answered[k][c].saturating_sub(1);
+    }
+
     /// Counts a checkpoint decision.
     pub fn decided(&mut self, reason: &Reason) {
         if let Some(i) = Reason::CODES.iter().position(|c| *c == reason.code()) {

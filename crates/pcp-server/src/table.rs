@@ -163,9 +163,12 @@ impl Record {
     }
 }
 
+/// A binding, 16 octets: the external address is an index into `Table::addrs` because a
+/// million bindings share a handful of pool addresses, and an `IpAddr` here would cost
+/// 12 more octets per hash slot (about 25 MiB at 1 M mappings).
 #[derive(Debug, Clone, Copy)]
 struct Endpoint {
-    ext_addr: IpAddr,
+    ext_addr: u32,
     ext_port: u16,
     map: u32,
     peers: u32,
@@ -175,6 +178,10 @@ struct Endpoint {
 #[derive(Debug, Default)]
 pub struct Table {
     endpoints: HashMap<InternalEndpoint, Endpoint>,
+    /// Every external address ever bound, indexed by `Endpoint::ext_addr`. Only grows,
+    /// by the pool's addresses: a handful, or a few thousand after many reloads.
+    addrs: Vec<IpAddr>,
+    addr_index: HashMap<IpAddr, u32>,
     slots: Vec<Option<Record>>,
     free: Vec<u32>,
     len: usize,
@@ -247,7 +254,7 @@ impl Table {
     /// The external endpoint an internal endpoint is bound to, if any mapping holds it.
     pub fn binding(&self, ep: &InternalEndpoint) -> Option<ExternalEndpoint> {
         self.endpoints.get(ep).map(|e| ExternalEndpoint {
-            addr: e.ext_addr,
+            addr: self.addrs[e.ext_addr as usize],
             protocol: ep.protocol,
             port: e.ext_port,
         })
@@ -272,10 +279,16 @@ impl Table {
             }
         };
         let mut fresh = false;
+        let addr_index = &mut self.addr_index;
+        let addrs = &mut self.addrs;
         let ep = self.endpoints.entry(record.endpoint).or_insert_with(|| {
             fresh = true;
+            let ext_addr = *addr_index.entry(external.addr).or_insert_with(|| {
+                addrs.push(external.addr);
+                (addrs.len() - 1) as u32
+            });
             Endpoint {
-                ext_addr: external.addr,
+                ext_addr,
                 ext_port: external.port,
                 map: NONE,
                 peers: NONE,
@@ -330,7 +343,7 @@ impl Table {
         let freed = if ep2.map == NONE && ep2.peers == NONE {
             self.endpoints.remove(&key);
             Some(ExternalEndpoint {
-                addr: ep.ext_addr,
+                addr: self.addrs[ep.ext_addr as usize],
                 protocol: key.protocol,
                 port: ep.ext_port,
             })
@@ -395,7 +408,7 @@ impl Table {
         let mut externals: HashMap<ExternalEndpoint, InternalEndpoint> = HashMap::new();
         for (key, ep) in &self.endpoints {
             let ext = ExternalEndpoint {
-                addr: ep.ext_addr,
+                addr: self.addrs[ep.ext_addr as usize],
                 protocol: key.protocol,
                 port: ep.ext_port,
             };

@@ -81,7 +81,7 @@ fn map_cp(src: IpAddr, port: u16) -> Vec<u8> {
 /// The `i`-th distinct source: IPv4 10.0.0.0/8 for even `i`, IPv6 (one per /64) for
 /// odd `i`.
 fn source(i: u32) -> IpAddr {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i / 2))
     } else {
         IpAddr::V6(Ipv6Addr::new(

@@ -245,6 +245,35 @@ fn unsupp_option_for_rfc7652_authentication_options_in_map() {
     assert_eq!(h.server.mapping_count(), 0);
 }
 
+/// Without RFC 7652 the server does not understand options 4–12, so it cannot judge
+/// their length, opcode or repetition: UNSUPP_OPTION whatever they hold (RFC 6887 §7.3:
+/// MALFORMED_OPTION is for options "understood by the PCP server").
+#[test]
+fn rfc7652_options_are_unsupported_whatever_their_contents() {
+    let mut h = Harness::honour();
+    let odd: [(u8, &[u8]); 4] = [
+        (4, &[0, 0, 1]),        // NONCE of 3 octets
+        (10, &[0, 0, 0, 0, 0]), // SESSION_LIFETIME of 5, and response-only
+        (6, &[]),               // PA_AUTHENTICATION_TAG without a key ID
+        (12, &[0xff, 0xfe]),    // ID_INDICATOR that is not UTF-8
+    ];
+    for (code, data) in odd {
+        let req = Req::map(host(1), 5000).opt(PcpOption::Unknown { code, data });
+        let r = h.pcp(&req);
+        assert_error(&r, 1, ResultCode::UnsuppOption, LONG);
+    }
+    // AUTHENTICATION with options a server with RFC 7652 would call malformed (two
+    // NONCEs; an AUTHENTICATION_TAG, which is for MAP/PEER/ANNOUNCE): the opcode is
+    // refused first.
+    let mut b = raw_header(2, 3, 0, host(1));
+    b.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 1]);
+    b.extend_from_slice(&[4, 0, 0, 4, 0, 0, 0, 9, 4, 0, 0, 4, 0, 0, 0, 9]);
+    b.extend_from_slice(&[5, 0, 0, 12, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]);
+    let r = h.pcp_raw(&b, host(1));
+    assert_error(&r, 3, ResultCode::UnsuppOpcode, LONG);
+    assert_eq!(h.server.mapping_count(), 0);
+}
+
 #[test]
 fn unknown_optional_option_is_ignored_and_not_echoed() {
     let mut h = Harness::honour();
@@ -1516,4 +1545,146 @@ fn checkpoint_rate_survives_subscriber_dropping_all_mappings() {
         "a third checkpoint within the same instant was granted (burst 2)"
     );
     assert_eq!(reason(&h, &third), Reason::Rate);
+}
+
+// ---------------------------------------------------------------------------------------
+// A data plane that refuses a request's batch: never a false SUCCESS (issue 6).
+
+#[test]
+fn refused_new_map_is_network_failure_and_leaves_nothing() {
+    let mut h = Harness::honour();
+    let req = Req::map(host(1), 5000).suggest(EXTERNAL, 40_000).cp();
+    let ok = h.ok(&req);
+    assert_eq!(ok.external(), (EXTERNAL, 40_000));
+    assert_eq!(installs(&h.effects).len(), 1);
+    assert_eq!(upserts(&h.effects), vec![req.key()]);
+    let bytes = h
+        .refuse(&req.bytes(), req.src, ResultCode::NetworkFailure)
+        .expect("an error reply");
+    let r = Resp { bytes };
+    assert_error(&r, 1, ResultCode::NetworkFailure, SHORT);
+    assert!(h.mapping(&req.key()).is_none(), "the refused mapping stays");
+    assert_eq!(h.server.mapping_count(), 0);
+    assert_eq!(h.server.checkpointed_count(), 0, "capacity given back");
+    assert!(installs(&h.effects).is_empty() && dp_removes(&h.effects).is_empty());
+    assert_eq!(
+        replicate_removes(&h.effects),
+        vec![req.key()],
+        "cancels the upsert"
+    );
+    h.check();
+    // The port is free again: another host gets it when it asks.
+    let other = Req::map(host(2), 6000).suggest(EXTERNAL, 40_000);
+    assert_eq!(h.ok(&other).external(), (EXTERNAL, 40_000));
+    let counted = h
+        .server
+        .stats()
+        .answered_counts()
+        .find(|(k, c, _)| k.label() == "map" && *c == ResultCode::NetworkFailure)
+        .map(|(_, _, n)| n);
+    assert_eq!(counted, Some(1));
+    h.check();
+}
+
+#[test]
+fn refused_filter_change_restores_the_mapping_as_it_was() {
+    let mut h = Harness::honour();
+    let f1 = PcpOption::Filter(Filter {
+        prefix_len: 128,
+        remote_port: 0,
+        remote_addr: remote(1),
+    });
+    let f2 = PcpOption::Filter(Filter {
+        prefix_len: 128,
+        remote_port: 443,
+        remote_addr: remote(2),
+    });
+    let first = Req::map(host(1), 5000).opt(f1).cp();
+    let ext = h.ok(&first).external();
+    let before = h.mapping(&first.key()).unwrap();
+    h.advance_secs(10);
+    let change = Req::map(host(1), 5000).opt(f2).cp().lifetime(7200);
+    h.ok(&change);
+    assert_eq!(
+        installs(&h.effects).len(),
+        1,
+        "new filters reach the data plane"
+    );
+    let r = Resp {
+        bytes: h
+            .refuse(&change.bytes(), change.src, ResultCode::NoResources)
+            .unwrap(),
+    };
+    assert_error(&r, 1, ResultCode::NoResources, SHORT);
+    let after = h.mapping(&first.key()).expect("the mapping is still there");
+    assert_eq!(after.filters, before.filters);
+    assert_eq!(after.expires, before.expires);
+    assert_eq!((after.external.addr, after.external.port), ext);
+    assert!(after.is_checkpointed());
+    assert_eq!(
+        upserts(&h.effects),
+        vec![first.key()],
+        "the backup gets it back"
+    );
+    h.check();
+}
+
+#[test]
+fn refused_delete_keeps_the_mapping() {
+    let mut h = Harness::honour();
+    let req = Req::map(host(1), 5000).cp();
+    let ext = h.ok(&req).external();
+    let del = req.clone().lifetime(0);
+    h.ok(&del);
+    assert_eq!(dp_removes(&h.effects).len(), 1);
+    let r = Resp {
+        bytes: h
+            .refuse(&del.bytes(), del.src, ResultCode::NetworkFailure)
+            .unwrap(),
+    };
+    assert_error(&r, 1, ResultCode::NetworkFailure, SHORT);
+    let m = h.mapping(&req.key()).expect("the kernel still forwards it");
+    assert_eq!((m.external.addr, m.external.port), ext);
+    assert!(m.is_checkpointed());
+    assert_eq!(h.server.checkpointed_count(), 1);
+    h.check();
+}
+
+#[test]
+fn refused_peer_and_natpmp_get_their_protocols_errors() {
+    let mut h = Harness::honour();
+    let peer = Req::peer(host(1), 5000, remote(9), 443);
+    h.ok(&peer);
+    let r = Resp {
+        bytes: h
+            .refuse(&peer.bytes(), peer.src, ResultCode::NetworkFailure)
+            .unwrap(),
+    };
+    assert_error(&r, 2, ResultCode::NetworkFailure, SHORT);
+    assert_eq!(h.server.mapping_count(), 0);
+    let map = natpmp_map(natpmp::Protocol::Tcp, 8080, 0, 7200);
+    assert!(matches!(
+        h.natpmp(&map, host(1)),
+        natpmp::Response::Map {
+            result: natpmp::ResultCode::Success,
+            ..
+        }
+    ));
+    let reply = h
+        .refuse(&map, host(1), ResultCode::NoResources)
+        .expect("a NAT-PMP error reply");
+    match natpmp::Response::parse(&reply).unwrap() {
+        natpmp::Response::Map {
+            result,
+            external_port,
+            lifetime,
+            ..
+        } => {
+            assert_eq!(result, natpmp::ResultCode::OutOfResources);
+            assert_eq!((external_port, lifetime), (0, 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.server.mapping_count(), 0);
+    h.check();
 }

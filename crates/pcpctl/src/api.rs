@@ -101,7 +101,7 @@ pub struct Ha {
     /// Whether pair mode is configured.
     #[serde(default)]
     pub enabled: bool,
-    /// `"active"`, `"backup"`, `"joining"`, `"draining"` or `"standalone"`.
+    /// `"active"`, `"promoting"`, `"backup"`, `"joining"`, `"draining"` or `"standalone"`.
     pub role: String,
     /// Current term (odd: the node configured active took it; even: the other).
     pub term: u64,

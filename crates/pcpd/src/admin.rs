@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use pcp_server::{BackupStatus, Mapping, Origin, Time};
 use serde::Serialize;
 
-use crate::core::Shared;
+use crate::core::{Core, Pair, Shared};
 use crate::daemon;
 
 /// One mapping as the API shows it. Nonces never leave the daemon.
@@ -227,7 +227,11 @@ async fn subscribers(State(s): State<Shared>) -> Json<Vec<SubscriberView>> {
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
-    let text = crate::metrics::render(&s.lock());
+    let text = {
+        let core = s.lock();
+        let pair = s.lock_pair();
+        crate::metrics::render(&core, pair.as_deref())
+    };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
@@ -249,7 +253,8 @@ async fn reload(State(s): State<Shared>) -> impl IntoResponse {
 pub struct HaView {
     /// Whether pair mode is configured.
     pub enabled: bool,
-    /// `"active"`, `"backup"`, `"joining"`, `"draining"`, or `"standalone"`.
+    /// `"active"`, `"promoting"` (promoted, the core not yet serving), `"backup"`,
+    /// `"joining"`, `"draining"`, or `"standalone"`.
     pub role: &'static str,
     /// Current term.
     pub term: u64,
@@ -273,14 +278,14 @@ pub struct HaView {
     pub adopted: usize,
 }
 
-/// The pair-mode status of `core`.
-pub fn ha_view(core: &crate::core::Core) -> HaView {
+/// The pair-mode status of `core` (and its pair state, locked after the core).
+pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> HaView {
     let backup_status = match core.backup_status() {
         BackupStatus::None => "none",
         BackupStatus::NotReady => "not_ready",
         BackupStatus::Ready => "ready",
     };
-    match &core.pair {
+    match pair {
         None => HaView {
             enabled: false,
             role: "standalone",
@@ -296,10 +301,16 @@ pub fn ha_view(core: &crate::core::Core) -> HaView {
             adopted: 0,
         },
         Some(p) => {
-            let st = p.node.status(core.now());
+            let st = p.node.status(p.now());
             HaView {
                 enabled: true,
-                role: st.role.name(),
+                // Between the HA node's promotion and the core carrying it out (a
+                // takeover, epoch setup) the node does not answer yet.
+                role: if st.role == pcp_ha::Role::Active && !core.serving() {
+                    "promoting"
+                } else {
+                    st.role.name()
+                },
                 term: st.term,
                 peer_connected: st.peer_connected,
                 ready: st.ready,
@@ -316,19 +327,32 @@ pub fn ha_view(core: &crate::core::Core) -> HaView {
 }
 
 async fn ha(State(s): State<Shared>) -> Json<HaView> {
-    Json(ha_view(&s.lock()))
+    let core = s.lock();
+    let pair = s.lock_pair();
+    Json(ha_view(&core, pair.as_deref()))
+}
+
+/// Runs an operator command on the pair state.
+fn pair_command(s: &Shared, f: fn(&mut Pair) -> Result<(), String>) -> Result<(), String> {
+    let r = {
+        let mut p = s.lock_pair().ok_or("pcpd is not in pair mode")?;
+        let r = f(&mut p);
+        s.after_ha(&p);
+        r
+    };
+    s.kick();
+    r
 }
 
 async fn promote(State(s): State<Shared>) -> impl IntoResponse {
-    let r = s.lock().promote();
-    s.kick();
-    command_result(r, "promoted")
+    command_result(pair_command(&s, Core::promote), "promoted")
 }
 
 async fn switchover(State(s): State<Shared>) -> impl IntoResponse {
-    let r = s.lock().switchover();
-    s.kick();
-    command_result(r, "handing over to the backup")
+    command_result(
+        pair_command(&s, Core::switchover),
+        "handing over to the backup",
+    )
 }
 
 fn command_result(r: Result<(), String>, ok: &str) -> (StatusCode, Json<serde_json::Value>) {

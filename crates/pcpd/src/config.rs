@@ -24,7 +24,7 @@ pub struct DaemonSection {
     pub listen: Vec<SocketAddr>,
     /// Admin HTTP API address.
     pub admin: SocketAddr,
-    /// Data plane: `"memory"` (default).
+    /// Data plane: `"memory"` (default) or `"nftables"` (see `[nftables]`).
     pub dataplane: DataPlaneKind,
     /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG`.
     pub log: String,
@@ -83,6 +83,15 @@ pub struct HaSection {
     /// before it goes out without the option (and the checkpoint is cleared).
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// The backup installs replicated mappings into its own data plane as they arrive
+    /// (true), or only when it takes over (false). See docs/BENCHMARKS.md for which
+    /// fails over faster.
+    #[serde(default = "default_preinstall")]
+    pub preinstall: bool,
+}
+
+fn default_preinstall() -> bool {
+    true
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -112,6 +121,34 @@ pub enum DataPlaneKind {
     /// Record mappings in memory (no privileges; enforces nothing).
     #[default]
     Memory,
+    /// Drive the Linux kernel's NAT through an nftables table of pcpd's own.
+    Nftables,
+}
+
+/// The nftables data plane (`dataplane = "nftables"`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NftablesSection {
+    /// The table (family `inet`) pcpd owns; it never touches another.
+    pub table: String,
+    /// Delete the table when pcpd stops cleanly (SIGTERM/SIGINT).
+    pub remove_on_exit: bool,
+    /// Most elements each of the table's maps and sets may hold; beyond, requests get
+    /// NO_RESOURCES. 0: no limit but the kernel's memory.
+    pub max_elements: u32,
+    /// The `nft` binary that declares the table at start.
+    pub nft: String,
+}
+
+impl Default for NftablesSection {
+    fn default() -> Self {
+        NftablesSection {
+            table: "pcpd".into(),
+            remove_on_exit: true,
+            max_elements: 0,
+            nft: "nft".into(),
+        }
+    }
 }
 
 /// The whole file. The server sections mirror [`ServerConfig`] so that one
@@ -130,6 +167,7 @@ struct File {
     limits: LimitsConfig,
     acl: AclSection,
     ha: Option<HaSection>,
+    nftables: NftablesSection,
 }
 
 /// Everything pcpd runs with.
@@ -145,6 +183,8 @@ pub struct Config {
     pub ha: Option<HaSection>,
     /// Which clients each listen address answers.
     pub acl: AclSection,
+    /// The nftables data plane's settings.
+    pub nftables: NftablesSection,
 }
 
 /// A configuration pcpd cannot run with.
@@ -182,6 +222,7 @@ impl Config {
             server: ServerConfig::default(),
             ha: None,
             acl: AclSection::default(),
+            nftables: NftablesSection::default(),
         }
     }
 
@@ -236,6 +277,19 @@ impl Config {
                 invalid(line_of_key(text, &key), key, problem)
             }
         })?;
+        let nft = &file.nftables;
+        if nft.table.is_empty()
+            || !nft
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                line_of_key(text, "nftables.table"),
+                "nftables.table".into(),
+                format!("{:?}: letters, digits, '_' and '-' only", nft.table),
+            ));
+        }
         if let Some(ha) = &file.ha
             && ha.detection_ms <= 2 * ha.heartbeat_ms
         {
@@ -251,6 +305,7 @@ impl Config {
             server,
             ha: file.ha,
             acl: file.acl,
+            nftables: file.nftables,
         })
     }
 }
@@ -355,6 +410,25 @@ mod tests {
     fn syntax_errors_have_a_line() {
         let (line, _, _) = err("[pool]\nport_min = = 3\n");
         assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn nftables_section_is_checked() {
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[pcpd]\ndataplane = \"nftables\"\n[nftables]\ntable = \"edge\"\nmax_elements = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.dataplane, DataPlaneKind::Nftables);
+        assert_eq!(
+            (c.nftables.table.as_str(), c.nftables.max_elements),
+            ("edge", 10)
+        );
+        assert!(c.nftables.remove_on_exit);
+        let (line, key, _) = err("[nftables]\n\ntable = \"a b\"\n");
+        assert_eq!((line, key.as_str()), (3, "nftables.table"));
+        let (line, key, _) = err("[pcpd]\ndataplane = \"iptables\"\n");
+        assert_eq!((line, key.as_str()), (2, "pcpd.dataplane"));
     }
 
     #[test]

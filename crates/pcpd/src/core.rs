@@ -1,15 +1,25 @@
-//! The daemon's single owner of the server core, the data plane and (in pair mode) the
-//! HA node. Socket tasks, timers and the admin API all go through it, under one lock:
-//! the cores are single-threaded by design and each call is short.
+//! The daemon's owners of state. The server core and the data plane sit behind one lock
+//! (`Core`): they are single-threaded by design and each call is short — but some calls
+//! are not (a hash table growing near a million mappings, a takeover). The HA node and
+//! the replies waiting for the backup sit behind a lock of their own (`Pair`), taken by
+//! the request path only to queue records and by the replication thread for frames,
+//! timers and heartbeats: a heartbeat never waits for the request path.
+//!
+//! Lock order: `Core` before `Pair`. Whoever holds `Pair` never waits for `Core`; what
+//! the HA node asks of the core (bulk chunks, standby mirroring, promotion, step-down,
+//! withdrawing late promises) is queued in `Pair::for_core` and carried out by the core
+//! task ([`Core::ha_work`]).
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pcp_dataplane::{DataPlane, Op};
+use pcp_dataplane::{DataPlane, DataPlaneError, Op};
 use pcp_ha::{Event, HaNode};
-use pcp_proto::OptionCode;
-use pcp_server::{BackupStatus, Effect, Reply, Server, Time};
+use pcp_proto::{OptionCode, ResultCode};
+use pcp_server::{BackupStatus, Change, Effect, Reply, Server, Time};
 use tokio::net::UdpSocket;
 
 use crate::config::Config;
@@ -36,7 +46,7 @@ pub struct Held {
     pub received: Instant,
 }
 
-/// Pair mode state.
+/// Pair mode state, behind its own lock (see the module doc).
 pub struct Pair {
     /// The HA state machine.
     pub node: HaNode,
@@ -54,12 +64,136 @@ pub struct Pair {
     pub adopted: usize,
     /// Failed adoptions (conflicts) at the last takeover.
     pub adopt_failures: usize,
-    /// Standby: replicated mappings whose external endpoint a stale entry still holds,
-    /// installed once the copy's sweep removes it.
-    pub pending: Vec<pcp_server::Mapping>,
+    /// The PCP listen sockets (released replies go out on them).
+    pub sockets: Vec<Arc<UdpSocket>>,
+    /// Latency of the replies released here (receive to send).
+    pub latency: Latency,
+    /// Events the server core must act on, in order.
+    pub for_core: VecDeque<Event>,
+    /// Held replies past their deadline: the core withdraws their promise, then sends
+    /// them (a reply must never say less than the core's state).
+    pub late: Vec<Held>,
+    origin: Instant,
 }
 
-/// Everything behind the lock.
+impl Pair {
+    /// Pair state around `node`, with the core's clock origin.
+    pub fn new(node: HaNode, peer: SocketAddr, ack_timeout: Duration, origin: Instant) -> Pair {
+        Pair {
+            node,
+            peer,
+            held: Vec::new(),
+            ack_timeout,
+            timeouts: 0,
+            released: 0,
+            adopted: 0,
+            adopt_failures: 0,
+            sockets: Vec::new(),
+            latency: Latency::default(),
+            for_core: VecDeque::new(),
+            late: Vec::new(),
+            origin,
+        }
+    }
+
+    /// The shared time for an instant (same origin as the core's).
+    pub fn time_of(&self, at: Instant) -> Time {
+        Time(at.saturating_duration_since(self.origin).as_millis() as u64)
+    }
+
+    /// The time now.
+    pub fn now(&self) -> Time {
+        self.time_of(Instant::now())
+    }
+
+    /// Whether the core has work queued.
+    pub fn core_work(&self) -> bool {
+        !self.for_core.is_empty() || !self.late.is_empty()
+    }
+
+    /// Handles a replication frame from the peer.
+    pub fn frame(&mut self, frame: &[u8]) {
+        let now = self.now();
+        self.node.handle_frame(frame, now);
+        self.route_events(now);
+    }
+
+    /// Runs HA timers and held-reply deadlines. Returns when to run again.
+    pub fn tick(&mut self) -> Instant {
+        let now = self.now();
+        if self.node.poll_timeout().is_some_and(|t| t <= now) {
+            self.node.handle_timeout(now);
+        }
+        self.route_events(now);
+        if self.held.first().is_some_and(|h| h.deadline <= now) {
+            let split = self.held.iter().position(|h| h.deadline > now);
+            let rest = self.held.split_off(split.unwrap_or(self.held.len()));
+            let late = std::mem::replace(&mut self.held, rest);
+            self.timeouts += late.len() as u64;
+            self.late.extend(late);
+        }
+        let next = self
+            .node
+            .poll_timeout()
+            .into_iter()
+            .chain(self.held.first().map(|h| h.deadline))
+            .min()
+            .map_or(now.plus(Duration::from_millis(100)), |t| t);
+        self.origin + Duration::from_millis(next.0)
+    }
+
+    /// Frames to send to the peer now.
+    pub fn transmit(&mut self, out: &mut Vec<Vec<u8>>) {
+        let now = self.now();
+        let mut buf = vec![0u8; pcp_ha::wire::MAX_FRAME];
+        while let Some(n) = self.node.poll_transmit(now, &mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        // Transmitting may ask for a bulk chunk.
+        self.route_events(now);
+    }
+
+    /// Acknowledgements are handled here (held replies go out from this thread); the
+    /// rest is for the core.
+    fn route_events(&mut self, now: Time) {
+        while let Some(ev) = self.node.poll_event() {
+            match ev {
+                Event::Acked(cum) => self.release(cum, now),
+                Event::Demoted { .. } => {
+                    // Nothing held will be confirmed by this stream any more; the
+                    // clients retransmit to whoever serves now.
+                    self.held.clear();
+                    self.for_core.push_back(ev);
+                }
+                ev => self.for_core.push_back(ev),
+            }
+        }
+    }
+
+    /// Sends every held reply whose records the backup now holds.
+    fn release(&mut self, cum: u64, now: Time) {
+        let split = self.held.partition_point(|h| h.seq <= cum);
+        let ready: Vec<Held> = self.held.drain(..split).collect();
+        self.released += ready.len() as u64;
+        for mut h in ready {
+            pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
+            send_held(&self.sockets, &mut self.latency, &h);
+        }
+    }
+}
+
+fn send_held(sockets: &[Arc<UdpSocket>], latency: &mut Latency, h: &Held) {
+    if let Some(sock) = sockets.get(h.socket)
+        && let Err(e) = sock.try_send_to(&h.reply, h.to)
+    {
+        // No address: a held reply echoes 192, so its address would tell which host
+        // holds a checkpointed flow (issue 7, privacy).
+        tracing::debug!(error = %e, "sending a held reply");
+    }
+    latency.record(h.received.elapsed());
+}
+
+/// Everything behind the core lock.
 pub struct Core {
     /// The protocol core.
     pub server: Server,
@@ -67,57 +201,95 @@ pub struct Core {
     pub dataplane: Box<dyn DataPlane>,
     /// The configuration in force (reloads replace it).
     pub config: Config,
-    /// Request latency, receive to send.
+    /// Request latency, receive to send (replies sent at once).
     pub latency: Latency,
     /// Data plane batches that failed (each is logged).
     pub dataplane_failures: u64,
-    /// Pair mode, when configured.
-    pub pair: Option<Pair>,
-    /// The PCP listen sockets (held replies and ANNOUNCEs go out on them).
+    /// A batch failed outside a request (expiry, mirroring, takeover): the data plane
+    /// may differ from the core's table until the next reconcile.
+    pub dataplane_dirty: bool,
+    /// Pair mode, when configured (its own lock).
+    pub pair: Option<Arc<Mutex<Pair>>>,
+    /// The PCP listen sockets (ANNOUNCEs and late replies go out on them).
     pub sockets: Vec<Arc<UdpSocket>>,
     /// Their access lists (with the refusal counters), in the same order.
     pub acls: Vec<Arc<crate::acl::SocketAcl>>,
+    /// Whether this core serves PCP: always without a pair; in pair mode from the
+    /// moment it carried out a promotion until a step-down.
+    serving: bool,
+    /// Standby: replicated mappings whose external endpoint a stale entry still holds,
+    /// installed once the copy's sweep removes it.
+    pending: Vec<pcp_server::Mapping>,
+    /// Whether the HA node serves (mirrored by the replication thread): a draining or
+    /// demoted node stops answering at once.
+    node_serves: Arc<AtomicBool>,
     origin: Instant,
     seed: u64,
     effects: Vec<Effect>,
     ops: Vec<Op>,
+    changes: Vec<Change>,
 }
 
 /// The core shared between tasks.
 #[derive(Clone)]
-pub struct Shared(
-    Arc<Mutex<Core>>,
-    pub Arc<tokio::sync::Notify>,
-    /// Whether pair mode is configured (fixed at start; read without the lock).
-    bool,
-);
+pub struct Shared {
+    core: Arc<Mutex<Core>>,
+    pair: Option<Arc<Mutex<Pair>>>,
+    /// Wakes the replication thread (records were queued).
+    pub kick_ha: Arc<tokio::sync::Notify>,
+    /// Wakes the core task (HA work queued).
+    pub kick_core: Arc<tokio::sync::Notify>,
+    node_serves: Arc<AtomicBool>,
+}
 
 impl Shared {
-    /// Wraps a core.
+    /// Wraps a core (and its pair state, if any).
     pub fn new(core: Core) -> Shared {
-        let pair = core.pair.is_some();
-        Shared(
-            Arc::new(Mutex::new(core)),
-            Arc::new(tokio::sync::Notify::new()),
+        let pair = core.pair.clone();
+        let node_serves = core.node_serves.clone();
+        Shared {
+            core: Arc::new(Mutex::new(core)),
             pair,
-        )
+            kick_ha: Arc::new(tokio::sync::Notify::new()),
+            kick_core: Arc::new(tokio::sync::Notify::new()),
+            node_serves,
+        }
     }
 
     /// Whether pair mode is configured.
     pub fn has_pair(&self) -> bool {
-        self.2
+        self.pair.is_some()
     }
 
     /// Locks the core. A panic while holding the lock is a bug that already aborted a
     /// task; the state stays usable, so the poison is ignored.
     pub fn lock(&self) -> MutexGuard<'_, Core> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes the replication task (records were queued).
-    pub fn kick(&self) {
-        self.1.notify_one();
+    /// Locks the pair state (pair mode). Never wait for the core while holding it.
+    pub fn lock_pair(&self) -> Option<MutexGuard<'_, Pair>> {
+        self.pair.as_ref().map(|p| lock_pair(p))
     }
+
+    /// Publishes whether the HA node serves, and wakes the core task when the HA node
+    /// queued work for it. Call after every HA operation, with the pair lock held.
+    pub fn after_ha(&self, pair: &Pair) {
+        self.node_serves
+            .store(pair.node.serves(), Ordering::Release);
+        if pair.core_work() {
+            self.kick_core.notify_one();
+        }
+    }
+
+    /// Wakes the replication thread (records were queued).
+    pub fn kick(&self) {
+        self.kick_ha.notify_one();
+    }
+}
+
+fn lock_pair(p: &Mutex<Pair>) -> MutexGuard<'_, Pair> {
+    p.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Core {
@@ -136,13 +308,18 @@ impl Core {
             config,
             latency: Latency::default(),
             dataplane_failures: 0,
-            pair,
+            dataplane_dirty: false,
+            serving: pair.is_none(),
+            pair: pair.map(|p| Arc::new(Mutex::new(p))),
             sockets: Vec::new(),
             acls: Vec::new(),
+            pending: Vec::new(),
+            node_serves: Arc::new(AtomicBool::new(false)),
             origin,
             seed,
             effects: Vec::new(),
             ops: Vec::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -161,13 +338,23 @@ impl Core {
         self.origin + Duration::from_millis(t.0)
     }
 
-    /// Whether this node answers PCP now (always, unless it is a backup).
+    fn lock_pair(&self) -> Option<MutexGuard<'_, Pair>> {
+        self.pair.as_deref().map(lock_pair)
+    }
+
+    /// Whether the core carried out a promotion (pair mode) and serves unless draining.
+    pub fn serving(&self) -> bool {
+        self.serving
+    }
+
+    /// Whether this node answers PCP now (always, unless it is a backup or draining).
     pub fn serves(&self) -> bool {
-        self.pair.as_ref().is_none_or(|p| p.node.serves())
+        self.serving && (self.pair.is_none() || self.node_serves.load(Ordering::Acquire))
     }
 
     /// Serves one datagram received on listen socket `socket`. A reply to send now is
-    /// in `reply`; a reply that must wait for the backup is kept here and sent later.
+    /// in `reply`; a reply that must wait for the backup is kept in the pair state and
+    /// sent by the replication thread.
     pub fn handle(
         &mut self,
         datagram: &[u8],
@@ -181,28 +368,46 @@ impl Core {
             return Reply::Drop;
         }
         let now = self.now();
+        // Expiry first, in its own batch: the request's batch then holds only what the
+        // request did, and a refusal takes back exactly that.
+        self.server.expire(now, &mut self.effects);
+        self.apply_effects(now);
         let r = self
             .server
             .handle(datagram, src, now, reply, &mut self.effects);
-        let seq = self.apply_effects(now);
-        match (r, self.pair.as_mut()) {
-            (Reply::Hold(n), Some(pair)) => {
-                let key = held_key(&reply[..n], src);
-                pair.held.push(Held {
-                    seq,
-                    reply: reply[..n].to_vec(),
-                    to: src,
-                    socket,
-                    key,
-                    at: now,
-                    deadline: now.plus(pair.ack_timeout),
-                    received,
-                });
-                Reply::Drop
-            }
+        let held = match r {
+            Reply::Hold(n) if self.pair.is_some() => Some(Held {
+                seq: 0,
+                reply: reply[..n].to_vec(),
+                to: src,
+                socket,
+                key: held_key(&reply[..n], src),
+                at: now,
+                deadline: now,
+                received,
+            }),
+            _ => None,
+        };
+        if let Err(e) = self.apply_effects_holding(now, held, true) {
+            // No false SUCCESS: the kernel does not translate what the reply would
+            // promise. The request is taken back and answered with the error; the
+            // backup never heard of it (its records were withheld), so the take-back's
+            // records, which cancel them, are dropped too.
+            let code = match e {
+                DataPlaneError::Failure(_) => ResultCode::NetworkFailure,
+                DataPlaneError::NoResources(_) => ResultCode::NoResources,
+            };
+            let r = self
+                .server
+                .refuse(datagram, src, now, code, reply, &mut self.effects);
+            self.effects.clear();
+            return r;
+        }
+        match r {
+            Reply::Hold(_) if self.pair.is_some() => Reply::Drop,
             // Without a pair the core never holds (its backup status stays `None`).
-            (Reply::Hold(n), None) => Reply::Send(n),
-            (other, _) => other,
+            Reply::Hold(n) => Reply::Send(n),
+            other => other,
         }
     }
 
@@ -211,121 +416,178 @@ impl Core {
         let now = self.now();
         self.server.expire(now, &mut self.effects);
         self.apply_effects(now);
+        if self.dataplane_dirty {
+            let _ = self.reconcile();
+        }
     }
 
-    /// Carries out pending effects: data plane operations as one batch, replication
-    /// records to the HA node. Returns the last sequence number queued (0: none).
+    /// Makes the data plane hold exactly the core's mappings.
+    pub fn reconcile(&mut self) -> Result<(), DataPlaneError> {
+        let entries: Vec<pcp_dataplane::Entry> = self
+            .server
+            .mappings()
+            .map(|m| pcp_server::entry_of(&m.key, m.external, &m.filters))
+            .collect();
+        let r = self.dataplane.reconcile(&entries);
+        match &r {
+            Ok(()) => {
+                if self.dataplane_dirty {
+                    tracing::info!(entries = entries.len(), "data plane reconciled");
+                }
+                self.dataplane_dirty = false;
+            }
+            Err(e) => tracing::error!(error = %e, "reconciling the data plane"),
+        }
+        r
+    }
+
+    /// Carries out pending effects that are not a client's request (expiry, mirroring,
+    /// takeover): data plane operations as one batch, replication records to the HA
+    /// node. A failed batch is logged and counted and the data plane marked for a
+    /// reconcile; the core has moved on regardless. Returns the last sequence number
+    /// queued (0: none).
     fn apply_effects(&mut self, now: Time) -> u64 {
+        self.apply_effects_holding(now, None, false).unwrap_or(0)
+    }
+
+    /// [`Core::apply_effects`], and holds `held` (if any) until the backup acknowledged
+    /// the records just queued. The pair lock is taken once, after the data plane.
+    /// For a client's `request` the data plane goes first and must succeed: on failure
+    /// nothing is queued for the backup, nothing is held, and the error is returned
+    /// (the caller refuses the request).
+    fn apply_effects_holding(
+        &mut self,
+        now: Time,
+        held: Option<Held>,
+        request: bool,
+    ) -> Result<u64, DataPlaneError> {
         self.ops.clear();
-        let mut seq = 0;
+        self.changes.clear();
         for e in self.effects.drain(..) {
             match e {
                 Effect::DataPlane(op) => self.ops.push(op),
-                Effect::Replicate(change) => {
-                    if let Some(s) = self.pair.as_mut().and_then(|p| p.node.push(&change, now)) {
-                        seq = s;
-                    }
-                }
+                Effect::Replicate(change) => self.changes.push(change),
             }
         }
         if !self.ops.is_empty()
             && let Err(e) = self.dataplane.apply(&self.ops)
         {
             self.dataplane_failures += 1;
-            tracing::error!(error = %e, ops = self.ops.len(), "data plane batch failed");
+            if request {
+                tracing::warn!(error = %e, ops = self.ops.len(), "data plane refused a request's batch");
+                self.changes.clear();
+                return Err(e);
+            }
+            tracing::error!(error = %e, ops = self.ops.len(), "data plane batch failed; reconciling at the next tick");
+            self.dataplane_dirty = true;
         }
-        seq
-    }
-
-    /// Handles a replication frame from the peer.
-    pub fn ha_frame(&mut self, frame: &[u8]) {
-        let now = self.now();
-        if let Some(pair) = self.pair.as_mut() {
-            pair.node.handle_frame(frame, now);
+        if self.changes.is_empty() && held.is_none() {
+            return Ok(0);
         }
-        self.ha_events(now);
-    }
-
-    /// Runs HA timers and held-reply deadlines. Returns when to run again.
-    pub fn ha_tick(&mut self) -> Option<Instant> {
-        let now = self.now();
-        let pair = self.pair.as_mut()?;
-        if pair.node.poll_timeout().is_some_and(|t| t <= now) {
-            pair.node.handle_timeout(now);
+        let Some(pair) = self.pair.as_deref() else {
+            return Ok(0);
+        };
+        let mut p = lock_pair(pair);
+        let mut seq = 0;
+        for change in &self.changes {
+            if let Some(s) = p.node.push(change, now) {
+                seq = s;
+            }
         }
-        self.ha_events(now);
-        self.expire_held(now);
-        let pair = self.pair.as_ref()?;
-        let next = pair
-            .node
-            .poll_timeout()
-            .into_iter()
-            .chain(pair.held.first().map(|h| h.deadline))
-            .min()?;
-        Some(self.instant_of(next))
-    }
-
-    /// The peer's replication address (pair mode).
-    pub fn ha_peer(&self) -> Option<SocketAddr> {
-        self.pair.as_ref().map(|p| p.peer)
-    }
-
-    /// Frames to send to the peer now.
-    pub fn ha_transmit(&mut self, out: &mut Vec<Vec<u8>>) -> Option<SocketAddr> {
-        let now = self.now();
-        let pair = self.pair.as_mut()?;
-        let mut buf = vec![0u8; pcp_ha::wire::MAX_FRAME];
-        while let Some(n) = pair.node.poll_transmit(now, &mut buf) {
-            out.push(buf[..n].to_vec());
+        if let Some(mut h) = held {
+            h.seq = seq;
+            h.deadline = now.plus(p.ack_timeout);
+            if seq == 0 {
+                // Nothing to wait for (this node stopped being active meanwhile): the
+                // reply goes out through the late path, without 192.
+                h.deadline = now;
+                p.late.push(h);
+            } else {
+                p.held.push(h);
+            }
         }
-        let peer = pair.peer;
-        // Transmitting may ask for a bulk chunk.
-        self.ha_events(now);
-        Some(peer)
+        Ok(seq)
     }
 
-    fn ha_events(&mut self, now: Time) {
+    /// Carries out what the HA node queued for the core: bulk chunks, standby
+    /// mirroring, promotion, step-down, and late replies. Returns whether the
+    /// replication thread has something new to send.
+    pub fn ha_work(&mut self) -> bool {
+        let mut kicked = false;
         loop {
-            let Some(ev) = self.pair.as_mut().and_then(|p| p.node.poll_event()) else {
-                return;
+            let (events, late) = {
+                let Some(mut p) = self.lock_pair() else {
+                    return false;
+                };
+                let n = p.for_core.len().min(4096);
+                let events: Vec<Event> = p.for_core.drain(..n).collect();
+                (events, std::mem::take(&mut p.late))
             };
-            match ev {
-                Event::Acked(cum) => self.release(cum, now),
-                Event::BackupStatus(s) => {
-                    tracing::info!(status = ?s, "backup status");
-                    self.server.set_backup_status(s);
+            if events.is_empty() && late.is_empty() {
+                return kicked;
+            }
+            let now = self.now();
+            for ev in events {
+                kicked |= self.core_event(ev, now);
+            }
+            if !late.is_empty() {
+                self.late_replies(late, now);
+                kicked = true;
+            }
+        }
+    }
+
+    fn core_event(&mut self, ev: Event, now: Time) -> bool {
+        match ev {
+            Event::Acked(_) => false,
+            Event::BackupStatus(s) => {
+                tracing::info!(status = ?s, "backup status");
+                self.server.set_backup_status(s);
+                false
+            }
+            Event::NeedBulk { cursor } => {
+                let chunk = self
+                    .lock_pair()
+                    .map_or(2048, |p| p.node.config().bulk_chunk);
+                let (maps, next) = self.server.checkpointed_from(cursor, chunk);
+                let hosts: Vec<IpAddr> = if next.is_none() {
+                    self.server.unprotected_hosts().collect()
+                } else {
+                    Vec::new()
+                };
+                if let Some(mut p) = self.lock_pair() {
+                    p.node.bulk_chunk(&maps, next, &hosts, now);
                 }
-                Event::NeedBulk { cursor } => {
-                    let (maps, next) = self.server.checkpointed_from(cursor, 2048);
-                    let hosts: Vec<IpAddr> = if next.is_none() {
-                        self.server.unprotected_hosts().collect()
-                    } else {
-                        Vec::new()
-                    };
-                    if let Some(p) = self.pair.as_mut() {
-                        p.node.bulk_chunk(&maps, next, &hosts, now);
-                    }
-                }
-                Event::Replica(change) => self.mirror(change, now),
-                Event::Demoted { term } => {
-                    tracing::warn!(term, "a newer active exists: stepping down to backup");
-                    self.reset_server(now);
-                }
-                Event::Promoted {
-                    term,
-                    mappings,
-                    unprotected_hosts,
-                    protected_hosts,
-                    epoch_base,
-                    complete,
-                } => self.take_over(
+                true
+            }
+            Event::Replica(change) => {
+                self.mirror(change, now);
+                false
+            }
+            Event::Demoted { term } => {
+                tracing::warn!(term, "a newer active exists: stepping down to backup");
+                self.serving = false;
+                self.reset_server(now);
+                false
+            }
+            Event::Promoted {
+                term,
+                mappings,
+                unprotected_hosts,
+                protected_hosts,
+                epoch_base,
+                complete,
+            } => {
+                self.take_over(
                     term,
                     &mappings,
                     (&unprotected_hosts, &protected_hosts),
                     epoch_base,
                     complete,
                     now,
-                ),
+                );
+                self.serving = true;
+                true
             }
         }
     }
@@ -339,25 +601,22 @@ impl Core {
                     .server
                     .mirror_upsert(&m, now, &mut self.effects)
                     .is_err()
-                    && let Some(p) = self.pair.as_mut()
                 {
-                    p.pending.push(*m);
+                    self.pending.push(*m);
                 }
             }
             pcp_ha::Replica::Remove(keys) => {
                 for k in &keys {
                     self.server.mirror_remove(k, &mut self.effects);
                 }
-                let pending = self.pair.as_mut().map(|p| std::mem::take(&mut p.pending));
-                for m in pending.unwrap_or_default() {
+                for m in std::mem::take(&mut self.pending) {
                     if m.expires > now
                         && self
                             .server
                             .mirror_upsert(&m, now, &mut self.effects)
                             .is_err()
-                        && let Some(p) = self.pair.as_mut()
                     {
-                        p.pending.push(m);
+                        self.pending.push(m);
                     }
                 }
             }
@@ -376,14 +635,16 @@ impl Core {
             && let Err(e) = self.dataplane.apply(&removals)
         {
             tracing::error!(error = %e, "clearing the data plane");
+            self.dataplane_dirty = true;
         }
         self.seed = self.seed.wrapping_add(1);
         if let Ok(s) = Server::new(self.config.server.clone(), now, self.seed) {
             self.server = s;
         }
-        if let Some(p) = self.pair.as_mut() {
-            p.held.clear();
-            p.node.set_epoch_base(self.server.epochs().base());
+        self.pending.clear();
+        let base = self.server.epochs().base();
+        if let Some(mut p) = self.lock_pair() {
+            p.node.set_epoch_base(base);
         }
     }
 
@@ -401,14 +662,12 @@ impl Core {
         // mode the core already holds the copy; otherwise a fresh one adopts it.
         if mappings.is_empty() {
             self.server.epochs().set_base(now);
-            if let Some(p) = self.pair.as_mut()
-                && !p.pending.is_empty()
-            {
+            if !self.pending.is_empty() {
                 tracing::error!(
-                    count = p.pending.len(),
+                    count = self.pending.len(),
                     "replicated mappings never installed (their external endpoints stayed taken)"
                 );
-                p.pending.clear();
+                self.pending.clear();
             }
         } else {
             self.reset_server(now);
@@ -448,7 +707,7 @@ impl Core {
         } else {
             mappings.len() - failures
         };
-        if let Some(p) = self.pair.as_mut() {
+        if let Some(mut p) = self.lock_pair() {
             p.node.set_epoch_base(base);
             p.adopted = adopted;
             p.adopt_failures = failures;
@@ -463,77 +722,51 @@ impl Core {
         );
     }
 
-    /// Sends every held reply whose records the backup now holds.
-    fn release(&mut self, cum: u64, now: Time) {
-        let Some(pair) = self.pair.as_mut() else {
-            return;
-        };
-        let split = pair.held.partition_point(|h| h.seq <= cum);
-        let ready: Vec<Held> = pair.held.drain(..split).collect();
-        pair.released += ready.len() as u64;
-        for mut h in ready {
-            pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
-            self.send_held(&h);
-        }
-    }
-
     /// Replies the backup did not confirm in time go out without 192, and their
-    /// mappings stop being checkpointed: an honest "not honoured".
-    fn expire_held(&mut self, now: Time) {
-        let Some(pair) = self.pair.as_mut() else {
-            return;
-        };
-        if pair.held.first().is_none_or(|h| h.deadline > now) {
-            return;
-        }
-        let (late, waiting): (Vec<Held>, Vec<Held>) =
-            pair.held.drain(..).partition(|h| h.deadline <= now);
-        pair.held = waiting;
-        pair.timeouts += late.len() as u64;
+    /// mappings stop being checkpointed: an honest "not honoured". When withdrawing
+    /// leaves the host exposed (it now holds an unprotected mapping), the reply waits
+    /// once more, for the backup to hold that fact — a successor must know to reset the
+    /// host's epoch.
+    fn late_replies(&mut self, late: Vec<Held>, now: Time) {
         for mut h in late {
             // Only a promise is withdrawn; a reply held because it exposed its host
             // goes out as it is.
             let promised =
                 pcp_proto::Response::parse(&h.reply).is_ok_and(|r| r.options.checkpoint_required());
-            if promised {
-                self.server.withdraw_checkpoint(&h.key, &mut self.effects);
-            }
             let len = h.reply.len();
             let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
             h.reply.truncate(n);
+            if promised && self.server.withdraw_checkpoint(&h.key, &mut self.effects) {
+                let exposes = self
+                    .effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::Replicate(Change::Host { .. })));
+                if exposes {
+                    // Not a client's request: a data plane failure is healed later.
+                    let _ = self.apply_effects_holding(now, Some(h), false);
+                    continue;
+                }
+            }
+            self.apply_effects(now);
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
-            self.send_held(&h);
+            send_held(&self.sockets, &mut self.latency, &h);
         }
-        self.apply_effects(now);
-    }
-
-    fn send_held(&mut self, h: &Held) {
-        if let Some(sock) = self.sockets.get(h.socket)
-            && let Err(e) = sock.try_send_to(&h.reply, h.to)
-        {
-            // No address: a held reply echoes 192, so its address would tell which
-            // host holds a checkpointed flow.
-            tracing::debug!(error = %e, "sending a held reply");
-        }
-        self.latency.record(h.received.elapsed());
     }
 
     /// Operator command: promote this backup now.
-    pub fn promote(&mut self) -> Result<(), String> {
-        let now = self.now();
-        let pair = self.pair.as_mut().ok_or("pcpd is not in pair mode")?;
+    pub fn promote(pair: &mut Pair) -> Result<(), String> {
+        let now = pair.now();
         if pair.node.serves() {
             return Err("this node is already active".into());
         }
         pair.node.promote(now);
-        self.ha_events(now);
+        pair.route_events(now);
         Ok(())
     }
 
     /// Operator command: hand over to the backup.
-    pub fn switchover(&mut self) -> Result<(), String> {
-        let now = self.now();
-        let pair = self.pair.as_mut().ok_or("pcpd is not in pair mode")?;
+    pub fn switchover(pair: &mut Pair) -> Result<(), String> {
+        let now = pair.now();
         if pair.node.switchover(now) {
             Ok(())
         } else {
@@ -568,5 +801,87 @@ fn held_key(reply: &[u8], src: SocketAddr) -> pcp_server::MappingKey {
         protocol: m.protocol,
         internal_port: m.internal_port,
         remote,
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_dataplane::memory::MemoryDataPlane;
+    use pcp_proto::{Body, MapBody, Options, Request, Response};
+
+    /// The memory data plane, refusing every batch while `refuse` is set.
+    struct Flaky {
+        inner: MemoryDataPlane,
+        refuse: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl DataPlane for Flaky {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(DataPlaneError::Failure("injected".into()));
+            }
+            self.inner.apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.reconcile(entries)
+        }
+    }
+
+    fn map_request(port: u16, lifetime: u32) -> Vec<u8> {
+        let req = Request {
+            lifetime,
+            client_addr: "10.0.0.1".parse().unwrap(),
+            body: Body::Map(MapBody {
+                nonce: [7; 12],
+                protocol: 17,
+                internal_port: port,
+                external_port: 0,
+                external_addr: "0.0.0.0".parse().unwrap(),
+            }),
+            options: Options::EMPTY,
+            pa_result_code: ResultCode::Success,
+        };
+        let mut buf = vec![0u8; 1100];
+        let n = req.emit(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn a_refused_batch_is_answered_with_network_failure_and_leaves_nothing() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let dp = Flaky {
+            inner: MemoryDataPlane::new(),
+            refuse: refuse.clone(),
+        };
+        let mut core = Core::new(server, Box::new(dp), config, Instant::now(), 1, None);
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let mut reply = vec![0u8; 1100];
+        let r = core.handle(&map_request(5000, 3600), src, 0, Instant::now(), &mut reply);
+        let Reply::Send(n) = r else { panic!("{r:?}") };
+        let resp = Response::parse(&reply[..n]).unwrap();
+        assert_eq!(resp.result_code, ResultCode::NetworkFailure);
+        assert_eq!(resp.lifetime, 30, "short error lifetime");
+        assert_eq!(core.server.mapping_count(), 0);
+        assert_eq!(core.dataplane.len(), 0);
+        assert_eq!(core.dataplane_failures, 1);
+        // Once the data plane works again the same request succeeds.
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        let r = core.handle(&map_request(5000, 3600), src, 0, Instant::now(), &mut reply);
+        let Reply::Send(n) = r else { panic!("{r:?}") };
+        assert_eq!(
+            Response::parse(&reply[..n]).unwrap().result_code,
+            ResultCode::Success
+        );
+        assert_eq!((core.server.mapping_count(), core.dataplane.len()), (1, 1));
+        core.server.check_invariants().unwrap();
     }
 }

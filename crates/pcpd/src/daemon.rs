@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcp_dataplane::DataPlane;
 use pcp_dataplane::memory::MemoryDataPlane;
+use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
 use pcp_server::{Reply, Server};
 use tokio::net::UdpSocket;
 
@@ -32,6 +34,9 @@ pub enum StartError {
     /// The admin API's tokens are missing or unusable.
     #[error("admin API: {0}")]
     Auth(#[from] crate::auth::AuthError),
+    /// The data plane could not start.
+    #[error("data plane: {0}")]
+    DataPlane(String),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -46,8 +51,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
-    let dataplane = match config.daemon.dataplane {
+    let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
+        DataPlaneKind::Nftables => {
+            let n = &config.nftables;
+            let dp = NftDataPlane::open(NftConfig {
+                table: n.table.clone(),
+                remove_on_exit: n.remove_on_exit,
+                max_elements: (n.max_elements > 0).then_some(n.max_elements),
+                nft: n.nft.clone(),
+            })
+            .map_err(|e| StartError::DataPlane(e.to_string()))?;
+            tracing::info!(table = %n.table, "nftables table declared (inet family)");
+            Box::new(dp)
+        }
     };
     // Tokens before anything listens: an API that would be open beyond this host
     // refuses to start.
@@ -109,9 +126,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 heartbeat: Duration::from_millis(ha.heartbeat_ms),
                 detection: Duration::from_millis(ha.detection_ms),
                 join: Duration::from_millis(ha.detection_ms + ha.detection_ms / 4),
-                // The backup keeps its core and data plane in step: a takeover installs
-                // nothing (issue: failover within a second with a million mappings).
-                standby: true,
+                // The backup keeps its core and data plane in step (`preinstall`, the
+                // default): a takeover installs nothing (issue: failover within a second
+                // with a million mappings).
+                standby: ha.preinstall,
+                window: replication_window(&sock),
                 ..HaConfig::default()
             };
             let mut node = HaNode::new(
@@ -121,20 +140,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 pcp_server::Time(0),
             );
             node.set_epoch_base(server.epochs().base());
-            Some((
-                Arc::new(sock),
-                Pair {
-                    node,
-                    peer: ha.peer,
-                    held: Vec::new(),
-                    ack_timeout: Duration::from_millis(ha.ack_timeout_ms),
-                    timeouts: 0,
-                    released: 0,
-                    adopted: 0,
-                    adopt_failures: 0,
-                    pending: Vec::new(),
-                },
-            ))
+            let mut pair = Pair::new(
+                node,
+                ha.peer,
+                Duration::from_millis(ha.ack_timeout_ms),
+                origin,
+            );
+            pair.sockets = sockets.clone();
+            Some((sock, pair))
         }
         None => None,
     };
@@ -158,7 +171,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
-        tokio::spawn(replicate(sock, shared.clone()));
+        tokio::spawn(core_work(shared.clone()));
+        match sock.into_std() {
+            Ok(sock) => spawn_replication(sock, shared.clone()),
+            Err(e) => tracing::error!(error = %e, "replication socket"),
+        }
     }
     if shared.lock().config.daemon.announce_multicast {
         tokio::spawn(announce_start(sockets.clone(), shared.clone()));
@@ -176,8 +193,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
-    signals.run(shared).await;
+    signals.run(shared.clone()).await;
     tracing::info!("pcpd stopping");
+    if let Err(e) = shared.lock().dataplane.shutdown() {
+        tracing::error!(error = %e, "data plane shutdown");
+    }
     Ok(())
 }
 
@@ -207,7 +227,7 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared, acl: A
                     continue;
                 }
                 let now = core.now();
-                core.server.refuse(&buf[..n], src, now, &mut reply)
+                core.server.not_authorized(&buf[..n], src, now, &mut reply)
             };
             if let Reply::Send(len) = answer {
                 let _ = sock.try_send_to(&reply[..len], src);
@@ -243,36 +263,100 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared, acl: A
     }
 }
 
+/// The receive buffer pcpd asks for on the replication socket (the kernel caps it at
+/// `net.core.rmem_max`, 4 MiB on common distributions, 208 KiB on some).
+const HA_RCVBUF: usize = 4 << 20;
+
+/// Enlarges the replication socket's buffers and returns the send window that fits
+/// the receive buffer obtained (the peer's is assumed alike: both run this code). A
+/// burst larger than the peer's buffer is dropped and only resent after a timeout,
+/// which is what held the bulk copy back.
+fn replication_window(sock: &UdpSocket) -> usize {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(HA_RCVBUF);
+    let _ = s.set_send_buffer_size(HA_RCVBUF);
+    // Linux reports twice what it grants (bookkeeping included); a quarter of the
+    // report leaves room for each datagram's overhead.
+    let got = s.recv_buffer_size().unwrap_or(212_992);
+    let window = (got / 4).clamp(64 * 1024, 2 << 20);
+    tracing::info!(rcvbuf = got, window, "replication socket");
+    window
+}
+
+/// Starts the replication link on a thread of its own, with its own runtime: frames,
+/// timers and heartbeats must never wait for the PCP path or the core lock, even on a
+/// one-thread runtime or while the core is busy for a long time.
+pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
+    let spawned = std::thread::Builder::new()
+        .name("pcpd-ha".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the replication runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match sock
+                    .set_nonblocking(true)
+                    .and_then(|()| UdpSocket::from_std(sock))
+                {
+                    Ok(sock) => replicate(sock, shared).await,
+                    Err(e) => tracing::error!(error = %e, "replication socket"),
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the replication thread");
+    }
+}
+
 /// Runs the replication link: frames from the peer, timers, and sending whatever the
-/// HA node has to say (woken at once when requests queue records).
-async fn replicate(sock: Arc<UdpSocket>, shared: Shared) {
+/// HA node has to say (woken at once when requests queue records). Takes only the
+/// pair lock; work for the core is queued and the core task woken.
+async fn replicate(sock: UdpSocket, shared: Shared) {
     let mut buf = vec![0u8; 65536];
     let mut out = Vec::new();
+    let Some(peer) = shared.lock_pair().map(|p| p.peer) else {
+        return;
+    };
     loop {
-        // Frames that queued while the core was busy (a long takeover or step-down)
-        // come before timers: silence is judged on what the peer actually sent.
+        // Frames that queued while this thread was busy come before timers: silence
+        // is judged on what the peer actually sent.
         while let Ok((n, from)) = sock.try_recv_from(&mut buf) {
-            if shared.lock().ha_peer().is_some_and(|p| p.ip() == from.ip()) {
-                shared.lock().ha_frame(&buf[..n]);
+            if from.ip() == peer.ip()
+                && let Some(mut p) = shared.lock_pair()
+            {
+                p.frame(&buf[..n]);
+                shared.after_ha(&p);
             }
         }
-        let wake = shared
-            .lock()
-            .ha_tick()
-            .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
-        let peer = shared.lock().ha_transmit(&mut out);
-        if let Some(peer) = peer {
-            for frame in out.drain(..) {
-                if let Err(e) = sock.send_to(&frame, peer).await {
-                    tracing::debug!(error = %e, %peer, "replication send");
-                }
+        let wake = match shared.lock_pair() {
+            Some(mut p) => {
+                let wake = p.tick();
+                p.transmit(&mut out);
+                shared.after_ha(&p);
+                wake
+            }
+            None => return,
+        };
+        for frame in out.drain(..) {
+            if let Err(e) = sock.send_to(&frame, peer).await {
+                tracing::debug!(error = %e, %peer, "replication send");
             }
         }
         tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
-                    if peer.is_some_and(|p| p.ip() == from.ip()) {
-                        shared.lock().ha_frame(&buf[..n]);
+                    if from.ip() == peer.ip() {
+                        if let Some(mut p) = shared.lock_pair() {
+                            p.frame(&buf[..n]);
+                            shared.after_ha(&p);
+                        }
                     } else {
                         tracing::warn!(%from, "replication frame from an unknown address dropped");
                     }
@@ -280,7 +364,19 @@ async fn replicate(sock: Arc<UdpSocket>, shared: Shared) {
                 Err(e) => tracing::debug!(error = %e, "replication recv"),
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
-            _ = shared.1.notified() => {}
+            _ = shared.kick_ha.notified() => {}
+        }
+    }
+}
+
+/// Carries out what the HA node asks of the server core (bulk chunks, standby
+/// mirroring, promotion, step-down, late replies), under the core lock.
+async fn core_work(shared: Shared) {
+    loop {
+        shared.kick_core.notified().await;
+        let kick = shared.lock().ha_work();
+        if kick {
+            shared.kick();
         }
     }
 }
@@ -395,4 +491,138 @@ pub fn reload(shared: &Shared) -> Result<String, String> {
         core.config.server.policy.len(),
         core.config.server.tiers.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket as StdUdp;
+
+    use pcp_ha::wire::{self, Header, Kind, Writer};
+
+    use super::*;
+
+    /// A pair-mode core whose replication thread talks to `peer`, with 20 ms
+    /// heartbeats and 100 ms detection.
+    fn pair_core(start_active: bool, peer: SocketAddr) -> (Shared, SocketAddr) {
+        let config = Config::embedded();
+        let origin = Instant::now();
+        let server = Server::new(config.server.clone(), pcp_server::Time(0), 7).unwrap();
+        let cfg = HaConfig {
+            heartbeat: Duration::from_millis(20),
+            detection: Duration::from_millis(100),
+            join: Duration::from_millis(100),
+            standby: true,
+            ..HaConfig::default()
+        };
+        let node = HaNode::new(cfg, start_active, 0x1234_5679, pcp_server::Time(0));
+        let pair = Pair::new(node, peer, Duration::from_millis(250), origin);
+        let core = Core::new(
+            server,
+            Box::new(MemoryDataPlane::new()),
+            config,
+            origin,
+            7,
+            Some(pair),
+        );
+        let shared = Shared::new(core);
+        let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        spawn_replication(sock, shared.clone());
+        (shared, addr)
+    }
+
+    /// Receives frames on `sock` for `span`; returns the longest silence.
+    fn longest_gap(
+        sock: &StdUdp,
+        span: Duration,
+        mut answer: impl FnMut(&StdUdp, SocketAddr),
+    ) -> (Duration, usize) {
+        sock.set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let start = Instant::now();
+        let mut last = start;
+        let mut gap = Duration::ZERO;
+        let mut frames = 0;
+        let mut buf = [0u8; 65536];
+        while start.elapsed() < span {
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                frames += 1;
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+                answer(sock, from);
+            }
+        }
+        (gap.max(last.elapsed()), frames)
+    }
+
+    /// Issue #4: a core busy for longer than the detection time (a hash table growing
+    /// near a million mappings) must not silence the active's heartbeats, or the
+    /// backup takes over from a live active.
+    #[test]
+    fn heartbeats_go_out_while_the_core_lock_is_held() {
+        let peer = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, _) = pair_core(true, peer.local_addr().unwrap());
+        // Let it join and become active.
+        let (_, frames) = longest_gap(&peer, Duration::from_millis(300), |_, _| {});
+        assert!(
+            frames > 3,
+            "the node sends before the stall ({frames} frames)"
+        );
+        let stalled = shared.lock();
+        let (gap, frames) = longest_gap(&peer, Duration::from_millis(1000), |_, _| {});
+        drop(stalled);
+        assert!(
+            frames >= 20,
+            "{frames} frames in 1 s of 20 ms heartbeats while the core was busy"
+        );
+        assert!(
+            gap < Duration::from_millis(100),
+            "{gap:?} without a frame while the core was busy"
+        );
+        let role = shared.lock_pair().unwrap().node.role();
+        assert_eq!(role, pcp_ha::Role::Active);
+    }
+
+    /// The backup's side: while its core is busy it keeps hearing the active and
+    /// acknowledging, and does not take over.
+    #[test]
+    fn backup_keeps_answering_and_does_not_take_over_while_its_core_is_busy() {
+        let active = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, backup) = pair_core(false, active.local_addr().unwrap());
+        let beat = |sock: &StdUdp, _from: SocketAddr| {
+            let mut buf = [0u8; 128];
+            let mut w = Writer::new(&mut buf);
+            let h = Header {
+                kind: Kind::Beat,
+                flags: 0,
+                term: 1,
+                sender: 99,
+                stream: 99,
+            };
+            wire::write_header(&mut w, &h).unwrap();
+            wire::write_u64(&mut w, 0).unwrap();
+            wire::write_u64(&mut w, 0).unwrap();
+            let n = w.len();
+            let _ = sock.send_to(&buf[..n], backup);
+        };
+        beat(&active, backup);
+        let (_, frames) = longest_gap(&active, Duration::from_millis(300), beat);
+        assert!(
+            frames > 3,
+            "the backup answers before the stall ({frames} frames)"
+        );
+        let stalled = shared.lock();
+        let (gap, frames) = longest_gap(&active, Duration::from_millis(1000), beat);
+        drop(stalled);
+        assert!(
+            frames >= 20,
+            "{frames} frames in 1 s while the backup's core was busy"
+        );
+        assert!(
+            gap < Duration::from_millis(100),
+            "{gap:?} without an answer while the core was busy"
+        );
+        let role = shared.lock_pair().unwrap().node.role();
+        assert_eq!(role, pcp_ha::Role::Backup, "took over from a live active");
+    }
 }

@@ -73,6 +73,7 @@ fn main() -> ExitCode {
             heartbeat_ms: 100,
             detection_ms: 800,
             ack_timeout_ms: 250,
+            preinstall: true,
         });
         ha.listen = listen;
         ha.peer = peer;

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::core::Core;
+use crate::core::{Core, Pair};
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -31,6 +31,15 @@ impl Latency {
         }
     }
 
+    /// Adds another histogram's counts (replies released by the replication thread).
+    pub fn merge(&mut self, other: &Latency) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.over += other.over;
+        self.sum += other.sum;
+    }
+
     fn count(&self) -> u64 {
         self.counts.iter().sum::<u64>() + self.over
     }
@@ -41,8 +50,8 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Renders every metric.
-pub fn render(core: &Core) -> String {
+/// Renders every metric (`pair`: the pair state, locked after the core).
+pub fn render(core: &Core, pair: Option<&Pair>) -> String {
     let mut out = String::with_capacity(4096);
     let stats = core.server.stats();
 
@@ -167,7 +176,7 @@ pub fn render(core: &Core) -> String {
         core.dataplane_failures
     );
 
-    let ha = crate::admin::ha_view(core);
+    let ha = crate::admin::ha_view(core, pair);
     if ha.enabled {
         header(
             &mut out,
@@ -229,7 +238,11 @@ pub fn render(core: &Core) -> String {
         let _ = writeln!(out, "pcp_ha_stored_mappings {}", ha.stored);
     }
 
-    let l = &core.latency;
+    let mut merged = core.latency.clone();
+    if let Some(p) = pair {
+        merged.merge(&p.latency);
+    }
+    let l = &merged;
     header(
         &mut out,
         "pcp_request_duration_seconds",

@@ -389,6 +389,27 @@ impl Harness {
         self.server.mapping(key)
     }
 
+    /// The data plane refused the batch of the last request (`bytes` from `src`):
+    /// [`Server::refuse`] it with `code`. Returns the rewritten reply; the take-back's
+    /// effects replace [`Harness::effects`].
+    pub fn refuse(&mut self, bytes: &[u8], src: IpAddr, code: ResultCode) -> Option<Vec<u8>> {
+        self.effects.clear();
+        let mut reply = [0u8; 1100];
+        let r = self.server.refuse(
+            bytes,
+            SocketAddr::new(src, CLIENT_PORT),
+            self.now,
+            code,
+            &mut reply,
+            &mut self.effects,
+        );
+        self.held = matches!(r, Reply::Hold(_));
+        match r {
+            Reply::Drop => None,
+            Reply::Send(n) | Reply::Hold(n) => Some(reply[..n].to_vec()),
+        }
+    }
+
     /// Asserts the server's internal invariants.
     pub fn check(&self) {
         self.server

@@ -1,0 +1,905 @@
+//! The PCP server's side of PA sessions (RFC 7652 §3): a table of sessions keyed by
+//! session ID, each with its EAP authenticator, PA message stream and PCP SA; checking
+//! the AUTHENTICATION_TAG of common requests and tagging their responses.
+//!
+//! Sans-IO: datagrams and `now` in; datagrams ([`Server::poll_transmit`]), events
+//! ([`Server::poll_event`]) and a timer ([`Server::poll_timeout`]) out. Independent of
+//! the PCP server core: the shell asks [`Server::check_request`] before serving a common
+//! request and [`Server::protect_response`] after.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use pcp_proto::{Opcode, PcpOption, Request, ResultCode, emit_error_response};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::crypto::{SUPPORTED_MACS, SUPPORTED_PRFS, TransportKey};
+use crate::eap::{AuthStep, EapAuthenticator};
+use crate::pa::{Link, Side, build};
+use crate::replay::{REAUTH_THRESHOLD, ReplayWindow, SeqVerdict};
+use crate::retransmit::{Retransmit, RetransmitConfig};
+use crate::{Time, tag};
+
+/// Server settings.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Retransmission of PA messages (RFC 7652 §6.3 applies RFC 6887's to servers too).
+    pub retransmit: RetransmitConfig,
+    /// SESSION_LIFETIME granted, in seconds.
+    pub session_lifetime: u32,
+    /// Most sessions at once; PA-Initiations beyond are dropped (RFC 7652 §8: keep as
+    /// little state as possible for unauthenticated exchanges).
+    pub max_sessions: usize,
+    /// ID_INDICATOR sent in the first PA-Server, if any.
+    pub id_indicator: Option<String>,
+    /// Authorization of an authenticated identity (AUTHORIZATION_FAILED when false);
+    /// `None` authorizes everyone who authenticates.
+    pub authorize: Option<Authorize>,
+}
+
+/// Decides whether an authenticated identity may use the server.
+pub type Authorize = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("retransmit", &self.retransmit)
+            .field("session_lifetime", &self.session_lifetime)
+            .field("max_sessions", &self.max_sessions)
+            .field("id_indicator", &self.id_indicator)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            retransmit: RetransmitConfig::default(),
+            session_lifetime: 3600,
+            max_sessions: 65_536,
+            id_indicator: None,
+            authorize: None,
+        }
+    }
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub dst: SocketAddr,
+    /// The PCP message.
+    pub payload: Vec<u8>,
+}
+
+/// Why a session ended or never got an SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// EAP said no: AUTHENTICATION_FAILED sent.
+    AuthenticationFailed,
+    /// Authenticated but not authorized: AUTHORIZATION_FAILED sent.
+    AuthorizationFailed,
+    /// The client's algorithm lists differ from the ones offered:
+    /// DOWNGRADE_ATTACK_DETECTED sent.
+    DowngradeDetected,
+    /// The client chose no PRF or MAC, or one not offered.
+    NoCommonAlgorithm,
+    /// The client sent AUTHENTICATION_FAILED (it could not authenticate the server).
+    RefusedByClient,
+    /// The client terminated it.
+    ByClient,
+    /// This server terminated it ([`Server::terminate`]).
+    ByServer,
+    /// The lifetime ran out.
+    Expired,
+    /// No answer within the maximum retransmission duration.
+    Timeout,
+}
+
+/// What happened, for the operator and the PCP server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A client authenticated: common requests tagged for `session_id` are its.
+    Established {
+        /// Session ID.
+        session_id: u32,
+        /// The client's address.
+        client: SocketAddr,
+        /// The authenticated identity.
+        identity: Arc<str>,
+        /// Session lifetime in seconds.
+        lifetime: u32,
+    },
+    /// A re-authentication succeeded.
+    Reauthenticated {
+        /// Session ID.
+        session_id: u32,
+        /// The authenticated identity.
+        identity: Arc<str>,
+    },
+    /// The session is gone (or never got an SA).
+    Ended {
+        /// Session ID.
+        session_id: u32,
+        /// Why.
+        cause: Cause,
+    },
+}
+
+/// Why a tagged common request was discarded (RFC 7652 §6.2: silently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// The session has no SA yet (or the key ID is not its key's).
+    NoKey,
+    /// The request comes from another address than the session's client.
+    WrongClient,
+    /// The sequence number was used before.
+    Replay,
+    /// The MAC does not verify, or the tag is malformed.
+    BadTag,
+}
+
+/// What [`Server::check_request`] makes of a common request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// No AUTHENTICATION_TAG: the PCP server decides (AUTHENTICATION_REQUIRED where
+    /// authentication is required).
+    Untagged,
+    /// The tag verified: the request is from `identity`'s session.
+    Authenticated {
+        /// Session ID (for [`Server::protect_response`]).
+        session_id: u32,
+        /// The authenticated identity.
+        identity: Arc<str>,
+        /// The very message accepted last time (a retransmission): answer it again.
+        retransmission: bool,
+    },
+    /// The tag names no session: answer UNKNOWN_SESSION_ID (RFC 7652 §3.2).
+    UnknownSession,
+    /// Discard silently, change nothing.
+    Discard(Discard),
+}
+
+/// Why a response could not be tagged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProtectError {
+    /// No such session with an SA.
+    #[error("no PCP SA for session")]
+    NoSession,
+    /// The sequence space is used up.
+    #[error("common sequence numbers exhausted")]
+    SequenceExhausted,
+    /// The tag does not fit.
+    #[error("tag does not fit: {0}")]
+    Tag(#[from] tag::TagError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// EAP exchange (an SA exists during a re-authentication).
+    Eap,
+    /// AUTHENTICATION_SUCCEEDED sent; waiting for the client's, tagged with the new key.
+    AwaitFinal,
+    /// SA in place.
+    Established,
+    /// SESSION_TERMINATED sent.
+    Terminating,
+}
+
+#[derive(Debug, Clone)]
+struct Sa {
+    key: TransportKey,
+    common_out: u32,
+    common_in: ReplayWindow,
+    expires: Time,
+}
+
+struct Session<A> {
+    client: SocketAddr,
+    nonce: u32,
+    /// Whether the client's nonce must be echoed in the next PA-Server (§3.1.2).
+    echo_nonce: bool,
+    /// The exchange started with a PA-Initiation (its duplicates are matched by nonce).
+    phase: Phase,
+    link: Link,
+    auth: A,
+    chosen: bool,
+    sa: Option<Sa>,
+    /// The key of the AUTHENTICATION_SUCCEEDED awaiting the client's confirmation.
+    pending: Option<(TransportKey, Arc<str>)>,
+    identity: Option<Arc<str>>,
+    last_key_id: u32,
+}
+
+/// The server side of all PA sessions.
+pub struct Server<A, F> {
+    cfg: ServerConfig,
+    new_authenticator: F,
+    rng: StdRng,
+    sessions: HashMap<u32, Session<A>>,
+    /// Sessions whose PA-Initiation is not answered by a PA-Client yet, by client
+    /// address and nonce, so a retransmitted PA-Initiation finds its session.
+    initiations: HashMap<(SocketAddr, u32), u32>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<ServerEvent>,
+}
+
+impl<A, F> std::fmt::Debug for Server<A, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn epoch(now: Time) -> u32 {
+    // PA-Server messages carry the seconds since the shell's time origin.
+    u32::try_from(now.0 / 1000).unwrap_or(u32::MAX)
+}
+
+impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
+    /// A server with an OS-seeded random generator (session IDs).
+    pub fn new(cfg: ServerConfig, new_authenticator: F) -> Server<A, F> {
+        Server::with_rng(cfg, new_authenticator, StdRng::from_os_rng())
+    }
+
+    /// A server with the given random generator (deterministic tests).
+    pub fn with_rng(cfg: ServerConfig, new_authenticator: F, rng: StdRng) -> Server<A, F> {
+        Server {
+            cfg,
+            new_authenticator,
+            rng,
+            sessions: HashMap::new(),
+            initiations: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Sessions in the table (any phase).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The identity of an established session.
+    pub fn identity(&self, session_id: u32) -> Option<&str> {
+        let s = self.sessions.get(&session_id)?;
+        s.sa.as_ref().and(s.identity.as_deref())
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    fn new_session_id(&mut self) -> u32 {
+        loop {
+            let id: u32 = self.rng.random();
+            if id != 0 && !self.sessions.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Starts a server-initiated session with `client` (RFC 7652 §3.1.2), e.g. after
+    /// answering its common request with AUTHENTICATION_REQUIRED. Returns the session
+    /// ID, or `None` when the table is full.
+    pub fn start(&mut self, now: Time, client: SocketAddr) -> Option<u32> {
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return None;
+        }
+        let id = self.new_session_id();
+        let session = self.fresh(client, 0);
+        self.sessions.insert(id, session);
+        self.open(now, id, None);
+        Some(id)
+    }
+
+    fn fresh(&mut self, client: SocketAddr, nonce: u32) -> Session<A> {
+        Session {
+            client,
+            nonce,
+            echo_nonce: false,
+            phase: Phase::Eap,
+            link: Link::new(0, 0),
+            auth: (self.new_authenticator)(),
+            chosen: false,
+            sa: None,
+            pending: None,
+            identity: None,
+            last_key_id: 0,
+        }
+    }
+
+    /// Sends the first PA-Server of a session: EAP request, algorithm lists, ID
+    /// indicator, and the client's nonce when it sent one.
+    fn open(&mut self, now: Time, id: u32, nonce: Option<u32>) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let eap = s.auth.start();
+        let mut opts: Vec<PcpOption> = Vec::new();
+        opts.extend(nonce.map(PcpOption::Nonce));
+        opts.extend(SUPPORTED_PRFS.iter().map(|&p| PcpOption::Prf(p)));
+        opts.extend(SUPPORTED_MACS.iter().map(|&m| PcpOption::MacAlgorithm(m)));
+        if let Some(ind) = &self.cfg.id_indicator {
+            opts.push(PcpOption::IdIndicator(ind));
+        }
+        opts.push(PcpOption::EapPayload(&eap));
+        let opts: Vec<PcpOption<'_>> = opts;
+        send(
+            &mut self.transmits,
+            &mut self.rng,
+            &self.cfg,
+            now,
+            id,
+            s,
+            ResultCode::AuthenticationRequest,
+            &opts,
+            None,
+            true,
+        );
+    }
+
+    /// Handles a PA-Client message (an AUTHENTICATION request) from `src`.
+    pub fn handle(&mut self, now: Time, src: SocketAddr, datagram: &[u8]) {
+        let Ok(req) = Request::parse(datagram) else {
+            return;
+        };
+        let pcp_proto::Body::Authentication(body) = req.body else {
+            return;
+        };
+        if body.session_id == 0 {
+            self.initiation(now, src, datagram, &req);
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&body.session_id) else {
+            // RFC 7652 §3.2 / IANA 20: no PA session with this ID.
+            let mut out = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
+            if let Ok(n) = emit_error_response(
+                datagram,
+                ResultCode::UnknownSessionId,
+                0,
+                epoch(now),
+                true,
+                &mut out,
+            ) {
+                out.truncate(n);
+                self.transmits.push_back(Transmit {
+                    dst: src,
+                    payload: out,
+                });
+            }
+            return;
+        };
+        if src.ip() != s.client.ip() {
+            return;
+        }
+        if let Some(answer) = s.link.duplicate(datagram, now) {
+            self.transmits
+                .extend(answer.map(|payload| Transmit { dst: src, payload }));
+            return;
+        }
+        if body.sequence_number != s.link.in_seq {
+            return;
+        }
+        // Which key must have tagged it: the pending one for the confirmation of a
+        // (re-)authentication, the SA's otherwise, none before the first SA.
+        let rc = req.pa_result_code;
+        let key = if s.phase == Phase::AwaitFinal && rc == ResultCode::AuthenticationSucceeded {
+            s.pending.as_ref().map(|(k, _)| k)
+        } else {
+            s.sa.as_ref().map(|sa| &sa.key)
+        };
+        if let Some(k) = key
+            && !tag::verify(datagram, k).is_ok_and(|t| t.key_id == k.id)
+        {
+            return;
+        }
+        if let Some(acked) = req.options.received_pak() {
+            if acked == s.link.out_seq.wrapping_sub(1)
+                && let Some(r) = &mut s.link.retransmit
+            {
+                r.acknowledged();
+            }
+            return;
+        }
+        s.client = src;
+        let id = body.session_id;
+        match (s.phase, rc) {
+            (Phase::Eap | Phase::AwaitFinal, ResultCode::AuthenticationReply) => {
+                if s.phase == Phase::AwaitFinal {
+                    return;
+                }
+                if s.link.in_seq == 0 && s.link.out_seq == 1 && s.sa.is_none() {
+                    // First PA-Client of a server-initiated session: its nonce (if any)
+                    // keys the session and comes back in our next message (§3.1.2).
+                    if let Some(n) = req.options.nonce() {
+                        s.nonce = n;
+                        s.echo_nonce = true;
+                    }
+                }
+                s.link.accepted(datagram);
+                self.eap_reply(now, id, &req);
+            }
+            (Phase::AwaitFinal, ResultCode::AuthenticationSucceeded) => {
+                s.link.accepted(datagram);
+                self.confirmed(now, id, &req);
+            }
+            // A re-authentication asked by the client (docs/AUTH.md: INITIATION in an
+            // established session); it also wins over one this server started (§3.4).
+            (Phase::Established | Phase::Eap, ResultCode::Initiation) if s.sa.is_some() => {
+                s.link.accepted(datagram);
+                s.auth = (self.new_authenticator)();
+                self.reauth_request(now, id);
+            }
+            (_, ResultCode::SessionTerminated) => {
+                s.link.accepted(datagram);
+                if s.phase != Phase::Terminating {
+                    // §3.3: answer with a termination-indicating PA message.
+                    let key = s.sa.as_ref().map(|sa| sa.key.clone());
+                    send(
+                        &mut self.transmits,
+                        &mut self.rng,
+                        &self.cfg,
+                        now,
+                        id,
+                        s,
+                        ResultCode::SessionTerminated,
+                        &[],
+                        key.as_ref(),
+                        false,
+                    );
+                    self.remove(id, Cause::ByClient);
+                } else {
+                    self.remove(id, Cause::ByServer);
+                }
+            }
+            (_, ResultCode::AuthenticationFailed) => {
+                s.link.accepted(datagram);
+                self.remove(id, Cause::RefusedByClient);
+            }
+            _ => {}
+        }
+    }
+
+    /// A PA-Initiation (session ID 0): a new session, or a retransmission of the one
+    /// that opened a session not answered yet.
+    fn initiation(&mut self, now: Time, src: SocketAddr, datagram: &[u8], req: &Request) {
+        if req.pa_result_code != ResultCode::Initiation {
+            return;
+        }
+        // §3.1.1: the PA-Initiation MUST carry a NONCE; without one it is dropped.
+        let Some(nonce) = req.options.nonce() else {
+            return;
+        };
+        if let Some(&id) = self.initiations.get(&(src, nonce)) {
+            if let Some(s) = self.sessions.get_mut(&id)
+                && let Some(answer) = s.link.duplicate(datagram, now)
+            {
+                self.transmits
+                    .extend(answer.map(|payload| Transmit { dst: src, payload }));
+            }
+            return;
+        }
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return;
+        }
+        let id = self.new_session_id();
+        let mut s = self.fresh(src, nonce);
+        s.link.accepted(datagram);
+        self.sessions.insert(id, s);
+        self.initiations.insert((src, nonce), id);
+        self.open(now, id, Some(nonce));
+    }
+
+    /// An EAP response in a session: on to the authenticator.
+    fn eap_reply(&mut self, now: Time, id: u32, req: &Request) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !s.chosen {
+            // §3.1.3: the client's first reply names one PRF and one MAC it chose from
+            // the lists offered.
+            let prfs: Vec<u32> = req.options.prfs().collect();
+            let macs: Vec<u32> = req.options.mac_algorithms().collect();
+            let ok = prfs.len() == 1
+                && macs.len() == 1
+                && SUPPORTED_PRFS.contains(&prfs[0])
+                && SUPPORTED_MACS.contains(&macs[0]);
+            if !ok {
+                self.fail(
+                    now,
+                    id,
+                    ResultCode::AuthenticationFailed,
+                    None,
+                    Cause::NoCommonAlgorithm,
+                );
+                return;
+            }
+            s.chosen = true;
+        }
+        let Some(eap) = req.options.eap_payload() else {
+            return;
+        };
+        let current = s.sa.as_ref().map(|sa| sa.key.clone());
+        match s.auth.receive(eap) {
+            AuthStep::Request(packet) => {
+                let mut opts = Vec::new();
+                if std::mem::take(&mut s.echo_nonce) {
+                    opts.push(PcpOption::Nonce(s.nonce));
+                }
+                opts.push(PcpOption::EapPayload(&packet));
+                send(
+                    &mut self.transmits,
+                    &mut self.rng,
+                    &self.cfg,
+                    now,
+                    id,
+                    s,
+                    ResultCode::AuthenticationRequest,
+                    &opts,
+                    current.as_ref(),
+                    true,
+                );
+            }
+            AuthStep::Success {
+                packet,
+                msk,
+                identity,
+            } => {
+                let authorized = self.cfg.authorize.as_ref().is_none_or(|f| f(&identity));
+                if !authorized {
+                    self.fail(
+                        now,
+                        id,
+                        ResultCode::AuthorizationFailed,
+                        Some(&packet),
+                        Cause::AuthorizationFailed,
+                    );
+                    return;
+                }
+                let key_id = s.last_key_id.wrapping_add(1).max(1);
+                s.last_key_id = key_id;
+                let key = TransportKey::derive(&msk, id, s.nonce, key_id);
+                let mut opts = Vec::new();
+                if std::mem::take(&mut s.echo_nonce) {
+                    opts.push(PcpOption::Nonce(s.nonce));
+                }
+                opts.push(PcpOption::SessionLifetime(self.cfg.session_lifetime));
+                opts.push(PcpOption::EapPayload(&packet));
+                // §3.1.3: SUCCEEDED is already tagged with the new transport key.
+                send(
+                    &mut self.transmits,
+                    &mut self.rng,
+                    &self.cfg,
+                    now,
+                    id,
+                    s,
+                    ResultCode::AuthenticationSucceeded,
+                    &opts,
+                    Some(&key),
+                    true,
+                );
+                s.pending = Some((key, Arc::from(identity)));
+                s.phase = Phase::AwaitFinal;
+            }
+            AuthStep::Failure { packet } => {
+                self.fail(
+                    now,
+                    id,
+                    ResultCode::AuthenticationFailed,
+                    Some(&packet),
+                    Cause::AuthenticationFailed,
+                );
+            }
+            AuthStep::Discard => {}
+        }
+    }
+
+    /// The client's AUTHENTICATION_SUCCEEDED, tagged with the new key: downgrade check,
+    /// then the new SA.
+    fn confirmed(&mut self, now: Time, id: u32, req: &Request) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let Some((key, identity)) = s.pending.take() else {
+            return;
+        };
+        // §3.1.3: the algorithm lists must be the ones offered (as sets).
+        let mut prfs: Vec<u32> = req.options.prfs().collect();
+        let mut macs: Vec<u32> = req.options.mac_algorithms().collect();
+        prfs.sort_unstable();
+        prfs.dedup();
+        macs.sort_unstable();
+        macs.dedup();
+        if prfs != SUPPORTED_PRFS || macs != SUPPORTED_MACS {
+            send(
+                &mut self.transmits,
+                &mut self.rng,
+                &self.cfg,
+                now,
+                id,
+                s,
+                ResultCode::DowngradeAttackDetected,
+                &[],
+                Some(&key),
+                false,
+            );
+            self.remove(id, Cause::DowngradeDetected);
+            return;
+        }
+        let reauth = s.sa.is_some();
+        s.sa = Some(Sa {
+            key,
+            common_out: 0,
+            common_in: ReplayWindow::new(),
+            expires: now.plus_secs(self.cfg.session_lifetime),
+        });
+        s.identity = Some(identity.clone());
+        s.phase = Phase::Established;
+        s.link.retransmit = None;
+        if reauth {
+            // §3.4: sequence numbers start again at zero with the new SA.
+            s.link.out_seq = 0;
+            s.link.in_seq = 0;
+            self.events.push_back(ServerEvent::Reauthenticated {
+                session_id: id,
+                identity,
+            });
+        } else {
+            self.events.push_back(ServerEvent::Established {
+                session_id: id,
+                client: s.client,
+                identity,
+                lifetime: self.cfg.session_lifetime,
+            });
+        }
+    }
+
+    /// First EAP request of a re-authentication, tagged with the current key.
+    fn reauth_request(&mut self, now: Time, id: u32) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let Some(key) = s.sa.as_ref().map(|sa| sa.key.clone()) else {
+            return;
+        };
+        s.phase = Phase::Eap;
+        s.pending = None;
+        let eap = s.auth.start();
+        send(
+            &mut self.transmits,
+            &mut self.rng,
+            &self.cfg,
+            now,
+            id,
+            s,
+            ResultCode::AuthenticationRequest,
+            &[PcpOption::EapPayload(&eap)],
+            Some(&key),
+            true,
+        );
+    }
+
+    /// Starts a re-authentication of an established session (RFC 7652 §3.4).
+    pub fn reauthenticate(&mut self, now: Time, session_id: u32) {
+        let Some(s) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if s.phase != Phase::Established {
+            return;
+        }
+        s.auth = (self.new_authenticator)();
+        self.reauth_request(now, session_id);
+    }
+
+    /// Ends a session: SESSION_TERMINATED to the client, retransmitted until it answers
+    /// (RFC 7652 §3.3).
+    pub fn terminate(&mut self, now: Time, session_id: u32) {
+        let Some(s) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        let key = s.sa.as_ref().map(|sa| sa.key.clone());
+        s.phase = Phase::Terminating;
+        send(
+            &mut self.transmits,
+            &mut self.rng,
+            &self.cfg,
+            now,
+            session_id,
+            s,
+            ResultCode::SessionTerminated,
+            &[],
+            key.as_ref(),
+            true,
+        );
+    }
+
+    /// Sends a final failure PA-Server and drops the session (§3.1.3: terminated "immediately").
+    fn fail(&mut self, now: Time, id: u32, rc: ResultCode, eap: Option<&[u8]>, cause: Cause) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let key = s.sa.as_ref().map(|sa| sa.key.clone());
+        let opts: Vec<PcpOption> = eap.map(PcpOption::EapPayload).into_iter().collect();
+        send(
+            &mut self.transmits,
+            &mut self.rng,
+            &self.cfg,
+            now,
+            id,
+            s,
+            rc,
+            &opts,
+            key.as_ref(),
+            false,
+        );
+        self.remove(id, cause);
+    }
+
+    fn remove(&mut self, id: u32, cause: Cause) {
+        self.sessions.remove(&id);
+        self.initiations.retain(|_, v| *v != id);
+        self.events.push_back(ServerEvent::Ended {
+            session_id: id,
+            cause,
+        });
+    }
+
+    /// When [`Server::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let cfg = &self.cfg.retransmit;
+        self.sessions
+            .values()
+            .filter_map(|s| {
+                let r = s.link.retransmit.as_ref().map(|r| r.deadline(cfg));
+                let e = s.sa.as_ref().map(|sa| sa.expires);
+                [r, e].into_iter().flatten().min()
+            })
+            .min()
+    }
+
+    /// Runs the timers: retransmissions, giving up, expiry, and re-authentication when a
+    /// sequence space is nearly used up.
+    pub fn handle_timeout(&mut self, now: Time) {
+        let cfg = self.cfg.retransmit;
+        let mut gone = Vec::new();
+        let mut reauth = Vec::new();
+        for (&id, s) in &mut self.sessions {
+            if s.sa.as_ref().is_some_and(|sa| now >= sa.expires) {
+                gone.push((id, Cause::Expired));
+                continue;
+            }
+            if let Some(r) = &mut s.link.retransmit {
+                if r.expired(now, &cfg) {
+                    let cause = if s.phase == Phase::Terminating {
+                        Cause::ByServer
+                    } else {
+                        Cause::Timeout
+                    };
+                    gone.push((id, cause));
+                    continue;
+                }
+                if r.due(now, &cfg, &mut self.rng)
+                    && let Some(m) = &s.link.last_out
+                {
+                    self.transmits.push_back(Transmit {
+                        dst: s.client,
+                        payload: m.clone(),
+                    });
+                }
+            }
+            let exhausted = s.link.out_seq >= REAUTH_THRESHOLD
+                || s.sa
+                    .as_ref()
+                    .is_some_and(|sa| sa.common_out >= REAUTH_THRESHOLD);
+            if s.phase == Phase::Established && exhausted {
+                reauth.push(id);
+            }
+        }
+        for (id, cause) in gone {
+            self.remove(id, cause);
+        }
+        for id in reauth {
+            self.reauthenticate(now, id);
+        }
+    }
+
+    /// Checks the AUTHENTICATION_TAG of a common request from `src` (RFC 7652 §6.2,
+    /// §6.5). Nothing changes unless the tag verifies; then its sequence number is
+    /// recorded.
+    pub fn check_request(&mut self, src: IpAddr, datagram: &[u8]) -> Check {
+        // Not framed far enough to hold a tag: untagged (the core judges the framing).
+        let at = match tag::locate(datagram) {
+            Ok(at) if at.code == pcp_proto::OptionCode::AuthenticationTag => at,
+            Ok(_) | Err(tag::TagError::Missing | tag::TagError::NotFramed) => {
+                return Check::Untagged;
+            }
+            Err(_) => return Check::Discard(Discard::BadTag),
+        };
+        if Opcode::from_bits(datagram[1]) == Opcode::Authentication {
+            return Check::Untagged;
+        }
+        let Some(s) = self.sessions.get_mut(&at.session_id) else {
+            return Check::UnknownSession;
+        };
+        let (Some(sa), Some(identity)) = (s.sa.as_mut(), s.identity.as_ref()) else {
+            return Check::Discard(Discard::NoKey);
+        };
+        if at.key_id != sa.key.id {
+            return Check::Discard(Discard::NoKey);
+        }
+        if src != s.client.ip() {
+            return Check::Discard(Discard::WrongClient);
+        }
+        let mac = &datagram[at.mac.clone()];
+        let verdict = sa.common_in.check(at.sequence_number, mac);
+        if verdict == SeqVerdict::Replay {
+            return Check::Discard(Discard::Replay);
+        }
+        if tag::check(datagram, &at, &sa.key).is_err() {
+            return Check::Discard(Discard::BadTag);
+        }
+        sa.common_in.accept(at.sequence_number, mac);
+        Check::Authenticated {
+            session_id: at.session_id,
+            identity: identity.clone(),
+            retransmission: verdict == SeqVerdict::Retransmission,
+        }
+    }
+
+    /// Tags the response in `buf[..len]` for `session_id` with the next common sequence
+    /// number; returns the new length.
+    pub fn protect_response(
+        &mut self,
+        session_id: u32,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Result<usize, ProtectError> {
+        let sa = self
+            .sessions
+            .get_mut(&session_id)
+            .and_then(|s| s.sa.as_mut())
+            .ok_or(ProtectError::NoSession)?;
+        if sa.common_out == u32::MAX {
+            return Err(ProtectError::SequenceExhausted);
+        }
+        let n = tag::seal(buf, len, &sa.key, (session_id, sa.common_out))?;
+        sa.common_out += 1;
+        Ok(n)
+    }
+}
+
+/// Builds and queues a PA-Server message with the session's next sequence number.
+#[allow(clippy::too_many_arguments)]
+fn send<A>(
+    transmits: &mut VecDeque<Transmit>,
+    rng: &mut StdRng,
+    cfg: &ServerConfig,
+    now: Time,
+    id: u32,
+    s: &mut Session<A>,
+    rc: ResultCode,
+    opts: &[PcpOption<'_>],
+    key: Option<&TransportKey>,
+    awaiting: bool,
+) {
+    let seq = s.link.next_out();
+    let Some(msg) = build(Side::Server(epoch(now)), rc, id, seq, opts, key) else {
+        return;
+    };
+    let retransmit = awaiting.then(|| Retransmit::start(now, &cfg.retransmit, rng));
+    transmits.push_back(Transmit {
+        dst: s.client,
+        payload: msg.clone(),
+    });
+    s.link.sent(msg, retransmit);
+}

@@ -1,0 +1,236 @@
+//! The EAP-TTLS authenticator (PCP server side) with the embedded back end: the server's
+//! certificate and key, and a credentials file of Argon2 hashes checked against the PAP
+//! user name and password received inside the tunnel.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pcp_auth::eap::{AuthStep, EapAuthenticator};
+use rustls::ServerConnection;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::credentials::{Credentials, CredentialsError};
+use crate::packet::{self, Packet};
+use crate::tls;
+use crate::ttls::{self, Frame, Incoming, Outgoing, Reassembly};
+
+/// Why the embedded back end cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The certificate or key file.
+    #[error("{file}: {reason}")]
+    Pem {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The credentials file.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// rustls refused the certificate and key.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The embedded EAP-TTLS back end: makes one [`TtlsAuthenticator`] per conversation.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    tls: Arc<rustls::ServerConfig>,
+    credentials: Arc<Credentials>,
+}
+
+impl Embedded {
+    /// From a certificate chain, its key and the credentials.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        credentials: Credentials,
+    ) -> Result<Embedded, BackendError> {
+        let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(tls::VERSIONS)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        Ok(Embedded {
+            tls: Arc::new(tls),
+            credentials: Arc::new(credentials),
+        })
+    }
+
+    /// From PEM files: certificate chain, private key, and the credentials file.
+    pub fn load(cert: &Path, key: &Path, credentials: &Path) -> Result<Embedded, BackendError> {
+        let pem = |p: &Path, e: String| BackendError::Pem {
+            file: p.display().to_string(),
+            reason: e,
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| pem(cert, e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(pem(cert, "no certificate".into()));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
+        Embedded::new(chain, key_der, Credentials::load(credentials)?)
+    }
+
+    /// An authenticator for one conversation.
+    pub fn authenticator(&self) -> TtlsAuthenticator {
+        TtlsAuthenticator {
+            tls: self.tls.clone(),
+            credentials: self.credentials.clone(),
+            id: 0,
+            conn: None,
+            out: Outgoing::default(),
+            inc: Incoming::default(),
+        }
+    }
+}
+
+/// One EAP-TTLS/PAP conversation, authenticator side.
+pub struct TtlsAuthenticator {
+    tls: Arc<rustls::ServerConfig>,
+    credentials: Arc<Credentials>,
+    id: u8,
+    conn: Option<ServerConnection>,
+    out: Outgoing,
+    inc: Incoming,
+}
+
+impl std::fmt::Debug for TtlsAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtlsAuthenticator")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TtlsAuthenticator {
+    fn request(&mut self, typ: u8, data: &[u8]) -> AuthStep {
+        self.id = self.id.wrapping_add(1);
+        AuthStep::Request(
+            Packet {
+                code: packet::REQUEST,
+                id: self.id,
+                typ: Some(typ),
+                data,
+            }
+            .to_vec(),
+        )
+    }
+
+    fn fail(&mut self) -> AuthStep {
+        AuthStep::Failure {
+            packet: packet::failure(self.id),
+        }
+    }
+
+    fn ttls(&mut self, f: &Frame) -> AuthStep {
+        if self.conn.is_none() {
+            return AuthStep::Discard;
+        }
+        if f.data.is_empty() {
+            if self.out.pending() {
+                let frag = self.out.next_fragment();
+                return self.request(packet::TYPE_TTLS, &frag);
+            }
+            // The peer has nothing to say while we wait for its PAP AVPs.
+            return self.fail();
+        }
+        let msg = match self.inc.add(f) {
+            Reassembly::More => return self.request(packet::TYPE_TTLS, &[0]),
+            Reassembly::Invalid => return self.fail(),
+            Reassembly::Done(m) => m,
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return AuthStep::Discard;
+        };
+        if tls::feed(conn, &msg).is_err() {
+            return self.fail();
+        }
+        if !conn.is_handshaking() {
+            let plain = tls::plaintext(conn);
+            if !plain.is_empty() {
+                return self.inner(&plain);
+            }
+        }
+        let data = tls::drain(conn);
+        if data.is_empty() {
+            return self.request(packet::TYPE_TTLS, &[0]);
+        }
+        self.out.set(data);
+        let frag = self.out.next_fragment();
+        self.request(packet::TYPE_TTLS, &frag)
+    }
+
+    /// The PAP AVPs inside the tunnel: check them against the credentials.
+    fn inner(&mut self, plain: &[u8]) -> AuthStep {
+        let Some(avps) = ttls::parse_avps(plain) else {
+            return self.fail();
+        };
+        let find = |code| {
+            avps.iter()
+                .find(|(c, v, _)| *c == code && v.is_none())
+                .map(|(_, _, d)| *d)
+        };
+        let (Some(user), Some(pw)) = (find(ttls::AVP_USER_NAME), find(ttls::AVP_USER_PASSWORD))
+        else {
+            return self.fail();
+        };
+        // RFC 5281 §11.2.5: the password is NUL-padded to 16 octets.
+        let end = pw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let Ok(user) = std::str::from_utf8(user) else {
+            return self.fail();
+        };
+        if !self.credentials.verify(user, &pw[..end]) {
+            return self.fail();
+        }
+        let msk = self.conn.as_ref().and_then(|c| tls::msk(c));
+        match msk {
+            Some(msk) => AuthStep::Success {
+                packet: packet::success(self.id),
+                msk,
+                identity: user.to_string(),
+            },
+            None => self.fail(),
+        }
+    }
+}
+
+impl EapAuthenticator for TtlsAuthenticator {
+    fn start(&mut self) -> Vec<u8> {
+        self.conn = None;
+        self.out = Outgoing::default();
+        self.inc = Incoming::default();
+        match self.request(packet::TYPE_IDENTITY, &[]) {
+            AuthStep::Request(p) => p,
+            _ => Vec::new(),
+        }
+    }
+
+    fn receive(&mut self, b: &[u8]) -> AuthStep {
+        let Ok(p) = Packet::parse(b) else {
+            return AuthStep::Discard;
+        };
+        if p.code != packet::RESPONSE || p.id != self.id {
+            return AuthStep::Discard;
+        }
+        match p.typ {
+            Some(packet::TYPE_IDENTITY) if self.conn.is_none() => {
+                match ServerConnection::new(self.tls.clone()) {
+                    Ok(c) => self.conn = Some(c),
+                    Err(_) => return self.fail(),
+                }
+                self.request(packet::TYPE_TTLS, &[ttls::FLAG_S])
+            }
+            Some(packet::TYPE_TTLS) => match Frame::parse(p.data) {
+                Some(f) => self.ttls(&f),
+                None => AuthStep::Discard,
+            },
+            // A Nak: the peer does not do EAP-TTLS, the only method offered.
+            Some(packet::TYPE_NAK) => self.fail(),
+            _ => AuthStep::Discard,
+        }
+    }
+}
