@@ -139,13 +139,19 @@ fn pcpd_runs_unprivileged_with_only_cap_net_admin() {
     }
     // A wrapper that does what the unit does: user nobody, no groups, no new
     // privileges, bounding and inheritable sets down to CAP_NET_ADMIN.
+    // The binary is copied out of the build tree, which `nobody` may not be able to
+    // reach (a clone under /root, say).
     let dir = TempDir::new();
+    let bin = dir.join("pcpd");
+    std::fs::copy(PCPD, &bin).expect("copy pcpd");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let wrapper = dir.join("pcpd-unprivileged");
     std::fs::write(
         &wrapper,
         format!(
             "#!/bin/sh\nexec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
-             --bounding-set=-all,+net_admin --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin {PCPD} \"$@\"\n"
+             --bounding-set=-all,+net_admin --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin {} \"$@\"\n",
+            bin.display()
         ),
     )
     .unwrap();
