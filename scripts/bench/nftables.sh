@@ -12,23 +12,30 @@
 #    the in-memory data plane in the same run.
 # 2. new MAPs over PCP: pcpperf map where every request is a new mapping (CLIENTS
 #    sources × MAPPINGS internal ports, more than a run can use), against, each in a
-#    fresh namespace with the same load: pcpd with the memory data plane (baseline),
-#    pcpd with nftables, and Debian's miniupnpd-nftables (its PCP server). pcpd is
-#    loaded twice in a row from new sources: the second run starts with the first
-#    run's mappings in the table (cost per mapping as the table grows).
-# Settings (environment): TOTAL (100000), CLIENTS (100), MAPPINGS (1000), WINDOW (4),
-# DURATION (5 s), MU_DURATION (10 s, miniupnpd), SERVER_CPU (0), LOAD_CPU (1).
+#    fresh namespace: pcpd with the memory data plane (baseline) and pcpd with
+#    nftables, alternating for ROUNDS rounds, then Debian's miniupnpd-nftables (its
+#    PCP server; MU_CLIENTS clients, window 1: it answers in tens of milliseconds and
+#    pcpperf would otherwise time out and retry). Each server is loaded twice in a
+#    row from new sources: the second run starts with the first run's mappings in the
+#    table (cost per mapping as the table grows). "New mappings/s" is what the server
+#    holds after a run minus before, over the run's duration (pcpd: GET /metrics;
+#    miniupnpd: its DNAT rules), so retries and renewals never count.
+# Settings (environment): TOTAL (100000), ROUNDS (3), CLIENTS (100), MAPPINGS (4000),
+# WINDOW (2), DURATION (5 s), MU_CLIENTS (4), MU_DURATION (20 s), SERVER_CPU (0),
+# LOAD_CPU (1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/bench/common.sh
 . scripts/bench/common.sh
 
 TOTAL=${TOTAL:-100000}
+ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-100}
-MAPPINGS=${MAPPINGS:-1000}
-WINDOW=${WINDOW:-4}
+MAPPINGS=${MAPPINGS:-4000}
+WINDOW=${WINDOW:-2}
 DURATION=${DURATION:-5}
-MU_DURATION=${MU_DURATION:-10}
+MU_CLIENTS=${MU_CLIENTS:-4}
+MU_DURATION=${MU_DURATION:-20}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 EXAMPLE=${EXAMPLE:-target/release/examples/nft_installs}
@@ -74,7 +81,8 @@ log = "warn"
 dataplane = "$1"
 
 [pool]
-addresses = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+addresses = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5", "192.0.2.6",
+  "192.0.2.7", "192.0.2.8", "192.0.2.9", "192.0.2.10", "192.0.2.11", "192.0.2.12"]
 
 [tiers.default]
 mapping_quota = 1000000
@@ -84,36 +92,55 @@ checkpoint_burst = 1000000000
 TOML
 }
 
-# load NS NAME SOURCE_BASE DURATION: one pcpperf run inside NS.
+# load NS CLIENTS WINDOW SOURCE_BASE DURATION: one pcpperf run inside NS; prints its
+# summary line.
 load() {
   local out
   out=$(ip netns exec "$1" taskset -c "$LOAD_CPU" "$BIN/pcpperf" map --server 127.0.0.1:5351 \
-    --clients "$CLIENTS" --window "$WINDOW" --mappings "$MAPPINGS" \
-    --duration "$4" --warmup 0 --source-base "$3" --json)
-  jq -c --arg config "$2" '{config: $config} + .' <<<"$out" | tee -a "$WORK/results.jsonl" |
-    jq -r '"  \(.config): \(.rps | floor) new mappings/s, p50 \(.latency_us.p50) us, p99 \(.latency_us.p99) us, responses \(.responses), timeouts \(.timeouts)"'
+    --clients "$2" --window "$3" --mappings "$MAPPINGS" \
+    --duration "$5" --warmup 0 --source-base "$4" --json)
+  echo "$out" >>"$WORK/results.jsonl"
+  jq -r '"responses \(.responses) (\(.rps | floor)/s), p50 \(.latency_us.p50) us, p99 \(.latency_us.p99) us, timeouts \(.timeouts)"' <<<"$out"
 }
 
-# status NS: pcpd's mapping and data plane entry counts.
-status() {
+# held NS: how many mappings pcpd in NS holds.
+held() {
   ip netns exec "$1" curl -sf --noproxy '*' --max-time 5 http://127.0.0.1:8351/metrics |
-    grep -E '^pcp_(mappings|dataplane_entries|dataplane_failures_total) ' | tr '\n' ' '
-  echo
+    awk '$1 == "pcp_mappings" { print $2 }'
 }
 
-echo "== 2. new MAPs over PCP: $CLIENTS clients x window $WINDOW, each request a new mapping"
-for dp in memory nftables; do
-  ns="$P-$dp"
-  netns "$ns"
-  server_toml "$dp" >"$WORK/$dp.toml"
-  start "$dp" "$SERVER_CPU" ip netns exec "$ns" "$BIN/pcpd" --config "$WORK/$dp.toml"
-  wait_until 10 "pcpd ($dp) up" ip netns exec "$ns" curl -sf --noproxy '*' http://127.0.0.1:8351/status >/dev/null
-  load "$ns" "pcpd $dp, empty table" 127.0.4.1 "$DURATION"
-  echo -n "    after: "; status "$ns"
-  load "$ns" "pcpd $dp, table holding the first run's" 127.1.4.1 "$DURATION"
-  echo -n "    after: "; status "$ns"
-  kill9 "$LAST_PID"
+# measure NAME NS COUNT_FN CLIENTS WINDOW SOURCE_BASE DURATION: one run, as new
+# mappings per second.
+measure() {
+  local before after line
+  before=$($3 "$2")
+  line=$(load "$2" "$4" "$5" "$6" "$7")
+  after=$($3 "$2")
+  echo "  $1: $(((after - before) / $7)) new mappings/s ($before -> $after held; pcpperf: $line)"
+}
+
+echo "== 2. new MAPs over PCP: $CLIENTS clients x window $WINDOW, every request a new mapping"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round"
+  for dp in memory nftables; do
+    ns="$P-$dp-$round"
+    netns "$ns"
+    server_toml "$dp" >"$WORK/$dp.toml"
+    start "$dp" "$SERVER_CPU" ip netns exec "$ns" "$BIN/pcpd" --config "$WORK/$dp.toml"
+    pid=$LAST_PID
+    wait_until 10 "pcpd ($dp) up" ip netns exec "$ns" curl -sf --noproxy '*' http://127.0.0.1:8351/status >/dev/null
+    measure "pcpd $dp, from empty" "$ns" held "$CLIENTS" "$WINDOW" 127.0.4.1 "$DURATION"
+    measure "pcpd $dp, from the first run's" "$ns" held "$CLIENTS" "$WINDOW" 127.1.4.1 "$DURATION"
+    kill9 "$pid"
+    ip netns del "$ns"
+  done
 done
+echo
+
+# dnat_rules NS: how many DNAT rules miniupnpd in NS holds.
+dnat_rules() {
+  ip netns exec "$1" nft list chain inet filter prerouting_miniupnpd | grep -c dnat || true
+}
 
 if [ -x /usr/sbin/miniupnpd ]; then
   # miniupnpd's table and chains (what Debian's nft_init.sh would make), its external
@@ -135,7 +162,7 @@ table inet filter {
   chain postrouting_miniupnpd { }
 }
 NFT
-  start stun "$LOAD_CPU" ip netns exec "$wan" python3 - <<'PY'
+  cat >"$WORK/stun.py" <<'PY'
 import socket, struct
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("198.51.100.2", 3478))
@@ -146,6 +173,7 @@ while True:
     attr = struct.pack("!HHBBH4s", 1, 8, 0, 1, a[1], socket.inet_aton(a[0]))
     s.sendto(struct.pack("!HH", 0x0101, len(attr)) + b[4:20] + attr, a)
 PY
+  start stun "$LOAD_CPU" ip netns exec "$wan" python3 "$WORK/stun.py"
   cat >"$WORK/miniupnpd.conf" <<CONF
 ext_ifname=${P}g
 listening_ip=lo
@@ -162,13 +190,14 @@ uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b
 allow 1024-65535 0.0.0.0/0 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
 CONF
+  # -d: stay in the foreground (its PID is the one recorded), logging to its log.
   start miniupnpd "$SERVER_CPU" ip netns exec "$gw" /usr/sbin/miniupnpd -d -f "$WORK/miniupnpd.conf"
   mu_pid=$LAST_PID
-  sleep 2
-  load "$gw" "miniupnpd-nftables, empty table" 127.0.4.1 "$MU_DURATION"
-  echo "    after: $(ip netns exec "$gw" nft list chain inet filter prerouting_miniupnpd | grep -c dnat) DNAT rules"
-  load "$gw" "miniupnpd-nftables, table holding the first run's" 127.1.4.1 "$MU_DURATION"
-  echo "    after: $(ip netns exec "$gw" nft list chain inet filter prerouting_miniupnpd | grep -c dnat) DNAT rules"
+  # STUN takes a few seconds; it listens for PCP only after.
+  wait_until 20 "miniupnpd listening" grep -q "Listening for NAT-PMP/PCP" "$WORK/miniupnpd.log"
+  echo "== miniupnpd-nftables: $MU_CLIENTS clients x window 1"
+  measure "miniupnpd-nftables, from empty" "$gw" dnat_rules "$MU_CLIENTS" 1 127.0.4.1 "$MU_DURATION"
+  measure "miniupnpd-nftables, from the first run's" "$gw" dnat_rules "$MU_CLIENTS" 1 127.1.4.1 "$MU_DURATION"
   kill9 "$mu_pid"
 else
   echo "  miniupnpd not installed (apt-get install miniupnpd-nftables): skipped"

@@ -64,3 +64,15 @@ pub trait EapAuthenticator {
     /// Processes one EAP response.
     fn receive(&mut self, packet: &[u8]) -> AuthStep;
 }
+
+impl<P: EapPeer + ?Sized> EapPeer for Box<P> {
+    fn receive(&mut self, packet: &[u8]) -> PeerStep {
+        (**self).receive(packet)
+    }
+    fn msk(&self) -> Option<Vec<u8>> {
+        (**self).msk()
+    }
+    fn restart(&mut self) {
+        (**self).restart()
+    }
+}

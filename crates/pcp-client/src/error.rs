@@ -11,6 +11,9 @@ use crate::gateway::GatewayError;
 /// What went wrong, and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// PCP authentication (RFC 7652) did not succeed.
+    #[error("PCP authentication failed: {0:?}")]
+    Authentication(pcp_auth::client::Failure),
     /// The request itself cannot be made.
     #[error(transparent)]
     Request(#[from] RequestError),

@@ -241,7 +241,7 @@ pub struct NftDataPlane {
     entries: HashMap<EntryId, Box<[Elem]>>,
     buf: Vec<u8>,
     rx: Vec<u8>,
-    /// Transactions committed and elements changed (for benchmarks and metrics).
+    /// Transactions the kernel committed (for benchmarks and metrics).
     pub transactions: u64,
 }
 
@@ -384,9 +384,10 @@ impl NftDataPlane {
         }
     }
 
-    /// Commits `changes` (in order: `None` deletes, `Some` adds), cut into
-    /// transactions of at most [`MAX_TRANSACTION`] octets. Returns how many changes
-    /// were committed (all, unless an error is returned).
+    /// Commits `changes` (in order: `None` deletes, `Some` adds), after flushing every
+    /// set when `flush`, cut into transactions of at most [`MAX_TRANSACTION`] octets
+    /// (one, for any batch a single request makes). The shadow follows each committed
+    /// transaction; on an error, what came before it stays committed.
     fn commit(
         &mut self,
         changes: &[(Elem, Option<Value>)],

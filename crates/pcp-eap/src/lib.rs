@@ -18,4 +18,6 @@ pub mod ttls;
 pub use authenticator::{BackendError, Embedded, TtlsAuthenticator};
 pub use credentials::{Credentials, CredentialsError, hash_password};
 pub use peer::{PeerConfig, TtlsPeer};
+/// The rustls this crate is built on (trust anchors, server names, PEM parsing).
+pub use rustls;
 pub use tls::{MSK_LEN, TTLS_LABEL};

@@ -458,6 +458,19 @@ impl Server {
         }
     }
 
+    /// Charges one datagram from `src` to its host's rate limit (`[limits]`) without
+    /// serving it; `false`: drop it (counted in `rate_limited`). For shells that do
+    /// costly work of their own before [`Server::handle`] (the RFC 7652 gate): a
+    /// datagram they pass on is charged again there.
+    pub fn admit(&mut self, src: IpAddr, now: Time) -> bool {
+        if self.guard.admit(src.to_canonical(), now) {
+            true
+        } else {
+            self.stats.rate_limited += 1;
+            false
+        }
+    }
+
     /// Answers a datagram from a source the shell must not serve (its access list says
     /// so): NOT_AUTHORIZED to a PCP request (RFC 6887 §7.4: the request is copied, no
     /// state is touched), nothing to NAT-PMP or to what would be dropped anyway. The

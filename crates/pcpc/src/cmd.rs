@@ -106,7 +106,66 @@ fn options(cli: &Cli) -> Result<ClientOptions, CmdError> {
     o.canary = !cli.no_canary;
     o.announce_listen = cli.announce_listen;
     o.join_multicast = cli.announce_multicast;
+    if let Some(identity) = &cli.identity {
+        o.authentication = Some(authentication(cli, identity)?);
+    }
     Ok(o)
+}
+
+/// The EAP-TTLS peer for `--identity`, `--password-file`, `--ca`, `--server-name`.
+fn authentication(
+    cli: &Cli,
+    identity: &str,
+) -> Result<pcp_client::tokio::Authentication, CmdError> {
+    use pcp_eap::rustls::RootCertStore;
+    use pcp_eap::rustls::pki_types::pem::PemObject;
+    use pcp_eap::rustls::pki_types::{CertificateDer, ServerName};
+    use pcp_eap::{PeerConfig, TtlsPeer};
+    let usage = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        CmdError::Usage(format!("{}: {e}", what.display()))
+    };
+    let (Some(pw_file), Some(ca)) = (&cli.password_file, &cli.ca) else {
+        return Err(CmdError::Usage(
+            "--identity needs --password-file and --ca".into(),
+        ));
+    };
+    let text = std::fs::read_to_string(pw_file).map_err(|e| usage(pw_file, &e))?;
+    let password = text.lines().next().unwrap_or("").as_bytes().to_vec();
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| usage(ca, &e))? {
+        roots
+            .add(c.map_err(|e| usage(ca, &e))?)
+            .map_err(|e| usage(ca, &e))?;
+    }
+    if roots.is_empty() {
+        return Err(usage(ca, &"no certificate"));
+    }
+    let name = match &cli.server_name {
+        Some(n) => n.clone(),
+        None => {
+            let s = cli.server.clone().ok_or_else(|| {
+                CmdError::Usage("--identity needs --server-name or --server".into())
+            })?;
+            s.rsplit_once(':')
+                .map_or(s.clone(), |(h, _)| h.to_string())
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string()
+        }
+    };
+    let server_name = ServerName::try_from(name.clone())
+        .map_err(|e| CmdError::Usage(format!("--server-name {name}: {e}")))?;
+    let cfg = PeerConfig {
+        outer_identity: "anonymous".into(),
+        username: identity.to_string(),
+        password,
+        server_name,
+        roots,
+    };
+    // Checked once here, so the factory below cannot fail.
+    TtlsPeer::new(cfg.clone()).map_err(|e| CmdError::Usage(format!("TLS: {e}")))?;
+    Ok(pcp_client::tokio::Authentication::new(move || {
+        Box::new(TtlsPeer::new(cfg.clone()).expect("the same configuration was accepted above"))
+    }))
 }
 
 fn request(c: &Common, kind: Kind) -> Result<MappingRequest, CmdError> {

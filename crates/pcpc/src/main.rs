@@ -12,6 +12,8 @@
 //! ```
 //!
 //! Without `--server`, the server is the default gateway (Linux), port 5351.
+//! `--identity NAME --password-file FILE --ca FILE` authenticates first (RFC 7652,
+//! EAP-TTLS/PAP) and tags every request.
 //! Exit codes: 0 done; 1 the server refused, did not answer, or a file was bad; 2 usage.
 #![forbid(unsafe_code)]
 
@@ -60,6 +62,19 @@ pub struct Cli {
     /// Maximum retransmission duration in seconds (RFC 6887 MRD; 0 = no limit).
     #[arg(long, value_name = "SECS", default_value = "0", global = true)]
     pub mrd: u64,
+    /// Authenticate as this user before any request (RFC 7652, EAP-TTLS with PAP inside)
+    /// and tag every request; needs --password-file and --ca.
+    #[arg(long, value_name = "NAME", global = true, requires_all = ["password_file", "ca"])]
+    pub identity: Option<String>,
+    /// File whose first line is the password for --identity.
+    #[arg(long, value_name = "FILE", global = true, requires = "identity")]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA certificate(s) the server's certificate must chain to.
+    #[arg(long, value_name = "FILE", global = true, requires = "identity")]
+    pub ca: Option<PathBuf>,
+    /// Name the server's certificate must carry (default: the host of --server).
+    #[arg(long, value_name = "NAME", global = true, requires = "identity")]
+    pub server_name: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -396,3 +396,129 @@ lifetime = 600
     assert_eq!(text.matches("\"deleted\"").count(), 2, "{text}");
     assert!(p.mappings().is_empty(), "deleted at the end");
 }
+
+/// `--identity` needs its password file and CA; bad files are named. (The exchange
+/// itself is tested against pcpd: crates/pcpd/tests/auth.rs.)
+#[test]
+fn identity_flags_are_checked_and_bad_files_named() {
+    let ip = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let server = SocketAddr::new(ip, 9);
+    let o = pcpc(
+        ip,
+        server,
+        &[
+            "--identity",
+            "alice",
+            "map",
+            "--proto",
+            "udp",
+            "--internal-port",
+            "1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--password-file"), "{}", stderr(&o));
+    let dir = std::env::temp_dir().join(format!("pcpc-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pw = dir.join("pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let o = pcpc(
+        ip,
+        server,
+        &[
+            "--identity",
+            "alice",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "map",
+            "--proto",
+            "udp",
+            "--internal-port",
+            "1",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ca.pem"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `pcpc --identity --password-file --ca` against pcpd with `auth = "required"` and the
+/// embedded EAP-TTLS back end: authenticates, maps with tagged requests; a wrong
+/// password fails; without --identity the server says AUTHENTICATION_REQUIRED.
+#[test]
+fn identity_authenticates_against_pcpd_and_maps() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("pcpc-eap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("pw"), "correct horse\n").unwrap();
+    std::fs::write(path("bad"), "wrong\n").unwrap();
+    let hash = pcp_eap::hash_password(b"correct horse").unwrap();
+    std::fs::write(path("users"), format!("alice:{hash}\n")).unwrap();
+    let auth = format!(
+        "[auth]\ndefault = \"required\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\n",
+        path("cert.pem"),
+        path("key.pem"),
+        path("users")
+    );
+    let p = Pcpd::start(&config(&auth));
+    let ip = IpAddr::V4(p.ip);
+    let (pw, bad, ca_pem) = (path("pw"), path("bad"), path("ca.pem"));
+    let map = |password: &str| {
+        pcpc(
+            ip,
+            p.pcp,
+            &[
+                "--json",
+                "--identity",
+                "alice",
+                "--password-file",
+                password,
+                "--ca",
+                &ca_pem,
+                "--server-name",
+                "pcp.example",
+                "map",
+                "--proto",
+                "udp",
+                "--internal-port",
+                "7000",
+                "--lifetime",
+                "600",
+            ],
+        )
+    };
+    let v = json(&map(&pw));
+    assert_eq!(v["lifetime"], 600);
+    assert!(p.mapping(7000).is_some(), "not on the server");
+    let o = map(&bad);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("authentication"), "{}", stderr(&o));
+    let o = pcpc(
+        ip,
+        p.pcp,
+        &["map", "--proto", "udp", "--internal-port", "7001"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("AUTHENTICATION_REQUIRED"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

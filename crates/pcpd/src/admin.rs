@@ -2,7 +2,7 @@
 //!
 //! Read-only: `GET /status`, `GET /mappings`, `GET /subscribers`, `GET /metrics`,
 //! `GET /ha`. Mutating: `POST /reload`, `POST /ha/promote`, `POST /ha/switchover`.
-//! Who may call which is `auth.rs`'s job (bearer tokens, a read-only one for `GET`).
+//! Who may call which is `admin_auth.rs`'s job (bearer tokens, a read-only one for `GET`).
 
 use std::net::IpAddr;
 
@@ -140,7 +140,7 @@ pub struct StatusView {
 }
 
 /// The router.
-pub fn router(shared: Shared, auth: crate::auth::Auth) -> Router {
+pub fn router(shared: Shared, auth: crate::admin_auth::Auth) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/mappings", get(mappings))
@@ -153,7 +153,7 @@ pub fn router(shared: Shared, auth: crate::auth::Auth) -> Router {
         .with_state(shared)
         .layer(axum::middleware::from_fn_with_state(
             auth,
-            crate::auth::check,
+            crate::admin_auth::check,
         ))
 }
 
@@ -227,10 +227,17 @@ async fn subscribers(State(s): State<Shared>) -> Json<Vec<SubscriberView>> {
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    // The gate's lock is never taken while holding the core's.
+    let auth = s.lock().auth.clone();
+    let auth = auth.map(|a| crate::auth::lock(&a).gate.stats());
     let text = {
         let core = s.lock();
         let pair = s.lock_pair();
-        crate::metrics::render(&core, pair.as_deref())
+        let mut text = crate::metrics::render(&core, pair.as_deref());
+        if let Some(stats) = auth {
+            crate::auth::render_metrics(&mut text, &stats);
+        }
+        text
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -1,6 +1,7 @@
 //! pcpd's configuration file: a `[pcpd]` section for the daemon itself, the server
 //! core's sections (`[lifetime]`, `[pool]`, `[subscribers]`, `[tiers.*]`,
-//! `[checkpoint]`, `[[policy]]`, `[mapping]`) beside it. Every error names the file, the
+//! `[checkpoint]`, `[[policy]]`, `[mapping]`) beside it, and `[auth]` (RFC 7652,
+//! `crate::auth`). Every error names the file, the
 //! line and the key.
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 pub use crate::acl::AclSection;
+use crate::auth::AuthSection;
 
 /// The daemon's own settings.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -168,6 +170,7 @@ struct File {
     acl: AclSection,
     ha: Option<HaSection>,
     nftables: NftablesSection,
+    auth: AuthSection,
 }
 
 /// Everything pcpd runs with.
@@ -185,6 +188,8 @@ pub struct Config {
     pub acl: AclSection,
     /// The nftables data plane's settings.
     pub nftables: NftablesSection,
+    /// PCP authentication (RFC 7652).
+    pub auth: AuthSection,
 }
 
 /// A configuration pcpd cannot run with.
@@ -223,6 +228,7 @@ impl Config {
             ha: None,
             acl: AclSection::default(),
             nftables: NftablesSection::default(),
+            auth: AuthSection::default(),
         }
     }
 
@@ -299,6 +305,9 @@ impl Config {
                 format!("must exceed twice ha.heartbeat_ms ({} ms)", ha.heartbeat_ms),
             ));
         }
+        if let Some((key, message)) = file.auth.problem(file.ha.is_some()) {
+            return Err(invalid(line_of_key(text, key), key.into(), message));
+        }
         Ok(Config {
             path: Some(path.to_path_buf()),
             daemon: file.pcpd,
@@ -306,6 +315,7 @@ impl Config {
             ha: file.ha,
             acl: file.acl,
             nftables: file.nftables,
+            auth: file.auth,
         })
     }
 }
@@ -375,6 +385,40 @@ mod tests {
         let c = Config::parse(Path::new("x.toml"), "").unwrap();
         assert_eq!(c.server, ServerConfig::default());
         assert_eq!(c.daemon, DaemonSection::default());
+    }
+
+    #[test]
+    fn auth_section_modes_per_prefix_and_its_errors() {
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[auth]\ndefault = \"optional\"\ncertificate = \"c\"\nkey = \"k\"\ncredentials = \"u\"\n\n[[auth.prefixes]]\nprefix = \"10.0.0.0/8\"\nauth = \"required\"\n",
+        )
+        .unwrap();
+        assert!(c.auth.enabled());
+        assert_eq!(c.auth.prefixes[0].auth, crate::auth::AuthMode::Required);
+        // On without its files: the key is named.
+        let (line, key, _) = err("[pcpd]\n\n[auth]\ndefault = \"required\"\n");
+        assert_eq!((line, key.as_str()), (3, "auth.certificate"));
+        let (_, key, msg) =
+            err("[auth]\n[[auth.prefixes]]\nprefix = \"10.0.0.0/8\"\nauth = \"sometimes\"\n");
+        assert!(key.contains("auth"), "{key}");
+        assert!(
+            msg.contains("sometimes") || msg.contains("variant"),
+            "{msg}"
+        );
+        // Not in pair mode (yet).
+        let (_, key, msg) = err(
+            "[ha]\nlisten = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nrole = \"active\"\n[auth]\ndefault = \"optional\"\ncertificate = \"c\"\nkey = \"k\"\ncredentials = \"u\"\n",
+        );
+        assert_eq!(key, "auth");
+        assert!(msg.contains("pair mode"), "{msg}");
+        // Off is the default and needs nothing.
+        assert!(
+            !Config::parse(Path::new("x.toml"), "")
+                .unwrap()
+                .auth
+                .enabled()
+        );
     }
 
     #[test]

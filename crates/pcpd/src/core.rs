@@ -214,6 +214,9 @@ pub struct Core {
     pub sockets: Vec<Arc<UdpSocket>>,
     /// Their access lists (with the refusal counters), in the same order.
     pub acls: Vec<Arc<crate::acl::SocketAcl>>,
+    /// The authentication gate, for the admin API (its own lock: never take it while
+    /// holding the core's; clone the handle and let go of the core first).
+    pub auth: Option<crate::auth::SharedAuth>,
     /// Whether this core serves PCP: always without a pair; in pair mode from the
     /// moment it carried out a promotion until a step-down.
     serving: bool,
@@ -313,6 +316,7 @@ impl Core {
             pair: pair.map(|p| Arc::new(Mutex::new(p))),
             sockets: Vec::new(),
             acls: Vec::new(),
+            auth: None,
             pending: Vec::new(),
             node_serves: Arc::new(AtomicBool::new(false)),
             origin,
@@ -334,6 +338,13 @@ impl Core {
     }
 
     /// The instant of a core time.
+    /// The epoch the server core gives `client` now (for answers made outside it: the
+    /// authentication gate's).
+    pub fn epoch_for(&mut self, client: IpAddr) -> u32 {
+        let now = self.now();
+        self.server.epochs().epoch(client.to_canonical(), now)
+    }
+
     pub fn instant_of(&self, t: Time) -> Instant {
         self.origin + Duration::from_millis(t.0)
     }

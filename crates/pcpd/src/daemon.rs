@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcp_auth::gate::Inbound;
 use pcp_dataplane::DataPlane;
 use pcp_dataplane::memory::MemoryDataPlane;
 use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
@@ -33,10 +34,13 @@ pub enum StartError {
     Config(#[from] pcp_server::ConfigError),
     /// The admin API's tokens are missing or unusable.
     #[error("admin API: {0}")]
-    Auth(#[from] crate::auth::AuthError),
+    AdminAuth(#[from] crate::admin_auth::AuthError),
     /// The data plane could not start.
     #[error("data plane: {0}")]
     DataPlane(String),
+    /// The authentication back end could not start (certificate, key, credentials).
+    #[error("[auth]: {0}")]
+    Auth(#[from] pcp_eap::BackendError),
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -51,6 +55,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
+    let auth = crate::auth::Auth::build(&config.auth)?;
     let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
         DataPlaneKind::Nftables => {
@@ -68,7 +73,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     // Tokens before anything listens: an API that would be open beyond this host
     // refuses to start.
-    let auth = crate::auth::Auth::load(
+    let admin_auth = crate::admin_auth::Auth::load(
         config.daemon.admin,
         config.daemon.admin_token_file.as_deref(),
         config.daemon.admin_read_token_file.as_deref(),
@@ -158,6 +163,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut core = Core::new(server, dataplane, config, origin, seed, pair);
     core.sockets = sockets.clone();
     core.acls = acls.clone();
+    core.auth = auth.clone();
     let shared = Shared::new(core);
 
     for (i, (sock, acl)) in sockets.iter().zip(&acls).enumerate() {
@@ -167,7 +173,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             reject = ?acl.reject,
             "client access list"
         );
-        tokio::spawn(serve_socket(sock.clone(), i, shared.clone(), acl.clone()));
+        tokio::spawn(serve_socket(
+            sock.clone(),
+            i,
+            shared.clone(),
+            acl.clone(),
+            auth.clone(),
+            sockets.clone(),
+        ));
+    }
+    if let Some(auth) = &auth {
+        tokio::spawn(crate::auth::timers(auth.clone(), sockets.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -180,7 +196,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if shared.lock().config.daemon.announce_multicast {
         tokio::spawn(announce_start(sockets.clone(), shared.clone()));
     }
-    let app = crate::admin::router(shared.clone(), auth.clone());
+    let app = crate::admin::router(shared.clone(), admin_auth.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin, app).await {
             tracing::error!(error = %e, "admin API stopped");
@@ -189,7 +205,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(
         listen = ?listen,
         admin = %admin_addr,
-        admin_auth = if auth.required() { "bearer token" } else { "none (loopback)" },
+        admin_auth = if admin_auth.required() { "bearer token" } else { "none (loopback)" },
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
@@ -201,10 +217,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Receives, serves and answers datagrams on one socket.
-async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared, acl: Arc<SocketAcl>) {
+/// Receives, serves and answers datagrams on one socket: the access list first, then
+/// with authentication on, the gate decides and tags the reply (docs/AUTH.md).
+async fn serve_socket(
+    sock: Arc<UdpSocket>,
+    index: usize,
+    shared: Shared,
+    acl: Arc<SocketAcl>,
+    auth: Option<crate::auth::SharedAuth>,
+    sockets: Vec<Arc<UdpSocket>>,
+) {
     let mut buf = vec![0u8; 2048];
-    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
+    // Room for the tag the gate appends to a reply.
+    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN + 64];
     loop {
         let (n, src) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -234,6 +259,47 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared, acl: A
             }
             continue;
         }
+        let mut n = n;
+        let mut session = None;
+        if let Some(auth) = &auth {
+            // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
+            // per-host rate limit comes first (a request the gate passes on is charged
+            // again by the core). The gate's answers carry the core's epoch.
+            let epoch = {
+                let mut core = shared.lock();
+                let now = core.now();
+                if !core.server.admit(src.ip(), now) {
+                    continue;
+                }
+                core.epoch_for(src.ip())
+            };
+            let (verdict, out) = {
+                let mut a = crate::auth::lock(auth);
+                let now = a.now();
+                if buf.get(1).is_some_and(|b| b & 0x7f == 3) {
+                    a.route(src, index);
+                }
+                let v = a.gate.inbound(now, src, epoch, &mut buf, n);
+                a.log_events();
+                (v, a.transmits())
+            };
+            crate::auth::send_all(&sockets, out).await;
+            match verdict {
+                Inbound::Serve {
+                    len, session: s, ..
+                } => {
+                    n = len;
+                    session = s;
+                }
+                Inbound::Answer(a) => {
+                    if let Err(e) = sock.send_to(&a, src).await {
+                        tracing::debug!(error = %e, %src, "send_to");
+                    }
+                    continue;
+                }
+                Inbound::Handled | Inbound::Drop => continue,
+            }
+        }
         // One lock per request: serve, and count the latency up to the reply being
         // ready (sending is a non-blocking syscall right after).
         let answer = {
@@ -250,6 +316,15 @@ async fn serve_socket(sock: Arc<UdpSocket>, index: usize, shared: Shared, acl: A
         }
         // Held replies (waiting for the backup) are sent by the replication task.
         if let Reply::Send(len) = answer {
+            let len = match (&auth, session) {
+                (Some(a), Some(_)) => {
+                    match crate::auth::lock(a).gate.outbound(session, &mut reply, len) {
+                        Some(l) => l,
+                        None => continue,
+                    }
+                }
+                _ => len,
+            };
             let sent = match sock.try_send_to(&reply[..len], src) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     sock.send_to(&reply[..len], src).await.map(|_| ())

@@ -7,6 +7,7 @@
 
 mod acl;
 mod admin;
+mod admin_auth;
 mod auth;
 mod config;
 mod core;

@@ -1,0 +1,289 @@
+//! PCP authentication end to end against the real `pcpd` binary on loopback: an
+//! EAP-TTLS/PAP client (pcp-auth + pcp-eap) authenticates with the embedded back end
+//! (generated certificates, an Argon2 credentials file), then its tagged MAP is served
+//! and answered tagged; untagged, replayed and tampered requests are refused and change
+//! nothing; a wrong password fails.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::{Pcpd, TempDir};
+use pcp_auth::Time;
+use pcp_auth::client::{Client, ClientConfig, ClientEvent, Failure};
+use pcp_eap::{PeerConfig, TtlsPeer, hash_password};
+use pcp_proto::{Body, MapBody, Options, Request, Response, ResultCode};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+const PCPD: &str = env!("CARGO_BIN_EXE_pcpd");
+
+struct Setup {
+    _dir: TempDir,
+    pcpd: Pcpd,
+    ca: CertificateDer<'static>,
+}
+
+fn setup(mode: &str) -> Setup {
+    let dir = TempDir::new();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (c, k, u) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("users"));
+    std::fs::write(&c, cert.pem() + &ca.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(
+        &u,
+        format!("alice:{}\n", hash_password(b"correct horse").unwrap()),
+    )
+    .unwrap();
+    let config = format!(
+        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = 600\n",
+        c.display(),
+        k.display(),
+        u.display()
+    );
+    let pcpd = common::pcpd(PCPD).config(&config).start();
+    Setup {
+        _dir: dir,
+        pcpd,
+        ca: ca.der().clone(),
+    }
+}
+
+struct Peer {
+    sock: UdpSocket,
+    server: SocketAddr,
+    ip: IpAddr,
+    client: Client<TtlsPeer>,
+    origin: Instant,
+}
+
+impl Peer {
+    fn new(s: &Setup, password: &str) -> Peer {
+        let ip = IpAddr::V4(s.pcpd.ip);
+        let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(s.ca.clone()).unwrap();
+        let peer = TtlsPeer::new(PeerConfig {
+            outer_identity: "anonymous".into(),
+            username: "alice".into(),
+            password: password.as_bytes().to_vec(),
+            server_name: ServerName::try_from("pcp.example").unwrap(),
+            roots,
+        })
+        .unwrap();
+        Peer {
+            sock,
+            server: s.pcpd.pcp,
+            ip,
+            client: Client::new(ClientConfig::new(ip), peer),
+            origin: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Time {
+        Time(self.origin.elapsed().as_millis() as u64)
+    }
+
+    /// Runs the PA exchange until an event or 20 s.
+    fn authenticate(&mut self) -> ClientEvent {
+        self.client.start(self.now());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            while let Some(m) = self.client.poll_transmit() {
+                self.sock.send_to(&m, self.server).unwrap();
+            }
+            if let Some(e) = self.client.poll_event() {
+                return e;
+            }
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let now = self.now();
+                self.client.handle(now, &buf[..n]);
+            }
+            let now = self.now();
+            self.client.handle_timeout(now);
+        }
+        panic!("no outcome within 20 s");
+    }
+
+    fn map(&mut self, port: u16, tag: bool) -> Vec<u8> {
+        let req = Request {
+            lifetime: 600,
+            client_addr: self.ip,
+            body: Body::Map(MapBody {
+                nonce: [5; 12],
+                protocol: 17,
+                internal_port: port,
+                external_port: 0,
+                external_addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            }),
+            options: Options::EMPTY,
+            pa_result_code: ResultCode::Success,
+        };
+        let mut buf = vec![0u8; 1100];
+        let mut n = req.emit(&mut buf).unwrap();
+        if tag {
+            n = self.client.protect(self.now(), &mut buf, n).unwrap();
+        }
+        buf.truncate(n);
+        buf
+    }
+
+    /// Sends `msg` and returns the answer, if one comes within 500 ms.
+    fn exchange(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        self.sock.send_to(msg, self.server).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let r = &buf[..n];
+                // Only answers to MAP requests (PA messages may still trickle in).
+                if r.len() > 1 && r[1] & 0x7f == 1 {
+                    return Some(r.to_vec());
+                }
+            }
+        }
+        None
+    }
+}
+
+fn result(r: &[u8]) -> ResultCode {
+    Response::parse(r).unwrap().result_code
+}
+
+#[test]
+fn required_authentication_with_eap_ttls_then_tagged_map() {
+    let s = setup("required");
+    let mut p = Peer::new(&s, "correct horse");
+    // Untagged: AUTHENTICATION_REQUIRED, nothing mapped.
+    let untagged = p.map(5000, false);
+    let r = p.exchange(&untagged).expect("an answer");
+    assert_eq!(result(&r), ResultCode::AuthenticationRequired);
+    assert!(s.pcpd.mappings().is_empty());
+
+    let e = p.authenticate();
+    assert!(
+        matches!(e, ClientEvent::Established { lifetime: 600, .. }),
+        "{e:?}"
+    );
+    // The server installs the SA when the client's confirmation arrives.
+    common::wait_for(Duration::from_secs(5), "the server's SA", || {
+        s.pcpd
+            .output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+
+    // The first tagged MAP verifies at the server and its answer at the client: both
+    // derived the same MSK.
+    let first = p.map(5000, true);
+    let r = p.exchange(&first).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    let now = p.now();
+    assert_eq!(p.client.verify_response(now, &r), Ok(()));
+    assert_eq!(s.pcpd.mappings().len(), 1);
+
+    // A newer request, then the first one replayed: no answer, no change.
+    let second = p.map(5001, true);
+    assert_eq!(result(&p.exchange(&second).unwrap()), ResultCode::Success);
+    assert_eq!(p.exchange(&first), None, "replay answered");
+    // Tampered: no answer.
+    let mut third = p.map(5002, true);
+    third[24 + 16] ^= 0x40;
+    assert_eq!(p.exchange(&third), None, "tampered request answered");
+    assert_eq!(s.pcpd.mappings().len(), 2);
+    // Refusals are counted.
+    let m = |o: &str| {
+        s.pcpd
+            .metric(&format!("pcp_auth_requests_total{{outcome=\"{o}\"}}"))
+    };
+    assert_eq!(m("replayed"), Some(1.0));
+    assert_eq!(m("bad_tag"), Some(1.0));
+    assert_eq!(m("authentication_required"), Some(1.0));
+    assert_eq!(m("authenticated"), Some(2.0));
+}
+
+#[test]
+fn wrong_password_fails() {
+    let s = setup("required");
+    let mut p = Peer::new(&s, "wrong");
+    assert_eq!(
+        p.authenticate(),
+        ClientEvent::Failed(Failure::AuthenticationFailed)
+    );
+    assert!(s.pcpd.mappings().is_empty());
+}
+
+#[test]
+fn off_keeps_answering_as_a_server_without_rfc7652() {
+    let s = setup("off");
+    let mut p = Peer::new(&s, "correct horse");
+    let mut m = p.map(5000, false);
+    assert_eq!(result(&p.exchange(&m).unwrap()), ResultCode::Success);
+    // A tagged request (a tag appended by hand: this client has no session).
+    m[4..8].copy_from_slice(&0u32.to_be_bytes());
+    m.extend_from_slice(&[5, 0, 0, 28]);
+    m.extend_from_slice(&[0; 28]);
+    assert_eq!(result(&p.exchange(&m).unwrap()), ResultCode::UnsuppOption);
+}
+
+/// What `pcpc --identity --password-file --ca` runs: the pcp-client library with
+/// authentication, which authenticates in `connect` and tags every request.
+#[test]
+fn pcp_client_library_authenticates_then_maps() {
+    use pcp_client::core::MappingRequest;
+    use pcp_client::tokio::{Authentication, ClientOptions, PcpClient};
+    let s = setup("required");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ip = IpAddr::V4(s.pcpd.ip);
+    let opts = |password: &'static str| {
+        let ca = s.ca.clone();
+        let mut o = ClientOptions::new(s.pcpd.pcp);
+        o.bind = Some(SocketAddr::new(ip, 0));
+        o.authentication = Some(Authentication::new(move || {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.clone()).unwrap();
+            Box::new(
+                TtlsPeer::new(PeerConfig {
+                    outer_identity: "anonymous".into(),
+                    username: "alice".into(),
+                    password: password.as_bytes().to_vec(),
+                    server_name: ServerName::try_from("pcp.example").unwrap(),
+                    roots,
+                })
+                .unwrap(),
+            )
+        }));
+        o
+    };
+    rt.block_on(async {
+        let c = PcpClient::connect(opts("correct horse"))
+            .await
+            .expect("authenticated");
+        c.map(MappingRequest::map(17, 6000)).await.expect("mapped");
+        let e = PcpClient::connect(opts("wrong")).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                pcp_client::Error::Authentication(Failure::AuthenticationFailed)
+            ),
+            "{e}"
+        );
+    });
+    let maps = s.pcpd.mappings();
+    assert_eq!(maps.len(), 1, "{maps:?}");
+}
