@@ -903,3 +903,57 @@ fn send<A>(
     });
     s.link.sent(msg, retransmit);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl EapAuthenticator for Echo {
+        fn start(&mut self) -> Vec<u8> {
+            vec![1, 1, 0, 5, 1]
+        }
+        fn receive(&mut self, _: &[u8]) -> AuthStep {
+            AuthStep::Discard
+        }
+    }
+
+    /// RFC 7652 §3.4: when its sequence space runs out the server re-authenticates.
+    #[test]
+    fn sequence_space_running_out_triggers_reauthentication() {
+        let mut s = Server::with_rng(ServerConfig::default(), || Echo, StdRng::seed_from_u64(1));
+        let client: SocketAddr = "192.0.2.1:5350".parse().unwrap();
+        let key = TransportKey::from_bytes(1, [3; 32]);
+        let mut session = s.fresh(client, 9);
+        session.phase = Phase::Established;
+        session.identity = Some(Arc::from("alice"));
+        session.sa = Some(Sa {
+            key: key.clone(),
+            common_out: REAUTH_THRESHOLD - 1,
+            common_in: ReplayWindow::new(),
+            expires: Time(u64::MAX),
+        });
+        s.sessions.insert(77, session);
+        s.handle_timeout(Time(0));
+        assert!(s.poll_transmit().is_none(), "not yet");
+        let mut buf = [0u8; 1100];
+        let resp = pcp_proto::Response {
+            result_code: ResultCode::Success,
+            lifetime: 0,
+            epoch: 0,
+            body: pcp_proto::Body::Announce,
+            options: pcp_proto::Options::EMPTY,
+        };
+        let n = resp.emit(&mut buf).unwrap();
+        s.protect_response(77, &mut buf, n).unwrap();
+        s.handle_timeout(Time(0));
+        let t = s.poll_transmit().expect("a re-authentication request");
+        let r = pcp_proto::Response::parse(&t.payload).unwrap();
+        assert_eq!(r.result_code, ResultCode::AuthenticationRequest);
+        assert!(r.options.eap_payload().is_some());
+        assert!(
+            tag::verify(&t.payload, &key).is_ok(),
+            "tagged with the current key"
+        );
+    }
+}

@@ -605,3 +605,55 @@ fn lossy_network_never_leaves_the_sides_disagreeing() {
         "only {ok} of {seeds} runs authenticated"
     );
 }
+
+/// RFC 7652 §6.3: a PA-Acknowledgement (RECEIVED_PAK) stops the retransmission of the
+/// acknowledged message and moves no sequence number; the exchange still ends at MRD.
+#[test]
+fn pa_acknowledgement_stops_retransmission() {
+    let mut p = Pair::new("correct horse", ServerConfig::default(), Net::perfect(), 20);
+    p.client.start(p.now);
+    let init = p.client.poll_transmit().unwrap();
+    p.server.handle(p.now, CLIENT, &init);
+    let first = p.server.poll_transmit().unwrap().payload;
+    let sid = match Response::parse(&first).unwrap().body {
+        Body::Authentication(a) => a.session_id,
+        _ => unreachable!(),
+    };
+    let retransmit_at = p.server.poll_timeout().unwrap();
+    assert!(retransmit_at.0 - p.now.0 < 4_000, "IRT is about 3 s");
+    let opts = [pcp_proto::PcpOption::ReceivedPak(0)];
+    let ack = Request {
+        lifetime: 0,
+        client_addr: CLIENT_IP,
+        body: Body::Authentication(pcp_proto::AuthenticationBody {
+            session_id: sid,
+            sequence_number: 1,
+        }),
+        options: Options::from_list(&opts),
+        pa_result_code: ResultCode::AuthenticationReply,
+    };
+    let mut buf = vec![0u8; 1100];
+    let n = ack.emit(&mut buf).unwrap();
+    p.server.handle(p.now, CLIENT, &buf[..n]);
+    let next = p.server.poll_timeout().unwrap();
+    assert!(
+        next.0 - p.now.0 >= 119_000,
+        "still retransmitting: {next:?}"
+    );
+    p.server.handle_timeout(Time(p.now.0 + 10_000));
+    assert!(
+        p.server.poll_transmit().is_none(),
+        "retransmitted after the ack"
+    );
+    // The sequence number did not move: the client's real reply (seq 1) is accepted.
+    p.client.handle(p.now, &first);
+    let reply = p.client.poll_transmit().unwrap();
+    p.server.handle(p.now, CLIENT, &reply);
+    assert!(
+        p.server.poll_transmit().is_some(),
+        "reply after the ack not accepted"
+    );
+    // Without any answer the exchange ends at MRD.
+    p.server.handle_timeout(Time(p.now.0 + 200_000));
+    assert_eq!(p.server.session_count(), 0);
+}

@@ -353,7 +353,9 @@ impl NftDataPlane {
                 if len < 16 || at + len > self.rx.len() {
                     break;
                 }
-                if kind == NLMSG_ERROR && len >= 20 {
+                // An answer to an earlier transaction that timed out is not this one's.
+                let ours = seq.wrapping_sub(begin) <= last.wrapping_sub(begin);
+                if ours && kind == NLMSG_ERROR && len >= 20 {
                     let code = i32::from_ne_bytes(self.rx[at + 16..at + 20].try_into().unwrap());
                     if code != 0 && first_error.is_none() {
                         first_error = Some(errno_error(
@@ -366,7 +368,7 @@ impl NftDataPlane {
                     if seq == last || (code != 0 && seq == begin) {
                         done = true;
                     }
-                } else if kind == NLMSG_DONE && seq == last {
+                } else if ours && kind == NLMSG_DONE && seq == last {
                     done = true;
                 }
                 at += (len + 3) & !3;

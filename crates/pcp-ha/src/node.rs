@@ -35,6 +35,11 @@ pub struct HaConfig {
     /// window. Keep it under the backup's UDP receive buffer, or a burst is dropped
     /// and only sent again after `retransmit`.
     pub window: usize,
+    /// Checkpointed mappings the backup's copy is sized for up front (the node's
+    /// checkpoint capacity): growing a table of a million entries stalls the
+    /// replication path for hundreds of milliseconds. Memory is touched only as
+    /// entries arrive.
+    pub expected: usize,
     /// Standby mode: the shell keeps a live copy in its own server from
     /// [`Event::Replica`] events, so a takeover has nothing left to install
     /// ([`Event::Promoted`] then carries no mappings).
@@ -45,7 +50,7 @@ impl Default for HaConfig {
     fn default() -> Self {
         HaConfig {
             heartbeat: Duration::from_millis(100),
-            detection: Duration::from_millis(800),
+            detection: Duration::from_millis(500),
             retransmit: Duration::from_millis(150),
             join: Duration::from_millis(1000),
             max_log: 1 << 20,
@@ -55,9 +60,13 @@ impl Default for HaConfig {
             // that enlarges the buffer should enlarge this too.
             window: 128 * 1024,
             standby: false,
+            expected: 0,
         }
     }
 }
+
+/// How often a backup drops expired entries from its copy.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The role this node plays now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +112,9 @@ pub enum Event {
         mappings: Vec<Mapping>,
         /// Hosts that also held unprotected mappings.
         unprotected_hosts: Vec<IpAddr>,
-        /// Hosts whose every mapping was checkpointed and is adopted.
+        /// Hosts whose every mapping was checkpointed and is adopted. Empty in standby
+        /// mode: they are the hosts of the shell's standby core that are not in
+        /// `unprotected_hosts`.
         protected_hosts: Vec<IpAddr>,
         /// The previous active's epoch base in local time, if it was heard.
         epoch_base: Option<Time>,
@@ -204,6 +215,17 @@ struct Receiver {
     handover_at: Option<u64>,
     /// The active's last sequence number as its heartbeat said.
     active_last_seq: u64,
+    /// Acknowledge no further than this (the shell's backpressure, see
+    /// [`HaNode::hold_acks`]).
+    ack_cap: Option<u64>,
+}
+
+impl Receiver {
+    fn sized(expected: usize) -> Receiver {
+        let mut rx = Receiver::default();
+        rx.store.reserve(expected);
+        rx
+    }
 }
 
 /// The largest term or sequence number a frame may carry (see `handle_frame`).
@@ -227,6 +249,23 @@ pub struct HaNode {
     parity: u64,
     /// Silence tolerated before a backup without a complete copy takes over anyway.
     orphan_wait: Duration,
+    /// The copy a promotion or step-down let go of, for the shell to free where it does
+    /// not delay anything ([`HaNode::take_retired`]); freeing a million records takes
+    /// longer than a takeover may.
+    retired: Option<Retired>,
+    /// When expired entries were last swept from the copy.
+    last_sweep: Time,
+}
+
+/// State a node let go of (see [`HaNode::take_retired`]).
+#[derive(Debug)]
+pub struct Retired(#[allow(dead_code)] Vec<Junk>);
+
+/// What [`Retired`] holds.
+#[derive(Debug)]
+enum Junk {
+    Copy(#[allow(dead_code)] Receiver),
+    Log(#[allow(dead_code)] VecDeque<LogEntry>),
 }
 
 impl HaNode {
@@ -245,13 +284,15 @@ impl HaNode {
             term: 0,
             started: now,
             tx: Sender::default(),
-            rx: Receiver::default(),
+            rx: Receiver::sized(cfg.expected),
             epoch_base: now,
             events: VecDeque::new(),
             fence_due: false,
             parity: u64::from(start_active),
             // The node meant to be active waits least, so the two do not race.
             orphan_wait: if start_active { cfg.join } else { cfg.join * 3 },
+            retired: None,
+            last_sweep: now,
         }
     }
 
@@ -337,7 +378,7 @@ impl HaNode {
         if self.tx.log.len() > self.cfg.max_log {
             // The backup cannot keep up: forget the log (bounded memory) and resync it
             // with a fresh bulk copy once it is heard again.
-            self.tx.log.clear();
+            self.drop_log();
             self.tx.bulk_cursor = None;
             self.tx.peer_ready = false;
             self.start_bulk(now);
@@ -398,6 +439,49 @@ impl HaNode {
         self.tx.bulk_end_seq = None;
         self.tx.bulk_requested = false;
         self.rewind(start - 1);
+    }
+
+    /// The copy a promotion or step-down let go of, if any: drop it on another thread
+    /// (it is freed at the next role change otherwise).
+    pub fn take_retired(&mut self) -> Option<Retired> {
+        self.retired.take()
+    }
+
+    /// Keeps what a role change let go of for the shell to free elsewhere.
+    fn retire(&mut self, junk: Junk) {
+        self.retired
+            .get_or_insert_with(|| Retired(Vec::new()))
+            .0
+            .push(junk);
+    }
+
+    /// Forgets the send log (a fresh copy replaces it), freeing it elsewhere.
+    fn drop_log(&mut self) {
+        let old = std::mem::take(&mut self.tx.log);
+        if !old.is_empty() {
+            self.retire(Junk::Log(old));
+        }
+    }
+
+    /// Backup backpressure: while `hold` is true, acknowledgements (still sent, as
+    /// liveness) stop advancing, so the active's window fills and it stops sending
+    /// records until the shell caught up (a standby core applying a copy more slowly
+    /// than it arrives). Bounds what queues between this node and the shell.
+    pub fn hold_acks(&mut self, hold: bool) {
+        match (hold, self.rx.ack_cap) {
+            (true, None) => self.rx.ack_cap = Some(self.rx.applied),
+            (false, Some(_)) => {
+                self.rx.ack_cap = None;
+                self.rx.ack_due = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// Raises the term to at least `term`: the highest term this node saw before a
+    /// restart (kept by the shell), so that it never takes a term already used.
+    pub fn set_term_floor(&mut self, term: u64) {
+        self.term = self.term.max(term);
     }
 
     /// The configuration.
@@ -468,19 +552,23 @@ impl HaNode {
         }
         let mut unprotected_hosts: Vec<IpAddr> = self.rx.unprotected.keys().copied().collect();
         unprotected_hosts.sort();
-        let mut protected_hosts: Vec<IpAddr> = self
-            .rx
-            .store
-            .iter()
-            .filter(|(_, (_, exp, _))| *exp > now)
-            .map(|(k, _)| k.internal)
-            .filter(|h| !self.rx.unprotected.contains_key(h))
-            .collect();
-        protected_hosts.sort();
-        protected_hosts.dedup();
+        // In standby mode the shell's core holds the same hosts and finds them there
+        // (a scan of a million stored records would delay the takeover).
+        let mut protected_hosts: Vec<IpAddr> = Vec::new();
+        if !self.cfg.standby {
+            let mut hosts = std::collections::HashSet::new();
+            for (k, (_, exp, _)) in &self.rx.store {
+                if *exp > now && !self.rx.unprotected.contains_key(&k.internal) {
+                    hosts.insert(k.internal);
+                }
+            }
+            protected_hosts.extend(hosts);
+            protected_hosts.sort();
+        }
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
-        self.rx = Receiver::default();
+        let old = std::mem::take(&mut self.rx);
+        self.retire(Junk::Copy(old));
         self.tx = Sender {
             next_seq: 1,
             last_progress: now,
@@ -514,8 +602,11 @@ impl HaNode {
             self.events.push_back(Event::Demoted { term });
         }
         self.role = Role::Backup;
-        self.tx = Sender::default();
-        self.rx = Receiver::default();
+        let old = std::mem::take(&mut self.tx);
+        self.retire(Junk::Log(old.log));
+        let fresh = Receiver::sized(self.cfg.expected);
+        let old = std::mem::replace(&mut self.rx, fresh);
+        self.retire(Junk::Copy(old));
         // An active was just heard: the wait before an orphan takeover starts now,
         // not at this node's start.
         self.started = now;
@@ -575,7 +666,7 @@ impl HaNode {
                         // The backup lost the thread (new, restarted, or too far
                         // behind): it gets a fresh full copy.
                         self.tx.peer_ready = false;
-                        self.tx.log.clear();
+                        self.drop_log();
                         self.tx.bulk_cursor = None;
                         self.start_bulk(now);
                     }
@@ -911,7 +1002,11 @@ impl HaNode {
         let mut w = Writer::new(buf);
         let flags = u8::from(self.rx.ready);
         wire::write_header(&mut w, &self.header(kind, flags, self.rx.stream))?;
-        wire::write_u64(&mut w, self.rx.applied)?;
+        let applied = self
+            .rx
+            .ack_cap
+            .map_or(self.rx.applied, |c| c.min(self.rx.applied));
+        wire::write_u64(&mut w, applied)?;
         Some(w.len())
     }
 
@@ -960,9 +1055,13 @@ impl HaNode {
                     // (both nodes lost state): serving beats not serving.
                     self.become_active(now);
                 }
-                // Drop what expired while waiting, so a takeover installs only live
-                // mappings and memory follows the active's table.
-                self.rx.store.retain(|_, (_, exp, _)| *exp > now);
+                // Drop what expired while waiting, so memory follows the active's
+                // table (a takeover skips expired entries anyway). Rarely: the scan
+                // visits the whole copy (tens of ms at a million).
+                if now.since(self.last_sweep) >= SWEEP_EVERY {
+                    self.last_sweep = now;
+                    self.rx.store.retain(|_, (_, exp, _)| *exp > now);
+                }
             }
             Role::Draining => {
                 // The backup went away mid-handover: nobody will take over, so serve

@@ -1022,6 +1022,11 @@ impl Server {
         self.hosts.get(&host).is_some_and(HostCount::exposed)
     }
 
+    /// Hosts holding mappings.
+    pub fn hosts(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.hosts.keys().copied()
+    }
+
     /// Hosts with checkpointed mappings that also hold unprotected ones (for a bulk
     /// copy to a backup).
     pub fn unprotected_hosts(&self) -> impl Iterator<Item = IpAddr> + '_ {

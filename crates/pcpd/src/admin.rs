@@ -283,6 +283,9 @@ pub struct HaView {
     pub backup_status: &'static str,
     /// Mappings adopted at the last takeover.
     pub adopted: usize,
+    /// Backup: replicated changes not yet applied to the standby core (a takeover
+    /// applies them first).
+    pub standby_backlog: usize,
 }
 
 /// The pair-mode status of `core` (and its pair state, locked after the core).
@@ -306,6 +309,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
             stored: 0,
             backup_status,
             adopted: 0,
+            standby_backlog: 0,
         },
         Some(p) => {
             let st = p.node.status(p.now());
@@ -328,6 +332,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 stored: st.stored,
                 backup_status,
                 adopted: p.adopted,
+                standby_backlog: p.for_core.len(),
             }
         }
     }
@@ -344,7 +349,7 @@ fn pair_command(s: &Shared, f: fn(&mut Pair) -> Result<(), String>) -> Result<()
     let r = {
         let mut p = s.lock_pair().ok_or("pcpd is not in pair mode")?;
         let r = f(&mut p);
-        s.after_ha(&p);
+        s.after_ha(&mut p);
         r
     };
     s.kick();

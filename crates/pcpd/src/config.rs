@@ -85,6 +85,12 @@ pub struct HaSection {
     /// before it goes out without the option (and the checkpoint is cleared).
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// File where this node keeps the highest HA term it has seen, so that after a
+    /// restart it never takes a term it (or its peer) already used. Written (atomically)
+    /// before any frame of a new term goes out. Without it a restarted node starts from
+    /// term 0 and learns the current term on contact.
+    #[serde(default)]
+    pub state_file: Option<std::path::PathBuf>,
     /// The backup installs replicated mappings into its own data plane as they arrive
     /// (true), or only when it takes over (false). See docs/BENCHMARKS.md for which
     /// fails over faster.
@@ -100,7 +106,7 @@ fn default_heartbeat_ms() -> u64 {
     100
 }
 fn default_detection_ms() -> u64 {
-    800
+    500
 }
 fn default_ack_timeout_ms() -> u64 {
     250

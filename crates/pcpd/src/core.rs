@@ -46,6 +46,11 @@ pub struct Held {
     pub received: Instant,
 }
 
+/// Events queued for the core above which a backup holds its acknowledgements.
+const BACKLOG_HIGH: usize = 64 * 1024;
+/// ... and below which it releases them.
+const BACKLOG_LOW: usize = 16 * 1024;
+
 /// Pair mode state, behind its own lock (see the module doc).
 pub struct Pair {
     /// The HA state machine.
@@ -74,6 +79,13 @@ pub struct Pair {
     /// them (a reply must never say less than the core's state).
     pub late: Vec<Held>,
     origin: Instant,
+    frame_buf: Vec<u8>,
+    socket: Option<std::net::UdpSocket>,
+    /// When the HA node last promoted itself (the core logs how long carrying it out
+    /// took: applying the standby backlog, then the takeover).
+    pub promoted_at: Option<Instant>,
+    /// Where the term is kept across restarts, and the term last written there.
+    state_file: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Pair {
@@ -93,6 +105,34 @@ impl Pair {
             for_core: VecDeque::new(),
             late: Vec::new(),
             origin,
+            frame_buf: Vec::new(),
+            socket: None,
+            promoted_at: None,
+            state_file: None,
+        }
+    }
+
+    /// Keeps the term in `path` (see [`read_term`]); the node starts from the term
+    /// found there.
+    pub fn keep_term_in(&mut self, path: std::path::PathBuf, term: u64) {
+        self.node.set_term_floor(term);
+        self.state_file = Some((path, term));
+    }
+
+    /// Writes a new term to the state file before anything of that term goes out.
+    fn persist_term(&mut self) {
+        let term = self.node.term();
+        let Some((path, written)) = self.state_file.as_mut() else {
+            return;
+        };
+        if term <= *written {
+            return;
+        }
+        match write_term(path, term) {
+            Ok(()) => *written = term,
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), term, "cannot record the HA term")
+            }
         }
     }
 
@@ -111,18 +151,44 @@ impl Pair {
         !self.for_core.is_empty() || !self.late.is_empty()
     }
 
+    /// Backup: holds acknowledgements while the core's queue is long (and releases them
+    /// once it is short), so the copy never runs further ahead of the standby core than
+    /// this: bounded memory, and "acknowledged" stays close to "installed".
+    fn backpressure(&mut self) {
+        let queued = self.for_core.len();
+        if queued > BACKLOG_HIGH {
+            self.node.hold_acks(true);
+        } else if queued < BACKLOG_LOW {
+            self.node.hold_acks(false);
+        }
+    }
+
     /// Handles a replication frame from the peer.
     pub fn frame(&mut self, frame: &[u8]) {
         let now = self.now();
+        let t = Instant::now();
         self.node.handle_frame(frame, now);
+        slow("handling a replication frame", t);
         self.route_events(now);
+    }
+
+    /// Frees what a role change let go of (a million records take a while) on a
+    /// thread of its own, so a takeover does not wait for it.
+    fn free_retired(&mut self) {
+        if let Some(old) = self.node.take_retired() {
+            let _ = std::thread::Builder::new()
+                .name("pcpd-free".into())
+                .spawn(move || drop(old));
+        }
     }
 
     /// Runs HA timers and held-reply deadlines. Returns when to run again.
     pub fn tick(&mut self) -> Instant {
         let now = self.now();
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
+            let t = Instant::now();
             self.node.handle_timeout(now);
+            slow("running HA timers", t);
         }
         self.route_events(now);
         if self.held.first().is_some_and(|h| h.deadline <= now) {
@@ -142,23 +208,43 @@ impl Pair {
         self.origin + Duration::from_millis(next.0)
     }
 
-    /// Frames to send to the peer now.
-    pub fn transmit(&mut self, out: &mut Vec<Vec<u8>>) {
+    /// Sends the peer whatever the HA node has to say now. Frames go out under the pair
+    /// lock, so that two threads transmitting never reorder them on the wire (a gap
+    /// would cost a go-back-N timeout).
+    pub fn transmit(&mut self) {
         let now = self.now();
-        let mut buf = vec![0u8; pcp_ha::wire::MAX_FRAME];
+        let mut buf = std::mem::take(&mut self.frame_buf);
+        buf.resize(pcp_ha::wire::MAX_FRAME, 0);
         while let Some(n) = self.node.poll_transmit(now, &mut buf) {
-            out.push(buf[..n].to_vec());
+            if let Some(sock) = &self.socket
+                && let Err(e) = sock.send_to(&buf[..n], self.peer)
+            {
+                // A full send buffer loses the frame; go-back-N sends it again.
+                tracing::debug!(error = %e, peer = %self.peer, "replication send");
+            }
         }
+        self.frame_buf = buf;
         // Transmitting may ask for a bulk chunk.
         self.route_events(now);
+    }
+
+    /// The replication socket frames are sent on (non-blocking).
+    pub fn set_socket(&mut self, sock: std::net::UdpSocket) {
+        self.socket = Some(sock);
     }
 
     /// Acknowledgements are handled here (held replies go out from this thread); the
     /// rest is for the core.
     fn route_events(&mut self, now: Time) {
+        self.free_retired();
+        self.backpressure();
         while let Some(ev) = self.node.poll_event() {
             match ev {
                 Event::Acked(cum) => self.release(cum, now),
+                Event::Promoted { .. } => {
+                    self.promoted_at = Some(Instant::now());
+                    self.for_core.push_back(ev);
+                }
                 Event::Demoted { .. } => {
                     // Nothing held will be confirmed by this stream any more; the
                     // clients retransmit to whoever serves now.
@@ -180,6 +266,43 @@ impl Pair {
             send_held(&self.sockets, &mut self.latency, &h);
         }
     }
+}
+
+/// Logs an HA node call that took long enough to matter for failure detection.
+fn slow(what: &str, since: Instant) {
+    let took = since.elapsed();
+    if took >= Duration::from_millis(20) {
+        tracing::info!(took_ms = took.as_millis() as u64, "{what}");
+    }
+}
+
+/// The term recorded in a state file: `Ok(0)` when there is none yet.
+pub fn read_term(path: &std::path::Path) -> Result<u64, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .find_map(|l| l.strip_prefix("term "))
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| format!("{}: no \"term N\" line", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes the term to a temporary file, syncs it and renames it over `path`: a crash
+/// leaves the old term or the new one, never a torn file.
+fn write_term(path: &std::path::Path, term: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "# pcpd HA state: the highest term this node has seen")?;
+    writeln!(f, "term {term}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn send_held(sockets: &[Arc<UdpSocket>], latency: &mut Latency, h: &Held) {
@@ -259,11 +382,6 @@ impl Shared {
         }
     }
 
-    /// Whether pair mode is configured.
-    pub fn has_pair(&self) -> bool {
-        self.pair.is_some()
-    }
-
     /// Locks the core. A panic while holding the lock is a bug that already aborted a
     /// task; the state stays usable, so the poison is ignored.
     pub fn lock(&self) -> MutexGuard<'_, Core> {
@@ -271,13 +389,20 @@ impl Shared {
     }
 
     /// Locks the pair state (pair mode). Never wait for the core while holding it.
-    pub fn lock_pair(&self) -> Option<MutexGuard<'_, Pair>> {
-        self.pair.as_ref().map(|p| lock_pair(p))
+    #[track_caller]
+    // A closure (`map`) would report its own location instead of the caller's.
+    #[allow(clippy::manual_map)]
+    pub fn lock_pair(&self) -> Option<PairGuard<'_>> {
+        match &self.pair {
+            Some(p) => Some(lock_pair(p)),
+            None => None,
+        }
     }
 
     /// Publishes whether the HA node serves, and wakes the core task when the HA node
     /// queued work for it. Call after every HA operation, with the pair lock held.
-    pub fn after_ha(&self, pair: &Pair) {
+    pub fn after_ha(&self, pair: &mut Pair) {
+        pair.persist_term();
         self.node_serves
             .store(pair.node.serves(), Ordering::Release);
         if pair.core_work() {
@@ -291,8 +416,51 @@ impl Shared {
     }
 }
 
-fn lock_pair(p: &Mutex<Pair>) -> MutexGuard<'_, Pair> {
-    p.lock().unwrap_or_else(|p| p.into_inner())
+/// The pair lock, held. Waiting for it or holding it long enough to delay heartbeats
+/// is logged with the place that did it (the replication thread needs it for every
+/// frame and timer).
+pub struct PairGuard<'a> {
+    guard: MutexGuard<'a, Pair>,
+    since: Instant,
+    at: &'static std::panic::Location<'static>,
+}
+
+/// Waits or holds longer than this are logged.
+const PAIR_LOCK_SLOW: Duration = Duration::from_millis(50);
+
+#[track_caller]
+fn lock_pair(p: &Mutex<Pair>) -> PairGuard<'_> {
+    let at = std::panic::Location::caller();
+    let asked = Instant::now();
+    let guard = p.lock().unwrap_or_else(|p| p.into_inner());
+    let since = Instant::now();
+    let waited = since - asked;
+    if waited >= PAIR_LOCK_SLOW {
+        tracing::info!(waited_ms = waited.as_millis() as u64, at = %at, "waited for the pair lock");
+    }
+    PairGuard { guard, since, at }
+}
+
+impl std::ops::Deref for PairGuard<'_> {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for PairGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Pair {
+        &mut self.guard
+    }
+}
+
+impl Drop for PairGuard<'_> {
+    fn drop(&mut self) {
+        let held = self.since.elapsed();
+        if held >= PAIR_LOCK_SLOW {
+            tracing::info!(held_ms = held.as_millis() as u64, at = %self.at, "held the pair lock");
+        }
+    }
 }
 
 impl Core {
@@ -349,8 +517,14 @@ impl Core {
         self.origin + Duration::from_millis(t.0)
     }
 
-    fn lock_pair(&self) -> Option<MutexGuard<'_, Pair>> {
-        self.pair.as_deref().map(lock_pair)
+    #[track_caller]
+    // A closure (`map`) would report its own location instead of the caller's.
+    #[allow(clippy::manual_map)]
+    fn lock_pair(&self) -> Option<PairGuard<'_>> {
+        match self.pair.as_deref() {
+            Some(p) => Some(lock_pair(p)),
+            None => None,
+        }
     }
 
     /// Whether the core carried out a promotion (pair mode) and serves unless draining.
@@ -520,32 +694,35 @@ impl Core {
         Ok(seq)
     }
 
-    /// Carries out what the HA node queued for the core: bulk chunks, standby
-    /// mirroring, promotion, step-down, and late replies. Returns whether the
-    /// replication thread has something new to send.
-    pub fn ha_work(&mut self) -> bool {
-        let mut kicked = false;
-        loop {
-            let (events, late) = {
-                let Some(mut p) = self.lock_pair() else {
-                    return false;
-                };
-                let n = p.for_core.len().min(4096);
-                let events: Vec<Event> = p.for_core.drain(..n).collect();
-                (events, std::mem::take(&mut p.late))
+    /// Carries out one batch of what the HA node queued for the core: bulk chunks,
+    /// standby mirroring, promotion, step-down, and late replies. Returns whether the
+    /// replication thread has something new to send, and whether more is queued (the
+    /// caller releases the core lock between batches, so that requests and the admin
+    /// API are not shut out while a copy streams in).
+    pub fn ha_work(&mut self) -> (bool, bool) {
+        let (events, late, more) = {
+            let Some(mut p) = self.lock_pair() else {
+                return (false, false);
             };
-            if events.is_empty() && late.is_empty() {
-                return kicked;
-            }
-            let now = self.now();
-            for ev in events {
-                kicked |= self.core_event(ev, now);
-            }
-            if !late.is_empty() {
-                self.late_replies(late, now);
-                kicked = true;
-            }
+            let n = p.for_core.len().min(4096);
+            let events: Vec<Event> = p.for_core.drain(..n).collect();
+            p.backpressure();
+            (events, std::mem::take(&mut p.late), !p.for_core.is_empty())
+        };
+        if events.is_empty() && late.is_empty() {
+            return (false, more);
         }
+        let now = self.now();
+        // Acknowledgements may be due again (backpressure released).
+        let mut kicked = !events.is_empty();
+        for ev in events {
+            kicked |= self.core_event(ev, now);
+        }
+        if !late.is_empty() {
+            self.late_replies(late, now);
+            kicked = true;
+        }
+        (kicked, more)
     }
 
     fn core_event(&mut self, ev: Event, now: Time) -> bool {
@@ -684,6 +861,18 @@ impl Core {
             self.reset_server(now);
         }
         if let Some(base) = epoch_base {
+            if mappings.is_empty() && protected.is_empty() {
+                // Standby: the hosts this core holds, less those known exposed.
+                let exposed: std::collections::HashSet<&IpAddr> = unprotected.iter().collect();
+                let hosts: Vec<IpAddr> = self
+                    .server
+                    .hosts()
+                    .filter(|h| !exposed.contains(h))
+                    .collect();
+                for host in hosts {
+                    self.server.epochs().set(host, base);
+                }
+            }
             for host in protected {
                 self.server.epochs().set(*host, base);
             }
@@ -718,16 +907,19 @@ impl Core {
         } else {
             mappings.len() - failures
         };
+        let mut promotion_ms = 0;
         if let Some(mut p) = self.lock_pair() {
             p.node.set_epoch_base(base);
             p.adopted = adopted;
             p.adopt_failures = failures;
+            promotion_ms = p.promoted_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         }
         tracing::warn!(
             term,
             adopted,
             failures,
             complete,
+            promotion_ms,
             announced = unprotected.len(),
             "took over as active"
         );
@@ -840,8 +1032,43 @@ mod tests {
             "flaky"
         }
         fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(DataPlaneError::Failure("injected".into()));
+            }
             self.inner.reconcile(entries)
         }
+    }
+
+    #[test]
+    fn a_dirty_data_plane_is_reconciled_at_the_next_tick() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dp = Flaky {
+            inner: MemoryDataPlane::new(),
+            refuse: refuse.clone(),
+        };
+        let mut core = Core::new(server, Box::new(dp), config, Instant::now(), 1, None);
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let mut reply = vec![0u8; 1100];
+        for port in [5000, 5001] {
+            core.handle(&map_request(port, 3600), src, 0, Instant::now(), &mut reply);
+        }
+        assert_eq!(core.dataplane.len(), 2);
+        // The kernel lost its entries behind pcpd's back, and a batch outside a request
+        // failed (marking the data plane dirty); the reconcile fails too at first.
+        core.dataplane.reconcile(&[]).unwrap();
+        core.dataplane_dirty = true;
+        refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        core.expire();
+        assert!(
+            core.dataplane_dirty,
+            "still dirty while the data plane refuses"
+        );
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        core.expire();
+        assert!(!core.dataplane_dirty);
+        assert_eq!(core.dataplane.len(), 2, "both mappings back");
     }
 
     fn map_request(port: u16, lifetime: u32) -> Vec<u8> {

@@ -35,6 +35,9 @@ pub enum StartError {
     /// The admin API's tokens are missing or unusable.
     #[error("admin API: {0}")]
     AdminAuth(#[from] crate::admin_auth::AuthError),
+    /// The HA state file exists but cannot be read.
+    #[error("HA state file {0}")]
+    State(String),
     /// The data plane could not start.
     #[error("data plane: {0}")]
     DataPlane(String),
@@ -136,6 +139,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 // with a million mappings).
                 standby: ha.preinstall,
                 window: replication_window(&sock),
+                expected: usize::try_from(config.server.checkpoint.capacity).unwrap_or(0),
                 ..HaConfig::default()
             };
             let mut node = HaNode::new(
@@ -152,6 +156,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 origin,
             );
             pair.sockets = sockets.clone();
+            if let Some(path) = &ha.state_file {
+                let term = crate::core::read_term(path).map_err(StartError::State)?;
+                tracing::info!(term, path = %path.display(), "HA term from the state file");
+                pair.keep_term_in(path.clone(), term);
+            }
             Some((sock, pair))
         }
         None => None,
@@ -230,6 +239,14 @@ async fn serve_socket(
     let mut buf = vec![0u8; 2048];
     // Room for the tag the gate appends to a reply.
     let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN + 64];
+    let ctx = Serve {
+        sock: &sock,
+        index,
+        shared: &shared,
+        acl: &acl,
+        auth: auth.as_ref(),
+        sockets: &sockets,
+    };
     loop {
         let (n, src) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -239,29 +256,65 @@ async fn serve_socket(
                 continue;
             }
         };
+        ctx.one(&mut buf, n, src, &mut reply).await;
+        // Whatever else is already queued is served before the records go to the
+        // backup: one frame (and one acknowledgement) for the lot — group commit.
+        for _ in 1..BATCH {
+            match sock.try_recv_from(&mut buf) {
+                Ok((n, src)) => ctx.one(&mut buf, n, src, &mut reply).await,
+                Err(_) => break,
+            }
+        }
+        // Records queued for the backup go out now, from this task: no wake-up of the
+        // replication thread on a request's path.
+        if let Some(mut p) = shared.lock_pair() {
+            p.transmit();
+            shared.after_ha(&mut p);
+        }
+    }
+}
+
+/// Datagrams served per socket before the replication records they queued are sent.
+const BATCH: usize = 32;
+
+/// What serving one socket needs.
+struct Serve<'a> {
+    sock: &'a UdpSocket,
+    index: usize,
+    shared: &'a Shared,
+    acl: &'a SocketAcl,
+    auth: Option<&'a crate::auth::SharedAuth>,
+    sockets: &'a [Arc<UdpSocket>],
+}
+
+impl Serve<'_> {
+    /// Serves one datagram (`buf[..n]`); a reply to send now is sent (held replies go
+    /// out when the backup acknowledges, from whoever hears the acknowledgement).
+    async fn one(&self, buf: &mut [u8], n: usize, src: SocketAddr, reply: &mut [u8]) {
+        let (sock, shared) = (self.sock, self.shared);
         let received = Instant::now();
-        if !acl.admits(src.ip()) {
+        if !self.acl.admits(src.ip()) {
             // Not a client of this address: counted, and dropped before the lock, or
             // refused by the core (rate-limited like any answer).
-            if acl.reject == Reject::Drop {
-                continue;
+            if self.acl.reject == Reject::Drop {
+                return;
             }
             let answer = {
                 let mut core = shared.lock();
                 if !core.serves() {
-                    continue;
+                    return;
                 }
                 let now = core.now();
-                core.server.not_authorized(&buf[..n], src, now, &mut reply)
+                core.server.not_authorized(&buf[..n], src, now, reply)
             };
             if let Reply::Send(len) = answer {
                 let _ = sock.try_send_to(&reply[..len], src);
             }
-            continue;
+            return;
         }
         let mut n = n;
         let mut session = None;
-        if let Some(auth) = &auth {
+        if let Some(auth) = self.auth {
             // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
             // per-host rate limit comes first (a request the gate passes on is charged
             // again by the core). The gate's answers carry the core's epoch.
@@ -269,7 +322,7 @@ async fn serve_socket(
                 let mut core = shared.lock();
                 let now = core.now();
                 if !core.server.admit(src.ip(), now) {
-                    continue;
+                    return;
                 }
                 core.epoch_for(src.ip())
             };
@@ -277,13 +330,13 @@ async fn serve_socket(
                 let mut a = crate::auth::lock(auth);
                 let now = a.now();
                 if buf.get(1).is_some_and(|b| b & 0x7f == 3) {
-                    a.route(src, index);
+                    a.route(src, self.index);
                 }
-                let v = a.gate.inbound(now, src, epoch, &mut buf, n);
+                let v = a.gate.inbound(now, src, epoch, buf, n);
                 a.log_events();
                 (v, a.transmits())
             };
-            crate::auth::send_all(&sockets, out).await;
+            crate::auth::send_all(self.sockets, out).await;
             match verdict {
                 Inbound::Serve {
                     len, session: s, ..
@@ -295,32 +348,27 @@ async fn serve_socket(
                     if let Err(e) = sock.send_to(&a, src).await {
                         tracing::debug!(error = %e, %src, "send_to");
                     }
-                    continue;
+                    return;
                 }
-                Inbound::Handled | Inbound::Drop => continue,
+                Inbound::Handled | Inbound::Drop => return,
             }
         }
         // One lock per request: serve, and count the latency up to the reply being
         // ready (sending is a non-blocking syscall right after).
         let answer = {
             let mut core = shared.lock();
-            let answer = core.handle(&buf[..n], src, index, received, &mut reply);
+            let answer = core.handle(&buf[..n], src, self.index, received, reply);
             if matches!(answer, Reply::Send(_)) {
                 core.latency.record(received.elapsed());
             }
             answer
         };
-        if shared.has_pair() {
-            // Records may have been queued for the backup: send them now.
-            shared.kick();
-        }
-        // Held replies (waiting for the backup) are sent by the replication task.
         if let Reply::Send(len) = answer {
-            let len = match (&auth, session) {
+            let len = match (self.auth, session) {
                 (Some(a), Some(_)) => {
-                    match crate::auth::lock(a).gate.outbound(session, &mut reply, len) {
+                    match crate::auth::lock(a).gate.outbound(session, reply, len) {
                         Some(l) => l,
-                        None => continue,
+                        None => return,
                     }
                 }
                 _ => len,
@@ -362,6 +410,16 @@ fn replication_window(sock: &UdpSocket) -> usize {
 /// timers and heartbeats must never wait for the PCP path or the core lock, even on a
 /// one-thread runtime or while the core is busy for a long time.
 pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
+    // Frames go out on a second handle of the socket, from whichever thread has them
+    // (the PCP path sends its records itself); this thread receives.
+    match sock.set_nonblocking(true).and_then(|()| sock.try_clone()) {
+        Ok(tx) => {
+            if let Some(mut p) = shared.lock_pair() {
+                p.set_socket(tx);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "replication socket"),
+    }
     let spawned = std::thread::Builder::new()
         .name("pcpd-ha".into())
         .spawn(move || {
@@ -376,10 +434,7 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
                 }
             };
             rt.block_on(async move {
-                match sock
-                    .set_nonblocking(true)
-                    .and_then(|()| UdpSocket::from_std(sock))
-                {
+                match UdpSocket::from_std(sock) {
                     Ok(sock) => replicate(sock, shared).await,
                     Err(e) => tracing::error!(error = %e, "replication socket"),
                 }
@@ -395,7 +450,6 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
 /// pair lock; work for the core is queued and the core task woken.
 async fn replicate(sock: UdpSocket, shared: Shared) {
     let mut buf = vec![0u8; 65536];
-    let mut out = Vec::new();
     let Some(peer) = shared.lock_pair().map(|p| p.peer) else {
         return;
     };
@@ -407,30 +461,25 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
                 && let Some(mut p) = shared.lock_pair()
             {
                 p.frame(&buf[..n]);
-                shared.after_ha(&p);
+                shared.after_ha(&mut p);
             }
         }
         let wake = match shared.lock_pair() {
             Some(mut p) => {
                 let wake = p.tick();
-                p.transmit(&mut out);
-                shared.after_ha(&p);
+                p.transmit();
+                shared.after_ha(&mut p);
                 wake
             }
             None => return,
         };
-        for frame in out.drain(..) {
-            if let Err(e) = sock.send_to(&frame, peer).await {
-                tracing::debug!(error = %e, %peer, "replication send");
-            }
-        }
         tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
                     if from.ip() == peer.ip() {
                         if let Some(mut p) = shared.lock_pair() {
                             p.frame(&buf[..n]);
-                            shared.after_ha(&p);
+                            shared.after_ha(&mut p);
                         }
                     } else {
                         tracing::warn!(%from, "replication frame from an unknown address dropped");
@@ -449,9 +498,16 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
 async fn core_work(shared: Shared) {
     loop {
         shared.kick_core.notified().await;
-        let kick = shared.lock().ha_work();
-        if kick {
-            shared.kick();
+        loop {
+            let (kick, more) = shared.lock().ha_work();
+            if kick {
+                shared.kick();
+            }
+            if !more {
+                break;
+            }
+            // The core lock was released: let requests and the admin API in.
+            tokio::task::yield_now().await;
         }
     }
 }

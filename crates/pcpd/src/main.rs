@@ -72,8 +72,9 @@ fn main() -> ExitCode {
             peer,
             role,
             heartbeat_ms: 100,
-            detection_ms: 800,
+            detection_ms: 500,
             ack_timeout_ms: 250,
+            state_file: None,
             preinstall: true,
         });
         ha.listen = listen;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Pcpd, TempDir};
 use pcp_auth::Time;
-use pcp_auth::client::{Client, ClientConfig, ClientEvent, Failure};
+use pcp_auth::client::{Client, ClientConfig, ClientEvent, Ended, Failure};
 use pcp_eap::{PeerConfig, TtlsPeer, hash_password};
 use pcp_proto::{Body, MapBody, Options, Request, Response, ResultCode};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -27,6 +27,10 @@ struct Setup {
 }
 
 fn setup(mode: &str) -> Setup {
+    setup_with(mode, 600)
+}
+
+fn setup_with(mode: &str, lifetime: u32) -> Setup {
     let dir = TempDir::new();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -45,7 +49,7 @@ fn setup(mode: &str) -> Setup {
     )
     .unwrap();
     let config = format!(
-        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = 600\n",
+        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {lifetime}\n",
         c.display(),
         k.display(),
         u.display()
@@ -97,6 +101,12 @@ impl Peer {
 
     /// Runs the PA exchange until an event or 20 s.
     fn authenticate(&mut self) -> ClientEvent {
+        self.authenticate_through(|m| m.to_vec())
+    }
+
+    /// [`Peer::authenticate`] with every datagram from the server passed through `mitm`
+    /// first (a man in the middle).
+    fn authenticate_through(&mut self, mut mitm: impl FnMut(&[u8]) -> Vec<u8>) -> ClientEvent {
         self.client.start(self.now());
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut buf = [0u8; 2048];
@@ -109,7 +119,8 @@ impl Peer {
             }
             if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
                 let now = self.now();
-                self.client.handle(now, &buf[..n]);
+                let m = mitm(&buf[..n]);
+                self.client.handle(now, &m);
             }
             let now = self.now();
             self.client.handle_timeout(now);
@@ -286,4 +297,79 @@ fn pcp_client_library_authenticates_then_maps() {
     });
     let maps = s.pcpd.mappings();
     assert_eq!(maps.len(), 1, "{maps:?}");
+}
+
+/// An expired session is gone at the server: a request tagged for it gets
+/// UNKNOWN_SESSION_ID, and the client authenticates again and carries on.
+#[test]
+fn expired_session_gets_unknown_session_id_and_the_client_recovers() {
+    let s = setup_with("required", 1);
+    let mut p = Peer::new(&s, "correct horse");
+    assert!(matches!(
+        p.authenticate(),
+        ClientEvent::Established { lifetime: 1, .. }
+    ));
+    std::thread::sleep(Duration::from_millis(2500));
+    let stale = p.map(5000, true);
+    let r = p.exchange(&stale).expect("an answer");
+    assert_eq!(result(&r), ResultCode::UnknownSessionId);
+    assert!(s.pcpd.mappings().is_empty());
+    let now = p.now();
+    assert!(p.client.verify_response(now, &r).is_err());
+    assert_eq!(p.client.poll_event(), Some(ClientEvent::Ended(Ended::Lost)));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    let fresh = p.map(5000, true);
+    assert_eq!(result(&p.exchange(&fresh).unwrap()), ResultCode::Success);
+}
+
+/// A man in the middle adds a PRF to pcpd's unprotected first PA-Server (RFC 7652 §8:
+/// the algorithm lists travel before any key); the client's confirmation repeats what
+/// it saw, pcpd notices, says DOWNGRADE_ATTACK_DETECTED and keeps no session.
+#[test]
+fn downgrade_attempt_is_detected() {
+    let s = setup("required");
+    let mut p = Peer::new(&s, "correct horse");
+    let mut first = true;
+    let e = p.authenticate_through(|m| {
+        let Ok(r) = Response::parse(m) else {
+            return m.to_vec();
+        };
+        if !std::mem::take(&mut first) {
+            return m.to_vec();
+        }
+        let mut opts: Vec<_> = r.options.iter().collect();
+        opts.insert(1, pcp_proto::PcpOption::Prf(2));
+        let forged = Response {
+            options: Options::from_list(&opts),
+            ..r
+        };
+        let mut buf = vec![0u8; 1100];
+        let n = forged.emit(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    });
+    // The client holds an SA from its confirmation on, until pcpd's verdict arrives.
+    assert!(matches!(e, ClientEvent::Established { .. }), "{e:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    let verdict = loop {
+        assert!(Instant::now() < deadline, "no verdict from pcpd");
+        if let Some(e) = p.client.poll_event() {
+            break e;
+        }
+        if let Ok((n, _)) = p.sock.recv_from(&mut buf) {
+            let now = p.now();
+            p.client.handle(now, &buf[..n]);
+        }
+    };
+    assert_eq!(verdict, ClientEvent::Failed(Failure::DowngradeDetected));
+    assert!(!p.client.is_established());
+    common::wait_for(Duration::from_secs(5), "the server's verdict", || {
+        s.pcpd.output().contains("DowngradeDetected").then_some(())
+    });
+    let m = p.map(5000, false);
+    assert_eq!(
+        result(&p.exchange(&m).unwrap()),
+        ResultCode::AuthenticationRequired
+    );
 }

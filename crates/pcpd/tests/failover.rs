@@ -1039,3 +1039,53 @@ fn switchover_of_a_large_table_keeps_it() {
          {held}"
     );
 }
+
+/// `[ha] state_file`: a node restarted with its state file never takes a term it took
+/// before (without the file it would take term 1 again); an unreadable file stops it.
+#[test]
+fn restarted_node_with_a_state_file_takes_a_new_term() {
+    let dir = common::TempDir::new();
+    let state = dir.join("ha.state");
+    let ip = fresh_ip();
+    let ha = SocketAddr::new(IpAddr::V4(ip), free_port(ip, true));
+    let peer_ip = fresh_ip();
+    let peer = SocketAddr::new(IpAddr::V4(peer_ip), free_port(peer_ip, true));
+    let config = format!(
+        "{SERVER_CONFIG}\n[ha]\nlisten = \"{ha}\"\npeer = \"{peer}\"\nrole = \"active\"\n\
+         detection_ms = 300\nstate_file = \"{}\"\n",
+        state.display()
+    );
+    let mut terms = Vec::new();
+    for _ in 0..3 {
+        let mut d = common::pcpd(PCPD).at(ip).config(&config).start();
+        let h = wait_ha(&d, Duration::from_secs(10), "active after joining", |h| {
+            h["role"] == "active"
+        });
+        let t = term(&h);
+        let kept = std::fs::read_to_string(&state).expect("the state file is written");
+        assert!(kept.contains(&format!("term {t}")), "{kept}");
+        terms.push(t);
+        d.kill9();
+    }
+    assert!(
+        terms.windows(2).all(|w| w[1] > w[0]) && terms.iter().all(|t| t % 2 == 1),
+        "each start takes a new odd term: {terms:?}"
+    );
+
+    std::fs::write(&state, "garbage\n").expect("write");
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, &config).expect("write");
+    let admin_port = free_port(ip, false);
+    let out = std::process::Command::new(PCPD)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--listen")
+        .arg(SocketAddr::new(IpAddr::V4(ip), free_port(ip, true)).to_string())
+        .arg("--admin")
+        .arg(SocketAddr::new(IpAddr::V4(ip), admin_port).to_string())
+        .output()
+        .expect("run pcpd");
+    assert!(!out.status.success(), "started with a corrupt state file");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ha.state"), "the error names the file: {err}");
+}
