@@ -146,6 +146,9 @@ impl MemoryDataPlane {
 }
 
 impl DataPlane for MemoryDataPlane {
+    fn reserve(&mut self, additional: usize) {
+        self.packed.reserve(additional);
+    }
     fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
         if let Some(limit) = self.limit {
             let adds = batch.iter().filter(|o| matches!(o, Op::Install(_))).count();

@@ -1088,6 +1088,13 @@ impl Server {
         true
     }
 
+    /// Makes room for `mappings` more mappings in the table (see [`Table::reserve`]),
+    /// e.g. a standby backup expecting a full copy of its active's checkpointed
+    /// mappings.
+    pub fn reserve(&mut self, mappings: usize) {
+        self.table.reserve(mappings);
+    }
+
     /// Installs a mapping replicated from the previous active (takeover): same key,
     /// nonce, external endpoint and expiry; checkpointed with the reason it had. The
     /// subscriber is this node's own lookup. Effects carry the data plane install.

@@ -199,6 +199,16 @@ impl Table {
         self.len
     }
 
+    /// Makes room for `additional` more mappings without growing: a hash table of a
+    /// million entries that grows stalls its owner for tens to hundreds of
+    /// milliseconds and rehashes everything. Only the index's control octets are
+    /// written now; the rest is touched as entries arrive.
+    pub fn reserve(&mut self, additional: usize) {
+        self.endpoints.reserve(additional);
+        self.slots.reserve(additional);
+        self.expiry.reserve(additional);
+    }
+
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len == 0

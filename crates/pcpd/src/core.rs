@@ -347,6 +347,9 @@ pub struct Core {
     node_serves: Arc<AtomicBool>,
     origin: Instant,
     seed: u64,
+    /// Mappings the server core's (and data plane's) tables are sized for at start and
+    /// after a step-down (standby backup: the checkpoint capacity).
+    presize: usize,
     effects: Vec<Effect>,
     ops: Vec<Op>,
     changes: Vec<Change>,
@@ -469,7 +472,21 @@ impl Core {
         seed: u64,
         pair: Option<Pair>,
     ) -> Core {
+        // A standby backup receives a full copy of up to `[checkpoint] capacity`
+        // mappings: its tables are sized for it up front (growing them a million
+        // entries in stalls the copy and rehashes everything). Only their index is
+        // written now; memory is touched as mappings arrive. An active keeps the
+        // size once it took over, so its tables do not grow under load either.
+        let presize = pair
+            .as_ref()
+            .filter(|p| p.node.config().standby)
+            .map_or(0, |p| p.node.config().expected);
+        let mut server = server;
+        let mut dataplane = dataplane;
+        server.reserve(presize);
+        dataplane.reserve(presize);
         Core {
+            presize,
             server,
             dataplane,
             config,
@@ -711,7 +728,16 @@ impl Core {
         // Acknowledgements may be due again (backpressure released).
         let mut kicked = !events.is_empty();
         for ev in events {
+            // Mirrored changes go to the data plane as one batch per run of them (one
+            // netlink transaction instead of one per mapping); anything else sees the
+            // data plane in step.
+            if !matches!(ev, Event::Replica(_)) && !self.effects.is_empty() {
+                self.apply_effects(now);
+            }
             kicked |= self.core_event(ev, now);
+        }
+        if !self.effects.is_empty() {
+            self.apply_effects(now);
         }
         if !late.is_empty() {
             self.late_replies(late, now);
@@ -804,7 +830,7 @@ impl Core {
                 }
             }
         }
-        self.apply_effects(now);
+        // The effects are applied by `ha_work`, once per batch of mirrored changes.
     }
 
     /// A fresh, empty server core (and data plane): this node stopped being active.
@@ -823,6 +849,7 @@ impl Core {
         self.seed = self.seed.wrapping_add(1);
         if let Ok(s) = Server::new(self.config.server.clone(), now, self.seed) {
             self.server = s;
+            self.server.reserve(self.presize);
         }
         self.pending.clear();
         let base = self.server.epochs().base();
