@@ -5,12 +5,12 @@
 //! frames, timers and [`Event`]s come out ([`HaNode::poll_transmit`],
 //! [`HaNode::poll_timeout`], [`HaNode::poll_event`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use pcp_server::subscriber::SubscriberId;
-use pcp_server::{BackupStatus, Change, Mapping, MappingKey, Reason, Time};
+use pcp_server::{BackupStatus, Change, FastMap, Mapping, MappingKey, Reason, Time};
 
 use crate::wire::{self, Header, Kind, MappingRecord, Reader, Record, Writer};
 
@@ -221,8 +221,8 @@ struct Receiver {
     ever_ready: bool,
     /// Copy generation: BulkStart opens a new one; BulkEnd sweeps entries of older ones.
     generation: u32,
-    store: HashMap<MappingKey, Stored>,
-    unprotected: HashMap<IpAddr, u32>,
+    store: FastMap<MappingKey, Stored>,
+    unprotected: FastMap<IpAddr, u32>,
     active_heard: Option<Time>,
     epoch_base: Option<Time>,
     last_ack: Option<Time>,

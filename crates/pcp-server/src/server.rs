@@ -121,7 +121,7 @@ pub struct Server {
     subs: subscriber::Store,
     table: Table,
     rules: RuleNames,
-    hosts: HashMap<IpAddr, HostCount>,
+    hosts: crate::FastMap<IpAddr, HostCount>,
     /// Subscribers without mappings whose buckets are refilling, by when they are full.
     idle: std::collections::BinaryHeap<Reverse<(Time, SubscriberId)>>,
     /// The latest time seen (handle / expire).
@@ -183,7 +183,7 @@ impl Server {
             subs: subscriber::Store::default(),
             table: Table::new(),
             rules: RuleNames::default(),
-            hosts: HashMap::new(),
+            hosts: crate::FastMap::default(),
             idle: std::collections::BinaryHeap::new(),
             clock: now,
             exposed_now: false,

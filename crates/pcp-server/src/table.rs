@@ -177,11 +177,11 @@ struct Endpoint {
 /// The table with its indices.
 #[derive(Debug, Default)]
 pub struct Table {
-    endpoints: HashMap<InternalEndpoint, Endpoint>,
+    endpoints: crate::FastMap<InternalEndpoint, Endpoint>,
     /// Every external address ever bound, indexed by `Endpoint::ext_addr`. Only grows,
     /// by the pool's addresses: a handful, or a few thousand after many reloads.
     addrs: Vec<IpAddr>,
-    addr_index: HashMap<IpAddr, u32>,
+    addr_index: crate::FastMap<IpAddr, u32>,
     slots: Vec<Option<Record>>,
     free: Vec<u32>,
     len: usize,
