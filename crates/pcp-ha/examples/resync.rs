@@ -221,7 +221,9 @@ fn rate(n: usize, d: Duration) -> f64 {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let n: usize = args.next().map_or(1_000_000, |a| a.parse().expect("MAPPINGS"));
+    let n: usize = args
+        .next()
+        .map_or(1_000_000, |a| a.parse().expect("MAPPINGS"));
     let rounds: usize = args.next().map_or(3, |a| a.parse().expect("ROUNDS"));
     let t = Instant::now();
     let frames = copy_frames(n);

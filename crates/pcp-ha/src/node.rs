@@ -1111,10 +1111,7 @@ impl HaNode {
     /// The checkpointed mappings this backup holds for a takeover: key and external
     /// endpoint.
     pub fn stored(&self) -> impl Iterator<Item = (MappingKey, (IpAddr, u16))> + '_ {
-        self.rx
-            .store
-            .iter()
-            .map(|(k, st)| (*k, st.external))
+        self.rx.store.iter().map(|(k, st)| (*k, st.external))
     }
 
     /// The next event for the shell.

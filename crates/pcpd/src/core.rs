@@ -1142,4 +1142,110 @@ mod tests {
         assert_eq!((core.server.mapping_count(), core.dataplane.len()), (1, 1));
         core.server.check_invariants().unwrap();
     }
+
+    /// The memory data plane, counting batches.
+    struct Counting {
+        inner: MemoryDataPlane,
+        batches: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl DataPlane for Counting {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            self.batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.reconcile(entries)
+        }
+    }
+
+    fn replicated(port: u16) -> pcp_server::Mapping {
+        let host: IpAddr = "10.0.0.9".parse().unwrap();
+        pcp_server::Mapping {
+            key: pcp_server::MappingKey {
+                internal: host,
+                protocol: 17,
+                internal_port: port,
+                remote: None,
+            },
+            nonce: [3; 12],
+            origin: pcp_server::Origin::Pcp,
+            client: host,
+            external: pcp_server::pool::ExternalEndpoint {
+                addr: "192.0.2.1".parse().unwrap(),
+                protocol: 17,
+                port,
+            },
+            expires: Time(3_600_000),
+            lifetime: 3600,
+            subscriber: pcp_server::subscriber::SubscriberId::Named("replicated".into()),
+            checkpoint_requested: true,
+            checkpoint: pcp_server::Reason::Requested,
+            filters: Box::new([]),
+            description: None,
+            created: Time(0),
+        }
+    }
+
+    /// A standby backup mirrors a run of replicated changes into its data plane as one
+    /// batch (one netlink transaction with nftables), not one per mapping; a
+    /// non-mirror event in between ends the run, so it sees the data plane in step.
+    #[test]
+    fn mirrored_changes_reach_the_data_plane_one_batch_per_run() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dp = Counting {
+            inner: MemoryDataPlane::new(),
+            batches: batches.clone(),
+        };
+        let ha = pcp_ha::HaConfig {
+            standby: true,
+            expected: 1000,
+            ..pcp_ha::HaConfig::default()
+        };
+        let node = HaNode::new(ha, false, 7, Time(0));
+        let origin = Instant::now();
+        let pair = Pair::new(
+            node,
+            "127.0.0.1:1".parse().unwrap(),
+            Duration::from_millis(250),
+            origin,
+        );
+        let mut core = Core::new(server, Box::new(dp), config, origin, 1, Some(pair));
+        {
+            let mut p = core.lock_pair().unwrap();
+            for port in 2000..2100 {
+                p.for_core
+                    .push_back(Event::Replica(pcp_ha::Replica::Upsert(Box::new(
+                        replicated(port),
+                    ))));
+            }
+            p.for_core
+                .push_back(Event::BackupStatus(BackupStatus::NotReady));
+            let gone = (2000..2010)
+                .map(|port| replicated(port).key)
+                .collect::<Vec<_>>();
+            p.for_core
+                .push_back(Event::Replica(pcp_ha::Replica::Remove(gone)));
+        }
+        core.ha_work();
+        assert_eq!(
+            batches.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "100 installs in one batch, 10 removals in another"
+        );
+        assert_eq!(
+            (core.server.mapping_count(), core.dataplane.len()),
+            (90, 90)
+        );
+        core.server.check_invariants().unwrap();
+    }
 }
