@@ -46,6 +46,55 @@ pub struct Held {
     pub received: Instant,
 }
 
+/// A datagram served in a group ([`Core::handle_group`]).
+#[derive(Debug)]
+pub struct Job {
+    /// The datagram is `datagram[..len]`.
+    pub datagram: Vec<u8>,
+    /// Its length.
+    pub len: usize,
+    /// Where it came from.
+    pub src: SocketAddr,
+    /// Which listen socket it came in on.
+    pub socket: usize,
+    /// When it was received (latency).
+    pub received: Instant,
+    /// The reply is written here (`Reply::Send(n)`: `reply[..n]`).
+    pub reply: Vec<u8>,
+    /// What to do with it.
+    pub answer: Reply,
+}
+
+impl Job {
+    /// An empty job with buffers for any datagram and reply.
+    pub fn new(socket: usize) -> Job {
+        Job {
+            datagram: vec![0; 2048],
+            len: 0,
+            src: SocketAddr::from(([0, 0, 0, 0], 0)),
+            socket,
+            received: Instant::now(),
+            reply: vec![0; pcp_proto::MAX_MESSAGE_LEN + 64],
+            answer: Reply::Drop,
+        }
+    }
+}
+
+/// A request of a group, served and waiting for the group's data plane batch.
+struct Served {
+    reply: Reply,
+    journal: pcp_server::Journal,
+    held: Option<Held>,
+    /// Its replication records end here in `Core::changes`.
+    changes_end: usize,
+}
+
+/// Data plane operations after which a group's batch is committed before the next
+/// request is served: a batch must stay one kernel transaction (all-or-nothing) —
+/// 128 operations are some tens of KiB of netlink messages, well under the 128 KiB a
+/// transaction holds.
+pub const GROUP_OPS: usize = 128;
+
 /// Events queued for the core above which a backup holds its acknowledgements.
 const BACKLOG_HIGH: usize = 64 * 1024;
 /// ... and below which it releases them.
@@ -253,6 +302,19 @@ impl Pair {
                 }
                 ev => self.for_core.push_back(ev),
             }
+        }
+    }
+
+    /// Holds `h` until the backup acknowledged record `h.seq`.
+    fn hold(&mut self, mut h: Held, now: Time) {
+        h.deadline = now.plus(self.ack_timeout);
+        if h.seq == 0 {
+            // Nothing to wait for (this node stopped being active meanwhile): the
+            // reply goes out through the late path, without 192.
+            h.deadline = now;
+            self.late.push(h);
+        } else {
+            self.held.push(h);
         }
     }
 
@@ -532,9 +594,11 @@ impl Core {
         self.serving && (self.pair.is_none() || self.node_serves.load(Ordering::Acquire))
     }
 
-    /// Serves one datagram received on listen socket `socket`. A reply to send now is
-    /// in `reply`; a reply that must wait for the backup is kept in the pair state and
-    /// sent by the replication thread.
+    /// Serves one datagram received on listen socket `socket`, alone (the daemon
+    /// serves groups, [`Core::handle_group`]). A reply to send now is in `reply`; a
+    /// reply that must wait for the backup is kept in the pair state and sent by the
+    /// replication thread.
+    #[cfg(test)]
     pub fn handle(
         &mut self,
         datagram: &[u8],
@@ -552,22 +616,188 @@ impl Core {
         // request did, and a refusal takes back exactly that.
         self.server.expire(now, &mut self.effects);
         self.apply_effects(now);
-        let r = self
-            .server
-            .handle(datagram, src, now, reply, &mut self.effects);
-        let held = match r {
+        self.serve_alone(datagram, src, socket, received, reply, now, false)
+    }
+
+    /// Serves a group of datagrams with one data plane batch for all of them (group
+    /// commit: one netlink transaction instead of one per request). Answers are left
+    /// in each job's `answer` (and `reply`); replies held for the backup are kept in
+    /// the pair state as with [`Core::handle`].
+    ///
+    /// The requests are served in order; their data plane operations go to the data
+    /// plane together (cut after [`GROUP_OPS`] operations, so that a batch stays one
+    /// kernel transaction) and their replication records are queued only once that
+    /// batch committed. When the batch fails, the group is taken back, last request
+    /// first, each through its journal — the table is then exactly what it was
+    /// before the group, as is the data plane (batches are all-or-nothing), and
+    /// nothing was replicated — and every request is served again alone, with its own
+    /// batch: it is committed alone or refused, exactly as without grouping.
+    pub fn handle_group(&mut self, jobs: &mut [Job]) {
+        for j in jobs.iter_mut() {
+            j.answer = Reply::Drop;
+        }
+        if !self.serves() || jobs.is_empty() {
+            return;
+        }
+        let now = self.now();
+        self.server.expire(now, &mut self.effects);
+        self.apply_effects(now);
+        self.ops.clear();
+        self.changes.clear();
+        let mut group = Vec::with_capacity(jobs.len());
+        let mut first = 0;
+        for i in 0..jobs.len() {
+            let j = &mut jobs[i];
+            let r = self.server.handle(
+                &j.datagram[..j.len],
+                j.src,
+                now,
+                &mut j.reply,
+                &mut self.effects,
+            );
+            let held = self.held_for(&r, &j.reply, j.src, j.socket, j.received, now);
+            for e in self.effects.drain(..) {
+                match e {
+                    Effect::DataPlane(op) => self.ops.push(op),
+                    Effect::Replicate(change) => self.changes.push(change),
+                }
+            }
+            group.push(Served {
+                reply: r,
+                journal: self.server.take_journal(),
+                held,
+                changes_end: self.changes.len(),
+            });
+            if self.ops.len() >= GROUP_OPS || i + 1 == jobs.len() {
+                self.commit_group(&mut jobs[first..=i], std::mem::take(&mut group), now);
+                first = i + 1;
+            }
+        }
+    }
+
+    /// Commits the data plane batch of the requests just served (`jobs`, `served`):
+    /// on success queues their records and sets their answers; on failure takes them
+    /// back and serves them one by one (see [`Core::handle_group`]).
+    fn commit_group(&mut self, jobs: &mut [Job], mut served: Vec<Served>, now: Time) {
+        let failed = if self.ops.is_empty() {
+            None
+        } else {
+            self.dataplane.apply(&self.ops).err()
+        };
+        let ops = self.ops.len();
+        self.ops.clear();
+        if let Some(e) = failed {
+            self.dataplane_failures += 1;
+            tracing::warn!(error = %e, ops, requests = jobs.len(), "data plane refused a group's batch; serving its requests one by one");
+            // Nothing of the group was replicated or installed: take it back, last
+            // first, and drop the take-back's records with the withheld ones.
+            self.changes.clear();
+            let mut journals = Vec::with_capacity(served.len());
+            for s in served.into_iter().rev() {
+                journals.push(s.journal.admitted());
+                self.server.take_back(s.journal, now, &mut self.effects);
+            }
+            self.effects.clear();
+            journals.reverse();
+            for (j, admitted) in jobs.iter_mut().zip(journals) {
+                // A request the rate limiter dropped stays dropped.
+                if admitted {
+                    j.answer = self.serve_alone(
+                        &j.datagram[..j.len],
+                        j.src,
+                        j.socket,
+                        j.received,
+                        &mut j.reply,
+                        now,
+                        true,
+                    );
+                }
+            }
+            return;
+        }
+        let changes = std::mem::take(&mut self.changes);
+        let any_held = served.iter().any(|s| s.held.is_some());
+        if let (Some(pair), true) = (self.pair.as_deref(), !changes.is_empty() || any_held) {
+            let mut p = lock_pair(pair);
+            let mut from = 0;
+            for s in &mut served {
+                let mut seq = 0;
+                for change in &changes[from..s.changes_end] {
+                    if let Some(x) = p.node.push(change, now) {
+                        seq = x;
+                    }
+                }
+                from = s.changes_end;
+                if let Some(mut h) = s.held.take() {
+                    h.seq = seq;
+                    p.hold(h, now);
+                }
+            }
+        }
+        self.changes = changes;
+        self.changes.clear();
+        for (j, s) in jobs.iter_mut().zip(served) {
+            j.answer = self.answer_of(s.reply);
+        }
+    }
+
+    /// The reply of a request that `r` asks to hold for the backup, when this node has one.
+    fn held_for(
+        &self,
+        r: &Reply,
+        reply: &[u8],
+        to: SocketAddr,
+        socket: usize,
+        received: Instant,
+        now: Time,
+    ) -> Option<Held> {
+        match r {
             Reply::Hold(n) if self.pair.is_some() => Some(Held {
                 seq: 0,
-                reply: reply[..n].to_vec(),
-                to: src,
+                reply: reply[..*n].to_vec(),
+                to,
                 socket,
-                key: held_key(&reply[..n], src),
+                key: held_key(&reply[..*n], to),
                 at: now,
                 deadline: now,
                 received,
             }),
             _ => None,
+        }
+    }
+
+    /// What the shell does with a committed request's reply.
+    fn answer_of(&self, r: Reply) -> Reply {
+        match r {
+            Reply::Hold(_) if self.pair.is_some() => Reply::Drop,
+            // Without a pair the core never holds (its backup status stays `None`).
+            Reply::Hold(n) => Reply::Send(n),
+            other => other,
+        }
+    }
+
+    /// Serves one request with a data plane batch of its own (expiry already done at
+    /// `now`). `again`: the request was served before and taken back (the rate
+    /// limiter is not charged twice).
+    #[allow(clippy::too_many_arguments)]
+    fn serve_alone(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        socket: usize,
+        received: Instant,
+        reply: &mut [u8],
+        now: Time,
+        again: bool,
+    ) -> Reply {
+        let r = if again {
+            self.server
+                .handle_again(datagram, src, now, reply, &mut self.effects)
+        } else {
+            self.server
+                .handle(datagram, src, now, reply, &mut self.effects)
         };
+        let held = self.held_for(&r, reply, src, socket, received, now);
         if let Err(e) = self.apply_effects_holding(now, held, true) {
             // No false SUCCESS: the kernel does not translate what the reply would
             // promise. The request is taken back and answered with the error; the
@@ -583,12 +813,7 @@ impl Core {
             self.effects.clear();
             return r;
         }
-        match r {
-            Reply::Hold(_) if self.pair.is_some() => Reply::Drop,
-            // Without a pair the core never holds (its backup status stays `None`).
-            Reply::Hold(n) => Reply::Send(n),
-            other => other,
-        }
+        self.answer_of(r)
     }
 
     /// Removes expired mappings.
@@ -676,15 +901,7 @@ impl Core {
         }
         if let Some(mut h) = held {
             h.seq = seq;
-            h.deadline = now.plus(p.ack_timeout);
-            if seq == 0 {
-                // Nothing to wait for (this node stopped being active meanwhile): the
-                // reply goes out through the late path, without 192.
-                h.deadline = now;
-                p.late.push(h);
-            } else {
-                p.held.push(h);
-            }
+            p.hold(h, now);
         }
         Ok(seq)
     }
