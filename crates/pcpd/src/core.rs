@@ -1332,4 +1332,268 @@ mod tests {
         assert_eq!((core.server.mapping_count(), core.dataplane.len()), (1, 1));
         core.server.check_invariants().unwrap();
     }
+
+    /// A data plane that refuses batches: any batch touching a poisoned internal port
+    /// (as a kernel refusing one element would), and a random share of the others; it
+    /// counts the batches it was given.
+    struct Chaos {
+        inner: Arc<Mutex<MemoryDataPlane>>,
+        rng: rand::rngs::SmallRng,
+        fail_per_mille: u32,
+        poisoned: Vec<u16>,
+        applies: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl DataPlane for Chaos {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            use rand::Rng;
+            self.applies.fetch_add(1, Ordering::Relaxed);
+            let poisoned = batch.iter().any(|op| {
+                let (Op::Install(e) | Op::Remove(e)) = op;
+                self.poisoned.contains(&e.internal.port())
+            });
+            if poisoned {
+                return Err(DataPlaneError::Failure("poisoned element".into()));
+            }
+            if self.rng.random_range(0..1000) < self.fail_per_mille {
+                return Err(if self.rng.random_bool(0.5) {
+                    DataPlaneError::Failure("injected".into())
+                } else {
+                    DataPlaneError::NoResources("injected".into())
+                });
+            }
+            self.inner.lock().unwrap().apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.lock().unwrap().len()
+        }
+        fn name(&self) -> &'static str {
+            "chaos"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.lock().unwrap().reconcile(entries)
+        }
+    }
+
+    type Key = (IpAddr, u8, u16);
+
+    fn request(host: u8, protocol: u8, port: u16, lifetime: u32, nonce: u8, ext: u16) -> Vec<u8> {
+        let req = Request {
+            lifetime,
+            client_addr: IpAddr::from([10, 0, 0, host]),
+            body: Body::Map(MapBody {
+                nonce: [nonce; 12],
+                protocol,
+                internal_port: port,
+                external_port: ext,
+                external_addr: "0.0.0.0".parse().unwrap(),
+            }),
+            options: Options::EMPTY,
+            pa_result_code: ResultCode::Success,
+        };
+        let mut buf = vec![0u8; 1100];
+        let n = req.emit(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn job(datagram: &[u8], host: u8) -> Job {
+        let mut j = Job::new(0);
+        j.datagram[..datagram.len()].copy_from_slice(datagram);
+        j.len = datagram.len();
+        j.src = SocketAddr::from(([10, 0, 0, host], 40000));
+        j
+    }
+
+    /// What a reply tells its client: `Some(Some(ext))` installed at `ext`,
+    /// `Some(None)` deleted, `None` an error (nothing changed) or no reply.
+    fn outcome(j: &Job) -> Option<Option<SocketAddr>> {
+        let Reply::Send(n) = j.answer else {
+            return None;
+        };
+        let r = Response::parse(&j.reply[..n]).unwrap();
+        if r.result_code != ResultCode::Success {
+            return None;
+        }
+        let Body::Map(m) = r.body else { panic!() };
+        Some((r.lifetime > 0).then(|| SocketAddr::new(m.external_addr, m.external_port)))
+    }
+
+    fn chaos_core(
+        fail_per_mille: u32,
+        poisoned: Vec<u16>,
+        seed: u64,
+    ) -> (
+        Core,
+        Arc<Mutex<MemoryDataPlane>>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use rand::SeedableRng;
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), seed).unwrap();
+        let inner = Arc::new(Mutex::new(MemoryDataPlane::new()));
+        let applies = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dp = Chaos {
+            inner: inner.clone(),
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            fail_per_mille,
+            poisoned,
+            applies: applies.clone(),
+        };
+        let core = Core::new(server, Box::new(dp), config, Instant::now(), seed, None);
+        (core, inner, applies)
+    }
+
+    #[test]
+    fn a_healthy_group_is_one_data_plane_batch() {
+        let (mut core, inner, applies) = chaos_core(0, vec![], 1);
+        let mut jobs: Vec<Job> = (0..32)
+            .map(|i| job(&request(1, 17, 6000 + i, 3600, 7, 0), 1))
+            .collect();
+        core.handle_group(&mut jobs);
+        assert!(jobs.iter().all(|j| matches!(outcome(j), Some(Some(_)))));
+        assert_eq!(
+            applies.load(Ordering::Relaxed),
+            1,
+            "one batch for 32 requests"
+        );
+        assert_eq!(inner.lock().unwrap().len(), 32);
+    }
+
+    #[test]
+    fn a_refused_element_in_a_group_refuses_only_its_request() {
+        let (mut core, inner, applies) = chaos_core(0, vec![5001], 1);
+        // The second renews what the first creates, the fourth deletes it: the
+        // take-back goes last first, and the one-by-one pass sees each in turn.
+        let mut jobs = vec![
+            job(&request(1, 17, 5000, 3600, 7, 0), 1),
+            job(&request(1, 17, 5000, 3600, 7, 0), 1),
+            job(&request(1, 17, 5001, 3600, 7, 0), 1),
+            job(&request(1, 17, 5000, 0, 7, 0), 1),
+            job(&request(1, 17, 5002, 3600, 7, 0), 1),
+        ];
+        core.handle_group(&mut jobs);
+        let got: Vec<_> = jobs.iter().map(outcome).collect();
+        assert!(matches!(got[0], Some(Some(_))), "{got:?}");
+        assert_eq!(got[1], got[0], "the renewal keeps the endpoint");
+        assert_eq!(got[2], None, "the poisoned request is refused");
+        let Reply::Send(n) = jobs[2].answer else {
+            panic!()
+        };
+        assert_eq!(
+            Response::parse(&jobs[2].reply[..n]).unwrap().result_code,
+            ResultCode::NetworkFailure
+        );
+        assert_eq!(got[3], Some(None), "deleted");
+        assert!(matches!(got[4], Some(Some(_))));
+        // The group's batch, then four batches of their own (the renewal has none).
+        assert_eq!(applies.load(Ordering::Relaxed), 5);
+        let ports: Vec<u16> = inner
+            .lock()
+            .unwrap()
+            .entries()
+            .map(|e| e.internal.port())
+            .collect();
+        assert_eq!(ports, vec![5002]);
+        assert_eq!(core.server.mapping_count(), 1);
+        assert_eq!(core.dataplane_failures, 2);
+        core.server.check_invariants().unwrap();
+    }
+
+    /// Groups of random MAP requests (creations, renewals, deletions, wrong nonces,
+    /// suggested ports; several about the same mapping) against a data plane that
+    /// refuses some batches: after every group, the table and the data plane hold
+    /// exactly what the replies told, in order — a SUCCESS is installed at the
+    /// endpoint it named (or deleted), an error left nothing.
+    #[test]
+    fn every_reply_of_a_group_tells_the_truth_whatever_fails() {
+        use rand::{Rng, SeedableRng};
+        let seeds: u64 = std::env::var("PCP_GROUP_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        let (mut refused, mut mixed) = (0u64, 0u64);
+        for seed in 0..seeds {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            let poisoned = vec![5000 + rng.random_range(0..12u16)];
+            let (mut core, inner, _) = chaos_core(rng.random_range(0..500), poisoned, seed);
+            let mut model: std::collections::HashMap<Key, SocketAddr> = Default::default();
+            for _group in 0..20 {
+                let n = rng.random_range(1..=32);
+                let mut jobs: Vec<Job> = (0..n)
+                    .map(|_| {
+                        let host = rng.random_range(1..=3u8);
+                        let proto = if rng.random_bool(0.8) { 17 } else { 6 };
+                        let port = 5000 + rng.random_range(0..12u16);
+                        let lifetime = if rng.random_bool(0.25) { 0 } else { 3600 };
+                        let nonce = if rng.random_bool(0.05) { 9 } else { 7 };
+                        let ext = if rng.random_bool(0.3) {
+                            1024 + rng.random_range(0..64u16)
+                        } else {
+                            0
+                        };
+                        job(&request(host, proto, port, lifetime, nonce, ext), host)
+                    })
+                    .collect();
+                let failures = core.dataplane_failures;
+                core.handle_group(&mut jobs);
+                let mut successes = 0;
+                for j in &jobs {
+                    let Some(o) = outcome(j) else { continue };
+                    let Body::Map(m) = Request::parse(&j.datagram[..j.len]).unwrap().body else {
+                        panic!()
+                    };
+                    let key = (j.src.ip(), m.protocol, m.internal_port);
+                    match o {
+                        Some(ext) => {
+                            successes += 1;
+                            model.insert(key, ext);
+                        }
+                        None => {
+                            model.remove(&key);
+                        }
+                    }
+                }
+                if core.dataplane_failures > failures {
+                    refused += 1;
+                    if successes > 0 {
+                        mixed += 1;
+                    }
+                }
+                let table: std::collections::HashMap<Key, SocketAddr> = core
+                    .server
+                    .mappings()
+                    .map(|m| {
+                        let ext = SocketAddr::new(m.external.addr, m.external.port);
+                        ((m.key.internal, m.key.protocol, m.key.internal_port), ext)
+                    })
+                    .collect();
+                assert_eq!(
+                    table, model,
+                    "seed {seed}: the table is what the replies told"
+                );
+                let installed: std::collections::HashMap<Key, SocketAddr> = inner
+                    .lock()
+                    .unwrap()
+                    .entries()
+                    .map(|e| {
+                        let key = (e.internal.ip(), e.protocol, e.internal.port());
+                        (key, e.external)
+                    })
+                    .collect();
+                assert_eq!(
+                    installed, model,
+                    "seed {seed}: the data plane is what the replies told"
+                );
+                core.server
+                    .check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            }
+        }
+        assert!(refused > seeds, "failures were injected ({refused} groups)");
+        assert!(
+            mixed > seeds / 2,
+            "refused groups still committed requests ({mixed})"
+        );
+    }
 }

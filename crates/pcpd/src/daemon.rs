@@ -340,11 +340,9 @@ impl Serve<'_> {
                 _ => len,
             };
             let sent = match self.sock.try_send_to(&j.reply[..len], j.src) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self
-                    .sock
-                    .send_to(&j.reply[..len], j.src)
-                    .await
-                    .map(|_| ()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.sock.send_to(&j.reply[..len], j.src).await.map(|_| ())
+                }
                 other => other.map(|_| ()),
             };
             if let Err(e) = sent {
