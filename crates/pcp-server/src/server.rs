@@ -865,7 +865,13 @@ impl Server {
             now,
         );
 
-        // Everything that can fail has been checked: commit.
+        // Everything that can fail has been checked: commit. A renewal is journaled
+        // first, as the mapping is now (its subscriber may be retired below).
+        // Recorded even when the data plane does not change: a renewal's lifetime,
+        // checkpoint and accounting are taken back with its batch.
+        if let Some(id) = existing {
+            self.undo.push(Undo::Replaced(Box::new(self.view(id))));
+        }
         self.stats.decided(&reason);
         checkpoint::commit(was_checkpointed, &reason, &mut state, &mut self.ledger);
         let checkpointed = reason.is_checkpointed();
@@ -903,9 +909,6 @@ impl Server {
                 let install = ask
                     .filters
                     .is_some_and(|f| f != self.table.get(id).filters());
-                // Recorded even when the data plane does not change: a renewal's
-                // lifetime, checkpoint and accounting are taken back with its batch.
-                self.undo.push(Undo::Replaced(Box::new(self.view(id))));
                 let r = self.table.get_mut(id);
                 if ask.filters.is_some() || ask.description.is_some() || client.is_some() {
                     let extra = r.extra.get_or_insert_with(Default::default);
