@@ -15,7 +15,9 @@
 //! - every frame the node sends is at most [`wire::MAX_FRAME`] octets and has a header
 //!   this crate reads back with the node's own term;
 //! - the backup's copy holds no more mappings than Upsert records were delivered
-//!   (state grows only with what the peer actually sent).
+//!   (state grows only with what the peer actually sent);
+//! - a takeover announces (unsolicited, unicast) only to hosts the replicated records
+//!   named: never to an address nobody told this node about.
 
 use std::time::Duration;
 
@@ -113,6 +115,7 @@ pub fn run(data: &[u8]) -> usize {
     let mut now = Time(1_000);
     let mut node = HaNode::new(cfg, setup & 1 != 0, 0x5eed, now);
     let mut upserts = 0usize;
+    let mut named = std::collections::HashSet::new();
     let mut out = vec![0u8; wire::MAX_FRAME];
     let mut steps = 0;
     while !input.0.is_empty() && steps < 64 {
@@ -125,7 +128,16 @@ pub fn run(data: &[u8]) -> usize {
                 if let Ok(d) = decode(&frame) {
                     for rec in &d.records {
                         check_record(rec);
-                        upserts += usize::from(matches!(rec, Record::Upsert(_)));
+                        match rec {
+                            Record::Upsert(m) => {
+                                upserts += 1;
+                                named.insert(m.key.internal);
+                            }
+                            Record::Host { host, .. } => {
+                                named.insert(*host);
+                            }
+                            _ => {}
+                        }
                     }
                 }
                 node.handle_frame(&frame, now);
@@ -150,9 +162,19 @@ pub fn run(data: &[u8]) -> usize {
             assert_eq!(h.header.term, node.term(), "sent a frame with another term");
         }
         while let Some(ev) = node.poll_event() {
-            if let crate::Event::NeedBulk { .. } = ev {
-                // No server behind this node: an empty chunk ends the copy.
-                node.bulk_chunk(&[], None, &[], now);
+            match ev {
+                crate::Event::NeedBulk { .. } => {
+                    // No server behind this node: an empty chunk ends the copy.
+                    node.bulk_chunk(&[], None, &[], now);
+                }
+                crate::Event::Promoted {
+                    unprotected_hosts, ..
+                } => {
+                    for h in &unprotected_hosts {
+                        assert!(named.contains(h), "announces to {h}, never named");
+                    }
+                }
+                _ => {}
             }
         }
         let stored = node.status(now).stored;

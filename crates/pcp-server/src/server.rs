@@ -531,6 +531,59 @@ impl Server {
         }
     }
 
+    /// Charges one datagram from `src` to its host's rate limit (`[limits]`) without
+    /// serving it; `false`: drop it (counted in `rate_limited`). For shells that do
+    /// costly work of their own before [`Server::handle`] (the RFC 7652 gate): a
+    /// datagram they pass on is charged again there.
+    pub fn admit(&mut self, src: IpAddr, now: Time) -> bool {
+        if self.guard.admit(src.to_canonical(), now) {
+            true
+        } else {
+            self.stats.rate_limited += 1;
+            false
+        }
+    }
+
+    /// Answers a datagram from a source the shell must not serve (its access list says
+    /// so): NOT_AUTHORIZED to a PCP request (RFC 6887 §7.4: the request is copied, no
+    /// state is touched), nothing to NAT-PMP or to what would be dropped anyway. The
+    /// per-host rate limit applies first, as in [`Server::handle`].
+    pub fn not_authorized(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        now: Time,
+        reply: &mut [u8],
+    ) -> Reply {
+        let src_ip = src.ip().to_canonical();
+        if !self.guard.admit(src_ip, now) {
+            self.stats.rate_limited += 1;
+            return Reply::Drop;
+        }
+        if natpmp::is_natpmp(datagram) {
+            self.stats.dropped += 1;
+            return Reply::Drop;
+        }
+        let parsed = match Request::parse(datagram) {
+            Ok(_) => true,
+            Err(e) if e.result_code().is_some() => false,
+            Err(_) => {
+                self.stats.dropped += 1;
+                return Reply::Drop;
+            }
+        };
+        let kind = RequestKind::of(Opcode::from_bits(datagram[1]));
+        self.error(
+            datagram,
+            ResultCode::NotAuthorized,
+            parsed,
+            kind,
+            src_ip,
+            now,
+            reply,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn error(
         &mut self,

@@ -179,6 +179,13 @@ pub enum ApiError {
         /// Why it does not parse.
         reason: String,
     },
+    /// The `--token-file` could not be used.
+    Token {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// pcpd refused a command (`reload`, `promote`, `switchover`); its reason.
     Refused {
         /// The command.
@@ -218,6 +225,7 @@ impl fmt::Display for ApiError {
                 "pcpd admin API at {admin}: unexpected answer to {request}: {reason}"
             ),
             ApiError::Refused { command, reason } => write!(f, "{command} refused: {reason}"),
+            ApiError::Token { path, reason } => write!(f, "token file {path}: {reason}"),
         }
     }
 }
@@ -229,6 +237,7 @@ pub struct Client {
     admin: String,
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Client {
@@ -266,15 +275,35 @@ impl Client {
             admin: admin.to_string(),
             base,
             agent: ureq::Agent::new_with_config(config),
+            token: None,
         })
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request.
+    pub fn with_token(mut self, token: String) -> Client {
+        self.token = Some(token);
+        self
     }
 
     /// Sends a request and returns the status and body.
     fn send(&self, method: &str, path: &str) -> Result<(u16, String), ApiError> {
         let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
-            "POST" => self.agent.post(&url).send_empty(),
-            _ => self.agent.get(&url).call(),
+            "POST" => {
+                let mut r = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send_empty()
+            }
+            _ => {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
         };
         let mut resp = result.map_err(|e| self.transport_error(e))?;
         let status = resp.status().as_u16();

@@ -11,6 +11,9 @@
 //! pcpctl [--admin ADDR] switchover            hand over from this active to its backup
 //! ```
 //!
+//! `--token-file FILE` (or `PCPCTL_TOKEN_FILE`) sends the bearer token pcpd's admin
+//! API asks for when it has `[pcpd] admin_token_file` (or the read-only token).
+//!
 //! Exit codes: 0 done; 1 pcpd could not be reached, answered an error, or refused the
 //! command (reload, promote, switchover: pcpd's reason is printed); 2 bad usage.
 #![forbid(unsafe_code)]
@@ -37,6 +40,10 @@ struct Cli {
         global = true
     )]
     admin: String,
+    /// File holding pcpd's admin bearer token (the admin or the read-only one); also
+    /// from PCPCTL_TOKEN_FILE. Never the token itself on the command line.
+    #[arg(long, value_name = "FILE", env = "PCPCTL_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     /// Give up on a request after this many seconds.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout, global = true)]
     timeout: Duration,
@@ -117,7 +124,21 @@ fn raw(body: String) -> String {
 }
 
 fn run(cli: &Cli) -> Result<String, ApiError> {
-    let client = Client::new(&cli.admin, cli.timeout)?;
+    let mut client = Client::new(&cli.admin, cli.timeout)?;
+    if let Some(path) = &cli.token_file {
+        let text = std::fs::read_to_string(path).map_err(|e| ApiError::Token {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        if token.is_empty() {
+            return Err(ApiError::Token {
+                path: path.display().to_string(),
+                reason: "empty".into(),
+            });
+        }
+        client = client.with_token(token);
+    }
     match &cli.command {
         Command::Mappings { json } => {
             let (list, body) = client.get_json::<Vec<api::Mapping>>("/mappings")?;

@@ -232,3 +232,38 @@ fn bad_usage_exits_2() {
     );
     assert_eq!(status.code(), Some(2), "{err}");
 }
+
+#[test]
+fn token_file_authenticates_and_read_only_tokens_cannot_change_anything() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::TempDir::new();
+    let write = |name: &str, token: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("{token}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let admin = write("admin.token", "pcpctl-admin-token-0123456789");
+    let read = write("read.token", "pcpctl-read-token-0123456789");
+    let d = start(Some(&honour_config(&format!(
+        "[pcpd]\nadmin_token_file = \"{admin}\"\nadmin_read_token_file = \"{read}\"\n"
+    ))));
+    // Without a token: refused, with the status in the message.
+    let (code, out, err) = pcpctl(&d, &["status"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("401"), "{err}");
+    // The read-only token reads, but cannot reload.
+    let (code, out, err) = pcpctl(&d, &["--token-file", &read, "status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = pcpctl(&d, &["--token-file", &read, "reload"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("403"), "{err}");
+    // The admin token does both.
+    let (code, out, err) = pcpctl(&d, &["--token-file", &admin, "reload"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("reloaded"), "{out}");
+    // A missing token file is an error naming it.
+    let (code, _, err) = pcpctl(&d, &["--token-file", "/nonexistent/token", "status"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/nonexistent/token"), "{err}");
+}

@@ -1,7 +1,8 @@
 //! The admin HTTP API (JSON, plus Prometheus text at `/metrics`).
 //!
-//! Read-only: `GET /status`, `GET /mappings`, `GET /subscribers`, `GET /metrics`.
-//! Mutating: `POST /reload`.
+//! Read-only: `GET /status`, `GET /mappings`, `GET /subscribers`, `GET /metrics`,
+//! `GET /ha`. Mutating: `POST /reload`, `POST /ha/promote`, `POST /ha/switchover`.
+//! Who may call which is `admin_auth.rs`'s job (bearer tokens, a read-only one for `GET`).
 
 use std::net::IpAddr;
 
@@ -139,7 +140,7 @@ pub struct StatusView {
 }
 
 /// The router.
-pub fn router(shared: Shared) -> Router {
+pub fn router(shared: Shared, auth: crate::admin_auth::Auth) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/mappings", get(mappings))
@@ -150,6 +151,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/ha/promote", post(promote))
         .route("/ha/switchover", post(switchover))
         .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::admin_auth::check,
+        ))
 }
 
 async fn status(State(s): State<Shared>) -> Json<StatusView> {

@@ -15,6 +15,7 @@ use pcp_server::config::{
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+pub use crate::acl::AclSection;
 use crate::auth::AuthSection;
 
 /// The daemon's own settings.
@@ -36,6 +37,15 @@ pub struct DaemonSection {
     /// Runtime threads: 1 runs everything on one thread; more (default 2) use a
     /// multi-threaded runtime.
     pub threads: usize,
+    /// File holding the admin API's bearer token (every endpoint). Required when
+    /// `admin` is not a loopback address; never on the command line.
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding a read-only bearer token (`GET` endpoints only).
+    pub admin_read_token_file: Option<PathBuf>,
+    /// Receive buffer of each PCP listen socket, octets (the kernel caps it at
+    /// net.core.rmem_max). A deep queue rides out a flood's bursts and scheduling
+    /// hiccups, so other hosts' requests are not lost behind it.
+    pub recv_buffer: usize,
 }
 
 impl Default for DaemonSection {
@@ -47,6 +57,9 @@ impl Default for DaemonSection {
             log: "info".into(),
             announce_multicast: false,
             threads: 2,
+            admin_token_file: None,
+            admin_read_token_file: None,
+            recv_buffer: 4 << 20,
         }
     }
 }
@@ -160,6 +173,7 @@ struct File {
     policy: Vec<PolicyRule>,
     mapping: MappingConfig,
     limits: LimitsConfig,
+    acl: AclSection,
     ha: Option<HaSection>,
     nftables: NftablesSection,
     auth: AuthSection,
@@ -176,6 +190,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Pair mode, when configured.
     pub ha: Option<HaSection>,
+    /// Which clients each listen address answers.
+    pub acl: AclSection,
     /// The nftables data plane's settings.
     pub nftables: NftablesSection,
     /// PCP authentication (RFC 7652).
@@ -216,6 +232,7 @@ impl Config {
             daemon: DaemonSection::default(),
             server: ServerConfig::default(),
             ha: None,
+            acl: AclSection::default(),
             nftables: NftablesSection::default(),
             auth: AuthSection::default(),
         }
@@ -302,6 +319,7 @@ impl Config {
             daemon: file.pcpd,
             server,
             ha: file.ha,
+            acl: file.acl,
             nftables: file.nftables,
             auth: file.auth,
         })
@@ -469,5 +487,27 @@ mod tests {
         let c = Config::parse(Path::new("docs/pcpd.example.toml"), text).unwrap();
         assert!(c.server.tiers.contains_key("gold"));
         assert!(!c.server.policy.is_empty());
+        // The documented defaults are the defaults.
+        assert_eq!(c.server.limits, pcp_server::config::LimitsConfig::default());
+        assert_eq!(c.acl.allow, AclSection::default().allow);
+        assert_eq!(c.daemon.recv_buffer, DaemonSection::default().recv_buffer);
+        assert_eq!(c.acl.listen.len(), 1);
+    }
+
+    #[test]
+    fn security_keys_are_checked_with_their_line() {
+        let (line, key, _) = err("[limits]
+host_rate = -1.0
+");
+        assert_eq!((line, key.as_str()), (2, "limits.host_rate"));
+        let (line, key, _) = err("[acl]
+reject = \"maybe\"
+");
+        assert_eq!((line, key.as_str()), (2, "acl.reject"));
+        let (line, key, _) = err("[acl]
+allow = [\"10.0.0.0/33\"]
+");
+        assert_eq!(line, 2);
+        assert!(key.starts_with("acl.allow"), "{key}");
     }
 }

@@ -371,7 +371,9 @@ fn send_held(sockets: &[Arc<UdpSocket>], latency: &mut Latency, h: &Held) {
     if let Some(sock) = sockets.get(h.socket)
         && let Err(e) = sock.try_send_to(&h.reply, h.to)
     {
-        tracing::debug!(error = %e, to = %h.to, "sending a held reply");
+        // No address: a held reply echoes 192, so its address would tell which host
+        // holds a checkpointed flow (issue 7, privacy).
+        tracing::debug!(error = %e, "sending a held reply");
     }
     latency.record(h.received.elapsed());
 }
@@ -395,6 +397,8 @@ pub struct Core {
     pub pair: Option<Arc<Mutex<Pair>>>,
     /// The PCP listen sockets (ANNOUNCEs and late replies go out on them).
     pub sockets: Vec<Arc<UdpSocket>>,
+    /// Their access lists (with the refusal counters), in the same order.
+    pub acls: Vec<Arc<crate::acl::SocketAcl>>,
     /// The authentication gate, for the admin API (its own lock: never take it while
     /// holding the core's; clone the handle and let go of the core first).
     pub auth: Option<crate::auth::SharedAuth>,
@@ -541,6 +545,7 @@ impl Core {
             serving: pair.is_none(),
             pair: pair.map(|p| Arc::new(Mutex::new(p))),
             sockets: Vec::new(),
+            acls: Vec::new(),
             auth: None,
             pending: Vec::new(),
             node_serves: Arc::new(AtomicBool::new(false)),
@@ -1091,9 +1096,11 @@ impl Core {
         }
         let mut failures = 0;
         for m in mappings {
-            if let Err(e) = self.server.adopt(m, now, &mut self.effects) {
+            if self.server.adopt(m, now, &mut self.effects).is_err() {
+                // Not logged one by one: the error names the mapping, and the log
+                // must not say which flows of which host are checkpointed (issue 7).
+                // The count goes to the log below and to GET /ha.
                 failures += 1;
-                tracing::error!(error = %e, "adopting a replicated mapping");
             }
         }
         self.apply_effects(now);

@@ -11,6 +11,7 @@ use pcp_dataplane::nftables::{NftConfig, NftDataPlane};
 use pcp_server::{Reply, Server};
 use tokio::net::UdpSocket;
 
+use crate::acl::{Reject, SocketAcl};
 use crate::config::{Config, DataPlaneKind, HaRole};
 use crate::core::{Core, Job, Pair, Shared};
 use pcp_ha::{HaConfig, HaNode};
@@ -31,6 +32,9 @@ pub enum StartError {
     /// The server core refused the configuration.
     #[error("configuration: {0}")]
     Config(#[from] pcp_server::ConfigError),
+    /// The admin API's tokens are missing or unusable.
+    #[error("admin API: {0}")]
+    AdminAuth(#[from] crate::admin_auth::AuthError),
     /// The HA state file exists but cannot be read.
     #[error("HA state file {0}")]
     State(String),
@@ -70,6 +74,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             Box::new(dp)
         }
     };
+    // Tokens before anything listens: an API that would be open beyond this host
+    // refuses to start.
+    let admin_auth = crate::admin_auth::Auth::load(
+        config.daemon.admin,
+        config.daemon.admin_token_file.as_deref(),
+        config.daemon.admin_read_token_file.as_deref(),
+    )?;
+    for l in &config.acl.listen {
+        if !config.daemon.listen.contains(&l.address) {
+            tracing::warn!(address = %l.address, "[[acl.listen]] names an address pcpd does not listen on");
+        }
+    }
+    let acls: Vec<Arc<SocketAcl>> = config
+        .daemon
+        .listen
+        .iter()
+        .map(|a| Arc::new(SocketAcl::new(&config.acl, *a)))
+        .collect();
     let mut sockets = Vec::new();
     for addr in &config.daemon.listen {
         let sock = UdpSocket::bind(addr)
@@ -79,6 +101,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 addr: *addr,
                 source,
             })?;
+        if let Err(e) =
+            socket2::SockRef::from(&sock).set_recv_buffer_size(config.daemon.recv_buffer)
+        {
+            tracing::warn!(error = %e, "cannot set the PCP socket's receive buffer");
+        }
         sockets.push(Arc::new(sock));
     }
     let admin_addr = config.daemon.admin;
@@ -144,14 +171,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut core = Core::new(server, dataplane, config, origin, seed, pair);
     core.sockets = sockets.clone();
+    core.acls = acls.clone();
     core.auth = auth.clone();
     let shared = Shared::new(core);
 
-    for (i, sock) in sockets.iter().enumerate() {
+    for (i, (sock, acl)) in sockets.iter().zip(&acls).enumerate() {
+        tracing::info!(
+            listen = %acl.listen,
+            allow = ?acl.allowed().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            reject = ?acl.reject,
+            "client access list"
+        );
         tokio::spawn(serve_socket(
             sock.clone(),
             i,
             shared.clone(),
+            acl.clone(),
             auth.clone(),
             sockets.clone(),
         ));
@@ -170,7 +205,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if shared.lock().config.daemon.announce_multicast {
         tokio::spawn(announce_start(sockets.clone(), shared.clone()));
     }
-    let app = crate::admin::router(shared.clone());
+    let app = crate::admin::router(shared.clone(), admin_auth.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin, app).await {
             tracing::error!(error = %e, "admin API stopped");
@@ -179,6 +214,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(
         listen = ?listen,
         admin = %admin_addr,
+        admin_auth = if admin_auth.required() { "bearer token" } else { "none (loopback)" },
         dataplane = shared.lock().dataplane.name(),
         "pcpd started"
     );
@@ -190,12 +226,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Receives, serves and answers datagrams on one socket; with authentication on, the
-/// gate decides first and tags the reply (docs/AUTH.md).
+/// Receives, serves and answers datagrams on one socket: the access list first, then
+/// with authentication on, the gate decides and tags the reply (docs/AUTH.md).
 async fn serve_socket(
     sock: Arc<UdpSocket>,
     index: usize,
     shared: Shared,
+    acl: Arc<SocketAcl>,
     auth: Option<crate::auth::SharedAuth>,
     sockets: Vec<Arc<UdpSocket>>,
 ) {
@@ -203,6 +240,7 @@ async fn serve_socket(
         sock: &sock,
         index,
         shared: &shared,
+        acl: &acl,
         auth: auth.as_ref(),
         sockets: &sockets,
     };
@@ -256,14 +294,16 @@ struct Serve<'a> {
     sock: &'a UdpSocket,
     index: usize,
     shared: &'a Shared,
+    acl: &'a SocketAcl,
     auth: Option<&'a crate::auth::SharedAuth>,
     sockets: &'a [Arc<UdpSocket>],
 }
 
 impl Serve<'_> {
-    /// Readies the datagram in `job.datagram[..n]` for the core; with authentication
-    /// on, the gate decides first (its own answers go out at once). Returns whether
-    /// the core serves it (`session`: the session that authenticated it).
+    /// Readies the datagram in `job.datagram[..n]` for the core: the socket's access
+    /// list first, then, with authentication on, the gate (its own answers go out at
+    /// once). Returns whether the core serves it (`session`: the session that
+    /// authenticated it).
     async fn admit(
         &self,
         job: &mut Job,
@@ -275,11 +315,40 @@ impl Serve<'_> {
         job.src = src;
         job.len = n;
         *session = None;
+        if !self.acl.admits(src.ip()) {
+            // Not a client of this address: counted, and dropped before the lock, or
+            // refused by the core (rate-limited like any answer).
+            if self.acl.reject == Reject::Drop {
+                return false;
+            }
+            let answer = {
+                let mut core = self.shared.lock();
+                if !core.serves() {
+                    return false;
+                }
+                let now = core.now();
+                core.server
+                    .not_authorized(&job.datagram[..n], src, now, &mut job.reply)
+            };
+            if let Reply::Send(len) = answer {
+                let _ = self.sock.try_send_to(&job.reply[..len], src);
+            }
+            return false;
+        }
         let Some(auth) = self.auth else {
             return true;
         };
-        // The gate's answers carry the core's epoch for this client.
-        let epoch = self.shared.lock().epoch_for(src.ip());
+        // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
+        // per-host rate limit comes first (a request the gate passes on is charged
+        // again by the core). The gate's answers carry the core's epoch.
+        let epoch = {
+            let mut core = self.shared.lock();
+            let now = core.now();
+            if !core.server.admit(src.ip(), now) {
+                return false;
+            }
+            core.epoch_for(src.ip())
+        };
         let (verdict, out) = {
             let mut a = crate::auth::lock(auth);
             let now = a.now();

@@ -5,7 +5,9 @@
 //! in-memory data plane, the admin API on 127.0.0.1:8351.
 #![forbid(unsafe_code)]
 
+mod acl;
 mod admin;
+mod admin_auth;
 mod auth;
 mod config;
 mod core;

@@ -76,6 +76,35 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
         "Datagrams dropped without an answer.",
     );
     let _ = writeln!(out, "pcp_dropped_total {}", stats.dropped);
+    header(
+        &mut out,
+        "pcp_rate_limited_total",
+        "counter",
+        "Datagrams dropped by the per-host request-rate limit ([limits]).",
+    );
+    let _ = writeln!(out, "pcp_rate_limited_total {}", stats.rate_limited);
+    let fp = core.server.footprint();
+    header(
+        &mut out,
+        "pcp_rate_limit_hosts",
+        "gauge",
+        "Hosts whose request-rate buckets are tracked.",
+    );
+    let _ = writeln!(out, "pcp_rate_limit_hosts {}", fp.guard.hosts);
+    header(
+        &mut out,
+        "pcpd_acl_rejected_total",
+        "counter",
+        "Datagrams from sources outside a listen address's access list ([acl]).",
+    );
+    for acl in &core.acls {
+        let _ = writeln!(
+            out,
+            "pcpd_acl_rejected_total{{listen=\"{}\"}} {}",
+            acl.listen,
+            acl.rejected()
+        );
+    }
 
     header(
         &mut out,

@@ -68,6 +68,9 @@ pub struct LoadConfig {
     pub source_base: IpAddr,
     /// Runtime worker threads (1: a single-threaded runtime).
     pub threads: u32,
+    /// Requests per second each client sends at most (0: as fast as its window
+    /// allows). A paced client is a well-behaved host beside a flood (`pcpperf flood`).
+    pub rate: f64,
 }
 
 /// One mapping a client renews: its identity and its encoded request.
@@ -362,6 +365,9 @@ async fn client(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let fail = |what: &str, e: io::Error| format!("client {index}: {what} failed: {e}");
+    // Pacing (`rate`): sends allowed so far = elapsed × rate, plus one.
+    let mut sent_total = 0u64;
+    let paced_from = Instant::now();
 
     loop {
         let now = Instant::now();
@@ -373,6 +379,12 @@ async fn client(
             }
         } else {
             while outstanding < window {
+                if cfg.rate > 0.0
+                    && sent_total as f64
+                        >= now.saturating_duration_since(paced_from).as_secs_f64() * cfg.rate + 1.0
+                {
+                    break;
+                }
                 let k = next;
                 match socket.try_send(&mappings[k].datagram) {
                     Ok(_) => {}
@@ -385,6 +397,7 @@ async fn client(
                     Err(e) => return Err(fail("send", e)),
                 }
                 next = (next + 1) % m;
+                sent_total += 1;
                 let measured = phase == Phase::Measure;
                 pending[k].push_back(Pending {
                     seq,
@@ -547,6 +560,7 @@ mod tests {
             checkpoint,
             source_base: "127.0.1.1".parse().unwrap(),
             threads: 1,
+            rate: 0.0,
         }
     }
 

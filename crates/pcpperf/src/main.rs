@@ -2,6 +2,8 @@
 //!
 //! * `pcpperf echo` — a trivial responder (R bit, SUCCESS, fixed epoch, the rest
 //!   reflected) that is the throughput floor any real server is compared with.
+//! * `pcpperf flood` — one host sending MAP requests as fast as it can (abuse
+//!   resistance: run it beside a paced `pcpperf map --rate R`).
 //! * `pcpperf map` / `pcpperf peer` — closed-loop load: N clients, each on its own
 //!   loopback source address, each keeping W requests outstanding, renewing M mappings,
 //!   optionally with CHECKPOINT_REQUIRED (option 192, RFC 7767). Reports requests,
@@ -12,6 +14,7 @@
 
 mod addr;
 mod echo;
+mod flood;
 mod load;
 mod report;
 
@@ -39,6 +42,9 @@ enum Command {
     Map(LoadArgs),
     /// Closed-loop PEER load (remote peer 127.0.0.250, port 20000 + mapping index).
     Peer(LoadArgs),
+    /// One host flooding at full speed: MAP requests for ever new internal ports from
+    /// one source address, answers ignored. Prints what it sent.
+    Flood(FloodArgs),
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +93,36 @@ struct LoadArgs {
     /// Runtime worker threads (1 = single-threaded; the server needs CPU too).
     #[arg(long, value_name = "T", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     threads: u32,
+    /// Requests per second each client sends at most (default 0: as fast as the
+    /// window allows). A paced client is the well-behaved host beside `pcpperf flood`.
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
+    rate: f64,
+}
+
+#[derive(Debug, Args)]
+struct FloodArgs {
+    /// The PCP server (loopback only).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5351", value_parser = addr::parse_server)]
+    server: SocketAddr,
+    /// The flooding host's address (loopback only).
+    #[arg(long, value_name = "IP", default_value = "127.0.9.1", value_parser = addr::parse_source_base)]
+    source: IpAddr,
+    /// How long to flood, in seconds.
+    #[arg(long, value_name = "S", default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Add CHECKPOINT_REQUIRED (option 192) to each request.
+    #[arg(long)]
+    checkpoint: bool,
+}
+
+/// Parses a non-negative, finite rate.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a non-negative number of requests per second"
+        )),
+    }
 }
 
 /// Parses a non-negative number of seconds, fractions allowed.
@@ -130,6 +166,7 @@ fn load(opcode: Opcode, a: LoadArgs) -> Result<(), String> {
         checkpoint: a.checkpoint,
         source_base: a.source_base,
         threads: a.threads,
+        rate: a.rate,
     })?;
     if json {
         println!("{}", report.to_json());
@@ -145,6 +182,9 @@ fn main() -> ExitCode {
         Command::Echo(a) => echo::run(a.bind, a.duration),
         Command::Map(a) => load(Opcode::Map, a),
         Command::Peer(a) => load(Opcode::Peer, a),
+        Command::Flood(a) => flood::run(a.server, a.source, a.duration, a.checkpoint).map(|r| {
+            println!("{r}");
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,6 +85,7 @@ pub struct Builder {
     pcp_port: Option<u16>,
     ip: Option<Ipv4Addr>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Starts building a daemon run from the `pcpd` binary at `bin`.
@@ -95,6 +96,7 @@ pub fn pcpd(bin: impl Into<PathBuf>) -> Builder {
         pcp_port: None,
         ip: None,
         args: Vec::new(),
+        env: Vec::new(),
     }
 }
 
@@ -115,6 +117,12 @@ impl Builder {
     /// each node's config names the other's replication address before either starts.
     pub fn at(mut self, ip: Ipv4Addr) -> Builder {
         self.ip = Some(ip);
+        self
+    }
+
+    /// Sets an environment variable (after the default `RUST_LOG=info`).
+    pub fn env(mut self, key: &str, value: &str) -> Builder {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -169,6 +177,7 @@ impl Builder {
             .args(&self.args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -191,7 +200,8 @@ impl Builder {
                     p.output()
                 ));
             }
-            if let Ok((200, _)) = try_http("GET", admin, "/status") {
+            // 401: the API is up and asks for a token (`admin_token_file`).
+            if let Ok((200 | 401, _)) = try_http("GET", admin, "/status") {
                 return Ok(p);
             }
             if Instant::now() > deadline {
