@@ -27,7 +27,9 @@ pub mod time;
 pub use checkpoint::{BackupStatus, Reason};
 pub use config::{ConfigError, ServerConfig};
 pub use mapping::Mapping;
-pub use server::{AdoptError, Change, Effect, Footprint, Reply, Server, age_held_reply, entry_of};
+pub use server::{
+    AdoptError, Change, Effect, Footprint, Journal, Reply, Server, age_held_reply, entry_of,
+};
 pub use table::{MappingKey, Origin};
 pub use time::Time;
 
