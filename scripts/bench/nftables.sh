@@ -20,9 +20,11 @@
 #    table (cost per mapping as the table grows). "New mappings/s" is what the server
 #    holds after a run minus before, over the run's duration (pcpd: GET /metrics;
 #    miniupnpd: its DNAT rules), so retries and renewals never count.
+#    OTHER_PCPD=path adds a third pcpd to every round (nftables data plane), e.g. a
+#    build of an earlier commit, for a same-run before/after comparison.
 # Settings (environment): TOTAL (100000), ROUNDS (3), CLIENTS (100), MAPPINGS (4000),
 # WINDOW (2), DURATION (5 s), MU_CLIENTS (4), MU_DURATION (20 s), SERVER_CPU (0),
-# LOAD_CPU (1).
+# LOAD_CPU (1), OTHER_PCPD (none), SKIP_MINIUPNPD (unset).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/bench/common.sh
@@ -122,15 +124,19 @@ measure() {
 echo "== 2. new MAPs over PCP: $CLIENTS clients x window $WINDOW, every request a new mapping"
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round"
-  for dp in memory nftables; do
-    ns="$P-$dp-$round"
+  for run in memory nftables ${OTHER_PCPD:+other}; do
+    dp=$run; pcpd=$BIN/pcpd; label=$run
+    if [ "$run" = other ]; then
+      dp=nftables; pcpd=$OTHER_PCPD; label="nftables, $OTHER_PCPD"
+    fi
+    ns="$P-$run-$round"
     netns "$ns"
-    server_toml "$dp" >"$WORK/$dp.toml"
-    start "$dp" "$SERVER_CPU" ip netns exec "$ns" "$BIN/pcpd" --config "$WORK/$dp.toml"
+    server_toml "$dp" >"$WORK/$run.toml"
+    start "$run" "$SERVER_CPU" ip netns exec "$ns" "$pcpd" --config "$WORK/$run.toml"
     pid=$LAST_PID
-    wait_until 10 "pcpd ($dp) up" ip netns exec "$ns" curl -sf --noproxy '*' http://127.0.0.1:8351/status >/dev/null
-    measure "pcpd $dp, from empty" "$ns" held "$CLIENTS" "$WINDOW" 127.0.4.1 "$DURATION"
-    measure "pcpd $dp, from the first run's" "$ns" held "$CLIENTS" "$WINDOW" 127.1.4.1 "$DURATION"
+    wait_until 10 "pcpd ($label) up" ip netns exec "$ns" curl -sf --noproxy '*' http://127.0.0.1:8351/status >/dev/null
+    measure "pcpd $label, from empty" "$ns" held "$CLIENTS" "$WINDOW" 127.0.4.1 "$DURATION"
+    measure "pcpd $label, from the first run's" "$ns" held "$CLIENTS" "$WINDOW" 127.1.4.1 "$DURATION"
     kill9 "$pid"
     ip netns del "$ns"
   done
@@ -142,7 +148,7 @@ dnat_rules() {
   ip netns exec "$1" nft list chain inet filter prerouting_miniupnpd | grep -c dnat || true
 }
 
-if [ -x /usr/sbin/miniupnpd ]; then
+if [ -z "${SKIP_MINIUPNPD:-}" ] && [ -x /usr/sbin/miniupnpd ]; then
   # miniupnpd's table and chains (what Debian's nft_init.sh would make), its external
   # interface on a veth towards a WAN namespace whose STUN responder shows it a 1:1
   # mapping (miniupnpd refuses to forward from a reserved external address otherwise).

@@ -82,6 +82,11 @@ pub trait DataPlane: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Makes room for `additional` more entries, where the data plane keeps its own
+    /// tables (a standby backup expecting a full copy). Default: nothing.
+    fn reserve(&mut self, additional: usize) {
+        let _ = additional;
+    }
     /// A short name for logs and the admin API (`"memory"`, `"nftables"`).
     fn name(&self) -> &'static str;
     /// Makes the installed entries exactly `entries`: stale ones removed, missing ones

@@ -83,9 +83,11 @@ impl PackedV4 {
 /// Records entries in hash tables.
 #[derive(Debug, Default)]
 pub struct MemoryDataPlane {
-    packed: HashSet<PackedV4>,
+    /// foldhash with a random per-process seed (see `pcp_server::FastMap`): an
+    /// install was a fifth SipHash in a standby backup's full copy.
+    packed: HashSet<PackedV4, foldhash::fast::RandomState>,
     /// Entries with filters or an IPv6 endpoint.
-    full: HashMap<EntryId, Entry>,
+    full: HashMap<EntryId, Entry, foldhash::fast::RandomState>,
     /// Capacity beyond which installs fail with NoResources (tests of that path).
     limit: Option<usize>,
 }
@@ -146,6 +148,9 @@ impl MemoryDataPlane {
 }
 
 impl DataPlane for MemoryDataPlane {
+    fn reserve(&mut self, additional: usize) {
+        self.packed.reserve(additional);
+    }
     fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
         if let Some(limit) = self.limit {
             let adds = batch.iter().filter(|o| matches!(o, Op::Install(_))).count();

@@ -5,12 +5,12 @@
 //! frames, timers and [`Event`]s come out ([`HaNode::poll_transmit`],
 //! [`HaNode::poll_timeout`], [`HaNode::poll_event`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use pcp_server::subscriber::SubscriberId;
-use pcp_server::{BackupStatus, Change, Mapping, MappingKey, Reason, Time};
+use pcp_server::{BackupStatus, Change, FastMap, Mapping, MappingKey, Reason, Time};
 
 use crate::wire::{self, Header, Kind, MappingRecord, Reader, Record, Writer};
 
@@ -195,6 +195,21 @@ struct Sender {
     handover_sent: Option<Time>,
 }
 
+/// One mapping of a backup's copy.
+#[derive(Debug)]
+struct Stored {
+    /// When it expires (local time).
+    expires: Time,
+    /// The copy generation that last refreshed it.
+    generation: u32,
+    /// Its external endpoint.
+    external: (IpAddr, u16),
+    /// The whole record, for a takeover to install; `None` in standby mode, where the
+    /// shell's core holds the mapping (and a copy of a million full records would cost
+    /// ~200 octets each, moved around as the copy streams in).
+    record: Option<Box<MappingRecord>>,
+}
+
 #[derive(Debug, Default)]
 struct Receiver {
     stream: u64,
@@ -206,8 +221,8 @@ struct Receiver {
     ever_ready: bool,
     /// Copy generation: BulkStart opens a new one; BulkEnd sweeps entries of older ones.
     generation: u32,
-    store: HashMap<MappingKey, (MappingRecord, Time, u32)>,
-    unprotected: HashMap<IpAddr, u32>,
+    store: FastMap<MappingKey, Stored>,
+    unprotected: FastMap<IpAddr, u32>,
     active_heard: Option<Time>,
     epoch_base: Option<Time>,
     last_ack: Option<Time>,
@@ -543,9 +558,11 @@ impl HaNode {
         let mut mappings = Vec::new();
         if !self.cfg.standby {
             mappings.reserve(self.rx.store.len());
-            for (record, expires, _) in self.rx.store.values() {
-                if *expires > now {
-                    mappings.push(mapping_of(record, *expires, now));
+            for st in self.rx.store.values() {
+                if let Some(record) = &st.record
+                    && st.expires > now
+                {
+                    mappings.push(mapping_of(record, st.expires, now));
                 }
             }
             mappings.sort_by_key(|m| m.key);
@@ -557,8 +574,8 @@ impl HaNode {
         let mut protected_hosts: Vec<IpAddr> = Vec::new();
         if !self.cfg.standby {
             let mut hosts = std::collections::HashSet::new();
-            for (k, (_, exp, _)) in &self.rx.store {
-                if *exp > now && !self.rx.unprotected.contains_key(&k.internal) {
+            for (k, st) in &self.rx.store {
+                if st.expires > now && !self.rx.unprotected.contains_key(&k.internal) {
                     hosts.insert(k.internal);
                 }
             }
@@ -807,13 +824,24 @@ impl HaNode {
                 // Received no earlier than written: the local expiry is never earlier
                 // than the one promised.
                 let expires = now.plus(Duration::from_millis(u64::from(m.remaining_ms)));
-                if self.cfg.standby {
-                    let view = Box::new(mapping_of(&m, expires, now));
+                let key = m.key;
+                let external = (m.external_addr, m.external_port);
+                let record = if self.cfg.standby {
+                    let view = Box::new(into_mapping(m, expires, now));
                     self.events.push_back(Event::Replica(Replica::Upsert(view)));
-                }
-                self.rx
-                    .store
-                    .insert(m.key, (m, expires, self.rx.generation));
+                    None
+                } else {
+                    Some(Box::new(m))
+                };
+                self.rx.store.insert(
+                    key,
+                    Stored {
+                        expires,
+                        generation: self.rx.generation,
+                        external,
+                        record,
+                    },
+                );
             }
             Record::Remove(k) => {
                 if self.rx.store.remove(&k).is_some() && self.cfg.standby {
@@ -841,7 +869,7 @@ impl HaNode {
                         .rx
                         .store
                         .iter()
-                        .filter(|(_, (_, _, gen_))| *gen_ != g)
+                        .filter(|(_, st)| st.generation != g)
                         .map(|(k, _)| *k)
                         .collect();
                     if !swept.is_empty() {
@@ -849,7 +877,7 @@ impl HaNode {
                             .push_back(Event::Replica(Replica::Remove(swept)));
                     }
                 }
-                self.rx.store.retain(|_, (_, _, gen_)| *gen_ == g);
+                self.rx.store.retain(|_, st| st.generation == g);
                 self.rx.unprotected.retain(|_, gen_| *gen_ == g);
                 self.rx.ready = true;
                 self.rx.ever_ready = true;
@@ -1060,7 +1088,7 @@ impl HaNode {
                 // visits the whole copy (tens of ms at a million).
                 if now.since(self.last_sweep) >= SWEEP_EVERY {
                     self.last_sweep = now;
-                    self.rx.store.retain(|_, (_, exp, _)| *exp > now);
+                    self.rx.store.retain(|_, st| st.expires > now);
                 }
             }
             Role::Draining => {
@@ -1083,10 +1111,7 @@ impl HaNode {
     /// The checkpointed mappings this backup holds for a takeover: key and external
     /// endpoint.
     pub fn stored(&self) -> impl Iterator<Item = (MappingKey, (IpAddr, u16))> + '_ {
-        self.rx
-            .store
-            .iter()
-            .map(|(k, (r, _, _))| (*k, (r.external_addr, r.external_port)))
+        self.rx.store.iter().map(|(k, st)| (*k, st.external))
     }
 
     /// The next event for the shell.
@@ -1116,6 +1141,40 @@ fn record_of(m: &Mapping) -> MappingRecord {
     }
 }
 
+/// The subscriber a replicated mapping names (the successor charges its own, see
+/// `Server::adopt`); one shared string, not an allocation per mapping.
+fn replicated_subscriber() -> SubscriberId {
+    static NAME: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+    SubscriberId::Named(NAME.get_or_init(|| "replicated".into()).clone())
+}
+
+/// [`mapping_of`], taking the record (its strings and filters move instead of being
+/// copied: a full copy streams a million of them through a standby backup).
+fn into_mapping(r: MappingRecord, expires: Time, now: Time) -> Mapping {
+    Mapping {
+        key: r.key,
+        nonce: r.nonce,
+        origin: r.origin,
+        client: r.client,
+        external: pcp_server::pool::ExternalEndpoint {
+            addr: r.external_addr,
+            protocol: r.key.protocol,
+            port: r.external_port,
+        },
+        expires,
+        lifetime: r.lifetime,
+        subscriber: replicated_subscriber(),
+        checkpoint_requested: r.requested,
+        checkpoint: match r.forced_by {
+            Some(rule) => Reason::Forced(rule.into()),
+            None => Reason::Requested,
+        },
+        filters: r.filters.into(),
+        description: r.description.map(Into::into),
+        created: now,
+    }
+}
+
 /// The mapping a successor installs for a record.
 fn mapping_of(r: &MappingRecord, expires: Time, now: Time) -> Mapping {
     Mapping {
@@ -1130,8 +1189,7 @@ fn mapping_of(r: &MappingRecord, expires: Time, now: Time) -> Mapping {
         },
         expires,
         lifetime: r.lifetime,
-        // The successor charges its own subscriber (see `Server::adopt`).
-        subscriber: SubscriberId::Named("replicated".into()),
+        subscriber: replicated_subscriber(),
         checkpoint_requested: r.requested,
         checkpoint: match &r.forced_by {
             Some(rule) => Reason::Forced(rule.as_str().into()),

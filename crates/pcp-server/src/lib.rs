@@ -27,6 +27,19 @@ pub mod time;
 pub use checkpoint::{BackupStatus, Reason};
 pub use config::{ConfigError, ServerConfig};
 pub use mapping::Mapping;
-pub use server::{AdoptError, Change, Effect, Footprint, Reply, Server, age_held_reply, entry_of};
+pub use server::{
+    AdoptError, Change, Effect, Footprint, Journal, Reply, Server, age_held_reply, entry_of,
+};
 pub use table::{MappingKey, Origin};
 pub use time::Time;
+
+/// The hash map of the per-mapping indices (mapping table, bindings, hosts,
+/// subscribers): foldhash with a random per-process seed instead of SipHash — a
+/// mapping costs a dozen hash lookups, and SipHash was a fifth of a standby backup's
+/// work during a full copy (`crates/pcp-ha/examples/resync.rs`). Keys are
+/// client-influenced (internal address and port), so the seed is random and never
+/// revealed: colliding keys cannot be computed offline, and every subscriber's keys
+/// are bounded by its tier's quota anyway.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set counterpart of [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -1,7 +1,6 @@
 //! The external address and port pool: which (address, protocol, port) triples are
 //! taken, and random, collision-free allocation of new ones.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 
@@ -68,12 +67,12 @@ impl PortMap {
 #[derive(Debug)]
 pub struct Pool {
     addrs: Vec<IpAddr>,
-    index: HashMap<IpAddr, usize>,
+    index: crate::FastMap<IpAddr, usize>,
     port_min: u16,
     port_max: u16,
     preserve_parity: bool,
     /// Per (address index, protocol).
-    maps: HashMap<(usize, u8), PortMap>,
+    maps: crate::FastMap<(usize, u8), PortMap>,
     taken: usize,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -109,7 +108,7 @@ impl Pool {
             port_min: cfg.port_min,
             port_max: cfg.port_max,
             preserve_parity: cfg.preserve_parity,
-            maps: HashMap::new(),
+            maps: crate::FastMap::default(),
             taken: 0,
             hasher: Default::default(),
         }

@@ -122,7 +122,7 @@ pub struct Server {
     subs: subscriber::Store,
     table: Table,
     rules: RuleNames,
-    hosts: HashMap<IpAddr, HostCount>,
+    hosts: crate::FastMap<IpAddr, HostCount>,
     /// Subscribers without mappings whose buckets are refilling, by when they are full.
     idle: std::collections::BinaryHeap<Reverse<(Time, SubscriberId)>>,
     /// The latest time seen (handle / expire).
@@ -137,7 +137,38 @@ pub struct Server {
     rng: SmallRng,
     /// What the request being served changed in the table, for [`Server::refuse`].
     undo: Vec<Undo>,
+    /// The answer the request being served was counted as, for [`Server::take_back`].
+    answered: Option<(RequestKind, ResultCode)>,
+    /// Whether the request being served passed the rate limiter.
+    admitted: bool,
     guard: Guard,
+}
+
+/// What one request did to the server, taken out with [`Server::take_journal`] so that
+/// a shell committing several requests' data plane operations in one batch can take
+/// them all back ([`Server::take_back`], last first) when that batch fails.
+///
+/// Every change a request makes to a mapping is recorded (a renewal that only moves
+/// the expiry too: a later request of the same batch may depend on it, and its
+/// replication records are withheld with the batch's).
+#[derive(Debug, Default)]
+pub struct Journal {
+    undo: Vec<Undo>,
+    answered: Option<(RequestKind, ResultCode)>,
+    admitted: bool,
+}
+
+impl Journal {
+    /// Whether the request passed the rate limiter (a request it dropped is not served
+    /// again after a take-back).
+    pub fn admitted(&self) -> bool {
+        self.admitted
+    }
+
+    /// Whether the request changed no mapping.
+    pub fn is_empty(&self) -> bool {
+        self.undo.is_empty()
+    }
 }
 
 /// One change a request made to the table, recorded so that a request whose data plane
@@ -186,7 +217,7 @@ impl Server {
             subs: subscriber::Store::default(),
             table: Table::new(),
             rules: RuleNames::default(),
-            hosts: HashMap::new(),
+            hosts: crate::FastMap::default(),
             idle: std::collections::BinaryHeap::new(),
             clock: now,
             exposed_now: false,
@@ -200,6 +231,8 @@ impl Server {
             stats: Stats::default(),
             rng: SmallRng::seed_from_u64(seed),
             undo: Vec::new(),
+            answered: None,
+            admitted: false,
             guard: Guard::new(&cfg.limits, now),
             cfg,
         })
@@ -413,19 +446,61 @@ impl Server {
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
     ) -> Reply {
+        self.undo.clear();
+        self.answered = None;
+        self.admitted = false;
         let src_ip = src.ip().to_canonical();
         // First of all, before any lookup: a flooding host costs one hash lookup.
         if !self.guard.admit(src_ip, now) {
             self.stats.rate_limited += 1;
             return Reply::Drop;
         }
+        self.serve_datagram(datagram, src, identity, now, reply, effects)
+    }
+
+    /// Serves again a datagram whose first serving was taken back
+    /// ([`Server::take_back`]): as [`Server::handle_as`], but without charging the
+    /// rate limiter a second time.
+    pub fn handle_again(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        identity: Option<&str>,
+        now: Time,
+        reply: &mut [u8],
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        self.undo.clear();
+        self.answered = None;
+        self.serve_datagram(datagram, src, identity, now, reply, effects)
+    }
+
+    /// The journal of the request just served (see [`Journal`]).
+    pub fn take_journal(&mut self) -> Journal {
+        Journal {
+            undo: std::mem::take(&mut self.undo),
+            answered: self.answered.take(),
+            admitted: std::mem::take(&mut self.admitted),
+        }
+    }
+
+    fn serve_datagram(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        identity: Option<&str>,
+        now: Time,
+        reply: &mut [u8],
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        self.admitted = true;
+        let src_ip = src.ip().to_canonical();
         self.exposed_now = false;
         // A mapping whose lifetime has ended is gone, even if the shell's expiry timer
         // has not run yet (a peek when nothing is due). A shell that may have to
         // [`Server::refuse`] the request calls [`Server::expire`] first, so that the
         // request's effects are its own.
         self.expire(now, effects);
-        self.undo.clear();
         if natpmp::is_natpmp(datagram) {
             return self.handle_natpmp(datagram, src_ip, now, reply, effects);
         }
@@ -438,7 +513,7 @@ impl Server {
                 let result = self.serve(&req, src_ip, identity, now, reply, effects);
                 match result {
                     Ok((n, echoed)) => {
-                        self.stats.answered(kind, ResultCode::Success);
+                        self.count_answer(kind, ResultCode::Success);
                         // A promise needs the backup's word first, and so does a host
                         // becoming exposed; with no backup configured
                         // (`without_backup = "honour"`) there is none to wait for.
@@ -542,13 +617,20 @@ impl Server {
         now: Time,
         reply: &mut [u8],
     ) -> Reply {
-        self.stats.answered(kind, code);
+        self.count_answer(kind, code);
         let lifetime = self.error_lifetime(code);
         let epoch = self.epochs.epoch(src, now);
         match emit_error_response(datagram, code, lifetime, epoch, parsed, reply) {
             Ok(n) => Reply::Send(n),
             Err(_) => Reply::Drop,
         }
+    }
+
+    /// Counts the answer of the request being served (and remembers it, so that a
+    /// take-back can retract it).
+    fn count_answer(&mut self, kind: RequestKind, code: ResultCode) {
+        self.stats.answered(kind, code);
+        self.answered = Some((kind, code));
     }
 
     fn error_lifetime(&self, code: ResultCode) -> u32 {
@@ -863,7 +945,13 @@ impl Server {
             now,
         );
 
-        // Everything that can fail has been checked: commit.
+        // Everything that can fail has been checked: commit. A renewal is journaled
+        // first, as the mapping is now (its subscriber may be retired below).
+        // Recorded even when the data plane does not change: a renewal's lifetime,
+        // checkpoint and accounting are taken back with its batch.
+        if let Some(id) = existing {
+            self.undo.push(Undo::Replaced(Box::new(self.view(id))));
+        }
         self.stats.decided(&reason);
         checkpoint::commit(was_checkpointed, &reason, &mut state, &mut self.ledger);
         let checkpointed = reason.is_checkpointed();
@@ -901,9 +989,6 @@ impl Server {
                 let install = ask
                     .filters
                     .is_some_and(|f| f != self.table.get(id).filters());
-                if install {
-                    self.undo.push(Undo::Replaced(Box::new(self.view(id))));
-                }
                 let r = self.table.get_mut(id);
                 if ask.filters.is_some() || ask.description.is_some() || client.is_some() {
                     let extra = r.extra.get_or_insert_with(Default::default);
@@ -1082,28 +1167,8 @@ impl Server {
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
     ) -> Reply {
-        let mut undone = Vec::new();
-        while let Some(u) = self.undo.pop() {
-            match u {
-                Undo::Created(key) => {
-                    if let Some(id) = self.table.find(&key) {
-                        self.remove_mapping(id, &mut undone);
-                    }
-                }
-                Undo::Replaced(old) => {
-                    if let Some(id) = self.table.find(&old.key) {
-                        self.remove_mapping(id, &mut undone);
-                    }
-                    self.restore(&old, now, &mut undone);
-                }
-                Undo::Removed(old) => self.restore(&old, now, &mut undone),
-            }
-        }
-        effects.extend(
-            undone
-                .into_iter()
-                .filter(|e| matches!(e, Effect::Replicate(_))),
-        );
+        let undo = std::mem::take(&mut self.undo);
+        self.undo_changes(undo, now, effects);
         self.exposed_now = false;
         let src_ip = src.ip().to_canonical();
         if natpmp::is_natpmp(datagram) {
@@ -1130,6 +1195,45 @@ impl Server {
         let kind = RequestKind::of(Opcode::from_bits(datagram.get(1).copied().unwrap_or(0)));
         self.stats.retract(kind, ResultCode::Success);
         self.error(datagram, code, true, kind, src_ip, now, reply)
+    }
+
+    /// Takes back a request served earlier, from its journal: what it did to the
+    /// table is undone and its answer no longer counted. Requests served after it
+    /// must have been taken back first (last first): each journal undoes its request
+    /// from the state that request left. As with [`Server::refuse`], the data plane
+    /// is assumed never to have received the request's operations, and the
+    /// replication records appended to `effects` cancel the request's own.
+    pub fn take_back(&mut self, journal: Journal, now: Time, effects: &mut Vec<Effect>) {
+        self.undo_changes(journal.undo, now, effects);
+        if let Some((kind, code)) = journal.answered {
+            self.stats.retract(kind, code);
+        }
+        self.exposed_now = false;
+    }
+
+    fn undo_changes(&mut self, mut undo: Vec<Undo>, now: Time, effects: &mut Vec<Effect>) {
+        let mut undone = Vec::new();
+        while let Some(u) = undo.pop() {
+            match u {
+                Undo::Created(key) => {
+                    if let Some(id) = self.table.find(&key) {
+                        self.remove_mapping(id, &mut undone);
+                    }
+                }
+                Undo::Replaced(old) => {
+                    if let Some(id) = self.table.find(&old.key) {
+                        self.remove_mapping(id, &mut undone);
+                    }
+                    self.restore(&old, now, &mut undone);
+                }
+                Undo::Removed(old) => self.restore(&old, now, &mut undone),
+            }
+        }
+        effects.extend(
+            undone
+                .into_iter()
+                .filter(|e| matches!(e, Effect::Replicate(_))),
+        );
     }
 
     /// Puts a mapping taken away by a refused request back as it was, charged to the
@@ -1166,6 +1270,13 @@ impl Server {
         effects.push(Effect::Replicate(Change::Remove(*key)));
         self.host_delta(key.internal, 0, -1, effects);
         true
+    }
+
+    /// Makes room for `mappings` more mappings in the table (see [`Table::reserve`]),
+    /// e.g. a standby backup expecting a full copy of its active's checkpointed
+    /// mappings.
+    pub fn reserve(&mut self, mappings: usize) {
+        self.table.reserve(mappings);
     }
 
     /// Installs a mapping replicated from the previous active (takeover): same key,
@@ -1437,7 +1548,7 @@ impl Server {
             | NResp::Map { result, .. }
             | NResp::Error { result, .. } => pcp_equivalent(result),
         };
-        self.stats.answered(RequestKind::NatPmp, code);
+        self.count_answer(RequestKind::NatPmp, code);
         match resp.emit(reply) {
             Some(n) => Reply::Send(n),
             None => Reply::Drop,

@@ -167,7 +167,7 @@ impl SubscriberState {
 pub struct Store {
     slots: Vec<Option<(SubscriberId, SubscriberState)>>,
     free: Vec<u32>,
-    by_id: HashMap<SubscriberId, u32>,
+    by_id: crate::FastMap<SubscriberId, u32>,
 }
 
 impl Store {

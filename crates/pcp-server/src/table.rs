@@ -177,11 +177,11 @@ struct Endpoint {
 /// The table with its indices.
 #[derive(Debug, Default)]
 pub struct Table {
-    endpoints: HashMap<InternalEndpoint, Endpoint>,
+    endpoints: crate::FastMap<InternalEndpoint, Endpoint>,
     /// Every external address ever bound, indexed by `Endpoint::ext_addr`. Only grows,
     /// by the pool's addresses: a handful, or a few thousand after many reloads.
     addrs: Vec<IpAddr>,
-    addr_index: HashMap<IpAddr, u32>,
+    addr_index: crate::FastMap<IpAddr, u32>,
     slots: Vec<Option<Record>>,
     free: Vec<u32>,
     len: usize,
@@ -197,6 +197,16 @@ impl Table {
     /// Number of mappings.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Makes room for `additional` more mappings without growing: a hash table of a
+    /// million entries that grows stalls its owner for tens to hundreds of
+    /// milliseconds and rehashes everything. Only the index's control octets are
+    /// written now; the rest is touched as entries arrive.
+    pub fn reserve(&mut self, additional: usize) {
+        self.endpoints.reserve(additional);
+        self.slots.reserve(additional);
+        self.expiry.reserve(additional);
     }
 
     /// Whether there are none.

@@ -49,6 +49,61 @@ pub struct Held {
     pub session: Option<u32>,
 }
 
+/// A datagram served in a group ([`Core::handle_group`]).
+#[derive(Debug)]
+pub struct Job {
+    /// The datagram is `datagram[..len]`.
+    pub datagram: Vec<u8>,
+    /// Its length.
+    pub len: usize,
+    /// Where it came from.
+    pub src: SocketAddr,
+    /// Which listen socket it came in on.
+    pub socket: usize,
+    /// When it was received (latency).
+    pub received: Instant,
+    /// The reply is written here (`Reply::Send(n)`: `reply[..n]`).
+    pub reply: Vec<u8>,
+    /// What to do with it.
+    pub answer: Reply,
+    /// The identity the authentication gate verified it as (RFC 7652), if any.
+    pub identity: Option<Arc<str>>,
+    /// The PA session that authenticated it: a held reply is tagged when sent.
+    pub session: Option<u32>,
+}
+
+impl Job {
+    /// An empty job with buffers for any datagram and reply.
+    pub fn new(socket: usize) -> Job {
+        Job {
+            datagram: vec![0; 2048],
+            len: 0,
+            src: SocketAddr::from(([0, 0, 0, 0], 0)),
+            socket,
+            received: Instant::now(),
+            reply: vec![0; pcp_proto::MAX_MESSAGE_LEN + 64],
+            answer: Reply::Drop,
+            identity: None,
+            session: None,
+        }
+    }
+}
+
+/// A request of a group, served and waiting for the group's data plane batch.
+struct Served {
+    reply: Reply,
+    journal: pcp_server::Journal,
+    held: Option<Held>,
+    /// Its replication records end here in `Core::changes`.
+    changes_end: usize,
+}
+
+/// Data plane operations after which a group's batch is committed before the next
+/// request is served: a batch must stay one kernel transaction (all-or-nothing) —
+/// 128 operations are some tens of KiB of netlink messages, well under the 128 KiB a
+/// transaction holds.
+pub const GROUP_OPS: usize = 128;
+
 /// Events queued for the core above which a backup holds its acknowledgements.
 const BACKLOG_HIGH: usize = 64 * 1024;
 /// ... and below which it releases them.
@@ -263,6 +318,19 @@ impl Pair {
         }
     }
 
+    /// Holds `h` until the backup acknowledged record `h.seq`.
+    fn hold(&mut self, mut h: Held, now: Time) {
+        h.deadline = now.plus(self.ack_timeout);
+        if h.seq == 0 {
+            // Nothing to wait for (this node stopped being active meanwhile): the
+            // reply goes out through the late path, without 192.
+            h.deadline = now;
+            self.late.push(h);
+        } else {
+            self.held.push(h);
+        }
+    }
+
     /// Sends every held reply whose records the backup now holds.
     fn release(&mut self, cum: u64, now: Time) {
         let split = self.held.partition_point(|h| h.seq <= cum);
@@ -382,6 +450,9 @@ pub struct Core {
     node_serves: Arc<AtomicBool>,
     origin: Instant,
     seed: u64,
+    /// Mappings the server core's (and data plane's) tables are sized for at start and
+    /// after a step-down (standby backup: the checkpoint capacity).
+    presize: usize,
     effects: Vec<Effect>,
     ops: Vec<Op>,
     changes: Vec<Change>,
@@ -504,7 +575,21 @@ impl Core {
         seed: u64,
         pair: Option<Pair>,
     ) -> Core {
+        // A standby backup receives a full copy of up to `[checkpoint] capacity`
+        // mappings: its tables are sized for it up front (growing them a million
+        // entries in stalls the copy and rehashes everything). Only their index is
+        // written now; memory is touched as mappings arrive. An active keeps the
+        // size once it took over, so its tables do not grow under load either.
+        let presize = pair
+            .as_ref()
+            .filter(|p| p.node.config().standby)
+            .map_or(0, |p| p.node.config().expected);
+        let mut server = server;
+        let mut dataplane = dataplane;
+        server.reserve(presize);
+        dataplane.reserve(presize);
         Core {
+            presize,
             server,
             dataplane,
             config,
@@ -568,33 +653,15 @@ impl Core {
         self.serving && (self.pair.is_none() || self.node_serves.load(Ordering::Acquire))
     }
 
-    /// Serves one datagram received on listen socket `socket`. A reply to send now is
-    /// in `reply`; a reply that must wait for the backup is kept in the pair state and
-    /// sent by the replication thread. (The daemon always goes through
-    /// [`Core::handle_as`]; this is the unauthenticated shorthand for tests.)
+    /// Serves one datagram received on listen socket `socket`, alone (the daemon
+    /// serves groups, [`Core::handle_group`]). A reply to send now is in `reply`; a
+    /// reply that must wait for the backup is kept in the pair state and sent by the
+    /// replication thread.
     #[cfg(test)]
     pub fn handle(
         &mut self,
         datagram: &[u8],
         src: SocketAddr,
-        socket: usize,
-        received: Instant,
-        reply: &mut [u8],
-    ) -> Reply {
-        self.handle_as(datagram, src, None, None, socket, received, reply)
-    }
-
-    /// Serves one datagram received on listen socket `socket`, authenticated by the
-    /// gate as `identity` (RFC 7652; charged to that identity's subscriber) or not
-    /// (`None`). A reply to send now is in `reply`; a reply that must wait for the
-    /// backup is kept in the pair state and sent by the replication thread.
-    #[allow(clippy::too_many_arguments)]
-    pub fn handle_as(
-        &mut self,
-        datagram: &[u8],
-        src: SocketAddr,
-        identity: Option<&str>,
-        session: Option<u32>,
         socket: usize,
         received: Instant,
         reply: &mut [u8],
@@ -608,23 +675,203 @@ impl Core {
         // request did, and a refusal takes back exactly that.
         self.server.expire(now, &mut self.effects);
         self.apply_effects(now);
-        let r = self
-            .server
-            .handle_as(datagram, src, identity, now, reply, &mut self.effects);
-        let held = match r {
+        self.serve_alone(
+            datagram,
+            src,
+            socket,
+            received,
+            reply,
+            now,
+            false,
+            (None, None),
+        )
+    }
+
+    /// Serves a group of datagrams with one data plane batch for all of them (group
+    /// commit: one netlink transaction instead of one per request). Answers are left
+    /// in each job's `answer` (and `reply`); replies held for the backup are kept in
+    /// the pair state as with [`Core::handle`].
+    ///
+    /// The requests are served in order; their data plane operations go to the data
+    /// plane together (cut after [`GROUP_OPS`] operations, so that a batch stays one
+    /// kernel transaction) and their replication records are queued only once that
+    /// batch committed. When the batch fails, the group is taken back, last request
+    /// first, each through its journal — the table is then exactly what it was
+    /// before the group, as is the data plane (batches are all-or-nothing), and
+    /// nothing was replicated — and every request is served again alone, with its own
+    /// batch: it is committed alone or refused, exactly as without grouping.
+    pub fn handle_group(&mut self, jobs: &mut [Job]) {
+        for j in jobs.iter_mut() {
+            j.answer = Reply::Drop;
+        }
+        if !self.serves() || jobs.is_empty() {
+            return;
+        }
+        let now = self.now();
+        self.server.expire(now, &mut self.effects);
+        self.apply_effects(now);
+        self.ops.clear();
+        self.changes.clear();
+        let mut group = Vec::with_capacity(jobs.len());
+        let mut first = 0;
+        for i in 0..jobs.len() {
+            let j = &mut jobs[i];
+            let r = self.server.handle_as(
+                &j.datagram[..j.len],
+                j.src,
+                j.identity.as_deref(),
+                now,
+                &mut j.reply,
+                &mut self.effects,
+            );
+            let held = self.held_for(&r, &j.reply, j.src, j.socket, j.received, now, j.session);
+            for e in self.effects.drain(..) {
+                match e {
+                    Effect::DataPlane(op) => self.ops.push(op),
+                    Effect::Replicate(change) => self.changes.push(change),
+                }
+            }
+            group.push(Served {
+                reply: r,
+                journal: self.server.take_journal(),
+                held,
+                changes_end: self.changes.len(),
+            });
+            if self.ops.len() >= GROUP_OPS || i + 1 == jobs.len() {
+                self.commit_group(&mut jobs[first..=i], std::mem::take(&mut group), now);
+                first = i + 1;
+            }
+        }
+    }
+
+    /// Commits the data plane batch of the requests just served (`jobs`, `served`):
+    /// on success queues their records and sets their answers; on failure takes them
+    /// back and serves them one by one (see [`Core::handle_group`]).
+    fn commit_group(&mut self, jobs: &mut [Job], mut served: Vec<Served>, now: Time) {
+        let failed = if self.ops.is_empty() {
+            None
+        } else {
+            self.dataplane.apply(&self.ops).err()
+        };
+        let ops = self.ops.len();
+        self.ops.clear();
+        if let Some(e) = failed {
+            self.dataplane_failures += 1;
+            tracing::warn!(error = %e, ops, requests = jobs.len(), "data plane refused a group's batch; serving its requests one by one");
+            // Nothing of the group was replicated or installed: take it back, last
+            // first, and drop the take-back's records with the withheld ones.
+            self.changes.clear();
+            let mut journals = Vec::with_capacity(served.len());
+            for s in served.into_iter().rev() {
+                journals.push(s.journal.admitted());
+                self.server.take_back(s.journal, now, &mut self.effects);
+            }
+            self.effects.clear();
+            journals.reverse();
+            for (j, admitted) in jobs.iter_mut().zip(journals) {
+                // A request the rate limiter dropped stays dropped.
+                if admitted {
+                    j.answer = self.serve_alone(
+                        &j.datagram[..j.len],
+                        j.src,
+                        j.socket,
+                        j.received,
+                        &mut j.reply,
+                        now,
+                        true,
+                        (j.identity.as_deref(), j.session),
+                    );
+                }
+            }
+            return;
+        }
+        let changes = std::mem::take(&mut self.changes);
+        let any_held = served.iter().any(|s| s.held.is_some());
+        if let (Some(pair), true) = (self.pair.as_deref(), !changes.is_empty() || any_held) {
+            let mut p = lock_pair(pair);
+            let mut from = 0;
+            for s in &mut served {
+                let mut seq = 0;
+                for change in &changes[from..s.changes_end] {
+                    if let Some(x) = p.node.push(change, now) {
+                        seq = x;
+                    }
+                }
+                from = s.changes_end;
+                if let Some(mut h) = s.held.take() {
+                    h.seq = seq;
+                    p.hold(h, now);
+                }
+            }
+        }
+        self.changes = changes;
+        self.changes.clear();
+        for (j, s) in jobs.iter_mut().zip(served) {
+            j.answer = self.answer_of(s.reply);
+        }
+    }
+
+    /// The reply of a request that `r` asks to hold for the backup, when this node has one.
+    #[allow(clippy::too_many_arguments)]
+    fn held_for(
+        &self,
+        r: &Reply,
+        reply: &[u8],
+        to: SocketAddr,
+        socket: usize,
+        received: Instant,
+        now: Time,
+        session: Option<u32>,
+    ) -> Option<Held> {
+        match r {
             Reply::Hold(n) if self.pair.is_some() => Some(Held {
                 seq: 0,
-                reply: reply[..n].to_vec(),
-                to: src,
+                reply: reply[..*n].to_vec(),
+                to,
                 socket,
-                key: held_key(&reply[..n], src),
+                key: held_key(&reply[..*n], to),
                 at: now,
                 deadline: now,
                 received,
                 session,
             }),
             _ => None,
+        }
+    }
+
+    /// What the shell does with a committed request's reply.
+    fn answer_of(&self, r: Reply) -> Reply {
+        match r {
+            Reply::Hold(_) if self.pair.is_some() => Reply::Drop,
+            // Without a pair the core never holds (its backup status stays `None`).
+            Reply::Hold(n) => Reply::Send(n),
+            other => other,
+        }
+    }
+
+    /// Serves one request with a data plane batch of its own (expiry already done at
+    /// `now`). `again`: the request was served before and taken back (the rate
+    /// limiter is not charged twice).
+    #[allow(clippy::too_many_arguments)]
+    fn serve_alone(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        socket: usize,
+        received: Instant,
+        reply: &mut [u8],
+        now: Time,
+        again: bool,
+        (identity, session): (Option<&str>, Option<u32>),
+    ) -> Reply {
+        let r = if again {
+            self.server
+                .handle_again(datagram, src, identity, now, reply, &mut self.effects)
+        } else {
+            self.server
+                .handle_as(datagram, src, identity, now, reply, &mut self.effects)
         };
+        let held = self.held_for(&r, reply, src, socket, received, now, session);
         if let Err(e) = self.apply_effects_holding(now, held, true) {
             // No false SUCCESS: the kernel does not translate what the reply would
             // promise. The request is taken back and answered with the error; the
@@ -640,12 +887,7 @@ impl Core {
             self.effects.clear();
             return r;
         }
-        match r {
-            Reply::Hold(_) if self.pair.is_some() => Reply::Drop,
-            // Without a pair the core never holds (its backup status stays `None`).
-            Reply::Hold(n) => Reply::Send(n),
-            other => other,
-        }
+        self.answer_of(r)
     }
 
     /// Removes expired mappings.
@@ -733,15 +975,7 @@ impl Core {
         }
         if let Some(mut h) = held {
             h.seq = seq;
-            h.deadline = now.plus(p.ack_timeout);
-            if seq == 0 {
-                // Nothing to wait for (this node stopped being active meanwhile): the
-                // reply goes out through the late path, without 192.
-                h.deadline = now;
-                p.late.push(h);
-            } else {
-                p.held.push(h);
-            }
+            p.hold(h, now);
         }
         Ok(seq)
     }
@@ -768,7 +1002,21 @@ impl Core {
         // Acknowledgements may be due again (backpressure released).
         let mut kicked = !events.is_empty();
         for ev in events {
+            // Mirrored changes go to the data plane as one batch per run of them (one
+            // netlink transaction instead of one per mapping), cut after `GROUP_OPS`
+            // operations so that a batch stays one kernel transaction; anything else
+            // sees the data plane in step.
+            let mirrored = matches!(ev, Event::Replica(_));
+            if !mirrored && !self.effects.is_empty() {
+                self.apply_effects(now);
+            }
             kicked |= self.core_event(ev, now);
+            if mirrored && self.effects.len() >= GROUP_OPS {
+                self.apply_effects(now);
+            }
+        }
+        if !self.effects.is_empty() {
+            self.apply_effects(now);
         }
         if !late.is_empty() {
             self.late_replies(late, now);
@@ -861,7 +1109,7 @@ impl Core {
                 }
             }
         }
-        self.apply_effects(now);
+        // The effects are applied by `ha_work`, once per batch of mirrored changes.
     }
 
     /// A fresh, empty server core (and data plane): this node stopped being active.
@@ -880,6 +1128,7 @@ impl Core {
         self.seed = self.seed.wrapping_add(1);
         if let Ok(s) = Server::new(self.config.server.clone(), now, self.seed) {
             self.server = s;
+            self.server.reserve(self.presize);
         }
         self.pending.clear();
         let base = self.server.epochs().base();
@@ -1173,5 +1422,376 @@ mod tests {
         );
         assert_eq!((core.server.mapping_count(), core.dataplane.len()), (1, 1));
         core.server.check_invariants().unwrap();
+    }
+
+    /// The memory data plane, counting batches.
+    struct Counting {
+        inner: MemoryDataPlane,
+        batches: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl DataPlane for Counting {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            self.batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.reconcile(entries)
+        }
+    }
+
+    fn replicated(port: u16) -> pcp_server::Mapping {
+        let host: IpAddr = "10.0.0.9".parse().unwrap();
+        pcp_server::Mapping {
+            key: pcp_server::MappingKey {
+                internal: host,
+                protocol: 17,
+                internal_port: port,
+                remote: None,
+            },
+            nonce: [3; 12],
+            origin: pcp_server::Origin::Pcp,
+            client: host,
+            external: pcp_server::pool::ExternalEndpoint {
+                addr: "192.0.2.1".parse().unwrap(),
+                protocol: 17,
+                port,
+            },
+            expires: Time(3_600_000),
+            lifetime: 3600,
+            subscriber: pcp_server::subscriber::SubscriberId::Named("replicated".into()),
+            checkpoint_requested: true,
+            checkpoint: pcp_server::Reason::Requested,
+            filters: Box::new([]),
+            description: None,
+            created: Time(0),
+        }
+    }
+
+    /// A standby backup mirrors a run of replicated changes into its data plane in
+    /// batches of `GROUP_OPS` operations (one netlink transaction each with
+    /// nftables), not one per mapping; a non-mirror event in between ends the run, so
+    /// it sees the data plane in step.
+    #[test]
+    fn mirrored_changes_reach_the_data_plane_one_batch_per_run() {
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dp = Counting {
+            inner: MemoryDataPlane::new(),
+            batches: batches.clone(),
+        };
+        let ha = pcp_ha::HaConfig {
+            standby: true,
+            expected: 1000,
+            ..pcp_ha::HaConfig::default()
+        };
+        let node = HaNode::new(ha, false, 7, Time(0));
+        let origin = Instant::now();
+        let pair = Pair::new(
+            node,
+            "127.0.0.1:1".parse().unwrap(),
+            Duration::from_millis(250),
+            origin,
+        );
+        let mut core = Core::new(server, Box::new(dp), config, origin, 1, Some(pair));
+        {
+            let mut p = core.lock_pair().unwrap();
+            for port in 2000..2300 {
+                p.for_core
+                    .push_back(Event::Replica(pcp_ha::Replica::Upsert(Box::new(
+                        replicated(port),
+                    ))));
+            }
+            p.for_core
+                .push_back(Event::BackupStatus(BackupStatus::NotReady));
+            let gone = (2000..2010)
+                .map(|port| replicated(port).key)
+                .collect::<Vec<_>>();
+            p.for_core
+                .push_back(Event::Replica(pcp_ha::Replica::Remove(gone)));
+        }
+        core.ha_work();
+        assert_eq!(
+            batches.load(std::sync::atomic::Ordering::Relaxed),
+            4,
+            "300 installs in batches of 128, 128 and 44; 10 removals in another"
+        );
+        assert_eq!(
+            (core.server.mapping_count(), core.dataplane.len()),
+            (290, 290)
+        );
+        core.server.check_invariants().unwrap();
+    }
+
+    /// A data plane that refuses batches: any batch touching a poisoned internal port
+    /// (as a kernel refusing one element would), and a random share of the others; it
+    /// counts the batches it was given.
+    struct Chaos {
+        inner: Arc<Mutex<MemoryDataPlane>>,
+        rng: rand::rngs::SmallRng,
+        fail_per_mille: u32,
+        poisoned: Vec<u16>,
+        applies: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl DataPlane for Chaos {
+        fn apply(&mut self, batch: &[Op]) -> Result<(), DataPlaneError> {
+            use rand::Rng;
+            self.applies.fetch_add(1, Ordering::Relaxed);
+            let poisoned = batch.iter().any(|op| {
+                let (Op::Install(e) | Op::Remove(e)) = op;
+                self.poisoned.contains(&e.internal.port())
+            });
+            if poisoned {
+                return Err(DataPlaneError::Failure("poisoned element".into()));
+            }
+            if self.rng.random_range(0..1000) < self.fail_per_mille {
+                return Err(if self.rng.random_bool(0.5) {
+                    DataPlaneError::Failure("injected".into())
+                } else {
+                    DataPlaneError::NoResources("injected".into())
+                });
+            }
+            self.inner.lock().unwrap().apply(batch)
+        }
+        fn len(&self) -> usize {
+            self.inner.lock().unwrap().len()
+        }
+        fn name(&self) -> &'static str {
+            "chaos"
+        }
+        fn reconcile(&mut self, entries: &[pcp_dataplane::Entry]) -> Result<(), DataPlaneError> {
+            self.inner.lock().unwrap().reconcile(entries)
+        }
+    }
+
+    type Key = (IpAddr, u8, u16);
+
+    fn request(host: u8, protocol: u8, port: u16, lifetime: u32, nonce: u8, ext: u16) -> Vec<u8> {
+        let req = Request {
+            lifetime,
+            client_addr: IpAddr::from([10, 0, 0, host]),
+            body: Body::Map(MapBody {
+                nonce: [nonce; 12],
+                protocol,
+                internal_port: port,
+                external_port: ext,
+                external_addr: "0.0.0.0".parse().unwrap(),
+            }),
+            options: Options::EMPTY,
+            pa_result_code: ResultCode::Success,
+        };
+        let mut buf = vec![0u8; 1100];
+        let n = req.emit(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn job(datagram: &[u8], host: u8) -> Job {
+        let mut j = Job::new(0);
+        j.datagram[..datagram.len()].copy_from_slice(datagram);
+        j.len = datagram.len();
+        j.src = SocketAddr::from(([10, 0, 0, host], 40000));
+        j
+    }
+
+    /// What a reply tells its client: `Some(Some(ext))` installed at `ext`,
+    /// `Some(None)` deleted, `None` an error (nothing changed) or no reply.
+    fn outcome(j: &Job) -> Option<Option<SocketAddr>> {
+        let Reply::Send(n) = j.answer else {
+            return None;
+        };
+        let r = Response::parse(&j.reply[..n]).unwrap();
+        if r.result_code != ResultCode::Success {
+            return None;
+        }
+        let Body::Map(m) = r.body else { panic!() };
+        Some((r.lifetime > 0).then(|| SocketAddr::new(m.external_addr, m.external_port)))
+    }
+
+    fn chaos_core(
+        fail_per_mille: u32,
+        poisoned: Vec<u16>,
+        seed: u64,
+    ) -> (
+        Core,
+        Arc<Mutex<MemoryDataPlane>>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use rand::SeedableRng;
+        let config = Config::embedded();
+        let server = Server::new(config.server.clone(), Time(0), seed).unwrap();
+        let inner = Arc::new(Mutex::new(MemoryDataPlane::new()));
+        let applies = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dp = Chaos {
+            inner: inner.clone(),
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            fail_per_mille,
+            poisoned,
+            applies: applies.clone(),
+        };
+        let core = Core::new(server, Box::new(dp), config, Instant::now(), seed, None);
+        (core, inner, applies)
+    }
+
+    #[test]
+    fn a_healthy_group_is_one_data_plane_batch() {
+        let (mut core, inner, applies) = chaos_core(0, vec![], 1);
+        let mut jobs: Vec<Job> = (0..32)
+            .map(|i| job(&request(1, 17, 6000 + i, 3600, 7, 0), 1))
+            .collect();
+        core.handle_group(&mut jobs);
+        assert!(jobs.iter().all(|j| matches!(outcome(j), Some(Some(_)))));
+        assert_eq!(
+            applies.load(Ordering::Relaxed),
+            1,
+            "one batch for 32 requests"
+        );
+        assert_eq!(inner.lock().unwrap().len(), 32);
+    }
+
+    #[test]
+    fn a_refused_element_in_a_group_refuses_only_its_request() {
+        let (mut core, inner, applies) = chaos_core(0, vec![5001], 1);
+        // The second renews what the first creates, the fourth deletes it: the
+        // take-back goes last first, and the one-by-one pass sees each in turn.
+        let mut jobs = vec![
+            job(&request(1, 17, 5000, 3600, 7, 0), 1),
+            job(&request(1, 17, 5000, 3600, 7, 0), 1),
+            job(&request(1, 17, 5001, 3600, 7, 0), 1),
+            job(&request(1, 17, 5000, 0, 7, 0), 1),
+            job(&request(1, 17, 5002, 3600, 7, 0), 1),
+        ];
+        core.handle_group(&mut jobs);
+        let got: Vec<_> = jobs.iter().map(outcome).collect();
+        assert!(matches!(got[0], Some(Some(_))), "{got:?}");
+        assert_eq!(got[1], got[0], "the renewal keeps the endpoint");
+        assert_eq!(got[2], None, "the poisoned request is refused");
+        let Reply::Send(n) = jobs[2].answer else {
+            panic!()
+        };
+        assert_eq!(
+            Response::parse(&jobs[2].reply[..n]).unwrap().result_code,
+            ResultCode::NetworkFailure
+        );
+        assert_eq!(got[3], Some(None), "deleted");
+        assert!(matches!(got[4], Some(Some(_))));
+        // The group's batch, then four batches of their own (the renewal has none).
+        assert_eq!(applies.load(Ordering::Relaxed), 5);
+        let ports: Vec<u16> = inner
+            .lock()
+            .unwrap()
+            .entries()
+            .map(|e| e.internal.port())
+            .collect();
+        assert_eq!(ports, vec![5002]);
+        assert_eq!(core.server.mapping_count(), 1);
+        assert_eq!(core.dataplane_failures, 2);
+        core.server.check_invariants().unwrap();
+    }
+
+    /// Groups of random MAP requests (creations, renewals, deletions, wrong nonces,
+    /// suggested ports; several about the same mapping) against a data plane that
+    /// refuses some batches: after every group, the table and the data plane hold
+    /// exactly what the replies told, in order — a SUCCESS is installed at the
+    /// endpoint it named (or deleted), an error left nothing.
+    #[test]
+    fn every_reply_of_a_group_tells_the_truth_whatever_fails() {
+        use rand::{Rng, SeedableRng};
+        let seeds: u64 = std::env::var("PCP_GROUP_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        let (mut refused, mut mixed) = (0u64, 0u64);
+        for seed in 0..seeds {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            let poisoned = vec![5000 + rng.random_range(0..12u16)];
+            let (mut core, inner, _) = chaos_core(rng.random_range(0..500), poisoned, seed);
+            let mut model: std::collections::HashMap<Key, SocketAddr> = Default::default();
+            for _group in 0..20 {
+                let n = rng.random_range(1..=32);
+                let mut jobs: Vec<Job> = (0..n)
+                    .map(|_| {
+                        let host = rng.random_range(1..=3u8);
+                        let proto = if rng.random_bool(0.8) { 17 } else { 6 };
+                        let port = 5000 + rng.random_range(0..12u16);
+                        let lifetime = if rng.random_bool(0.25) { 0 } else { 3600 };
+                        let nonce = if rng.random_bool(0.05) { 9 } else { 7 };
+                        let ext = if rng.random_bool(0.3) {
+                            1024 + rng.random_range(0..64u16)
+                        } else {
+                            0
+                        };
+                        job(&request(host, proto, port, lifetime, nonce, ext), host)
+                    })
+                    .collect();
+                let failures = core.dataplane_failures;
+                core.handle_group(&mut jobs);
+                let mut successes = 0;
+                for j in &jobs {
+                    let Some(o) = outcome(j) else { continue };
+                    let Body::Map(m) = Request::parse(&j.datagram[..j.len]).unwrap().body else {
+                        panic!()
+                    };
+                    let key = (j.src.ip(), m.protocol, m.internal_port);
+                    match o {
+                        Some(ext) => {
+                            successes += 1;
+                            model.insert(key, ext);
+                        }
+                        None => {
+                            model.remove(&key);
+                        }
+                    }
+                }
+                if core.dataplane_failures > failures {
+                    refused += 1;
+                    if successes > 0 {
+                        mixed += 1;
+                    }
+                }
+                let table: std::collections::HashMap<Key, SocketAddr> = core
+                    .server
+                    .mappings()
+                    .map(|m| {
+                        let ext = SocketAddr::new(m.external.addr, m.external.port);
+                        ((m.key.internal, m.key.protocol, m.key.internal_port), ext)
+                    })
+                    .collect();
+                assert_eq!(
+                    table, model,
+                    "seed {seed}: the table is what the replies told"
+                );
+                let installed: std::collections::HashMap<Key, SocketAddr> = inner
+                    .lock()
+                    .unwrap()
+                    .entries()
+                    .map(|e| {
+                        let key = (e.internal.ip(), e.protocol, e.internal.port());
+                        (key, e.external)
+                    })
+                    .collect();
+                assert_eq!(
+                    installed, model,
+                    "seed {seed}: the data plane is what the replies told"
+                );
+                core.server
+                    .check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            }
+        }
+        assert!(refused > seeds, "failures were injected ({refused} groups)");
+        assert!(
+            mixed > seeds / 2,
+            "refused groups still committed requests ({mixed})"
+        );
     }
 }

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 
 use crate::acl::{Reject, SocketAcl};
 use crate::config::{Config, DataPlaneKind, HaRole};
-use crate::core::{Core, Pair, Shared};
+use crate::core::{Core, Job, Pair, Shared};
 use pcp_ha::{HaConfig, HaNode};
 
 /// Why pcpd could not start.
@@ -238,9 +238,6 @@ async fn serve_socket(
     auth: Option<crate::auth::SharedAuth>,
     sockets: Vec<Arc<UdpSocket>>,
 ) {
-    let mut buf = vec![0u8; 2048];
-    // Room for the tag the gate appends to a reply.
-    let mut reply = vec![0u8; pcp_proto::MAX_MESSAGE_LEN + 64];
     let ctx = Serve {
         sock: &sock,
         index,
@@ -249,8 +246,10 @@ async fn serve_socket(
         auth: auth.as_ref(),
         sockets: &sockets,
     };
+    let mut jobs: Vec<Job> = (0..BATCH).map(|_| Job::new(index)).collect();
+    let mut sessions: Vec<Option<u32>> = vec![None; BATCH];
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
+        let (n, src) = match sock.recv_from(&mut jobs[0].datagram).await {
             Ok(x) => x,
             Err(e) => {
                 // ICMP errors from earlier sends surface here on some systems; keep going.
@@ -258,14 +257,26 @@ async fn serve_socket(
                 continue;
             }
         };
-        ctx.one(&mut buf, n, src, &mut reply).await;
-        // Whatever else is already queued is served before the records go to the
-        // backup: one frame (and one acknowledgement) for the lot — group commit.
+        let mut queued = 0;
+        if ctx.admit(&mut jobs[0], n, src, &mut sessions[0]).await {
+            queued = 1;
+        }
+        // Whatever else is already queued is served with it: one data plane batch
+        // (one netlink transaction) and one replication frame for the lot — group
+        // commit.
         for _ in 1..BATCH {
-            match sock.try_recv_from(&mut buf) {
-                Ok((n, src)) => ctx.one(&mut buf, n, src, &mut reply).await,
+            let j = &mut jobs[queued];
+            match sock.try_recv_from(&mut j.datagram) {
+                Ok((n, src)) => {
+                    if ctx.admit(j, n, src, &mut sessions[queued]).await {
+                        queued += 1;
+                    }
+                }
                 Err(_) => break,
             }
+        }
+        if queued > 0 {
+            ctx.serve(&mut jobs[..queued], &sessions[..queued]).await;
         }
         // Records queued for the backup go out now, from this task: no wake-up of the
         // replication thread on a request's path.
@@ -276,7 +287,8 @@ async fn serve_socket(
     }
 }
 
-/// Datagrams served per socket before the replication records they queued are sent.
+/// Datagrams served per socket in one group: one data plane batch, and the
+/// replication records they queued sent in one frame.
 const BATCH: usize = 32;
 
 /// What serving one socket needs.
@@ -290,124 +302,141 @@ struct Serve<'a> {
 }
 
 impl Serve<'_> {
-    /// Serves one datagram (`buf[..n]`); a reply to send now is sent (held replies go
-    /// out when the backup acknowledges, from whoever hears the acknowledgement).
-    async fn one(&self, buf: &mut [u8], n: usize, src: SocketAddr, reply: &mut [u8]) {
-        let (sock, shared) = (self.sock, self.shared);
-        let received = Instant::now();
+    /// Readies the datagram in `job.datagram[..n]` for the core: the socket's access
+    /// list first, then, with authentication on, the gate (its own answers go out at
+    /// once). Returns whether the core serves it (`session`: the session that
+    /// authenticated it).
+    async fn admit(
+        &self,
+        job: &mut Job,
+        n: usize,
+        src: SocketAddr,
+        session: &mut Option<u32>,
+    ) -> bool {
+        job.received = Instant::now();
+        job.src = src;
+        job.len = n;
+        job.identity = None;
+        job.session = None;
+        *session = None;
         if !self.acl.admits(src.ip()) {
             // Not a client of this address: counted, and dropped before the lock, or
             // refused by the core (rate-limited like any answer).
             if self.acl.reject == Reject::Drop {
-                return;
+                return false;
             }
             let answer = {
-                let mut core = shared.lock();
+                let mut core = self.shared.lock();
                 if !core.serves() {
-                    return;
+                    return false;
                 }
                 let now = core.now();
-                core.server.not_authorized(&buf[..n], src, now, reply)
+                core.server
+                    .not_authorized(&job.datagram[..n], src, now, &mut job.reply)
             };
             if let Reply::Send(len) = answer {
-                let _ = sock.try_send_to(&reply[..len], src);
+                let _ = self.sock.try_send_to(&job.reply[..len], src);
             }
-            return;
+            return false;
         }
-        let mut n = n;
-        let mut session = None;
-        let mut identity = None;
-        if let Some(auth) = self.auth {
-            // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
-            // per-host rate limit comes first (a request the gate passes on is charged
-            // again by the core). The gate's answers carry the core's epoch. A node
-            // that does not serve (a backup) keeps quiet for PA messages too.
-            let epoch = {
-                let mut core = shared.lock();
-                if !core.serves() {
-                    return;
-                }
-                let now = core.now();
-                if !core.server.admit(src.ip(), now) {
-                    return;
-                }
-                core.epoch_for(src.ip())
-            };
-            let (verdict, out) = {
-                let mut a = crate::auth::lock(auth);
-                let now = a.now();
-                if buf.get(1).is_some_and(|b| b & 0x7f == 3) {
-                    a.route(src, self.index);
-                }
-                let v = a.gate.inbound(now, src, epoch, buf, n);
-                let radius_out = a.backend_requests();
-                let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
-                a.log_events();
-                if let Some(sock) = radius_sock {
-                    // Non-blocking: a full socket buffer is a loss the RADIUS
-                    // retransmission covers.
-                    for d in radius_out {
-                        let _ = sock.try_send(&d);
-                    }
-                }
-                (v, a.transmits())
-            };
-            crate::auth::send_all(self.sockets, out).await;
-            match verdict {
-                Inbound::Serve {
-                    len,
-                    session: s,
-                    identity: who,
-                } => {
-                    n = len;
-                    session = s;
-                    identity = who;
-                }
-                Inbound::Answer(a) => {
-                    if let Err(e) = sock.send_to(&a, src).await {
-                        tracing::debug!(error = %e, %src, "send_to");
-                    }
-                    return;
-                }
-                Inbound::Handled | Inbound::Drop => return,
-            }
-        }
-        // One lock per request: serve, and count the latency up to the reply being
-        // ready (sending is a non-blocking syscall right after).
-        let answer = {
-            let mut core = shared.lock();
-            let answer = core.handle_as(
-                &buf[..n],
-                src,
-                identity.as_deref(),
-                session,
-                self.index,
-                received,
-                reply,
-            );
-            if matches!(answer, Reply::Send(_)) {
-                core.latency.record(received.elapsed());
-            }
-            answer
+        let Some(auth) = self.auth else {
+            return true;
         };
-        if let Reply::Send(len) = answer {
+        // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
+        // per-host rate limit comes first (a request the gate passes on is charged
+        // again by the core). The gate's answers carry the core's epoch. A node that
+        // does not serve (a backup) keeps quiet for PA messages too.
+        let epoch = {
+            let mut core = self.shared.lock();
+            if !core.serves() {
+                return false;
+            }
+            let now = core.now();
+            if !core.server.admit(src.ip(), now) {
+                return false;
+            }
+            core.epoch_for(src.ip())
+        };
+        let (verdict, out) = {
+            let mut a = crate::auth::lock(auth);
+            let now = a.now();
+            if job.datagram.get(1).is_some_and(|b| b & 0x7f == 3) {
+                a.route(src, self.index);
+            }
+            let v = a.gate.inbound(now, src, epoch, &mut job.datagram, n);
+            let radius_out = a.backend_requests();
+            let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
+            a.log_events();
+            if let Some(sock) = radius_sock {
+                // Non-blocking: a full socket buffer is a loss the RADIUS
+                // retransmission covers.
+                for d in radius_out {
+                    let _ = sock.try_send(&d);
+                }
+            }
+            (v, a.transmits())
+        };
+        crate::auth::send_all(self.sockets, out).await;
+        match verdict {
+            Inbound::Serve {
+                len,
+                session: s,
+                identity,
+            } => {
+                job.len = len;
+                job.identity = identity;
+                job.session = s;
+                *session = s;
+                true
+            }
+            Inbound::Answer(a) => {
+                if let Err(e) = self.sock.send_to(&a, src).await {
+                    tracing::debug!(error = %e, %src, "send_to");
+                }
+                false
+            }
+            Inbound::Handled | Inbound::Drop => false,
+        }
+    }
+
+    /// Serves a group under one core lock and sends the replies to send now (held
+    /// replies go out when the backup acknowledges, from whoever hears it).
+    async fn serve(&self, jobs: &mut [Job], sessions: &[Option<u32>]) {
+        {
+            let mut core = self.shared.lock();
+            core.handle_group(jobs);
+            // Latency up to the reply being ready (sending is a non-blocking syscall
+            // right after).
+            for j in jobs.iter() {
+                if matches!(j.answer, Reply::Send(_)) {
+                    core.latency.record(j.received.elapsed());
+                }
+            }
+        }
+        for (j, session) in jobs.iter_mut().zip(sessions) {
+            let Reply::Send(len) = j.answer else {
+                continue;
+            };
             let len = match (self.auth, session) {
                 (Some(a), Some(_)) => {
-                    match crate::auth::lock(a).gate.outbound(session, reply, len) {
+                    match crate::auth::lock(a)
+                        .gate
+                        .outbound(*session, &mut j.reply, len)
+                    {
                         Some(l) => l,
-                        None => return,
+                        None => continue,
                     }
                 }
                 _ => len,
             };
-            let sent = match sock.try_send_to(&reply[..len], src) {
+            let sent = match self.sock.try_send_to(&j.reply[..len], j.src) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    sock.send_to(&reply[..len], src).await.map(|_| ())
+                    self.sock.send_to(&j.reply[..len], j.src).await.map(|_| ())
                 }
                 other => other.map(|_| ()),
             };
             if let Err(e) = sent {
-                tracing::debug!(error = %e, %src, "send_to");
+                tracing::debug!(error = %e, src = %j.src, "send_to");
             }
         }
     }
