@@ -8,7 +8,7 @@
 #   cargo build --release -p pcpd -p pcpperf
 #   scripts/bench/nft-transactions.sh [PCPD]
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 PCPD=${1:-target/release/pcpd}
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, nftables)" >&2; exit 1; }
 command -v strace >/dev/null || { echo "needs strace" >&2; exit 1; }
@@ -33,7 +33,7 @@ TOML
 ip netns add $ns; ip -n $ns link set lo up
 ip netns exec $ns "$PCPD" --config "$TMP/g.toml" >"$TMP/pcpd.log" 2>&1 &
 pid=$!
-for i in $(seq 50); do ip netns exec $ns curl -sf --noproxy '*' http://127.0.0.1:8351/status >/dev/null && break; sleep 0.1; done
+for _ in $(seq 50); do ip netns exec $ns curl -sf --noproxy '*' http://127.0.0.1:8351/status >/dev/null && break; sleep 0.1; done
 strace -f -qq -e trace=sendto,sendmsg -o "$TMP/strace" -p $pid &
 st=$!
 sleep 0.5
