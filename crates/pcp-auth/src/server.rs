@@ -219,12 +219,11 @@ struct Session<A> {
 pub struct Server<A, F> {
     cfg: ServerConfig,
     new_authenticator: F,
-    rng: StdRng,
+    out: Outbox,
     sessions: HashMap<u32, Session<A>>,
     /// Sessions whose PA-Initiation is not answered by a PA-Client yet, by client
     /// address and nonce, so a retransmitted PA-Initiation finds its session.
     initiations: HashMap<(SocketAddr, u32), u32>,
-    transmits: VecDeque<Transmit>,
     events: VecDeque<ServerEvent>,
     /// Sessions waiting for their back end, not yet seen by the shell.
     backend: VecDeque<u32>,
@@ -252,12 +251,15 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// A server with the given random generator (deterministic tests).
     pub fn with_rng(cfg: ServerConfig, new_authenticator: F, rng: StdRng) -> Server<A, F> {
         Server {
+            out: Outbox {
+                transmits: VecDeque::new(),
+                rng,
+                retransmit: cfg.retransmit,
+            },
             cfg,
             new_authenticator,
-            rng,
             sessions: HashMap::new(),
             initiations: HashMap::new(),
-            transmits: VecDeque::new(),
             events: VecDeque::new(),
             backend: VecDeque::new(),
         }
@@ -276,7 +278,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.transmits.pop_front()
     }
 
     /// The next event.
@@ -286,7 +288,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
 
     fn new_session_id(&mut self) -> u32 {
         loop {
-            let id: u32 = self.rng.random();
+            let id: u32 = self.out.rng.random();
             if id != 0 && !self.sessions.contains_key(&id) {
                 return id;
             }
@@ -340,10 +342,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         }
         opts.push(PcpOption::EapPayload(&eap));
         let opts: Vec<PcpOption<'_>> = opts;
-        send(
-            &mut self.transmits,
-            &mut self.rng,
-            &self.cfg,
+        self.out.send(
             now,
             id,
             s,
@@ -378,7 +377,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 &mut out,
             ) {
                 out.truncate(n);
-                self.transmits.push_back(Transmit {
+                self.out.transmits.push_back(Transmit {
                     dst: src,
                     payload: out,
                 });
@@ -391,7 +390,8 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         if let Some(answer) = s.link.duplicate(datagram, now) {
             // While the back end thinks, our last message is not the answer to it.
             if !s.waiting {
-                self.transmits
+                self.out
+                    .transmits
                     .extend(answer.map(|payload| Transmit { dst: src, payload }));
             }
             return;
@@ -455,10 +455,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 if s.phase != Phase::Terminating {
                     // §3.3: answer with a termination-indicating PA message.
                     let key = s.sa.as_ref().map(|sa| sa.key.clone());
-                    send(
-                        &mut self.transmits,
-                        &mut self.rng,
-                        &self.cfg,
+                    self.out.send(
                         now,
                         id,
                         s,
@@ -494,7 +491,8 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             if let Some(s) = self.sessions.get_mut(&id)
                 && let Some(answer) = s.link.duplicate(datagram, now)
             {
-                self.transmits
+                self.out
+                    .transmits
                     .extend(answer.map(|payload| Transmit { dst: src, payload }));
             }
             return;
@@ -583,10 +581,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                     opts.push(PcpOption::Nonce(s.nonce));
                 }
                 opts.push(PcpOption::EapPayload(&packet));
-                send(
-                    &mut self.transmits,
-                    &mut self.rng,
-                    &self.cfg,
+                self.out.send(
                     now,
                     id,
                     s,
@@ -622,10 +617,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 opts.push(PcpOption::SessionLifetime(self.cfg.session_lifetime));
                 opts.push(PcpOption::EapPayload(&packet));
                 // §3.1.3: SUCCEEDED is already tagged with the new transport key.
-                send(
-                    &mut self.transmits,
-                    &mut self.rng,
-                    &self.cfg,
+                self.out.send(
                     now,
                     id,
                     s,
@@ -668,10 +660,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         macs.sort_unstable();
         macs.dedup();
         if prfs != SUPPORTED_PRFS || macs != SUPPORTED_MACS {
-            send(
-                &mut self.transmits,
-                &mut self.rng,
-                &self.cfg,
+            self.out.send(
                 now,
                 id,
                 s,
@@ -722,10 +711,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         s.phase = Phase::Eap;
         s.pending = None;
         let eap = s.auth.start();
-        send(
-            &mut self.transmits,
-            &mut self.rng,
-            &self.cfg,
+        self.out.send(
             now,
             id,
             s,
@@ -757,10 +743,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         };
         let key = s.sa.as_ref().map(|sa| sa.key.clone());
         s.phase = Phase::Terminating;
-        send(
-            &mut self.transmits,
-            &mut self.rng,
-            &self.cfg,
+        self.out.send(
             now,
             session_id,
             s,
@@ -778,18 +761,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         };
         let key = s.sa.as_ref().map(|sa| sa.key.clone());
         let opts: Vec<PcpOption> = eap.map(PcpOption::EapPayload).into_iter().collect();
-        send(
-            &mut self.transmits,
-            &mut self.rng,
-            &self.cfg,
-            now,
-            id,
-            s,
-            rc,
-            &opts,
-            key.as_ref(),
-            false,
-        );
+        self.out.send(now, id, s, rc, &opts, key.as_ref(), false);
         self.remove(id, cause);
     }
 
@@ -836,10 +808,10 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                     gone.push((id, cause));
                     continue;
                 }
-                if r.due(now, &cfg, &mut self.rng)
+                if r.due(now, &cfg, &mut self.out.rng)
                     && let Some(m) = &s.link.last_out
                 {
-                    self.transmits.push_back(Transmit {
+                    self.out.transmits.push_back(Transmit {
                         dst: s.client,
                         payload: m.clone(),
                     });
@@ -926,30 +898,41 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     }
 }
 
-/// Builds and queues a PA-Server message with the session's next sequence number.
-#[allow(clippy::too_many_arguments)]
-fn send<A>(
-    transmits: &mut VecDeque<Transmit>,
-    rng: &mut StdRng,
-    cfg: &ServerConfig,
-    now: Time,
-    id: u32,
-    s: &mut Session<A>,
-    rc: ResultCode,
-    opts: &[PcpOption<'_>],
-    key: Option<&TransportKey>,
-    awaiting: bool,
-) {
-    let seq = s.link.next_out();
-    let Some(msg) = build(Side::Server(epoch(now)), rc, id, seq, opts, key) else {
-        return;
-    };
-    let retransmit = awaiting.then(|| Retransmit::start(now, &cfg.retransmit, rng));
-    transmits.push_back(Transmit {
-        dst: s.client,
-        payload: msg.clone(),
-    });
-    s.link.sent(msg, retransmit);
+/// Where PA messages leave: the queue the shell drains and the randomness of the
+/// retransmission timers. A field of its own so that a session borrowed from the
+/// table can send through it.
+struct Outbox {
+    transmits: VecDeque<Transmit>,
+    rng: StdRng,
+    /// `ServerConfig::retransmit` (the configuration never changes after start).
+    retransmit: RetransmitConfig,
+}
+
+impl Outbox {
+    /// Sends a PA message of session `id` with the next sequence number, tagged with
+    /// `key` when given; `awaiting` arms retransmission until the client answers.
+    #[allow(clippy::too_many_arguments)]
+    fn send<A>(
+        &mut self,
+        now: Time,
+        id: u32,
+        s: &mut Session<A>,
+        rc: ResultCode,
+        opts: &[PcpOption<'_>],
+        key: Option<&TransportKey>,
+        awaiting: bool,
+    ) {
+        let seq = s.link.next_out();
+        let Some(msg) = build(Side::Server(epoch(now)), rc, id, seq, opts, key) else {
+            return;
+        };
+        let retransmit = awaiting.then(|| Retransmit::start(now, &self.retransmit, &mut self.rng));
+        self.transmits.push_back(Transmit {
+            dst: s.client,
+            payload: msg.clone(),
+        });
+        s.link.sent(msg, retransmit);
+    }
 }
 
 #[cfg(test)]
