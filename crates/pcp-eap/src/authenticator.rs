@@ -198,6 +198,23 @@ impl TtlsAuthenticator {
     }
 }
 
+impl TtlsAuthenticator {
+    /// Starts a conversation whose EAP-Request/Identity someone else sent — a NAS in
+    /// front of a RADIUS server (RFC 3579 §2.1) — with the peer's EAP-Response/Identity,
+    /// whatever its identifier: the EAP-TTLS Start that follows it, or `Discard` for
+    /// anything but an identity response.
+    pub fn begin(&mut self, identity_response: &[u8]) -> AuthStep {
+        match Packet::parse(identity_response) {
+            Ok(p) if p.code == packet::RESPONSE && p.typ == Some(packet::TYPE_IDENTITY) => {
+                self.start();
+                self.id = p.id;
+                self.receive(identity_response)
+            }
+            _ => AuthStep::Discard,
+        }
+    }
+}
+
 impl EapAuthenticator for TtlsAuthenticator {
     fn start(&mut self) -> Vec<u8> {
         self.conn = None;
