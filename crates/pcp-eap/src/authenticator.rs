@@ -48,10 +48,18 @@ impl Embedded {
         key: PrivateKeyDer<'static>,
         credentials: Credentials,
     ) -> Result<Embedded, BackendError> {
-        let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+        let mut tls = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(tls::VERSIONS)?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;
+        // Full handshakes only, no session resumption. A peer resuming a TTLS session
+        // skips phase 2 (RFC 5281, "Session Resumption"; wpa_supplicant does), so the server would have
+        // to remember who authenticated on that session — but rustls caches a TLS 1.2
+        // session when the handshake completes, before the inner identity is known.
+        // Resuming anyway made every re-authentication of wpa_supplicant fail (found
+        // with `eapol_test -r 1`). FreeRADIUS's default (`cache { enable = no }`) too.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         Ok(Embedded {
             tls: Arc::new(tls),
             credentials: Arc::new(credentials),

@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use pcp_eap::Embedded;
 use pcp_eap::radius::server::{Outcome, RadiusServer, ServerConfig};
 use pcp_eap::radius::{MAX_PACKET, load_secret};
+use pcp_eap::{Embedded, hash_password};
 
 /// RADIUS (RFC 2865/3579) front end of pcp-eap's embedded EAP-TTLS/PAP server.
 #[derive(Debug, Parser)]
@@ -23,28 +23,37 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:1812")]
     listen: SocketAddr,
     /// File whose first line is the shared secret of every NAS.
-    #[arg(long, value_name = "FILE")]
-    secret_file: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "hash_password")]
+    secret_file: Option<PathBuf>,
     /// The server certificate chain (PEM).
-    #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "hash_password")]
+    cert: Option<PathBuf>,
     /// The server's private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "hash_password")]
+    key: Option<PathBuf>,
     /// Credentials file: `name:argon2-hash` lines.
-    #[arg(long, value_name = "FILE")]
-    credentials: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "hash_password")]
+    credentials: Option<PathBuf>,
     /// Half-finished conversations kept at most.
     #[arg(long, default_value_t = 1024)]
     max_sessions: usize,
     /// Seconds a conversation waits for the NAS's next request.
     #[arg(long, default_value_t = 30)]
     session_timeout: u64,
+    /// Read a password (one line) on stdin, print its Argon2id hash for a credentials
+    /// file (`name:HASH`), and exit.
+    #[arg(long, exclusive = true)]
+    hash_password: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let done = if args.hash_password {
+        hash()
+    } else {
+        run(&args)
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pcp-radiusd: {e}");
@@ -53,9 +62,23 @@ fn main() -> ExitCode {
     }
 }
 
+fn hash() -> Result<(), Box<dyn std::error::Error>> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let pw = line.strip_suffix('\n').unwrap_or(&line);
+    let pw = pw.strip_suffix('\r').unwrap_or(pw);
+    println!("{}", hash_password(pw.as_bytes())?);
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let backend = Embedded::load(&args.cert, &args.key, &args.credentials)?;
-    let mut cfg = ServerConfig::new(load_secret(&args.secret_file)?);
+    let file = |f: &Option<PathBuf>| f.clone().unwrap_or_default();
+    let backend = Embedded::load(
+        &file(&args.cert),
+        &file(&args.key),
+        &file(&args.credentials),
+    )?;
+    let mut cfg = ServerConfig::new(load_secret(&file(&args.secret_file))?);
     cfg.max_sessions = args.max_sessions;
     cfg.session_timeout_ms = args.session_timeout.saturating_mul(1000);
     let mut server = RadiusServer::new(cfg, backend);
