@@ -259,3 +259,52 @@ impl EapAuthenticator for TtlsAuthenticator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair};
+    use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+
+    /// Regression (eapol_test -r): a second handshake from the same TLS client is a
+    /// full one. A resumed session lets wpa_supplicant skip phase 2, and the server
+    /// would have no inner identity to authenticate.
+    #[test]
+    fn sessions_are_never_resumed() {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["aaa.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let backend = Embedded::new(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            Credentials::default(),
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(tls::VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(8));
+        config.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(config);
+        let name = ServerName::try_from("aaa.example").unwrap();
+        for _ in 0..2 {
+            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+            let mut s = ServerConnection::new(backend.tls.clone()).unwrap();
+            while c.is_handshaking() || s.is_handshaking() {
+                tls::feed(&mut s, &tls::drain(&mut c)).unwrap();
+                tls::feed(&mut c, &tls::drain(&mut s)).unwrap();
+            }
+            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        }
+        // The client keeps sessions to offer (with the server's session cache on, the
+        // second handshake was `Resumed`); the server gives none to keep.
+        use rustls::client::ClientSessionStore;
+        assert!(store.tls12_session(&name).is_none());
+    }
+}

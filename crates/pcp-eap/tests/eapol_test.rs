@@ -130,9 +130,37 @@ impl Radiusd {
     }
 }
 
-/// Runs `eapol_test` with EAP-TTLS and `phase2` against the server; its output.
-fn run(bin: &Path, f: &Fixture, port: u16, password: &str, phase2: &str) -> Output {
-    let conf = f.path(&format!("eapol-{port}-{password}.conf").replace(' ', "_"));
+/// How `eapol_test` runs.
+struct Peer<'a> {
+    password: &'a str,
+    /// `phase2` of the network block.
+    phase2: &'a str,
+    /// Extra lines of the network block.
+    extra: &'a str,
+    /// Re-authentications after the first (`-r`).
+    reauth: u32,
+}
+
+impl Default for Peer<'_> {
+    fn default() -> Self {
+        Peer {
+            password: "correct horse",
+            phase2: "auth=PAP",
+            extra: "",
+            reauth: 0,
+        }
+    }
+}
+
+/// Runs `eapol_test` with EAP-TTLS against the server; its output.
+fn run(bin: &Path, f: &Fixture, port: u16, peer: &Peer<'_>) -> Output {
+    let Peer {
+        password,
+        phase2,
+        extra,
+        reauth,
+    } = peer;
+    let conf = f.path("eapol.conf");
     std::fs::write(
         &conf,
         format!(
@@ -146,6 +174,7 @@ fn run(bin: &Path, f: &Fixture, port: u16, password: &str, phase2: &str) -> Outp
     ca_cert="{ca}"
     domain_suffix_match="radius.pcp.example"
     phase2="{phase2}"
+    {extra}
 }}
 "#,
             ca = f.path("ca.pem").display()
@@ -156,7 +185,7 @@ fn run(bin: &Path, f: &Fixture, port: u16, password: &str, phase2: &str) -> Outp
         .arg("-c")
         .arg(&conf)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-s", SECRET])
-        .args(["-t", "20", "-r", "0"])
+        .args(["-t", "20", "-r", &reauth.to_string()])
         .output()
         .unwrap()
 }
@@ -172,24 +201,70 @@ fn text(o: &Output) -> String {
     t
 }
 
+/// The last `n` lines of `eapol_test`'s output, for assertion messages.
+fn tail(t: &str, n: usize) -> String {
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Asserts `eapol_test` succeeded and its MSK matched our MS-MPPE keys `ok` times.
+fn assert_success(out: &Output, ok: u32) {
+    let t = text(out);
+    let tail = tail(&t, 60);
+    assert!(
+        out.status.success(),
+        "eapol_test failed ({}):\n{tail}",
+        out.status
+    );
+    assert!(
+        t.contains(&format!("MPPE keys OK: {ok}  mismatch: 0")),
+        "the MSK differs from eapol_test's (or a run failed):\n{tail}"
+    );
+    assert!(t.lines().any(|l| l.trim() == "SUCCESS"), "{tail}");
+}
+
 #[test]
 fn eapol_test_authenticates_with_ttls_pap_and_agrees_on_the_msk() {
     let Some(bin) = eapol_test() else { return };
     let f = Fixture::new("ok");
     let srv = Radiusd::start(&f);
-    let out = run(&bin, &f, srv.port, "correct horse", "auth=PAP");
-    let t = text(&out);
-    let tail: String = t.lines().rev().take(60).collect::<Vec<_>>().join("\n");
+    assert_success(&run(&bin, &f, srv.port, &Peer::default()), 1);
+}
+
+/// Regression: wpa_supplicant offers TLS session resumption when it re-authenticates
+/// and skips phase 2 on a resumed session; the server must not resume (it has no
+/// identity for such a session) and every run must be a full authentication.
+#[test]
+fn eapol_test_reauthenticates() {
+    let Some(bin) = eapol_test() else { return };
+    let f = Fixture::new("reauth");
+    let srv = Radiusd::start(&f);
+    let peer = Peer {
+        reauth: 2,
+        ..Peer::default()
+    };
+    let out = run(&bin, &f, srv.port, &peer);
+    assert_success(&out, 3);
+    assert!(!text(&out).contains("resumed=1"));
+}
+
+/// The peer's own TLS flights cut into 100-octet EAP-TTLS fragments (L and M flags):
+/// the server acknowledges and reassembles them.
+#[test]
+fn eapol_test_with_small_peer_fragments() {
+    let Some(bin) = eapol_test() else { return };
+    let f = Fixture::new("frag");
+    let srv = Radiusd::start(&f);
+    let peer = Peer {
+        extra: "fragment_size=100",
+        ..Peer::default()
+    };
+    let out = run(&bin, &f, srv.port, &peer);
     assert!(
-        out.status.success(),
-        "eapol_test failed ({}); last lines reversed:\n{tail}",
-        out.status
+        text(&out).contains("more fragments will follow"),
+        "eapol_test did not fragment"
     );
-    assert!(
-        t.contains("MPPE keys OK: 1  mismatch: 0"),
-        "the MSK differs from eapol_test's: {tail}"
-    );
-    assert!(t.lines().any(|l| l.trim() == "SUCCESS"), "{tail}");
+    assert_success(&out, 1);
 }
 
 #[test]
@@ -197,14 +272,36 @@ fn eapol_test_with_a_wrong_password_fails() {
     let Some(bin) = eapol_test() else { return };
     let f = Fixture::new("bad");
     let srv = Radiusd::start(&f);
-    let out = run(&bin, &f, srv.port, "battery staple", "auth=PAP");
+    let peer = Peer {
+        password: "battery staple",
+        ..Peer::default()
+    };
+    let out = run(&bin, &f, srv.port, &peer);
     let t = text(&out);
-    let tail: String = t.lines().rev().take(40).collect::<Vec<_>>().join("\n");
-    assert!(!out.status.success(), "eapol_test succeeded: {tail}");
-    // Refused by an Access-Reject, not by a timeout.
+    let tail = tail(&t, 40);
+    assert!(!out.status.success(), "eapol_test succeeded:\n{tail}");
+    // Refused by an Access-Reject carrying EAP-Failure, not by a timeout.
     assert!(
-        t.contains("Access-Reject"),
-        "no Access-Reject received: {tail}"
+        t.contains("(Access-Reject)"),
+        "no Access-Reject received:\n{tail}"
     );
+    assert!(t.contains("EAP: Received EAP-Failure"), "{tail}");
     assert!(!t.contains("MPPE keys OK: 1"), "{tail}");
+}
+
+/// MS-CHAPv2 inside the tunnel is not offered (the embedded server keeps Argon2
+/// hashes, not NT hashes): an Access-Reject after the tunnel, not a hang.
+#[test]
+fn eapol_test_with_mschapv2_inside_is_rejected() {
+    let Some(bin) = eapol_test() else { return };
+    let f = Fixture::new("mschap");
+    let srv = Radiusd::start(&f);
+    let peer = Peer {
+        phase2: "auth=MSCHAPV2",
+        ..Peer::default()
+    };
+    let out = run(&bin, &f, srv.port, &peer);
+    let t = text(&out);
+    assert!(!out.status.success(), "{}", tail(&t, 40));
+    assert!(t.contains("(Access-Reject)"), "{}", tail(&t, 40));
 }
