@@ -87,16 +87,20 @@ impl Fixture {
     }
 }
 
-/// `pcp-radiusd` on 127.0.0.1 at a port the kernel picked, killed on drop.
+/// `pcp-radiusd` on 127.0.0.1 at a port the kernel picked, killed on drop (its log
+/// then printed: shown when the test fails).
 struct Radiusd {
     child: Child,
     port: u16,
+    log: PathBuf,
 }
 
 impl Drop for Radiusd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        eprintln!("---- pcp-radiusd log ----\n{log}---- end of pcp-radiusd log ----");
     }
 }
 
@@ -113,7 +117,7 @@ impl Radiusd {
             .arg("--credentials")
             .arg(f.path("credentials"))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(f.path("radiusd.log")).unwrap())
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -126,7 +130,11 @@ impl Radiusd {
             .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
             .unwrap_or_else(|| panic!("pcp-radiusd said {line:?}"))
             .port();
-        Radiusd { child, port }
+        Radiusd {
+            child,
+            port,
+            log: f.path("radiusd.log"),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use pcp_eap::radius::server::{Outcome, RadiusServer, ServerConfig};
+use pcp_eap::radius::server::{Outcome, RadiusServer, RadiusServerConfig};
 use pcp_eap::radius::{MAX_PACKET, load_secret};
 use pcp_eap::{Embedded, hash_password};
 
@@ -78,7 +78,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         &file(&args.key),
         &file(&args.credentials),
     )?;
-    let mut cfg = ServerConfig::new(load_secret(&file(&args.secret_file))?);
+    let mut cfg = RadiusServerConfig::new(load_secret(&file(&args.secret_file))?);
     cfg.max_sessions = args.max_sessions;
     cfg.session_timeout_ms = args.session_timeout.saturating_mul(1000);
     let mut server = RadiusServer::new(cfg, backend);

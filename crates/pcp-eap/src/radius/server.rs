@@ -18,8 +18,8 @@
 //!   salt-encrypted (RFC 2548 §2.4.2–2.4.3), as FreeRADIUS sends them. Access-Reject:
 //!   EAP-Failure — for a failed authentication, an unknown or already used State, or
 //!   no room for another conversation.
-//! - Bounded: at most [`ServerConfig::max_sessions`] half-finished conversations, each
-//!   forgotten [`ServerConfig::session_timeout_ms`] after its last answer, and as many
+//! - Bounded: at most [`RadiusServerConfig::max_sessions`] half-finished conversations, each
+//!   forgotten [`RadiusServerConfig::session_timeout_ms`] after its last answer, and as many
 //!   cached responses, kept as long.
 
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ use crate::packet;
 
 /// Settings of the front end.
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub struct RadiusServerConfig {
     /// The shared secret of every NAS.
     pub secret: Vec<u8>,
     /// Half-finished conversations kept at most; a new one beyond gets an
@@ -49,10 +49,10 @@ pub struct ServerConfig {
     pub session_timeout_ms: u64,
 }
 
-impl ServerConfig {
+impl RadiusServerConfig {
     /// `secret` with 1024 conversations of 30 s at most.
-    pub fn new(secret: Vec<u8>) -> ServerConfig {
-        ServerConfig {
+    pub fn new(secret: Vec<u8>) -> RadiusServerConfig {
+        RadiusServerConfig {
             secret,
             max_sessions: 1024,
             session_timeout_ms: 30_000,
@@ -86,7 +86,7 @@ pub enum Rejected {
     Failed,
     /// A State we did not send, or sent and already answered, or expired.
     UnknownState,
-    /// [`ServerConfig::max_sessions`] conversations are in progress.
+    /// [`RadiusServerConfig::max_sessions`] conversations are in progress.
     TooManySessions,
     /// No EAP-Message: this server only does EAP.
     NoEap,
@@ -122,6 +122,9 @@ pub enum Reply {
     Retransmission,
 }
 
+/// A response's attributes before encoding: (type, value).
+type Attributes = Vec<(u8, Vec<u8>)>;
+
 /// What identifies a request for duplicate detection (RFC 5080 §2.2.2).
 type RequestKey = (SocketAddr, u8, [u8; 16]);
 
@@ -132,7 +135,7 @@ struct Session {
 
 /// The RADIUS front end: conversations by State, cached responses by request.
 pub struct RadiusServer {
-    cfg: ServerConfig,
+    cfg: RadiusServerConfig,
     backend: Embedded,
     sessions: HashMap<[u8; 16], Session>,
     answered: HashMap<RequestKey, (u64, Vec<u8>)>,
@@ -150,7 +153,7 @@ impl std::fmt::Debug for RadiusServer {
 
 impl RadiusServer {
     /// A front end of `backend`.
-    pub fn new(cfg: ServerConfig, backend: Embedded) -> RadiusServer {
+    pub fn new(cfg: RadiusServerConfig, backend: Embedded) -> RadiusServer {
         RadiusServer {
             cfg,
             backend,
@@ -231,7 +234,7 @@ impl RadiusServer {
         &mut self,
         now_ms: u64,
         p: &Parsed<'_>,
-    ) -> Result<(Vec<(u8, Vec<u8>)>, Reply), Dropped> {
+    ) -> Result<(Attributes, Reply), Dropped> {
         let reject = |why: Rejected, eap_id: u8| {
             let attrs = vec![(ATTR_EAP_MESSAGE, packet::failure(eap_id))];
             Ok((attrs, Reply::Reject(why)))
