@@ -7,7 +7,7 @@
 //! Needs `eapol_test`: a loud SKIP without it, unless `PCPD_REQUIRE_EAPOLTEST` is set
 //! (scripts/test sets it as root, after installing the package).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -29,7 +29,9 @@ fn eapol_test() -> Option<PathBuf> {
             std::env::var_os("PCPD_REQUIRE_EAPOLTEST").is_none(),
             "PCPD_REQUIRE_EAPOLTEST is set but eapol_test is not installed (apt-get install eapoltest)"
         );
-        eprintln!(
+        // Straight to stderr, past the test harness's capture: a skip must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
             "!! SKIP eapol_test interop: eapol_test not installed (Debian package eapoltest; scripts/test installs it as root)"
         );
     }

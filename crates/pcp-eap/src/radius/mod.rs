@@ -16,6 +16,9 @@
 //!   decoding it — EAP-Message reassembled, State, User-Name, and the MSK from
 //!   MS-MPPE-Recv-Key || MS-MPPE-Send-Key (decrypted as RFC 2548 §2.4.2–2.4.3 say).
 //!
+//! The codec both directions share is [`wire`]; [`server`] is the other direction, a
+//! RADIUS front end of the embedded EAP-TTLS server (for `eapol_test` and other NASes).
+//!
 //! Why not a RADIUS crate: the crates on crates.io each own their socket (blocking or
 //! async), and none decrypts MS-MPPE keys; the codec needed here is two digests and a
 //! TLV walk.

@@ -230,11 +230,7 @@ impl RadiusServer {
     }
 
     /// Runs EAP for an authenticated Access-Request: the response's attributes.
-    fn step(
-        &mut self,
-        now_ms: u64,
-        p: &Parsed<'_>,
-    ) -> Result<(Attributes, Reply), Dropped> {
+    fn step(&mut self, now_ms: u64, p: &Parsed<'_>) -> Result<(Attributes, Reply), Dropped> {
         let reject = |why: Rejected, eap_id: u8| {
             let attrs = vec![(ATTR_EAP_MESSAGE, packet::failure(eap_id))];
             Ok((attrs, Reply::Reject(why)))
