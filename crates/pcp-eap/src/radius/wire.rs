@@ -208,9 +208,12 @@ pub fn eap_attributes(eap: &[u8]) -> impl Iterator<Item = (u8, Vec<u8>)> + '_ {
         .map(|c| (ATTR_EAP_MESSAGE, c.to_vec()))
 }
 
-/// Encodes a packet with `authenticator` in its header, the attributes, and a
-/// Message-Authenticator (RFC 3579 §3.2) computed last over the whole packet: a
-/// complete Access-Request, or a response before its Response Authenticator.
+/// Encodes a packet with `authenticator` in its header, a Message-Authenticator
+/// (RFC 3579 §3.2) and the attributes: a complete Access-Request, or a response before
+/// its Response Authenticator. The Message-Authenticator is the **first** attribute,
+/// as the BlastRADIUS hardening (CVE-2024-3596) asks — an MD5 chosen-prefix collision
+/// needs attacker-controlled octets before it — and computed last over the whole
+/// packet. Receivers accept it anywhere.
 pub fn encode(
     code: u8,
     id: u8,
@@ -220,15 +223,15 @@ pub fn encode(
 ) -> Vec<u8> {
     let mut p = vec![code, id, 0, 0];
     p.extend_from_slice(authenticator);
+    p.extend_from_slice(&[ATTR_MESSAGE_AUTHENTICATOR, 18]);
+    let ma_at = p.len();
+    p.extend_from_slice(&[0; 16]);
     for (t, v) in attributes {
         debug_assert!(v.len() <= MAX_ATTR_VALUE);
         p.push(*t);
         p.push((v.len() + 2) as u8);
         p.extend_from_slice(v);
     }
-    p.extend_from_slice(&[ATTR_MESSAGE_AUTHENTICATOR, 18]);
-    let ma_at = p.len();
-    p.extend_from_slice(&[0; 16]);
     let len = p.len() as u16;
     p[2..4].copy_from_slice(&len.to_be_bytes());
     let ma = hmac_md5(secret, &p);
