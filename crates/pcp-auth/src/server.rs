@@ -213,6 +213,9 @@ struct Session<A> {
     last_key_id: u32,
     /// The authenticator waits for its back end ([`AuthStep::Pending`]).
     waiting: bool,
+    /// Without an SA the session ends when this passes: the MRD after our last PA
+    /// message (RFC 7652 §6.3, §8), whatever the authenticator does with the client's.
+    deadline: Time,
 }
 
 /// The server side of all PA sessions.
@@ -303,13 +306,13 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return None;
         }
         let id = self.new_session_id();
-        let session = self.fresh(client, 0);
+        let session = self.fresh(now, client, 0);
         self.sessions.insert(id, session);
         self.open(now, id, None);
         Some(id)
     }
 
-    fn fresh(&mut self, client: SocketAddr, nonce: u32) -> Session<A> {
+    fn fresh(&mut self, now: Time, client: SocketAddr, nonce: u32) -> Session<A> {
         Session {
             client,
             nonce,
@@ -323,6 +326,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             identity: None,
             last_key_id: 0,
             waiting: false,
+            deadline: now.plus(self.cfg.retransmit.mrd),
         }
     }
 
@@ -501,7 +505,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         }
         let id = self.new_session_id();
-        let mut s = self.fresh(src, nonce);
+        let mut s = self.fresh(now, src, nonce);
         s.link.accepted(datagram);
         self.sessions.insert(id, s);
         self.initiations.insert((src, nonce), id);
@@ -781,8 +785,8 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             .values()
             .filter_map(|s| {
                 let r = s.link.retransmit.as_ref().map(|r| r.deadline(cfg));
-                let e = s.sa.as_ref().map(|sa| sa.expires);
-                [r, e].into_iter().flatten().min()
+                let e = s.sa.as_ref().map_or(s.deadline, |sa| sa.expires);
+                Some(r.map_or(e, |r| r.min(e)))
             })
             .min()
     }
@@ -796,6 +800,16 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         for (&id, s) in &mut self.sessions {
             if s.sa.as_ref().is_some_and(|sa| now >= sa.expires) {
                 gone.push((id, Cause::Expired));
+                continue;
+            }
+            if s.sa.is_none() && now >= s.deadline {
+                // A half-open session the client stopped feeding (S1 in docs/AUTH.md).
+                let cause = if s.phase == Phase::Terminating {
+                    Cause::ByServer
+                } else {
+                    Cause::Timeout
+                };
+                gone.push((id, cause));
                 continue;
             }
             if let Some(r) = &mut s.link.retransmit {
@@ -932,6 +946,7 @@ impl Outbox {
             payload: msg.clone(),
         });
         s.link.sent(msg, retransmit);
+        s.deadline = now.plus(self.retransmit.mrd);
     }
 }
 
@@ -955,7 +970,7 @@ mod tests {
         let mut s = Server::with_rng(ServerConfig::default(), || Echo, StdRng::seed_from_u64(1));
         let client: SocketAddr = "192.0.2.1:5350".parse().unwrap();
         let key = TransportKey::from_bytes(1, [3; 32]);
-        let mut session = s.fresh(client, 9);
+        let mut session = s.fresh(Time(0), client, 9);
         session.phase = Phase::Established;
         session.identity = Some(Arc::from("alice"));
         session.sa = Some(Sa {
