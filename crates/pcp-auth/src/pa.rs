@@ -83,6 +83,11 @@ pub(crate) struct Link {
     /// The outstanding message's retransmission, while an answer is awaited.
     pub retransmit: Option<Retransmit>,
     last_dup_reply: Option<Time>,
+    /// `last_out` was sent after `last_in` arrived, so it may answer its copies. The
+    /// last message of an exchange (a confirmation, a termination answer) gets no
+    /// answer, and answering its copies with what preceded it makes two ends bounce
+    /// those two messages for ever (review S3, docs/AUTH.md).
+    answered: bool,
 }
 
 impl Link {
@@ -94,11 +99,13 @@ impl Link {
             last_out: None,
             retransmit: None,
             last_dup_reply: None,
+            answered: false,
         }
     }
 
     /// Whether `datagram` is the last accepted message again (RFC 7652 §6.3: answer it
-    /// with the last outgoing message). Returns the answer when the rate limit allows.
+    /// with the last outgoing message). Returns the answer when the rate limit allows
+    /// and our last message was sent after it arrived (an answer to it).
     pub fn duplicate(&mut self, datagram: &[u8], now: Time) -> Option<Option<Vec<u8>>> {
         if self.last_in.as_deref() != Some(datagram) {
             return None;
@@ -110,7 +117,7 @@ impl Link {
             return Some(None);
         }
         self.last_dup_reply = Some(now);
-        Some(self.last_out.clone())
+        Some(self.last_out.clone().filter(|_| self.answered))
     }
 
     /// Records an accepted incoming message (not a PA-Acknowledgement).
@@ -118,6 +125,7 @@ impl Link {
         self.in_seq = self.in_seq.wrapping_add(1);
         self.last_in = Some(datagram.to_vec());
         self.last_dup_reply = None;
+        self.answered = false;
         // Whatever we sent has been answered.
         self.retransmit = None;
     }
@@ -132,6 +140,7 @@ impl Link {
     /// Records a sent message; `awaiting` starts its retransmission.
     pub fn sent(&mut self, msg: Vec<u8>, retransmit: Option<Retransmit>) {
         self.last_out = Some(msg);
+        self.answered = true;
         self.retransmit = retransmit;
     }
 }

@@ -8,12 +8,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use pcp_auth::Time;
+use pcp_auth::client::{Client, ClientConfig};
 use pcp_auth::crypto::{AUTH_HMAC_SHA2_256_128, PRF_HMAC_SHA2_256};
 use pcp_auth::server::{Cause, Server, ServerConfig, ServerEvent};
 use pcp_proto::{AuthenticationBody, Body, Options, PcpOption, Request, Response, ResultCode};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use support::ToyServer;
+use support::{ToyPeer, ToyServer};
 
 const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 const SRC: SocketAddr = SocketAddr::new(IP, 5350);
@@ -137,4 +138,78 @@ fn s1_half_open_session_with_discarded_eap_expires() {
         sent(&mut s);
     }
     assert_eq!(s.session_count(), 0);
+}
+
+/// A client and server authenticated over a perfect link at `now`; returns the client's
+/// last PA message (its AUTHENTICATION_SUCCEEDED confirmation) and the server's (its
+/// AUTHENTICATION_SUCCEEDED).
+fn established_pair(now: Time) -> (Client<ToyPeer>, Srv, Vec<u8>, Vec<u8>) {
+    let mut c = Client::with_rng(
+        ClientConfig::new(IP),
+        ToyPeer::new("alice", "pw"),
+        StdRng::seed_from_u64(1),
+    );
+    let mut s = server(ServerConfig::default());
+    c.start(now);
+    let (mut last, mut last_server) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        while let Some(m) = c.poll_transmit() {
+            s.handle(now, SRC, &m);
+            last = m;
+        }
+        while let Some(t) = s.poll_transmit() {
+            c.handle(now, &t.payload);
+            last_server = t.payload;
+        }
+    }
+    assert!(c.is_established());
+    (c, s, last, last_server)
+}
+
+/// S3: one duplicate of the client's confirmation, on a path with 600 ms round trips
+/// (above the 500 ms duplicate-answer limit), does not start a ping-pong.
+#[test]
+fn s3_duplicate_of_the_confirmation_is_not_answered() {
+    let t0 = Time(10_000);
+    let (mut c, mut s, confirmation, _) = established_pair(t0);
+    let r = Request::parse(&confirmation).unwrap();
+    assert_eq!(r.pa_result_code, ResultCode::AuthenticationSucceeded);
+    let mut now = t0;
+    let mut to_server = vec![confirmation];
+    let mut bounces = 0;
+    for _ in 0..20 {
+        now = now.plus(Duration::from_millis(600));
+        let mut to_client = Vec::new();
+        for m in to_server.drain(..) {
+            s.handle(now, SRC, &m);
+        }
+        to_client.extend(std::iter::from_fn(|| s.poll_transmit()).map(|t| t.payload));
+        bounces += to_client.len();
+        now = now.plus(Duration::from_millis(600));
+        for m in to_client {
+            c.handle(now, &m);
+        }
+        to_server.extend(std::iter::from_fn(|| c.poll_transmit()));
+        bounces += to_server.len();
+    }
+    assert_eq!(bounces, 0, "the copy of a final message got answers");
+    assert!(c.is_established());
+    assert_eq!(s.session_count(), 1);
+}
+
+/// S3: the server's SUCCEEDED copy (its confirmation lost) is still answered by the
+/// client with its confirmation, once.
+#[test]
+fn s3_copy_of_succeeded_is_still_answered_once() {
+    let t0 = Time(10_000);
+    let (mut c, _s, _, succeeded) = established_pair(t0);
+    assert_eq!(
+        Response::parse(&succeeded).unwrap().result_code,
+        ResultCode::AuthenticationSucceeded
+    );
+    c.handle(t0.plus(Duration::from_secs(1)), &succeeded);
+    let answers: Vec<_> = std::iter::from_fn(|| c.poll_transmit()).collect();
+    assert_eq!(answers.len(), 1);
+    let r = Request::parse(&answers[0]).unwrap();
+    assert_eq!(r.pa_result_code, ResultCode::AuthenticationSucceeded);
 }
