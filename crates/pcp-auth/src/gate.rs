@@ -175,10 +175,16 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Gate<A, F> {
             return Inbound::Handled;
         }
         match self.server.check_request(src.ip(), msg) {
-            Check::Untagged if mode == Mode::Optional => serve(len),
+            // §3.1.3: an untagged request from a client with a PA session is refused
+            // even where authentication is optional (a stripped tag must not work).
+            Check::Untagged
+                if mode == Mode::Optional && !self.server.has_session_from(src.ip()) =>
+            {
+                serve(len)
+            }
             Check::Untagged => {
                 self.stats.required += 1;
-                if self.initiate {
+                if self.initiate && !self.server.has_session_from(src.ip()) {
                     self.server.start(now, src);
                 }
                 self.answer(

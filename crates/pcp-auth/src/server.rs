@@ -230,6 +230,8 @@ pub struct Server<A, F> {
     events: VecDeque<ServerEvent>,
     /// Sessions waiting for their back end, not yet seen by the shell.
     backend: VecDeque<u32>,
+    /// How many sessions with an SA each client IP has ([`Server::has_session_from`]).
+    with_sa: HashMap<IpAddr, u32>,
 }
 
 impl<A, F> std::fmt::Debug for Server<A, F> {
@@ -265,12 +267,30 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             initiations: HashMap::new(),
             events: VecDeque::new(),
             backend: VecDeque::new(),
+            with_sa: HashMap::new(),
         }
     }
 
     /// Sessions in the table (any phase).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Whether `ip` has a session with an SA (RFC 7652 §3.1.3: its untagged common
+    /// requests get AUTHENTICATION_REQUIRED even where authentication is optional).
+    pub fn has_session_from(&self, ip: IpAddr) -> bool {
+        self.with_sa.contains_key(&ip)
+    }
+
+    fn count_sa(&mut self, ip: IpAddr, up: bool) {
+        if up {
+            *self.with_sa.entry(ip).or_insert(0) += 1;
+        } else if let Some(n) = self.with_sa.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.with_sa.remove(&ip);
+            }
+        }
     }
 
     /// The identity of an established session.
@@ -677,6 +697,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         }
         let reauth = s.sa.is_some();
+        let ip = s.client.ip();
         s.sa = Some(Sa {
             key,
             common_out: 0,
@@ -701,6 +722,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 identity,
                 lifetime: self.cfg.session_lifetime,
             });
+            self.count_sa(ip, true);
         }
     }
 
@@ -770,7 +792,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     }
 
     fn remove(&mut self, id: u32, cause: Cause) {
-        self.sessions.remove(&id);
+        if let Some(s) = self.sessions.remove(&id)
+            && s.sa.is_some()
+        {
+            self.count_sa(s.client.ip(), false);
+        }
         self.initiations.retain(|_, v| *v != id);
         self.events.push_back(ServerEvent::Ended {
             session_id: id,

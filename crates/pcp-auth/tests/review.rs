@@ -10,8 +10,11 @@ use std::time::Duration;
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig};
 use pcp_auth::crypto::{AUTH_HMAC_SHA2_256_128, PRF_HMAC_SHA2_256};
+use pcp_auth::gate::{Gate, Inbound, Mode, Rules};
 use pcp_auth::server::{Cause, Server, ServerConfig, ServerEvent};
-use pcp_proto::{AuthenticationBody, Body, Options, PcpOption, Request, Response, ResultCode};
+use pcp_proto::{
+    AuthenticationBody, Body, MapBody, Options, PcpOption, Request, Response, ResultCode,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use support::{ToyPeer, ToyServer};
@@ -69,7 +72,13 @@ fn sent(s: &mut Srv) -> Vec<(SocketAddr, ResultCode, u32, u32, Vec<u8>)> {
 
 /// A PA-Initiation from `src` with `nonce`.
 fn initiation(src: SocketAddr, nonce: u32) -> Vec<u8> {
-    pa(src.ip(), ResultCode::Initiation, 0, 0, &[PcpOption::Nonce(nonce)])
+    pa(
+        src.ip(),
+        ResultCode::Initiation,
+        0,
+        0,
+        &[PcpOption::Nonce(nonce)],
+    )
 }
 
 /// S1: a session whose client chose algorithms but sent no EAP payload (so the
@@ -95,17 +104,20 @@ fn s1_half_open_session_without_eap_payload_expires() {
     );
     s.handle(t0, SRC, &reply);
     assert_eq!(s.session_count(), 1);
-    let deadline = s.poll_timeout().expect("a half-open session has a deadline");
-    assert!(deadline <= t0.plus(Duration::from_secs(120)), "{deadline:?}");
+    let deadline = s
+        .poll_timeout()
+        .expect("a half-open session has a deadline");
+    assert!(
+        deadline <= t0.plus(Duration::from_secs(120)),
+        "{deadline:?}"
+    );
     s.handle_timeout(t0.plus(Duration::from_secs(48 * 3600)));
     assert_eq!(s.session_count(), 0);
-    assert!(
-        std::iter::from_fn(|| s.poll_event()).any(|e| e
-            == ServerEvent::Ended {
-                session_id: sid,
-                cause: Cause::Timeout
-            })
-    );
+    assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e
+        == ServerEvent::Ended {
+            session_id: sid,
+            cause: Cause::Timeout
+        }));
 }
 
 /// S1: the same with an EAP payload the authenticator discards (wrong identifier).
@@ -212,4 +224,109 @@ fn s3_copy_of_succeeded_is_still_answered_once() {
     assert_eq!(answers.len(), 1);
     let r = Request::parse(&answers[0]).unwrap();
     assert_eq!(r.pa_result_code, ResultCode::AuthenticationSucceeded);
+}
+
+fn gate(mode: Mode) -> Gate<ToyServer, Box<dyn FnMut() -> ToyServer>> {
+    let rules = Rules {
+        default: Mode::Off,
+        prefixes: vec![("192.0.2.0/24".parse().unwrap(), mode)],
+    };
+    Gate::new(rules, server(ServerConfig::default()))
+}
+
+/// Authenticates `c` through the gate (perfect link).
+fn authenticate(
+    g: &mut Gate<ToyServer, Box<dyn FnMut() -> ToyServer>>,
+    c: &mut Client<ToyPeer>,
+    now: Time,
+) {
+    c.start(now);
+    for _ in 0..30 {
+        while let Some(mut m) = c.poll_transmit() {
+            let n = m.len();
+            assert_eq!(g.inbound(now, SRC, 0, &mut m, n), Inbound::Handled);
+        }
+        while let Some(t) = g.poll_transmit() {
+            c.handle(now, &t.payload);
+        }
+    }
+    assert!(c.is_established());
+}
+
+fn untagged_map(from: IpAddr) -> Vec<u8> {
+    let req = Request {
+        lifetime: 60,
+        client_addr: from,
+        body: Body::Map(MapBody {
+            nonce: [1; 12],
+            protocol: 6,
+            internal_port: 80,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: Options::EMPTY,
+        pa_result_code: ResultCode::Success,
+    };
+    let mut b = vec![0u8; 1100];
+    let n = req.emit(&mut b).unwrap();
+    b.truncate(n);
+    b
+}
+
+fn through(
+    g: &mut Gate<ToyServer, Box<dyn FnMut() -> ToyServer>>,
+    now: Time,
+    src: SocketAddr,
+    m: &[u8],
+) -> Inbound {
+    let mut buf = m.to_vec();
+    buf.resize(1100, 0);
+    g.inbound(now, src, 0, &mut buf, m.len())
+}
+
+/// S2: with `auth = optional`, an untagged request from the address of an
+/// authenticated client gets AUTHENTICATION_REQUIRED (RFC 7652 §3.1.3); other
+/// addresses are still served untagged, and so is the client's after its session ends.
+#[test]
+fn s2_optional_refuses_untagged_requests_from_an_authenticated_address() {
+    let now = Time(5_000);
+    let mut g = gate(Mode::Optional);
+    let other = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11)), 5350);
+    assert!(matches!(
+        through(&mut g, now, SRC, &untagged_map(IP)),
+        Inbound::Serve { session: None, .. }
+    ));
+    let mut c = Client::with_rng(
+        ClientConfig::new(IP),
+        ToyPeer::new("alice", "pw"),
+        StdRng::seed_from_u64(1),
+    );
+    authenticate(&mut g, &mut c, now);
+    let Inbound::Answer(a) = through(&mut g, now, SRC, &untagged_map(IP)) else {
+        panic!("served untagged from an authenticated address");
+    };
+    assert_eq!(
+        Response::parse(&a).unwrap().result_code,
+        ResultCode::AuthenticationRequired
+    );
+    assert!(matches!(
+        through(&mut g, now, other, &untagged_map(other.ip())),
+        Inbound::Serve { session: None, .. }
+    ));
+    // The session ends (the client terminates it): untagged is served again.
+    c.terminate(now);
+    for _ in 0..5 {
+        while let Some(mut m) = c.poll_transmit() {
+            let n = m.len();
+            g.inbound(now, SRC, 0, &mut m, n);
+        }
+        while let Some(t) = g.poll_transmit() {
+            c.handle(now, &t.payload);
+        }
+    }
+    assert_eq!(g.server.session_count(), 0);
+    assert!(matches!(
+        through(&mut g, now, SRC, &untagged_map(IP)),
+        Inbound::Serve { session: None, .. }
+    ));
 }
