@@ -37,6 +37,10 @@ pub struct ServerConfig {
     /// Authorization of an authenticated identity (AUTHORIZATION_FAILED when false);
     /// `None` authorizes everyone who authenticates.
     pub authorize: Option<Authorize>,
+    /// Most sessions without an SA per source prefix (/24 for IPv4, /56 for IPv6);
+    /// PA-Initiations beyond are dropped, so one network cannot fill the table with
+    /// spoofed PA-Initiations (RFC 7652 §8, docs/AUTH.md S4).
+    pub max_half_open_per_prefix: usize,
 }
 
 /// Decides whether an authenticated identity may use the server.
@@ -49,6 +53,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("session_lifetime", &self.session_lifetime)
             .field("max_sessions", &self.max_sessions)
             .field("id_indicator", &self.id_indicator)
+            .field("max_half_open_per_prefix", &self.max_half_open_per_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -61,6 +66,7 @@ impl Default for ServerConfig {
             max_sessions: 65_536,
             id_indicator: None,
             authorize: None,
+            max_half_open_per_prefix: 256,
         }
     }
 }
@@ -232,6 +238,11 @@ pub struct Server<A, F> {
     backend: VecDeque<u32>,
     /// How many sessions with an SA each client IP has ([`Server::has_session_from`]).
     with_sa: HashMap<IpAddr, u32>,
+    /// How many sessions without an SA each source prefix has (S4).
+    half_open: HashMap<IpAddr, u32>,
+    /// The server-initiated session not answered yet of each client IP, and when its
+    /// first PA-Server last went out: at most one per source (S4).
+    started: HashMap<IpAddr, (u32, Time)>,
 }
 
 impl<A, F> std::fmt::Debug for Server<A, F> {
@@ -268,6 +279,8 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             events: VecDeque::new(),
             backend: VecDeque::new(),
             with_sa: HashMap::new(),
+            half_open: HashMap::new(),
+            started: HashMap::new(),
         }
     }
 
@@ -283,14 +296,14 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     }
 
     fn count_sa(&mut self, ip: IpAddr, up: bool) {
-        if up {
-            *self.with_sa.entry(ip).or_insert(0) += 1;
-        } else if let Some(n) = self.with_sa.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.with_sa.remove(&ip);
-            }
-        }
+        count(&mut self.with_sa, ip, up);
+    }
+
+    /// Whether `ip`'s prefix may open another session without an SA.
+    fn half_open_allowed(&self, ip: IpAddr) -> bool {
+        self.half_open
+            .get(&prefix_of(ip))
+            .is_none_or(|&n| (n as usize) < self.cfg.max_half_open_per_prefix)
     }
 
     /// The identity of an established session.
@@ -321,13 +334,35 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// Starts a server-initiated session with `client` (RFC 7652 §3.1.2), e.g. after
     /// answering its common request with AUTHENTICATION_REQUIRED. Returns the session
     /// ID, or `None` when the table is full.
+    ///
+    /// At most one such session per client IP waits for the client's first answer: asked
+    /// again meanwhile (the client retries its request), the server sends that
+    /// session's first PA-Server again, at most once per 500 ms. The first PA-Server is
+    /// not retransmitted on a timer: only the client's messages make the server send
+    /// (docs/AUTH.md S4).
     pub fn start(&mut self, now: Time, client: SocketAddr) -> Option<u32> {
-        if self.sessions.len() >= self.cfg.max_sessions {
+        if let Some(&(id, last)) = self.started.get(&client.ip())
+            && let Some(s) = self.sessions.get(&id)
+        {
+            if now.saturating_since(last) >= crate::pa::DUPLICATE_REPLY_GAP
+                && let Some(m) = &s.link.last_out
+            {
+                self.out.transmits.push_back(Transmit {
+                    dst: s.client,
+                    payload: m.clone(),
+                });
+                self.started.insert(client.ip(), (id, now));
+            }
+            return Some(id);
+        }
+        if self.sessions.len() >= self.cfg.max_sessions || !self.half_open_allowed(client.ip()) {
             return None;
         }
         let id = self.new_session_id();
         let session = self.fresh(now, client, 0);
         self.sessions.insert(id, session);
+        count(&mut self.half_open, prefix_of(client.ip()), true);
+        self.started.insert(client.ip(), (id, now));
         self.open(now, id, None);
         Some(id)
     }
@@ -366,6 +401,8 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         }
         opts.push(PcpOption::EapPayload(&eap));
         let opts: Vec<PcpOption<'_>> = opts;
+        // Not retransmitted (S4): the address is not verified yet, and the client's
+        // retransmissions are answered with it.
         self.out.send(
             now,
             id,
@@ -373,7 +410,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             ResultCode::AuthenticationRequest,
             &opts,
             None,
-            true,
+            false,
         );
     }
 
@@ -444,8 +481,19 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             }
             return;
         }
-        s.client = src;
         let id = body.session_id;
+        if s.client != src {
+            // Keep the PA-Initiation's entry findable by `remove` (a NAT rebinding).
+            if self.initiations.get(&(s.client, s.nonce)) == Some(&id) {
+                self.initiations.remove(&(s.client, s.nonce));
+                self.initiations.insert((src, s.nonce), id);
+            }
+            s.client = src;
+        }
+        if s.link.in_seq == 0 && self.started.get(&src.ip()).is_some_and(|&(v, _)| v == id) {
+            // The server-initiated session is answered: no longer the one to resend.
+            self.started.remove(&src.ip());
+        }
         match (s.phase, rc) {
             (Phase::Eap | Phase::AwaitFinal, ResultCode::AuthenticationReply) => {
                 if s.phase == Phase::AwaitFinal {
@@ -521,13 +569,14 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             }
             return;
         }
-        if self.sessions.len() >= self.cfg.max_sessions {
+        if self.sessions.len() >= self.cfg.max_sessions || !self.half_open_allowed(src.ip()) {
             return;
         }
         let id = self.new_session_id();
         let mut s = self.fresh(now, src, nonce);
         s.link.accepted(datagram);
         self.sessions.insert(id, s);
+        count(&mut self.half_open, prefix_of(src.ip()), true);
         self.initiations.insert((src, nonce), id);
         self.open(now, id, Some(nonce));
     }
@@ -723,6 +772,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 lifetime: self.cfg.session_lifetime,
             });
             self.count_sa(ip, true);
+            count(&mut self.half_open, prefix_of(ip), false);
         }
     }
 
@@ -792,12 +842,21 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     }
 
     fn remove(&mut self, id: u32, cause: Cause) {
-        if let Some(s) = self.sessions.remove(&id)
-            && s.sa.is_some()
-        {
-            self.count_sa(s.client.ip(), false);
+        if let Some(s) = self.sessions.remove(&id) {
+            let ip = s.client.ip();
+            if s.sa.is_some() {
+                self.count_sa(ip, false);
+            } else {
+                count(&mut self.half_open, prefix_of(ip), false);
+            }
+            // O(1), not a scan: floods of half-open sessions end in bulk.
+            if self.initiations.get(&(s.client, s.nonce)) == Some(&id) {
+                self.initiations.remove(&(s.client, s.nonce));
+            }
+            if self.started.get(&ip).is_some_and(|&(v, _)| v == id) {
+                self.started.remove(&ip);
+            }
         }
-        self.initiations.retain(|_, v| *v != id);
         self.events.push_back(ServerEvent::Ended {
             session_id: id,
             cause,
@@ -935,6 +994,27 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         let n = tag::seal(buf, len, &sa.key, (session_id, sa.common_out))?;
         sa.common_out += 1;
         Ok(n)
+    }
+}
+
+/// Adds or takes one from `key`'s count, dropping counts that reach zero.
+fn count(map: &mut HashMap<IpAddr, u32>, key: IpAddr, up: bool) {
+    if up {
+        *map.entry(key).or_insert(0) += 1;
+    } else if let Some(n) = map.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+/// The prefix half-open sessions are counted by: /24 for IPv4, /56 for IPv6 (a
+/// typical subscriber's delegation).
+fn prefix_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 72) - 1)).into()),
     }
 }
 

@@ -330,3 +330,98 @@ fn s2_optional_refuses_untagged_requests_from_an_authenticated_address() {
         Inbound::Serve { session: None, .. }
     ));
 }
+
+/// S4: a (possibly spoofed) PA-Initiation gets one PA-Server and nothing more on a
+/// timer; the sender's own retransmissions get it again; the session is gone after MRD.
+#[test]
+fn s4_first_pa_server_is_not_retransmitted() {
+    let mut s = server(ServerConfig::default());
+    let t0 = Time(1_000);
+    let init = initiation(SRC, 7);
+    s.handle(t0, SRC, &init);
+    let first = sent(&mut s);
+    assert_eq!(first.len(), 1);
+    let mut timer_sent = 0;
+    let mut now = t0;
+    while let Some(t) = s.poll_timeout() {
+        now = t.max(now);
+        s.handle_timeout(now);
+        timer_sent += sent(&mut s).len();
+    }
+    assert_eq!(
+        timer_sent, 0,
+        "PA-Servers sent to an unverified address on a timer"
+    );
+    assert_eq!(s.session_count(), 0);
+    assert!(now <= t0.plus(Duration::from_secs(121)));
+    // A real client's retransmission is answered with the same PA-Server.
+    let mut s = server(ServerConfig::default());
+    s.handle(t0, SRC, &init);
+    let first = sent(&mut s);
+    s.handle(t0.plus(Duration::from_secs(3)), SRC, &init);
+    let again = sent(&mut s);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].4, first[0].4);
+    assert_eq!(s.session_count(), 1);
+}
+
+/// S4: the gate's server-initiated sessions: one per source however often it retries
+/// its untagged request; retries re-send that session's first PA-Server (rate-limited).
+#[test]
+fn s4_one_server_initiated_session_per_source() {
+    let mut g = gate(Mode::Required);
+    g.initiate = true;
+    let mut now = Time(1_000);
+    let mut pa_servers = 0;
+    for _ in 0..6 {
+        let Inbound::Answer(a) = through(&mut g, now, SRC, &untagged_map(IP)) else {
+            panic!("not refused");
+        };
+        assert_eq!(
+            Response::parse(&a).unwrap().result_code,
+            ResultCode::AuthenticationRequired
+        );
+        pa_servers += std::iter::from_fn(|| g.poll_transmit()).count();
+        now = now.plus(Duration::from_millis(200));
+    }
+    assert_eq!(g.server.session_count(), 1);
+    // 0 ms, then 1000 ms (the 200/400/600/800 ms retries are within 500 ms of a send).
+    assert!((1..=3).contains(&pa_servers), "{pa_servers}");
+    // Another source gets its own.
+    let other = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11)), 5350);
+    through(&mut g, now, other, &untagged_map(other.ip()));
+    assert_eq!(g.server.session_count(), 2);
+}
+
+/// S4: sessions without an SA are capped per /24 (IPv4) and /56 (IPv6).
+#[test]
+fn s4_half_open_sessions_are_capped_per_prefix() {
+    let cfg = ServerConfig {
+        max_half_open_per_prefix: 4,
+        ..ServerConfig::default()
+    };
+    let mut s = server(cfg);
+    let t0 = Time(1_000);
+    for i in 1..=10u8 {
+        let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)), 5350);
+        s.handle(t0, src, &initiation(src, u32::from(i)));
+    }
+    assert_eq!(s.session_count(), 4);
+    for i in 1..=10u16 {
+        let src = SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0x12, 0, 0, 0, i)),
+            5350,
+        );
+        s.handle(t0, src, &initiation(src, u32::from(i)));
+    }
+    assert_eq!(s.session_count(), 8);
+    let elsewhere = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 5350);
+    s.handle(t0, elsewhere, &initiation(elsewhere, 1));
+    assert_eq!(s.session_count(), 9);
+    // When they time out, the prefix may open sessions again.
+    s.handle_timeout(t0.plus(Duration::from_secs(200)));
+    assert_eq!(s.session_count(), 0);
+    let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 200)), 5350);
+    s.handle(t0.plus(Duration::from_secs(201)), src, &initiation(src, 99));
+    assert_eq!(s.session_count(), 1);
+}

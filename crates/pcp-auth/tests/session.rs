@@ -619,15 +619,20 @@ fn pa_acknowledgement_stops_retransmission() {
         Body::Authentication(a) => a.session_id,
         _ => unreachable!(),
     };
+    // The first PA-Server is not retransmitted (docs/AUTH.md S4); the second is.
+    p.client.handle(p.now, &first);
+    let reply = p.client.poll_transmit().unwrap();
+    p.server.handle(p.now, CLIENT, &reply);
+    let first = p.server.poll_transmit().unwrap().payload;
     let retransmit_at = p.server.poll_timeout().unwrap();
     assert!(retransmit_at.0 - p.now.0 < 4_000, "IRT is about 3 s");
-    let opts = [pcp_proto::PcpOption::ReceivedPak(0)];
+    let opts = [pcp_proto::PcpOption::ReceivedPak(1)];
     let ack = Request {
         lifetime: 0,
         client_addr: CLIENT_IP,
         body: Body::Authentication(pcp_proto::AuthenticationBody {
             session_id: sid,
-            sequence_number: 1,
+            sequence_number: 2,
         }),
         options: Options::from_list(&opts),
         pa_result_code: ResultCode::AuthenticationReply,
@@ -645,7 +650,7 @@ fn pa_acknowledgement_stops_retransmission() {
         p.server.poll_transmit().is_none(),
         "retransmitted after the ack"
     );
-    // The sequence number did not move: the client's real reply (seq 1) is accepted.
+    // The sequence number did not move: the client's real reply (seq 2) is accepted.
     p.client.handle(p.now, &first);
     let reply = p.client.poll_transmit().unwrap();
     p.server.handle(p.now, CLIENT, &reply);
