@@ -101,6 +101,21 @@ pub fn result_hint(r: ResultCode) -> &'static str {
             "a NAT sits between this host and the server: run the client behind the PCP server's NAT only"
         }
         ResultCode::ExcessiveRemotePeers => "the server cannot install that many FILTERs",
+        ResultCode::AuthenticationRequired => {
+            "the server requires PCP authentication: configure an identity, password and CA"
+        }
+        ResultCode::AuthenticationFailed => {
+            "PCP authentication failed: check the identity, password, CA and server name"
+        }
+        ResultCode::AuthorizationFailed => {
+            "authenticated, but this identity may not use the server: ask its operator"
+        }
+        ResultCode::DowngradeAttackDetected => {
+            "the algorithm lists were tampered with on the way: someone is in the path"
+        }
+        ResultCode::UnknownSessionId => {
+            "the server lost the PCP session; the client authenticates again"
+        }
         _ => "see RFC 6887 §7.4",
     }
 }
