@@ -21,5 +21,7 @@ mod error;
 pub mod gateway;
 pub mod policy;
 pub mod tokio;
+mod ttls;
 
 pub use error::{Error, result_hint};
+pub use ttls::AuthSetupError;
