@@ -723,6 +723,53 @@ fn natpmp_only_server_falls_back_and_reports_checkpoint_not_supported() {
     assert!(sim.server.table.is_empty());
 }
 
+/// An old NAT-PMP-only server answers a PCP request with RFC 6886 §3.5's reply as the
+/// RFC printed it: opcode 0 (not erratum 3618's 128), result 1, epoch.
+#[test]
+fn natpmp_unsupported_version_reply_with_opcode_0_falls_back() {
+    let legacy = [0u8, 0, 0, 1, 0, 0, 0, 0];
+    let mut sim = Sim::new(Mode::Silent);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    // Only from the server's own address and port, and only result 1.
+    sim.deliver(&legacy, SocketAddr::new(SERVER.ip(), 5350));
+    sim.deliver(&[0, 0, 0, 2, 0, 0, 0, 0], SERVER);
+    sim.deliver(&[0, 0, 0, 1, 0, 0], SERVER);
+    assert_eq!(sim.client.version(), Version::Pcp);
+    assert!(sim.take_events().is_empty());
+    sim.server.mode = Mode::NatPmpOnly;
+    sim.deliver(&legacy, SERVER);
+    assert_eq!(sim.client.version(), Version::NatPmp);
+    let ev = sim.take_events();
+    assert_eq!(ev[0], Event::FellBackToNatPmp, "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Granted { id, grant } if *id == a && grant.version == Version::NatPmp)),
+        "{ev:?}"
+    );
+
+    // Without NAT-PMP fallback the mapping is refused with UNSUPP_VERSION.
+    let mut cfg = Config::new(SERVER, CLIENT);
+    cfg.natpmp_fallback = false;
+    let mut sim = Sim::with_config(Mode::Silent, cfg, 1);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.deliver(&legacy, SERVER);
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Lost {
+            id: a,
+            reason: LostReason::Refused(ResultCode::UnsuppVersion)
+        }]
+    );
+}
+
 #[test]
 fn peer_requests_carry_the_remote_and_kind() {
     let mut sim = Sim::new(Mode::Pcp);

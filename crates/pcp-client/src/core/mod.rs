@@ -1225,13 +1225,17 @@ impl Client {
     fn handle_natpmp(&mut self, buf: &[u8], from: SocketAddr, now: Time) {
         let solicited = from == self.cfg.server;
         // A NAT-PMP-only server answers a PCP request with a bare 8-octet UNSUPP_VERSION
-        // (opcode 128 per erratum 3618, 0 in the original RFC 6886).
+        // (opcode 128 per erratum 3618, 0 as RFC 6886 §3.5 printed it; both parse as
+        // this error). Nothing else in version 0 means anything to a PCP client.
         if self.version == Version::Pcp {
-            if solicited && buf.len() >= 4 && u16::from_be_bytes([buf[2], buf[3]]) == 1 {
-                if buf.len() >= 8 {
-                    let epoch = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                    let _ = self.epoch.check(Rule::NatPmp, now, epoch);
-                }
+            if solicited
+                && let Ok(natpmp::Response::Error {
+                    result: natpmp::ResultCode::UnsupportedVersion,
+                    epoch,
+                    ..
+                }) = natpmp::Response::parse(buf)
+            {
+                let _ = self.epoch.check(Rule::NatPmp, now, epoch);
                 self.fall_back(now);
             }
             return;
