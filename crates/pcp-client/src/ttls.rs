@@ -97,11 +97,13 @@ impl Authentication {
         };
         // Checked once here, so that making the peer later cannot fail.
         TtlsPeer::new(cfg.clone()).map_err(|e| AuthSetupError::Tls(e.to_string()))?;
-        Ok(Authentication::new(move || match TtlsPeer::new(cfg.clone()) {
-            Ok(p) => Box::new(p),
-            // The same configuration was accepted above; should rustls change its mind,
-            // a peer that fails every conversation reports it (AuthFailure::Eap).
-            Err(_) => Box::new(Refusing),
+        Ok(Authentication::new(move || {
+            match TtlsPeer::new(cfg.clone()) {
+                Ok(p) => Box::new(p),
+                // The same configuration was accepted above; should rustls change its mind,
+                // a peer that fails every conversation reports it (AuthFailure::Eap).
+                Err(_) => Box::new(Refusing),
+            }
         }))
     }
 }

@@ -894,7 +894,10 @@ fn authentication_and_mappings_survive_loss_and_reordering() {
             .unwrap();
         let b = sim
             .client
-            .create(MappingRequest::map(protocol::TCP, 8080).lifetime(300), sim.now)
+            .create(
+                MappingRequest::map(protocol::TCP, 8080).lifetime(300),
+                sim.now,
+            )
             .unwrap();
         sim.run_secs(2400);
         let ev = sim.take_events();
@@ -955,7 +958,10 @@ fn reauthentication_at_eighty_percent_keeps_requests_verifying() {
     assert!(auths.iter().all(|a| a.0 == auths[0].0), "one session");
     for w in times.windows(2) {
         let d = w[1].0 - w[0].0;
-        assert!((80_000..=81_000).contains(&d), "re-authenticated after {d} ms");
+        assert!(
+            (80_000..=81_000).contains(&d),
+            "re-authenticated after {d} ms"
+        );
     }
     assert!(
         !ev.iter().any(|e| matches!(
@@ -1041,7 +1047,10 @@ fn session_terminated_by_the_server_is_answered_and_replaced() {
         "{ev:?}"
     );
     let auths = authenticated(&ev);
-    assert!(matches!(auths.as_slice(), [(s, false)] if *s != first), "{auths:?}");
+    assert!(
+        matches!(auths.as_slice(), [(s, false)] if *s != first),
+        "{auths:?}"
+    );
     assert!(
         ev.iter()
             .any(|e| matches!(e, Event::Renewed { id: i, .. } if *i == id)),
@@ -1066,7 +1075,11 @@ fn client_ending_its_session_authenticates_again_when_asked() {
         "{ev:?}"
     );
     assert!(!sim.client.is_authenticated());
-    assert_eq!(sim.gate.server.session_count(), 0, "the server dropped it too");
+    assert_eq!(
+        sim.gate.server.session_count(),
+        0,
+        "the server dropped it too"
+    );
     sim.client
         .create_map(UDP, 5000, 600, false, sim.now)
         .unwrap();
@@ -1236,7 +1249,7 @@ fn forged_untagged_answers_announces_and_natpmp_are_ignored() {
         .handle_datagram(&[0, 128, 0, 1, 0, 0, 0, 0], SERVER, sim.now);
     sim.client
         .handle_datagram(&[0, 0, 0, 1, 0, 0, 0, 0], SERVER, sim.now);
-    while let Some(e) = sim.client.poll_event() {
+    if let Some(e) = sim.client.poll_event() {
         panic!("forgery acted on: {e:?}");
     }
     assert_eq!(sim.client.version(), Version::Pcp);

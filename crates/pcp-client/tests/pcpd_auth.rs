@@ -101,8 +101,8 @@ fn blocking_client_authenticates_and_tags_every_request() {
     let p = Pcpd::start(&f.config(600));
     let ca = f.path("ca.pem");
 
-    let client = PcpClient::connect(opts(&p, Some(auth(&ca, b"correct horse"))))
-        .expect("authenticated");
+    let client =
+        PcpClient::connect(opts(&p, Some(auth(&ca, b"correct horse")))).expect("authenticated");
     client.authenticated(Some(T)).expect("an SA in place");
     let mut m = client
         .map(MappingRequest::map(UDP, 6000).lifetime(600))
@@ -135,8 +135,11 @@ fn blocking_client_authenticates_and_tags_every_request() {
 
     // A CA that did not sign the server's certificate: the TLS tunnel is refused.
     let other = Files::new();
-    let e = PcpClient::connect(opts(&p, Some(auth(&other.path("ca.pem"), b"correct horse"))))
-        .unwrap_err();
+    let e = PcpClient::connect(opts(
+        &p,
+        Some(auth(&other.path("ca.pem"), b"correct horse")),
+    ))
+    .unwrap_err();
     assert!(
         matches!(e, Error::Authentication(pcp_auth::client::Failure::Eap)),
         "{e}"
@@ -151,8 +154,7 @@ fn ttls_setup_errors_name_the_file_and_the_name() {
     std::fs::write(&bad, "not a certificate\n").unwrap();
     let e = Authentication::ttls("alice", b"pw", &bad, "pcp.example").unwrap_err();
     assert!(e.to_string().contains("bad.pem"), "{e}");
-    let e = Authentication::ttls("alice", b"pw", f.path("missing.pem"), "pcp.example")
-        .unwrap_err();
+    let e = Authentication::ttls("alice", b"pw", f.path("missing.pem"), "pcp.example").unwrap_err();
     assert!(e.to_string().contains("missing.pem"), "{e}");
     let e = Authentication::ttls("alice", b"pw", f.path("ca.pem"), "not a name!").unwrap_err();
     assert!(e.to_string().contains("not a name!"), "{e}");
@@ -211,7 +213,10 @@ async fn async_client_reauthenticates_and_recovers_from_a_pcpd_restart() {
     // Renewals verify under the new key.
     let deadline = Instant::now() + T;
     loop {
-        let e = tokio::time::timeout(T, m.next_event()).await.unwrap().unwrap();
+        let e = tokio::time::timeout(T, m.next_event())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!matches!(e, Event::Lost { .. }), "{e:?}");
         if matches!(e, Event::Renewed { .. }) {
             break;
@@ -244,7 +249,10 @@ async fn async_client_reauthenticates_and_recovers_from_a_pcpd_restart() {
     .await;
     let deadline = Instant::now() + T;
     loop {
-        let e = tokio::time::timeout(T, m.next_event()).await.unwrap().unwrap();
+        let e = tokio::time::timeout(T, m.next_event())
+            .await
+            .unwrap()
+            .unwrap();
         match e {
             Event::Granted { grant, .. } => {
                 assert_eq!(grant.external.ip(), first.external.ip());

@@ -113,10 +113,7 @@ fn options(cli: &Cli) -> Result<ClientOptions, CmdError> {
 }
 
 /// The EAP-TTLS peer for `--identity`, `--password-file`, `--ca`, `--server-name`.
-fn authentication(
-    cli: &Cli,
-    identity: &str,
-) -> Result<pcp_client::core::Authentication, CmdError> {
+fn authentication(cli: &Cli, identity: &str) -> Result<pcp_client::core::Authentication, CmdError> {
     let (Some(pw_file), Some(ca)) = (&cli.password_file, &cli.ca) else {
         return Err(CmdError::Usage(
             "--identity needs --password-file and --ca".into(),

@@ -298,7 +298,10 @@ impl Client {
         for (e, session_id) in happened {
             use pcp_auth::client::ClientEvent as E;
             match e {
-                E::Established { session_id, lifetime } => {
+                E::Established {
+                    session_id,
+                    lifetime,
+                } => {
                     self.events.push_back(Event::Authenticated {
                         session_id,
                         lifetime,

@@ -215,12 +215,7 @@ impl AuthSim {
                 self.client.handle_timeout(self.now);
             }
             let pa_now = self.pa_now();
-            if self
-                .gate
-                .server
-                .poll_timeout()
-                .is_some_and(|s| s <= pa_now)
-            {
+            if self.gate.server.poll_timeout().is_some_and(|s| s <= pa_now) {
                 self.gate.server.handle_timeout(pa_now);
             }
             self.drain_client();
