@@ -770,6 +770,58 @@ fn natpmp_unsupported_version_reply_with_opcode_0_falls_back() {
     );
 }
 
+/// RFC 6886 §3.5: a refusal may come in the bare 8-octet form (opcode, result, epoch),
+/// which names the protocol but not the port.
+#[test]
+fn natpmp_short_refusals_reach_the_one_waiting_mapping() {
+    let mut sim = Sim::new(Mode::NatPmpOnly);
+    sim.client
+        .create_map(UDP, 4000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    assert_eq!(sim.client.version(), Version::NatPmp);
+    sim.take_events();
+    sim.server.mode = Mode::Silent;
+    sim.run_secs(10);
+    let epoch = |sim: &Sim| ((sim.now.0 / 1000) as u32).to_be_bytes();
+    let short = |op: u8, result: u8, e: [u8; 4]| [0, op, 0, result, e[0], e[1], e[2], e[3]];
+
+    let t = sim
+        .client
+        .create_map(protocol::TCP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.deliver(&short(130, 2, epoch(&sim)), SERVER);
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Lost {
+            id: t,
+            reason: LostReason::Refused(ResultCode::NotAuthorized)
+        }]
+    );
+
+    // Two UDP requests outstanding: whose refusal it is cannot be told; both go on.
+    let u1 = sim
+        .client
+        .create_map(UDP, 5001, 600, false, sim.now)
+        .unwrap();
+    let u2 = sim
+        .client
+        .create_map(UDP, 5002, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.deliver(&short(129, 4, epoch(&sim)), SERVER);
+    assert!(sim.take_events().is_empty());
+    sim.client.release(u2).unwrap();
+    // One left: out of resources is a short error, retried later.
+    sim.deliver(&short(129, 4, epoch(&sim)), SERVER);
+    let ev = sim.take_events();
+    assert!(
+        matches!(ev.as_slice(), [Event::Error { id, result: ResultCode::NoResources, .. }] if *id == u1),
+        "{ev:?}"
+    );
+}
+
 #[test]
 fn peer_requests_carry_the_remote_and_kind() {
     let mut sim = Sim::new(Mode::Pcp);

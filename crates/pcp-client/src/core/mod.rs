@@ -1305,6 +1305,35 @@ impl Client {
                 };
                 self.on_natpmp_map(id, result, epoch, external_port, lifetime, lost, now);
             }
+            // A refusal in the bare 8-octet form names the protocol but not the port:
+            // it is acted on when exactly one request of that protocol is outstanding
+            // (otherwise retransmission goes on, and the full form may follow).
+            natpmp::Response::Error {
+                request_opcode: op @ (1 | 2),
+                result,
+                epoch,
+            } if solicited && result != natpmp::ResultCode::Success => {
+                let protocol = if op == 1 {
+                    pcp_proto::protocol::UDP
+                } else {
+                    pcp_proto::protocol::TCP
+                };
+                let mut waiting = self.mappings.values().filter(|m| {
+                    m.req.kind == Kind::Map
+                        && m.req.protocol == protocol
+                        && !matches!(m.tx, Tx::Idle)
+                });
+                let (Some(m), None) = (waiting.next(), waiting.next()) else {
+                    return;
+                };
+                let id = m.id;
+                let verdict = self.epoch.check(Rule::NatPmp, now, epoch);
+                let lost = matches!(verdict, Verdict::Invalid { .. });
+                if let Verdict::Invalid { previous } = verdict {
+                    self.state_lost(previous, epoch, LossCause::Response, Some(id), now);
+                }
+                self.on_natpmp_map(id, result, epoch, 0, 0, lost, now);
+            }
             _ => {}
         }
     }
