@@ -1139,6 +1139,26 @@ fn client_ending_its_session_authenticates_again_when_asked() {
     let ev = sim.take_events();
     assert_eq!(authenticated(&ev).len(), 1, "{ev:?}");
     assert_eq!(granted_ids(&ev).len(), 1, "{ev:?}");
+    // Ending a session while keeping a mapping: a new one at once, renewals go on.
+    let before = sim.client.session_id().unwrap();
+    sim.client.end_session(sim.now);
+    sim.run_secs(600);
+    let ev = sim.take_events();
+    assert!(
+        ev.contains(&Event::SessionEnded {
+            reason: SessionEnd::ByClient
+        }),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(authenticated(&ev).as_slice(), [(s, false)] if *s != before),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Renewed { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(sim.gate.stats().required, 0);
 }
 
 #[test]

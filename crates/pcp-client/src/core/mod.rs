@@ -252,9 +252,11 @@ impl Client {
     }
 
     /// Ends the authenticated session: SESSION_TERMINATED to the server (RFC 7652
-    /// §3.3), then [`Event::SessionEnded`] with [`SessionEnd::ByClient`]. Requests wait
-    /// until a new one is authenticated, which [`create`](Self::create) and
-    /// [`announce`](Self::announce) start. Nothing happens without authentication.
+    /// §3.3), then [`Event::SessionEnded`] with [`SessionEnd::ByClient`]. A new session
+    /// is authenticated as soon as there is something to send: at once while mappings
+    /// are kept, else on the next [`create`](Self::create) or
+    /// [`announce`](Self::announce) (delete or release mappings first to stop). Nothing
+    /// happens without authentication.
     pub fn end_session(&mut self, now: Time) {
         if let Some(a) = &mut self.auth {
             a.terminate(pa_time(now));
@@ -370,7 +372,7 @@ impl Client {
     fn session_ended(&mut self, reason: SessionEnd, now: Time) {
         self.events.push_back(Event::SessionEnded { reason });
         // After Lost, pcp-auth has started a new session already.
-        if reason != SessionEnd::ByClient && self.has_work() {
+        if self.has_work() {
             self.authenticate_if_idle(now);
         }
     }

@@ -382,8 +382,9 @@ pub enum Event {
         /// Why.
         failure: AuthFailure,
     },
-    /// The authenticated session ended; while the client has mappings to keep it
-    /// authenticates again at once, and requests wait for the new session.
+    /// The authenticated session ended; while the client has mappings to keep (or a
+    /// request to send) it authenticates again at once, and requests wait for the new
+    /// session.
     SessionEnded {
         /// Why.
         reason: SessionEnd,
