@@ -933,7 +933,7 @@ fn authentication_comes_first_then_every_request_is_tagged() {
 }
 
 #[test]
-fn authentication_and_mappings_survive_loss_and_reordering() {
+fn authentication_and_mappings_survive_loss_reordering_partitions_and_crashes() {
     for seed in 0..300 {
         let mut cfg = auth_config("secret");
         cfg.canary = seed % 2 == 0;
@@ -951,7 +951,17 @@ fn authentication_and_mappings_survive_loss_and_reordering() {
                 sim.now,
             )
             .unwrap();
-        sim.run_secs(2400);
+        sim.run_secs(1200);
+        // A partition of up to 5 minutes, or (every third seed) a server crash that
+        // loses every mapping and PA session.
+        if seed % 3 == 0 {
+            sim.restart_server(seed + 7);
+        } else {
+            sim.online = false;
+            sim.run_secs(seed * 37 % 300);
+            sim.online = true;
+        }
+        sim.run_secs(1200);
         let ev = sim.take_events();
         let auths = authenticated(&ev);
         assert!(!auths.is_empty(), "seed {seed}: {ev:?}");
