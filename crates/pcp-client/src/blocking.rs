@@ -145,7 +145,22 @@ impl PcpClient {
 
 impl Drop for PcpClient {
     fn drop(&mut self) {
-        self.inner = None;
+        // Let the task finish (it ends an authenticated session) before the runtime
+        // stops: its end closes the event channel. Mapping handles still alive keep it
+        // running; then the wait is cut short.
+        if let Some(inner) = self.inner.take() {
+            let mut events = inner.subscribe();
+            drop(inner);
+            self.handle.block_on(async {
+                let closed = async {
+                    while !matches!(
+                        events.recv().await,
+                        Err(::tokio::sync::broadcast::error::RecvError::Closed)
+                    ) {}
+                };
+                let _ = ::tokio::time::timeout(Duration::from_millis(200), closed).await;
+            });
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }

@@ -20,7 +20,7 @@
 //!
 //! Dropping a [`Mapping`] stops renewing it (the server drops it when its lifetime
 //! ends); [`Mapping::delete`] removes it now. Dropping the [`PcpClient`] and every
-//! handle stops the task.
+//! handle stops the task, ending an authenticated session (SESSION_TERMINATED) first.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -661,8 +661,14 @@ impl Driver {
                 }
                 c = cmds.recv() => match c {
                     Some(cmd) => self.command(cmd),
-                    // The client and every handle are gone.
-                    None => return,
+                    // The client and every handle are gone: end the PA session (one
+                    // SESSION_TERMINATED, so that the server frees it now) and stop.
+                    None => {
+                        let now = self.now();
+                        self.core.end_session(now);
+                        self.flush().await;
+                        return;
+                    }
                 },
                 () = sleep => {
                     let now = self.now();

@@ -114,6 +114,14 @@ fn blocking_client_authenticates_and_tags_every_request() {
     // A delete is tagged too.
     assert!(m.delete().unwrap(), "delete confirmed");
     assert!(wait_for(T, || p.mapping(6000).is_none()));
+    // Dropping the client ends its session at the server (SESSION_TERMINATED).
+    assert!(!p.output().contains("ByClient"));
+    drop(client);
+    assert!(
+        wait_for(T, || p.output().contains("ByClient")),
+        "{}",
+        p.output()
+    );
 
     // Wrong password: connect fails with the server's verdict.
     let e = PcpClient::connect(opts(&p, Some(auth(&ca, b"wrong")))).unwrap_err();
