@@ -1354,3 +1354,32 @@ fn same_seed_same_authenticated_run() {
     assert_eq!(run(42), run(42));
     assert_ne!(run(42).0, run(43).0);
 }
+
+#[test]
+fn authentication_events_serialize_for_json_output() {
+    let j = |e: &Event| serde_json::to_value(e).unwrap();
+    assert_eq!(
+        j(&Event::Authenticated {
+            session_id: 7,
+            lifetime: 3600,
+            reauthentication: true
+        }),
+        serde_json::json!({"event": "authenticated", "session_id": 7, "lifetime": 3600, "reauthentication": true})
+    );
+    assert_eq!(
+        j(&Event::AuthenticationFailed {
+            failure: AuthFailure::AuthorizationFailed
+        }),
+        serde_json::json!({"event": "authentication_failed", "failure": "authorization_failed"})
+    );
+    assert_eq!(
+        j(&Event::SessionEnded {
+            reason: SessionEnd::Lost
+        }),
+        serde_json::json!({"event": "session_ended", "reason": "lost"})
+    );
+    assert_eq!(
+        AuthFailure::DowngradeDetected.result_code(),
+        ResultCode::DowngradeAttackDetected
+    );
+}
