@@ -1,7 +1,8 @@
 //! Every client API authenticating (RFC 7652, EAP-TTLS/PAP) against the real `pcpd`
 //! with `[auth]` required and the embedded back end (a generated CA and server
 //! certificate, an Argon2 credentials file), over loopback: the blocking client (success,
-//! wrong password, no authentication, a bad CA), and the async client through a
+//! wrong password, no authentication, a bad CA), the async client giving up on a silent
+//! server after the PA MRD, and the async client through a
 //! re-authentication and a pcpd restart that loses the session.
 
 #[path = "support/pcpd.rs"]
@@ -281,4 +282,37 @@ async fn async_client_reauthenticates_and_recovers_from_a_pcpd_restart() {
         .await
         .unwrap();
     assert_eq!(view.expect("re-created")["subscriber"], "identity:alice");
+}
+
+/// A server that never answers PA messages: `connect` gives up after the PA MRD.
+#[tokio::test]
+async fn connect_gives_up_after_the_pa_mrd() {
+    use pcp_client::tokio::PcpClient;
+    let f = Files::new();
+    let ip = pcpd::fresh_ip();
+    let silent = std::net::UdpSocket::bind((ip, 0)).unwrap();
+    let server = silent.local_addr().unwrap();
+    let a = auth(&f.path("ca.pem"), b"pw").retransmit(pcp_auth::RetransmitConfig {
+        irt: Duration::from_millis(200),
+        mrt: Duration::from_secs(1),
+        mrd: Duration::from_secs(2),
+    });
+    let mut o = ClientOptions::new(server).bind(SocketAddr::new(IpAddr::V4(ip), 0));
+    o.authentication = Some(a);
+    let started = Instant::now();
+    let e = PcpClient::connect(o).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Authentication(pcp_auth::client::Failure::Timeout)),
+        "{e}"
+    );
+    let took = started.elapsed();
+    assert!((Duration::from_millis(1900)..T).contains(&took), "{took:?}");
+    // The PA-Initiation was retransmitted meanwhile.
+    silent.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1100];
+    let mut n = 0;
+    while silent.recv_from(&mut buf).is_ok() {
+        n += 1;
+    }
+    assert!(n >= 3, "{n} PA messages");
 }
