@@ -171,7 +171,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Gate<A, F> {
         }
         if Opcode::from_bits(msg[1]) == Opcode::Authentication {
             self.stats.pa_messages += 1;
-            self.server.handle(now, src, msg);
+            self.server.handle_at_epoch(now, src, epoch, msg);
             return Inbound::Handled;
         }
         match self.server.check_request(src.ip(), msg) {
@@ -185,7 +185,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Gate<A, F> {
             Check::Untagged => {
                 self.stats.required += 1;
                 if self.initiate && !self.server.has_session_from(src.ip()) {
-                    self.server.start(now, src);
+                    self.server.start_at_epoch(now, src, epoch);
                 }
                 self.answer(
                     msg,

@@ -222,6 +222,23 @@ struct Session<A> {
     /// Without an SA the session ends when this passes: the MRD after our last PA
     /// message (RFC 7652 §6.3, §8), whatever the authenticator does with the client's.
     deadline: Time,
+    /// The PCP server's epoch for this client minus `epoch(now)` as of the client's
+    /// last message, so PA-Server messages (also those sent on timers) carry the epoch
+    /// its common responses carry (RFC 7652 §3.3, RFC 6887 §8.5; review I1).
+    epoch_offset: i64,
+}
+
+impl<A> Session<A> {
+    /// The Epoch Time for a PA-Server sent at `now`.
+    fn epoch_at(&self, now: Time) -> u32 {
+        let e = i64::from(epoch(now)).saturating_add(self.epoch_offset);
+        u32::try_from(e.max(0)).unwrap_or(u32::MAX)
+    }
+}
+
+/// `epoch` as an offset from the origin's seconds at `now`.
+fn epoch_offset(now: Time, epoch_now: u32) -> i64 {
+    i64::from(epoch_now) - i64::from(epoch(now))
 }
 
 /// The server side of all PA sessions.
@@ -341,6 +358,12 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// not retransmitted on a timer: only the client's messages make the server send
     /// (docs/AUTH.md S4).
     pub fn start(&mut self, now: Time, client: SocketAddr) -> Option<u32> {
+        self.start_at_epoch(now, client, epoch(now))
+    }
+
+    /// [`Server::start`] with the PCP server's Epoch Time for `client` at `now` (the
+    /// PA-Server messages carry it, advancing with `now`).
+    pub fn start_at_epoch(&mut self, now: Time, client: SocketAddr, epoch: u32) -> Option<u32> {
         if let Some(&(id, last)) = self.started.get(&client.ip())
             && let Some(s) = self.sessions.get(&id)
         {
@@ -359,7 +382,8 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return None;
         }
         let id = self.new_session_id();
-        let session = self.fresh(now, client, 0);
+        let mut session = self.fresh(now, client, 0);
+        session.epoch_offset = epoch_offset(now, epoch);
         self.sessions.insert(id, session);
         count(&mut self.half_open, prefix_of(client.ip()), true);
         self.started.insert(client.ip(), (id, now));
@@ -382,6 +406,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             last_key_id: 0,
             waiting: false,
             deadline: now.plus(self.cfg.retransmit.mrd),
+            epoch_offset: 0,
         }
     }
 
@@ -414,8 +439,17 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         );
     }
 
-    /// Handles a PA-Client message (an AUTHENTICATION request) from `src`.
+    /// Handles a PA-Client message (an AUTHENTICATION request) from `src`. PA-Server
+    /// messages carry the seconds since the time origin of `now` as Epoch Time; a shell
+    /// in front of a PCP server core uses [`Server::handle_at_epoch`].
     pub fn handle(&mut self, now: Time, src: SocketAddr, datagram: &[u8]) {
+        self.handle_at_epoch(now, src, epoch(now), datagram);
+    }
+
+    /// [`Server::handle`] with the Epoch Time the PCP server core gives `src` at `now`:
+    /// the session's PA-Server messages carry it from now on, advancing with `now`
+    /// (RFC 7652 §3.3 "an appropriate Epoch Time").
+    pub fn handle_at_epoch(&mut self, now: Time, src: SocketAddr, epoch: u32, datagram: &[u8]) {
         let Ok(req) = Request::parse(datagram) else {
             return;
         };
@@ -423,7 +457,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         };
         if body.session_id == 0 {
-            self.initiation(now, src, datagram, &req);
+            self.initiation(now, src, epoch, datagram, &req);
             return;
         }
         let Some(s) = self.sessions.get_mut(&body.session_id) else {
@@ -433,7 +467,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 datagram,
                 ResultCode::UnknownSessionId,
                 0,
-                epoch(now),
+                epoch,
                 true,
                 &mut out,
             ) {
@@ -448,6 +482,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         if src.ip() != s.client.ip() {
             return;
         }
+        s.epoch_offset = epoch_offset(now, epoch);
         if let Some(answer) = s.link.duplicate(datagram, now) {
             // While the back end thinks, our last message is not the answer to it.
             if !s.waiting {
@@ -551,7 +586,14 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
 
     /// A PA-Initiation (session ID 0): a new session, or a retransmission of the one
     /// that opened a session not answered yet.
-    fn initiation(&mut self, now: Time, src: SocketAddr, datagram: &[u8], req: &Request) {
+    fn initiation(
+        &mut self,
+        now: Time,
+        src: SocketAddr,
+        epoch: u32,
+        datagram: &[u8],
+        req: &Request,
+    ) {
         if req.pa_result_code != ResultCode::Initiation {
             return;
         }
@@ -574,6 +616,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         }
         let id = self.new_session_id();
         let mut s = self.fresh(now, src, nonce);
+        s.epoch_offset = epoch_offset(now, epoch);
         s.link.accepted(datagram);
         self.sessions.insert(id, s);
         count(&mut self.half_open, prefix_of(src.ip()), true);
@@ -1043,7 +1086,7 @@ impl Outbox {
         awaiting: bool,
     ) {
         let seq = s.link.next_out();
-        let Some(msg) = build(Side::Server(epoch(now)), rc, id, seq, opts, key) else {
+        let Some(msg) = build(Side::Server(s.epoch_at(now)), rc, id, seq, opts, key) else {
             return;
         };
         let retransmit = awaiting.then(|| Retransmit::start(now, &self.retransmit, &mut self.rng));

@@ -425,3 +425,48 @@ fn s4_half_open_sessions_are_capped_per_prefix() {
     s.handle(t0.plus(Duration::from_secs(201)), src, &initiation(src, 99));
     assert_eq!(s.session_count(), 1);
 }
+
+/// I1: PA-Server messages carry the Epoch Time the PCP server core gives the client
+/// (passed to the gate), advancing with time, also for messages sent on timers.
+#[test]
+fn i1_pa_server_epoch_is_the_cores() {
+    let mut g = gate(Mode::Required);
+    let t0 = Time(1_000);
+    let mut c = Client::with_rng(
+        ClientConfig::new(IP),
+        ToyPeer::new("alice", "pw"),
+        StdRng::seed_from_u64(1),
+    );
+    c.start(t0);
+    let mut m = c.poll_transmit().unwrap();
+    let n = m.len();
+    // The core's epoch for this client: 90 000 s (e.g. continued after a takeover).
+    assert_eq!(g.inbound(t0, SRC, 90_000, &mut m, n), Inbound::Handled);
+    let first = g.poll_transmit().unwrap();
+    assert_eq!(Response::parse(&first.payload).unwrap().epoch, 90_000);
+    let t1 = t0.plus(Duration::from_secs(2));
+    c.handle(t1, &first.payload);
+    let mut m = c.poll_transmit().unwrap();
+    let n = m.len();
+    g.inbound(t1, SRC, 90_002, &mut m, n);
+    let second = g.poll_transmit().unwrap();
+    assert_eq!(Response::parse(&second.payload).unwrap().epoch, 90_002);
+    // Sent on the server's own initiative 10 s later: still the core's clock.
+    let id = match Response::parse(&second.payload).unwrap().body {
+        Body::Authentication(b) => b.session_id,
+        _ => unreachable!(),
+    };
+    let t2 = t1.plus(Duration::from_secs(10));
+    g.server.terminate(t2, id);
+    let term = g.poll_transmit().unwrap();
+    assert_eq!(Response::parse(&term.payload).unwrap().epoch, 90_012);
+    // A server-initiated session too.
+    let mut g = gate(Mode::Required);
+    g.initiate = true;
+    let mut buf = untagged_map(IP);
+    let n = buf.len();
+    buf.resize(1100, 0);
+    let _ = g.inbound(t0, SRC, 777, &mut buf, n);
+    let pa = g.poll_transmit().expect("the server-initiated PA-Server");
+    assert_eq!(Response::parse(&pa.payload).unwrap().epoch, 777);
+}
