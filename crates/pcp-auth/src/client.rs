@@ -356,9 +356,39 @@ impl<P: EapPeer> Client<P> {
                 if body.session_id != self.session_id {
                     return;
                 }
+                if resp.result_code == ResultCode::UnknownSessionId {
+                    self.unknown_session(now, body.sequence_number);
+                    return;
+                }
                 self.in_session(now, datagram, &resp, body.sequence_number);
             }
         }
+    }
+
+    /// UNKNOWN_SESSION_ID for our session: the server lost it (RFC 7652 §3.2, IANA 20),
+    /// e.g. it gave up on a confirmation that never arrived or restarted. Its answer is
+    /// a copy of our message, untagged: it must copy the last one we sent. A full
+    /// authentication starts at once (a terminating session is simply over).
+    fn unknown_session(&mut self, now: Time, seq: u32) {
+        let last = self
+            .link
+            .last_out
+            .as_deref()
+            .and_then(|m| pcp_proto::Request::parse(m).ok())
+            .and_then(|r| match r.body {
+                pcp_proto::Body::Authentication(b) => Some(b.sequence_number),
+                _ => None,
+            });
+        if last != Some(seq) {
+            return;
+        }
+        if self.phase == Phase::Terminating {
+            self.close(Some(ClientEvent::Ended(Ended::ByClient)));
+            return;
+        }
+        let had_sa = self.sa.is_some();
+        self.close(had_sa.then_some(ClientEvent::Ended(Ended::Lost)));
+        self.start(now);
     }
 
     fn server_initiated(&mut self, now: Time, datagram: &[u8], resp: &Response, session: u32) {

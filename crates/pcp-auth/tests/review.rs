@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use pcp_auth::Time;
-use pcp_auth::client::{Client, ClientConfig};
+use pcp_auth::client::{Client, ClientConfig, ClientEvent, Ended};
 use pcp_auth::crypto::{AUTH_HMAC_SHA2_256_128, PRF_HMAC_SHA2_256};
 use pcp_auth::gate::{Gate, Inbound, Mode, Rules};
 use pcp_auth::server::{Cause, Server, ServerConfig, ServerEvent};
@@ -469,4 +469,49 @@ fn i1_pa_server_epoch_is_the_cores() {
     let _ = g.inbound(t0, SRC, 777, &mut buf, n);
     let pa = g.poll_transmit().expect("the server-initiated PA-Server");
     assert_eq!(Response::parse(&pa.payload).unwrap().epoch, 777);
+}
+
+/// M1: UNKNOWN_SESSION_ID in answer to a PA-Client (the server lost the session)
+/// makes the client start a full authentication at once, not wait out the MRD.
+#[test]
+fn m1_unknown_session_id_in_a_pa_server_restarts_authentication() {
+    let t0 = Time(10_000);
+    let (mut c, _old, _, _) = established_pair(t0);
+    std::iter::from_fn(|| c.poll_event()).for_each(drop);
+    // The server restarts and forgets everything.
+    let mut s = server(ServerConfig::default());
+    c.reauthenticate(t0);
+    let init = c.poll_transmit().unwrap();
+    s.handle(t0, SRC, &init);
+    let answer = s.poll_transmit().expect("UNKNOWN_SESSION_ID");
+    assert_eq!(
+        Response::parse(&answer.payload).unwrap().result_code,
+        ResultCode::UnknownSessionId
+    );
+    // A forged one for another sequence number changes nothing.
+    let mut forged = answer.payload.clone();
+    forged[31] ^= 1; // the low octet of the sequence number
+    c.handle(t0, &forged);
+    assert!(c.poll_transmit().is_none());
+    c.handle(t0, &answer.payload);
+    let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
+    assert_eq!(events, [ClientEvent::Ended(Ended::Lost)]);
+    let next = c.poll_transmit().expect("a new PA-Initiation");
+    let r = Request::parse(&next).unwrap();
+    assert_eq!(r.pa_result_code, ResultCode::Initiation);
+    assert!(matches!(
+        r.body,
+        Body::Authentication(AuthenticationBody { session_id: 0, .. })
+    ));
+    // And it authenticates with the new server.
+    s.handle(t0, SRC, &next);
+    for _ in 0..30 {
+        while let Some(t) = s.poll_transmit() {
+            c.handle(t0, &t.payload);
+        }
+        while let Some(m) = c.poll_transmit() {
+            s.handle(t0, SRC, &m);
+        }
+    }
+    assert!(c.is_established());
 }
