@@ -56,7 +56,8 @@ pub enum Failure {
     AuthorizationFailed,
     /// The server said DOWNGRADE_ATTACK_DETECTED.
     DowngradeDetected,
-    /// The server offers no PRF or no MAC algorithm this client implements.
+    /// The server offers no PRF or no MAC algorithm this client implements, or wants
+    /// the MSK used directly as the key (Key ID 0, not supported).
     NoCommonAlgorithm,
     /// This client's EAP method gave up (e.g. the server's certificate is not valid).
     Eap,
@@ -590,6 +591,21 @@ impl<P: EapPeer> Client<P> {
         let Some(msk) = self.peer.msk() else {
             return;
         };
+        if at.key_id == 0 {
+            // §5.4: Key ID 0 means the MSK is the key. Not supported (docs/AUTH.md I2):
+            // refused explicitly rather than left to time out.
+            self.link.accepted(datagram);
+            let key = self.sa.as_ref().map(|s| s.key.clone());
+            self.send(
+                now,
+                ResultCode::AuthenticationFailed,
+                &[],
+                key.as_ref(),
+                false,
+            );
+            self.close(Some(ClientEvent::Failed(Failure::NoCommonAlgorithm)));
+            return;
+        }
         let key = TransportKey::derive(&msk, self.session_id, self.nonce, at.key_id);
         if tag::check(datagram, &at, &key).is_err() {
             return;

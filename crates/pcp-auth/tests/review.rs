@@ -515,3 +515,46 @@ fn m1_unknown_session_id_in_a_pa_server_restarts_authentication() {
     }
     assert!(c.is_established());
 }
+
+/// I2: a SUCCEEDED whose PA_AUTHENTICATION_TAG has Key ID 0 (RFC 7652 §5.4: the MSK
+/// used directly) is refused explicitly: AUTHENTICATION_FAILED and a failure event,
+/// not a silent wait until the MRD.
+#[test]
+fn i2_key_id_zero_is_refused_explicitly() {
+    let now = Time(10_000);
+    let mut c = Client::with_rng(
+        ClientConfig::new(IP),
+        ToyPeer::new("alice", "pw"),
+        StdRng::seed_from_u64(1),
+    );
+    let mut s = server(ServerConfig::default());
+    c.start(now);
+    let mut refused = None;
+    'run: for _ in 0..30 {
+        while let Some(m) = c.poll_transmit() {
+            if Request::parse(&m).unwrap().pa_result_code == ResultCode::AuthenticationFailed {
+                refused = Some(m);
+                break 'run;
+            }
+            s.handle(now, SRC, &m);
+        }
+        while let Some(t) = s.poll_transmit() {
+            let mut m = t.payload;
+            if Response::parse(&m).unwrap().result_code == ResultCode::AuthenticationSucceeded {
+                // The last option is the PA_AUTHENTICATION_TAG: Key ID, then 16 MAC octets.
+                let n = m.len();
+                m[n - 20..n - 16].copy_from_slice(&[0; 4]);
+            }
+            c.handle(now, &m);
+        }
+    }
+    assert!(refused.is_some(), "no AUTHENTICATION_FAILED");
+    assert!(!c.is_established());
+    let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
+    assert_eq!(
+        events,
+        [ClientEvent::Failed(
+            pcp_auth::client::Failure::NoCommonAlgorithm
+        )]
+    );
+}
