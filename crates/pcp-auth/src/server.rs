@@ -1086,6 +1086,17 @@ impl Outbox {
         awaiting: bool,
     ) {
         let seq = s.link.next_out();
+        // §3.1.2: the PA-Server after the client's first PA-Client echoes its nonce,
+        // whatever it says (also a failure or a termination; review M2).
+        let with_nonce: Vec<PcpOption<'_>>;
+        let opts = if std::mem::take(&mut s.echo_nonce) {
+            with_nonce = std::iter::once(PcpOption::Nonce(s.nonce))
+                .chain(opts.iter().cloned())
+                .collect();
+            &with_nonce[..]
+        } else {
+            opts
+        };
         let Some(msg) = build(Side::Server(s.epoch_at(now)), rc, id, seq, opts, key) else {
             return;
         };

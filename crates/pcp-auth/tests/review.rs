@@ -558,3 +558,33 @@ fn i2_key_id_zero_is_refused_explicitly() {
         )]
     );
 }
+
+/// M2: in a server-initiated session, the PA-Server after the client's first PA-Client
+/// echoes its nonce also when it is a failure (here: an algorithm not offered), so the
+/// client does not drop it and stall.
+#[test]
+fn m2_failure_after_the_first_pa_client_echoes_the_nonce() {
+    let now = Time(1_000);
+    let mut s = server(ServerConfig::default());
+    let sid = s.start(now, SRC).unwrap();
+    sent(&mut s);
+    let identity = [2u8, 1, 0, 10, 1, b'a', b'l', b'i', b'c', b'e'];
+    let reply = pa(
+        IP,
+        ResultCode::AuthenticationReply,
+        sid,
+        0,
+        &[
+            PcpOption::Nonce(0xdead_beef),
+            PcpOption::Prf(99),
+            PcpOption::MacAlgorithm(AUTH_HMAC_SHA2_256_128),
+            PcpOption::EapPayload(&identity),
+        ],
+    );
+    s.handle(now, SRC, &reply);
+    let out = sent(&mut s);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1, ResultCode::AuthenticationFailed);
+    let r = Response::parse(&out[0].4).unwrap();
+    assert_eq!(r.options.nonce(), Some(0xdead_beef));
+}
