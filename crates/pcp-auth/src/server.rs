@@ -776,6 +776,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         macs.sort_unstable();
         macs.dedup();
         if prfs != SUPPORTED_PRFS || macs != SUPPORTED_MACS {
+            if s.sa.is_some() {
+                // A re-authentication: the client reset its PA sequence numbers when it
+                // sent this confirmation (§3.4), so the answer is the new SA's first.
+                s.link.out_seq = 0;
+            }
             self.out.send(
                 now,
                 id,
@@ -1161,5 +1166,39 @@ mod tests {
             tag::verify(&t.payload, &key).is_ok(),
             "tagged with the current key"
         );
+    }
+
+    /// Review M3: DOWNGRADE_ATTACK_DETECTED at the end of a re-authentication carries
+    /// PA sequence number 0, the one the client expects after its reset (§3.4).
+    #[test]
+    fn downgrade_during_reauthentication_reaches_the_client() {
+        let mut s = Server::with_rng(ServerConfig::default(), || Echo, StdRng::seed_from_u64(1));
+        let client: SocketAddr = "192.0.2.1:5350".parse().unwrap();
+        let new = TransportKey::from_bytes(2, [4; 32]);
+        let mut session = s.fresh(Time(0), client, 9);
+        session.phase = Phase::AwaitFinal;
+        session.identity = Some(Arc::from("alice"));
+        session.sa = Some(Sa {
+            key: TransportKey::from_bytes(1, [3; 32]),
+            common_out: 0,
+            common_in: ReplayWindow::new(),
+            expires: Time(u64::MAX),
+        });
+        session.pending = Some((new.clone(), Arc::from("alice")));
+        session.link = Link::new(7, 5);
+        s.sessions.insert(77, session);
+        let side = Side::Client(client.ip());
+        let rc = ResultCode::AuthenticationSucceeded;
+        let confirmation = build(side, rc, 77, 5, &[PcpOption::Prf(99)], Some(&new)).unwrap();
+        s.handle(Time(0), client, &confirmation);
+        let t = s.poll_transmit().expect("DOWNGRADE_ATTACK_DETECTED");
+        let r = pcp_proto::Response::parse(&t.payload).unwrap();
+        assert_eq!(r.result_code, ResultCode::DowngradeAttackDetected);
+        let pcp_proto::Body::Authentication(b) = r.body else {
+            panic!("not a PA message");
+        };
+        assert_eq!(b.sequence_number, 0);
+        assert!(tag::verify(&t.payload, &new).is_ok());
+        assert_eq!(s.session_count(), 0);
     }
 }
