@@ -92,7 +92,8 @@ pub enum Cause {
     DowngradeDetected,
     /// The client chose no PRF or MAC, or one not offered.
     NoCommonAlgorithm,
-    /// The client sent AUTHENTICATION_FAILED (it could not authenticate the server).
+    /// The client sent AUTHENTICATION_FAILED or AUTHORIZATION_FAILED (it could not
+    /// authenticate or authorize the server).
     RefusedByClient,
     /// The client terminated it.
     ByClient,
@@ -576,7 +577,9 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                     self.remove(id, Cause::ByServer);
                 }
             }
-            (_, ResultCode::AuthenticationFailed) => {
+            // §3.1.3: the client refusing the server (it could not authenticate or
+            // authorize it) ends the session "immediately" (review M5).
+            (_, ResultCode::AuthenticationFailed | ResultCode::AuthorizationFailed) => {
                 s.link.accepted(datagram);
                 self.remove(id, Cause::RefusedByClient);
             }

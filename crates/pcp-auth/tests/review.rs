@@ -588,3 +588,20 @@ fn m2_failure_after_the_first_pa_client_echoes_the_nonce() {
     let r = Response::parse(&out[0].4).unwrap();
     assert_eq!(r.options.nonce(), Some(0xdead_beef));
 }
+
+/// M5: AUTHORIZATION_FAILED from the client ends the session at once (§3.1.3).
+#[test]
+fn m5_authorization_failed_from_the_client_ends_the_session() {
+    let now = Time(1_000);
+    let mut s = server(ServerConfig::default());
+    s.handle(now, SRC, &initiation(SRC, 5));
+    let sid = sent(&mut s)[0].2;
+    let refusal = pa(IP, ResultCode::AuthorizationFailed, sid, 1, &[]);
+    s.handle(now, SRC, &refusal);
+    assert_eq!(s.session_count(), 0);
+    assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e
+        == ServerEvent::Ended {
+            session_id: sid,
+            cause: Cause::RefusedByClient
+        }));
+}
