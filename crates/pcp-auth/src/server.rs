@@ -597,7 +597,10 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         datagram: &[u8],
         req: &Request,
     ) {
-        if req.pa_result_code != ResultCode::Initiation {
+        // §6.4: a session's first PA message has sequence number 0 (review M9).
+        let first =
+            matches!(req.body, pcp_proto::Body::Authentication(b) if b.sequence_number == 0);
+        if req.pa_result_code != ResultCode::Initiation || !first {
             return;
         }
         // §3.1.1: the PA-Initiation MUST carry a NONCE; without one it is dropped.

@@ -605,3 +605,16 @@ fn m5_authorization_failed_from_the_client_ends_the_session() {
             cause: Cause::RefusedByClient
         }));
 }
+
+/// M9: a PA-Initiation must have sequence number 0 (§6.4); another one opens nothing.
+#[test]
+fn m9_pa_initiation_with_a_nonzero_sequence_number_is_dropped() {
+    let now = Time(1_000);
+    let mut s = server(ServerConfig::default());
+    let bad = pa(IP, ResultCode::Initiation, 0, 3, &[PcpOption::Nonce(1)]);
+    s.handle(now, SRC, &bad);
+    assert_eq!(s.session_count(), 0);
+    assert!(sent(&mut s).is_empty());
+    s.handle(now, SRC, &initiation(SRC, 1));
+    assert_eq!(s.session_count(), 1);
+}
