@@ -451,9 +451,33 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// the session's PA-Server messages carry it from now on, advancing with `now`
     /// (RFC 7652 §3.3 "an appropriate Epoch Time").
     pub fn handle_at_epoch(&mut self, now: Time, src: SocketAddr, epoch: u32, datagram: &[u8]) {
-        let Ok(req) = Request::parse(datagram) else {
-            return;
+        let req = match Request::parse(datagram) {
+            Ok(req) => req,
+            Err(e) => {
+                // RFC 6887 §8.3, as the core answers any request (review M4): the
+                // error's code, ADDRESS_MISMATCH first for a well-framed header.
+                if let Some(mut code) = e.result_code() {
+                    let framed = matches!(
+                        e,
+                        pcp_proto::ParseError::UnsupportedOption { .. }
+                            | pcp_proto::ParseError::MalformedOption { .. }
+                            | pcp_proto::ParseError::Malformed(
+                                pcp_proto::Malformed::BodyTruncated { .. }
+                            )
+                    );
+                    let p = pcp_proto::Packet::new_unchecked(datagram);
+                    if framed && p.client_addr().to_canonical() != src.ip().to_canonical() {
+                        code = ResultCode::AddressMismatch;
+                    }
+                    self.error_answer(src, datagram, code, false, epoch);
+                }
+                return;
+            }
         };
+        if req.client_addr.to_canonical() != src.ip().to_canonical() {
+            self.error_answer(src, datagram, ResultCode::AddressMismatch, true, epoch);
+            return;
+        }
         let pcp_proto::Body::Authentication(body) = req.body else {
             return;
         };
@@ -584,6 +608,30 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 self.remove(id, Cause::RefusedByClient);
             }
             _ => {}
+        }
+    }
+
+    /// An RFC 6887 error answer to the PA-Client in `datagram` (a copy of it).
+    fn error_answer(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        code: ResultCode,
+        parsed: bool,
+        epoch: u32,
+    ) {
+        let lifetime = if code.is_short_lifetime_error() {
+            30
+        } else {
+            1800
+        };
+        let mut out = vec![0u8; pcp_proto::MAX_MESSAGE_LEN];
+        if let Ok(n) = emit_error_response(datagram, code, lifetime, epoch, parsed, &mut out) {
+            out.truncate(n);
+            self.out.transmits.push_back(Transmit {
+                dst: src,
+                payload: out,
+            });
         }
     }
 

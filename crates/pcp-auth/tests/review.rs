@@ -618,3 +618,38 @@ fn m9_pa_initiation_with_a_nonzero_sequence_number_is_dropped() {
     s.handle(now, SRC, &initiation(SRC, 1));
     assert_eq!(s.session_count(), 1);
 }
+
+/// M4: bad PA-Client messages get RFC 6887's answers: ADDRESS_MISMATCH when the header's
+/// client address is not the source, the parse error's code otherwise.
+#[test]
+fn m4_bad_pa_client_messages_get_rfc6887_answers() {
+    let now = Time(1_000);
+    let mut s = server(ServerConfig::default());
+    let elsewhere = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
+    s.handle(
+        now,
+        SRC,
+        &pa(
+            elsewhere,
+            ResultCode::Initiation,
+            0,
+            0,
+            &[PcpOption::Nonce(1)],
+        ),
+    );
+    let out: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].payload[1], 0x80 | 3, "a response to AUTHENTICATION");
+    assert_eq!(out[0].payload[3], u8::from(ResultCode::AddressMismatch));
+    assert_eq!(s.session_count(), 0);
+    // A NONCE option of the wrong length.
+    let mut bad = initiation(SRC, 1);
+    assert_eq!(bad[32], 4, "NONCE option first");
+    bad[35] = 8;
+    bad.extend_from_slice(&[0; 4]);
+    s.handle(now, SRC, &bad);
+    let out: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].payload[3], u8::from(ResultCode::MalformedOption));
+    assert_eq!(s.session_count(), 0);
+}
