@@ -585,6 +585,22 @@ impl<P: EapPeer> Client<P> {
         // The method must agree that it succeeded and hold an MSK; a peer that already
         // took EAP-Success (a retransmission we could not match) keeps its MSK.
         let step = self.peer.receive(eap);
+        if matches!(step, PeerStep::Failure) {
+            // The method cannot accept the server (§3.1.3: AUTHENTICATION_FAILED, then
+            // the session ends; review M7). A bad tag, below, is ignored instead: it
+            // proves nothing about the server.
+            self.link.accepted(datagram);
+            let key = self.sa.as_ref().map(|s| s.key.clone());
+            self.send(
+                now,
+                ResultCode::AuthenticationFailed,
+                &[],
+                key.as_ref(),
+                false,
+            );
+            self.close(Some(ClientEvent::Failed(Failure::Eap)));
+            return;
+        }
         if !matches!(step, PeerStep::Success | PeerStep::Discard) {
             return;
         }

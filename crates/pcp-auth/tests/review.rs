@@ -653,3 +653,43 @@ fn m4_bad_pa_client_messages_get_rfc6887_answers() {
     assert_eq!(out[0].payload[3], u8::from(ResultCode::MalformedOption));
     assert_eq!(s.session_count(), 0);
 }
+
+/// M7: an AUTHENTICATION_SUCCEEDED whose EAP packet the client's method refuses (here
+/// an EAP-Failure inside it) is answered with AUTHENTICATION_FAILED and fails at once.
+#[test]
+fn m7_succeeded_the_method_refuses_is_answered_authentication_failed() {
+    let now = Time(10_000);
+    let mut c = Client::with_rng(
+        ClientConfig::new(IP),
+        ToyPeer::new("alice", "pw"),
+        StdRng::seed_from_u64(1),
+    );
+    let mut s = server(ServerConfig::default());
+    c.start(now);
+    let mut refused = false;
+    for _ in 0..30 {
+        while let Some(m) = c.poll_transmit() {
+            let rc = Request::parse(&m).unwrap().pa_result_code;
+            refused |= rc == ResultCode::AuthenticationFailed;
+            s.handle(now, SRC, &m);
+        }
+        while let Some(t) = s.poll_transmit() {
+            let mut m = t.payload;
+            let r = Response::parse(&m).unwrap();
+            if r.result_code == ResultCode::AuthenticationSucceeded {
+                let eap = r.options.eap_payload().unwrap();
+                let at = eap.as_ptr() as usize - m.as_ptr() as usize;
+                assert_eq!(m[at], 3, "EAP-Success");
+                m[at] = 4;
+            }
+            c.handle(now, &m);
+        }
+    }
+    assert!(refused, "no AUTHENTICATION_FAILED");
+    let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
+    assert_eq!(
+        events,
+        [ClientEvent::Failed(pcp_auth::client::Failure::Eap)]
+    );
+    assert_eq!(s.session_count(), 0, "the server ended it too");
+}
