@@ -400,8 +400,10 @@ fn downgrade_attempt_is_detected() {
 }
 
 /// The authenticated identity is the subscriber (docs/AUTH.md): alice, listed under
-/// subscriber `acme` (a tier of one mapping), is one subscriber from two addresses,
-/// while an unauthenticated request from the second address is charged to its prefix.
+/// subscriber `acme` (a tier of one mapping), is one subscriber from two addresses; an
+/// unauthenticated request from an address with a PA session gets
+/// AUTHENTICATION_REQUIRED even in `optional` mode (RFC 7652 §3.1.3), one from a third
+/// address is charged to its prefix.
 #[test]
 fn identity_is_the_subscriber_across_addresses() {
     let extra = "[tiers.default]\n[tiers.gold]\nmapping_quota = 1\n\
@@ -432,12 +434,20 @@ fn identity_is_the_subscriber_across_addresses() {
     assert_eq!(result(&r), ResultCode::UserExQuota);
     let now = b.now();
     assert!(b.client.verify_response(now, &r).is_ok(), "answered tagged");
-    // The same address unauthenticated is its own subscriber.
+    // The same address unauthenticated: refused, it has a PA session.
     let m = b.map(5001, false);
-    assert_eq!(result(&b.exchange(&m).unwrap()), ResultCode::Success);
+    assert_eq!(
+        result(&b.exchange(&m).unwrap()),
+        ResultCode::AuthenticationRequired
+    );
+    // Another address unauthenticated is its own subscriber.
+    let third = std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] ^ 2);
+    let mut c = Peer::new_at(&s, "correct horse", IpAddr::V4(third));
+    let m = c.map(5001, false);
+    assert_eq!(result(&c.exchange(&m).unwrap()), ResultCode::Success);
     assert_eq!(
         s.pcpd.mapping(17, 5001)["subscriber"],
-        format!("{other}/32").as_str()
+        format!("{third}/32").as_str()
     );
     let subs = s.pcpd.get_json("/subscribers");
     assert!(subs.to_string().contains("\"acme\""), "{subs}");
