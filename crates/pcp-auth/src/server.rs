@@ -970,10 +970,10 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         let cfg = &self.cfg.retransmit;
         self.sessions
             .values()
-            .filter_map(|s| {
+            .map(|s| {
                 let r = s.link.retransmit.as_ref().map(|r| r.deadline(cfg));
                 let e = s.sa.as_ref().map_or(s.deadline, |sa| sa.expires);
-                Some(r.map_or(e, |r| r.min(e)))
+                r.map_or(e, |r| r.min(e))
             })
             .min()
     }
