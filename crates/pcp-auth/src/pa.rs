@@ -107,17 +107,30 @@ impl Link {
     /// with the last outgoing message). Returns the answer when the rate limit allows
     /// and our last message was sent after it arrived (an answer to it).
     pub fn duplicate(&mut self, datagram: &[u8], now: Time) -> Option<Option<Vec<u8>>> {
+        let allowed = self.duplicate_allowed(datagram, now)?;
+        Some(self.answer().filter(|_| allowed))
+    }
+
+    /// Whether `datagram` is the last accepted message again and, if so, whether the
+    /// rate limit lets us answer this copy (RFC 7652 §6.3 "MUST be limited"); an
+    /// allowed answer counts against the limit.
+    pub fn duplicate_allowed(&mut self, datagram: &[u8], now: Time) -> Option<bool> {
         if self.last_in.as_deref() != Some(datagram) {
             return None;
         }
         let allowed = self
             .last_dup_reply
             .is_none_or(|t| now.saturating_since(t) >= DUPLICATE_REPLY_GAP);
-        if !allowed {
-            return Some(None);
+        if allowed {
+            self.last_dup_reply = Some(now);
         }
-        self.last_dup_reply = Some(now);
-        Some(self.last_out.clone().filter(|_| self.answered))
+        Some(allowed)
+    }
+
+    /// What answers a copy of `last_in`: `last_out` if it was sent after `last_in`
+    /// arrived, nothing otherwise.
+    pub fn answer(&self) -> Option<Vec<u8>> {
+        self.last_out.clone().filter(|_| self.answered)
     }
 
     /// Records an accepted incoming message (not a PA-Acknowledgement).
