@@ -214,6 +214,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Gate<A, F> {
                 ..
             } => {
                 self.stats.authenticated += 1;
+                self.server.note_epoch(session_id, now, epoch);
                 let len = remove_option(buf, len, OptionCode::AuthenticationTag);
                 Inbound::Serve {
                     len,

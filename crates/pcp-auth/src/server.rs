@@ -611,6 +611,15 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         }
     }
 
+    /// The PCP server core's Epoch Time for `session_id`'s client at `now` (from a
+    /// tagged common request of that session): the session's PA-Server messages carry
+    /// it from now on (I1), also after an HA import or a reset of the client's epoch.
+    pub fn note_epoch(&mut self, session_id: u32, now: Time, epoch: u32) {
+        if let Some(s) = self.sessions.get_mut(&session_id) {
+            s.epoch_offset = epoch_offset(now, epoch);
+        }
+    }
+
     /// An RFC 6887 error answer to the PA-Client in `datagram` (a copy of it).
     fn error_answer(
         &mut self,

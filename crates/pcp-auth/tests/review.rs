@@ -693,3 +693,31 @@ fn m7_succeeded_the_method_refuses_is_answered_authentication_failed() {
     );
     assert_eq!(s.session_count(), 0, "the server ended it too");
 }
+
+/// I1: a tagged common request also tells the session the core's current epoch (e.g.
+/// after the client's epoch was reset): the next PA-Server the server sends on its own
+/// carries it.
+#[test]
+fn i1_tagged_requests_update_the_pa_epoch() {
+    let now = Time(5_000);
+    let mut g = gate(Mode::Required);
+    let mut c = Client::with_rng(
+        ClientConfig::new(IP),
+        ToyPeer::new("alice", "pw"),
+        StdRng::seed_from_u64(1),
+    );
+    authenticate(&mut g, &mut c, now);
+    let mut buf = untagged_map(IP);
+    let n = buf.len();
+    buf.resize(1100, 0);
+    let n = c.protect(now, &mut buf, n).unwrap();
+    let Inbound::Serve {
+        session: Some(sid), ..
+    } = g.inbound(now, SRC, 4_000, &mut buf, n)
+    else {
+        panic!("not served");
+    };
+    g.server.terminate(now.plus(Duration::from_secs(3)), sid);
+    let term = g.poll_transmit().unwrap();
+    assert_eq!(Response::parse(&term.payload).unwrap().epoch, 4_003);
+}
