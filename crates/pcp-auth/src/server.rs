@@ -953,6 +953,15 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     }
 
     fn remove(&mut self, id: u32, cause: Cause) {
+        self.forget(id);
+        self.events.push_back(ServerEvent::Ended {
+            session_id: id,
+            cause,
+        });
+    }
+
+    /// Takes a session out of the table and of every index (no event).
+    fn forget(&mut self, id: u32) {
         if let Some(s) = self.sessions.remove(&id) {
             let ip = s.client.ip();
             if s.sa.is_some() {
@@ -968,10 +977,6 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 self.started.remove(&ip);
             }
         }
-        self.events.push_back(ServerEvent::Ended {
-            session_id: id,
-            cause,
-        });
     }
 
     /// When [`Server::handle_timeout`] must run next.
