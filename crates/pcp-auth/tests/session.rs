@@ -657,3 +657,46 @@ fn pa_acknowledgement_stops_retransmission() {
     p.server.handle_timeout(Time(p.now.0 + 200_000));
     assert_eq!(p.server.session_count(), 0);
 }
+
+/// What the operator sees of a session: state, identity, sequence numbers and the
+/// tagged requests accepted and refused; a terminated session serves nothing more.
+#[test]
+fn session_snapshots_count_requests_and_termination_stops_serving() {
+    use pcp_auth::server::SessionState;
+    let mut p = Pair::new("correct horse", ServerConfig::default(), Net::perfect(), 30);
+    let start = p.now;
+    p.client.start(p.now);
+    p.run_for(Duration::from_secs(1));
+    let sid = established(&p).unwrap();
+    let (first, _) = p.tagged_map(5000);
+    let (_, _) = p.tagged_map(5001);
+    assert_eq!(
+        p.server.check_request(CLIENT_IP, &first),
+        Check::Discard(Discard::Replay)
+    );
+    let info = p.server.session(sid).unwrap();
+    assert_eq!(info.state, SessionState::Established);
+    assert_eq!(info.identity.as_deref(), Some("alice"));
+    assert_eq!(info.client, CLIENT);
+    assert_eq!((info.accepted, info.refused), (2, 1));
+    assert_eq!(info.common_in, Some(1));
+    assert_eq!(info.common_out, Some(0));
+    assert!(info.created >= start && info.created < start.plus_secs(1));
+    assert!(info.established.is_some_and(|t| t > info.created));
+    assert_eq!(
+        info.expires,
+        info.established.map(|t| t.plus_secs(3600)),
+        "SA lifetime from establishment"
+    );
+    assert_eq!(p.server.sessions().count(), 1);
+
+    p.server.terminate(p.now, sid);
+    assert_eq!(
+        p.server.session(sid).unwrap().state,
+        SessionState::Terminating
+    );
+    let (_, c) = p.tagged_map(5002);
+    assert_eq!(c, Check::UnknownSession, "served while terminating");
+    p.run_for(Duration::from_secs(1));
+    assert!(p.server.session(sid).is_none());
+}
