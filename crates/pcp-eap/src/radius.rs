@@ -669,6 +669,11 @@ impl RadiusClient {
         (again, failed)
     }
 
+    /// The sessions with a request in flight.
+    pub fn sessions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.flight.values().map(|f| f.session)
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.flight.len()

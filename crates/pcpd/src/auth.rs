@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::gate::{Gate, Mode, Rules};
-use pcp_auth::server::{Server, ServerConfig as SessionConfig, Transmit};
+use pcp_auth::server::{Cause, Server, ServerConfig as SessionConfig, SessionState, Transmit};
 use pcp_eap::radius::{RadiusAuthenticator, RadiusClient, RadiusConfig, RadiusError};
 use pcp_eap::{Embedded, TtlsAuthenticator};
 use serde::Deserialize;
@@ -112,9 +112,14 @@ fn default_radius_tries() -> u32 {
 /// Why the authentication back end cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The embedded back end's files.
-    #[error(transparent)]
-    Embedded(#[from] pcp_eap::BackendError),
+    /// The embedded back end's files, with the key that names the bad one.
+    #[error("{key}: {source}")]
+    Embedded {
+        /// `auth.certificate`, `auth.key` or `auth.credentials`.
+        key: &'static str,
+        /// What is wrong, with the file (and line, for credentials).
+        source: pcp_eap::BackendError,
+    },
     /// The RADIUS back end's secret.
     #[error(transparent)]
     Radius(#[from] RadiusError),
@@ -205,6 +210,9 @@ pub enum Backend {
     Embedded(Box<TtlsAuthenticator>),
     /// Passed through to a RADIUS server.
     Radius(RadiusAuthenticator),
+    /// Authentication is off everywhere (no back end configured): the gate sends no
+    /// PA message to a session machine then, so this only fails whoever reaches it.
+    Off,
 }
 
 impl EapAuthenticator for Backend {
@@ -212,12 +220,16 @@ impl EapAuthenticator for Backend {
         match self {
             Backend::Embedded(a) => a.start(),
             Backend::Radius(a) => a.start(),
+            Backend::Off => pcp_eap::packet::failure(0),
         }
     }
     fn receive(&mut self, packet: &[u8]) -> AuthStep {
         match self {
             Backend::Embedded(a) => a.receive(packet),
             Backend::Radius(a) => a.receive(packet),
+            Backend::Off => AuthStep::Failure {
+                packet: pcp_eap::packet::failure(0),
+            },
         }
     }
 }
@@ -229,6 +241,47 @@ pub struct Radius {
     client: RadiusClient,
     /// Connected to the AAA server.
     pub sock: Arc<UdpSocket>,
+    /// The settings it was made from (a reload that keeps them keeps it).
+    section: RadiusSection,
+    secret: Vec<u8>,
+    /// The task receiving the AAA server's answers; stopped when this is replaced.
+    receiver: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Radius {
+    fn drop(&mut self) {
+        if let Some(t) = self.receiver.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Counters of PA sessions for the operator (docs/AUTH.md, "Operating").
+#[derive(Debug, Clone, Default)]
+pub struct SessionStats {
+    /// Sessions that got their first SA.
+    pub established: u64,
+    /// Sessions that ended without an SA, by cause.
+    pub failed: HashMap<&'static str, u64>,
+    /// Established sessions that ended, by cause.
+    pub ended: HashMap<&'static str, u64>,
+    /// Terminations pcpd started, by reason (`admin`, `user_removed`, `auth_off`).
+    pub terminated: HashMap<&'static str, u64>,
+}
+
+/// A stable name of why a session ended.
+pub fn cause_name(c: Cause) -> &'static str {
+    match c {
+        Cause::AuthenticationFailed => "authentication_failed",
+        Cause::AuthorizationFailed => "authorization_failed",
+        Cause::DowngradeDetected => "downgrade_detected",
+        Cause::NoCommonAlgorithm => "no_common_algorithm",
+        Cause::RefusedByClient => "refused_by_client",
+        Cause::ByClient => "by_client",
+        Cause::ByServer => "by_server",
+        Cause::Expired => "expired",
+        Cause::Timeout => "timeout",
+    }
 }
 
 /// The gate and its clock.
@@ -241,80 +294,256 @@ pub struct Auth {
     routes: HashMap<SocketAddr, usize>,
     /// The RADIUS back end, when configured.
     pub radius: Option<Radius>,
+    /// The section in force.
+    section: AuthSection,
+    /// The embedded back end in force (a reload checks identities against it).
+    embedded: Option<Embedded>,
+    /// Sessions with an SA (to tell an ended session from a failed one).
+    live: std::collections::HashSet<u32>,
+    /// Session counters.
+    pub stats: SessionStats,
+    /// The PCP listen sockets (the RADIUS receiver sends PA messages on them).
+    pub sockets: Vec<Arc<UdpSocket>>,
+}
+
+/// The gate behind its lock, and whether any source can authenticate at all (read
+/// without the lock on every datagram, so a pcpd without `[auth]` pays nothing).
+pub struct AuthCell {
+    on: std::sync::atomic::AtomicBool,
+    inner: Mutex<Auth>,
+}
+
+impl AuthCell {
+    /// Whether any source has authentication on.
+    pub fn on(&self) -> bool {
+        self.on.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Shared handle.
-pub type SharedAuth = Arc<Mutex<Auth>>;
+pub type SharedAuth = Arc<AuthCell>;
 
 /// Locks the gate; a poisoned lock (a panic elsewhere) leaves usable state.
 pub fn lock(a: &SharedAuth) -> MutexGuard<'_, Auth> {
-    a.lock().unwrap_or_else(|p| p.into_inner())
+    a.inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A checked `[auth]` section with its files loaded and its socket open, ready to be
+/// put in force ([`Auth::build`] at start, [`apply`] on reload). Making one changes
+/// nothing, so a reload that fails here leaves the running configuration alone.
+pub struct Prepared {
+    section: AuthSection,
+    backend: PreparedBackend,
+}
+
+enum PreparedBackend {
+    Off,
+    Embedded(Embedded),
+    Radius {
+        cfg: Arc<RadiusConfig>,
+        sock: UdpSocket,
+    },
+}
+
+/// Loads what `s` names (certificate, key, credentials, or the RADIUS secret) and
+/// opens the RADIUS socket.
+pub fn prepare(s: &AuthSection) -> Result<Prepared, BuildError> {
+    let backend = match (&s.radius, &s.certificate, &s.key, &s.credentials) {
+        _ if !s.enabled() => PreparedBackend::Off,
+        (Some(r), ..) => {
+            let cfg = Arc::new(RadiusConfig {
+                server: r.server.to_string(),
+                secret: pcp_eap::radius::load_secret(&r.secret_file)?,
+                nas_identifier: r.nas_identifier.clone(),
+                timeout_ms: r.timeout_ms,
+                tries: r.tries,
+            });
+            let sock = radius_socket(r.server).map_err(|error| BuildError::Socket {
+                server: r.server,
+                error,
+            })?;
+            PreparedBackend::Radius { cfg, sock }
+        }
+        (None, Some(cert), Some(key), Some(creds)) => {
+            PreparedBackend::Embedded(Embedded::load(cert, key, creds).map_err(|source| {
+                let key = match &source {
+                    pcp_eap::BackendError::Credentials(_) => "auth.credentials",
+                    pcp_eap::BackendError::Pem { file, .. }
+                        if *file == key.display().to_string() =>
+                    {
+                        "auth.key"
+                    }
+                    pcp_eap::BackendError::Pem { .. } => "auth.certificate",
+                    _ => "auth.certificate / auth.key",
+                };
+                BuildError::Embedded { key, source }
+            })?)
+        }
+        // Config::load refuses this (`AuthSection::problem`).
+        _ => PreparedBackend::Off,
+    };
+    Ok(Prepared {
+        section: s.clone(),
+        backend,
+    })
+}
+
+fn session_config(s: &AuthSection) -> SessionConfig {
+    SessionConfig {
+        session_lifetime: s.session_lifetime,
+        max_sessions: s.max_sessions,
+        ..SessionConfig::default()
+    }
+}
+
+fn rules(s: &AuthSection) -> Rules {
+    Rules {
+        default: s.default.into(),
+        prefixes: s
+            .prefixes
+            .iter()
+            .map(|p| (p.prefix, p.auth.into()))
+            .collect(),
+    }
 }
 
 impl Auth {
     /// Builds the gate from a validated section: loads certificate, key and credentials,
-    /// or the RADIUS secret and opens the RADIUS socket (inside the runtime).
-    pub fn build(s: &AuthSection) -> Result<Option<SharedAuth>, BuildError> {
-        if !s.enabled() {
-            return Ok(None);
-        }
-        let (factory, radius): (Factory, _) = match &s.radius {
-            Some(r) => {
-                let cfg = Arc::new(RadiusConfig {
-                    server: r.server.to_string(),
-                    secret: pcp_eap::radius::load_secret(&r.secret_file)?,
-                    nas_identifier: r.nas_identifier.clone(),
-                    timeout_ms: r.timeout_ms,
-                    tries: r.tries,
-                });
-                let sock = radius_socket(r.server).map_err(|error| BuildError::Socket {
-                    server: r.server,
-                    error,
-                })?;
-                let c = cfg.clone();
+    /// or the RADIUS secret and opens the RADIUS socket (inside the runtime). The gate
+    /// exists even with authentication off, so a reload can turn it on.
+    pub fn build(s: &AuthSection) -> Result<SharedAuth, BuildError> {
+        let p = prepare(s)?;
+        let factory: Factory = Box::new(|| Backend::Off);
+        let gate = Gate::new(rules(s), Server::new(session_config(s), factory));
+        let cell = Arc::new(AuthCell {
+            on: std::sync::atomic::AtomicBool::new(false),
+            inner: Mutex::new(Auth {
+                gate,
+                origin: Instant::now(),
+                routes: HashMap::new(),
+                radius: None,
+                section: s.clone(),
+                embedded: None,
+                live: std::collections::HashSet::new(),
+                stats: SessionStats::default(),
+                sockets: Vec::new(),
+            }),
+        });
+        apply(&cell, p);
+        Ok(cell)
+    }
+
+    /// Puts `p` in force: rules, session settings and the back end for new
+    /// conversations. Established sessions stay unless the new configuration no longer
+    /// allows them: their source is now `off`, or (embedded back end) their identity
+    /// is no longer in the credentials file; those are terminated (SESSION_TERMINATED,
+    /// RFC 7652 §3.3). Conversations under way finish with the back end they started
+    /// with, except RADIUS ones whose AAA server changed (they fail: their requests
+    /// were in flight to the old one). Returns what changed, for the log.
+    fn put_in_force(&mut self, p: Prepared) -> String {
+        let now = self.now();
+        let mut notes = Vec::new();
+        let (factory, embedded, radius_cfg, radius_sock): (Factory, _, _, _) = match p.backend {
+            PreparedBackend::Off => (Box::new(|| Backend::Off), None, None, None),
+            PreparedBackend::Embedded(e) => {
+                let b = e.clone();
                 (
-                    Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone()))),
-                    Some(Radius {
-                        client: RadiusClient::new(cfg),
-                        sock: Arc::new(sock),
-                    }),
-                )
-            }
-            None => {
-                let (Some(cert), Some(key), Some(creds)) = (&s.certificate, &s.key, &s.credentials)
-                else {
-                    return Ok(None);
-                };
-                let backend = Embedded::load(cert, key, creds)?;
-                (
-                    Box::new(move || Backend::Embedded(Box::new(backend.authenticator()))),
+                    Box::new(move || Backend::Embedded(Box::new(b.authenticator()))),
+                    Some(e),
+                    None,
                     None,
                 )
             }
+            PreparedBackend::Radius { cfg, sock } => {
+                let c = cfg.clone();
+                (
+                    Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone()))),
+                    None,
+                    Some(cfg),
+                    Some(sock),
+                )
+            }
         };
-        let cfg = SessionConfig {
-            session_lifetime: s.session_lifetime,
-            max_sessions: s.max_sessions,
-            ..SessionConfig::default()
+        // The RADIUS leg: kept when nothing of it changed, else replaced.
+        let new_section = p.section.radius.clone();
+        let keep = match (&self.radius, &new_section, &radius_cfg) {
+            (Some(cur), Some(sec), Some(cfg)) => cur.section == *sec && cur.secret == cfg.secret,
+            _ => false,
         };
-        let rules = Rules {
-            default: s.default.into(),
-            prefixes: s
-                .prefixes
-                .iter()
-                .map(|p| (p.prefix, p.auth.into()))
-                .collect(),
-        };
-        let mut gate = Gate::new(rules, Server::new(cfg, factory));
-        gate.initiate = s.server_initiated;
-        Ok(Some(Arc::new(Mutex::new(Auth {
-            gate,
-            origin: Instant::now(),
-            routes: HashMap::new(),
-            radius,
-        }))))
+        if !keep {
+            let old = self.radius.take();
+            if let Some(old) = &old {
+                // Sessions waiting for the old AAA server's answer cannot get one.
+                let waiting: Vec<u32> = old.client.sessions().collect();
+                for id in &waiting {
+                    self.gate.server.resume(now, *id, fail_radius);
+                }
+                if !waiting.is_empty() {
+                    notes.push(format!(
+                        "{} authentication(s) waiting for the old AAA server failed",
+                        waiting.len()
+                    ));
+                }
+            }
+            drop(old);
+            if let (Some(sec), Some(cfg), Some(sock)) = (new_section, radius_cfg, radius_sock) {
+                self.radius = Some(Radius {
+                    client: RadiusClient::new(cfg.clone()),
+                    sock: Arc::new(sock),
+                    section: sec,
+                    secret: cfg.secret.clone(),
+                    receiver: None,
+                });
+            }
+        }
+        self.gate.server.set_authenticator(factory);
+        self.gate.server.set_config(session_config(&p.section));
+        self.gate.rules = rules(&p.section);
+        self.gate.initiate = p.section.server_initiated;
+        // Sessions the new configuration no longer allows.
+        let doomed: Vec<(u32, &'static str)> = self
+            .gate
+            .server
+            .sessions()
+            .filter(|i| i.state != SessionState::Terminating)
+            .filter_map(|i| {
+                if self.gate.rules.mode(i.client.ip()) == Mode::Off {
+                    return Some((i.session_id, "auth_off"));
+                }
+                let who = i.identity.as_deref()?;
+                let e = embedded.as_ref()?;
+                (!e.knows(who)).then_some((i.session_id, "user_removed"))
+            })
+            .collect();
+        for (id, reason) in &doomed {
+            tracing::info!(
+                session_id = id,
+                reason,
+                "reload: terminating PCP authentication session"
+            );
+            self.terminate(now, *id, reason);
+        }
+        if !doomed.is_empty() {
+            notes.push(format!("{} session(s) terminated", doomed.len()));
+        }
+        self.embedded = embedded;
+        self.section = p.section;
+        notes.join(", ")
     }
 
+    /// Terminates a session (SESSION_TERMINATED, RFC 7652 §3.3), counted by `reason`.
+    /// A session already being terminated is left alone (and counted once).
+    /// Whether it existed.
+    pub fn terminate(&mut self, now: pcp_auth::Time, id: u32, reason: &'static str) -> bool {
+        match self.gate.server.session(id) {
+            None => return false,
+            Some(i) if i.state == SessionState::Terminating => return true,
+            Some(_) => {}
+        }
+        self.gate.server.terminate(now, id);
+        *self.stats.terminated.entry(reason).or_default() += 1;
+        true
+    }
     /// Hands the Access-Requests of sessions that went to the back end to the RADIUS
     /// client: the datagrams to send to the AAA server.
     pub fn backend_requests(&mut self) -> Vec<Vec<u8>> {
@@ -325,7 +554,12 @@ impl Auth {
                 Some(Backend::Radius(a)) => a.take_request(),
                 _ => None,
             };
-            let (Some(req), Some(r)) = (req, self.radius.as_mut()) else {
+            let Some(req) = req else {
+                continue;
+            };
+            let Some(r) = self.radius.as_mut() else {
+                // A reload removed the AAA server while this conversation went on.
+                self.gate.server.resume(now, id, fail_radius);
                 continue;
             };
             match r.client.send(id, &req, now.0) {
@@ -355,7 +589,7 @@ impl Auth {
                 }
                 self.gate.server.resume(now, id, |a| match a {
                     Backend::Radius(r) => r.answer(answer),
-                    Backend::Embedded(_) => AuthStep::Discard,
+                    _ => AuthStep::Discard,
                 });
             }
             Ok(None) => {}
@@ -377,7 +611,7 @@ impl Auth {
             }
             self.gate.server.resume(now, id, |a| match a {
                 Backend::Radius(r) => r.answer(answer),
-                Backend::Embedded(_) => AuthStep::Discard,
+                _ => AuthStep::Discard,
             });
         }
         (again, next)
@@ -398,6 +632,8 @@ impl Auth {
                     identity,
                     lifetime,
                 } => {
+                    self.stats.established += 1;
+                    self.live.insert(session_id);
                     tracing::info!(session_id, %client, %identity, lifetime, "PCP authentication succeeded")
                 }
                 pcp_auth::server::ServerEvent::Reauthenticated {
@@ -407,6 +643,12 @@ impl Auth {
                     tracing::info!(session_id, %identity, "PCP re-authentication succeeded")
                 }
                 pcp_auth::server::ServerEvent::Ended { session_id, cause } => {
+                    let by = if self.live.remove(&session_id) {
+                        &mut self.stats.ended
+                    } else {
+                        &mut self.stats.failed
+                    };
+                    *by.entry(cause_name(cause)).or_default() += 1;
                     tracing::info!(session_id, ?cause, "PCP authentication session ended")
                 }
             }
@@ -430,13 +672,40 @@ impl Auth {
     }
 }
 
+/// Puts a prepared `[auth]` in force (start or reload) and starts the RADIUS receiver
+/// if a new AAA server needs one. Returns what changed beyond the settings, for the log.
+pub fn apply(cell: &SharedAuth, p: Prepared) -> String {
+    let on = p.section.enabled();
+    let notes = lock(cell).put_in_force(p);
+    cell.on.store(on, std::sync::atomic::Ordering::Relaxed);
+    spawn_radius_receiver(cell);
+    notes
+}
+
+/// Starts the task receiving the AAA server's answers, unless it runs.
+fn spawn_radius_receiver(cell: &SharedAuth) {
+    let mut a = lock(cell);
+    let Some(r) = a.radius.as_mut() else {
+        return;
+    };
+    if r.receiver.is_some() {
+        return;
+    }
+    // Outside a runtime (unit tests of the config) there is nothing to receive with.
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let task = rt.spawn(radius_receiver(cell.clone(), r.sock.clone()));
+    r.receiver = Some(task.abort_handle());
+}
+
 fn fail_radius(a: &mut Backend) -> AuthStep {
     match a {
         Backend::Radius(r) => r.answer(Err(RadiusError::Timeout {
             server: String::new(),
             tries: 0,
         })),
-        Backend::Embedded(_) => AuthStep::Discard,
+        _ => AuthStep::Discard,
     }
 }
 
@@ -462,11 +731,8 @@ pub async fn send_radius(sock: &UdpSocket, out: Vec<Vec<u8>>) {
     }
 }
 
-/// Receives the AAA server's answers.
-pub async fn radius_receiver(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
-    let Some(sock) = lock(&auth).radius.as_ref().map(|r| r.sock.clone()) else {
-        return;
-    };
+/// Receives the AAA server's answers on `sock` (aborted when a reload replaces it).
+async fn radius_receiver(auth: SharedAuth, sock: Arc<UdpSocket>) {
     let mut buf = vec![0u8; pcp_eap::radius::MAX_PACKET];
     loop {
         let n = match sock.recv(&mut buf).await {
@@ -478,12 +744,19 @@ pub async fn radius_receiver(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
                 continue;
             }
         };
-        let (out, radius_out) = {
+        let (out, radius_out, sockets) = {
             let mut a = lock(&auth);
+            if !a
+                .radius
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(&r.sock, &sock))
+            {
+                return;
+            }
             a.radius_datagram(&buf[..n]);
             a.log_events();
             let r = a.backend_requests();
-            (a.transmits(), r)
+            (a.transmits(), r, a.sockets.clone())
         };
         send_radius(&sock, radius_out).await;
         send_all(&sockets, out).await;
@@ -538,10 +811,10 @@ pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<(Option<usize>, Trans
 
 /// Runs the PA sessions' timers (retransmissions, expiry, re-authentication).
 pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
-    let radius_sock = lock(&auth).radius.as_ref().map(|r| r.sock.clone());
     loop {
-        let (out, radius_out, wake) = {
+        let (out, radius_out, radius_sock, wake) = {
             let mut a = lock(&auth);
+            let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
             let now = a.now();
             a.gate.server.handle_timeout(now);
             let (mut radius_out, radius_next) = a.radius_timeout();
@@ -558,6 +831,7 @@ pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
             (
                 out,
                 radius_out,
+                radius_sock,
                 Instant::now() + wait.max(Duration::from_millis(5)),
             )
         };

@@ -58,7 +58,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
-    let auth = crate::auth::Auth::build(&config.auth)?;
+    // Always there (a reload may turn authentication on); off, it costs one atomic load.
+    let auth = Some(crate::auth::Auth::build(&config.auth)?);
     let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
         DataPlaneKind::Nftables => {
@@ -193,8 +194,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ));
     }
     if let Some(auth) = &auth {
+        crate::auth::lock(auth).sockets = sockets.clone();
         tokio::spawn(crate::auth::timers(auth.clone(), sockets.clone()));
-        tokio::spawn(crate::auth::radius_receiver(auth.clone(), sockets.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -339,7 +340,7 @@ impl Serve<'_> {
             }
             return false;
         }
-        let Some(auth) = self.auth else {
+        let Some(auth) = self.auth.filter(|a| a.on()) else {
             return true;
         };
         // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
@@ -657,27 +658,50 @@ impl Signals {
     }
 }
 
-/// Re-reads the config file and applies what can change without a restart.
+/// Re-reads the config file and applies what can change without a restart: the
+/// server core's settings and `[auth]` (docs/AUTH.md, "Reload"). Everything is checked
+/// and loaded first; a file, line or key that is wrong refuses the whole reload and
+/// the running configuration stays.
 pub fn reload(shared: &Shared) -> Result<String, String> {
     let path = shared.lock().config.path.clone();
     let Some(path) = path else {
         return Err("pcpd runs on embedded defaults (no --config): nothing to reload".into());
     };
     let new = Config::load(&path).map_err(|e| e.to_string())?;
-    let mut core = shared.lock();
-    if new.daemon != core.config.daemon {
-        tracing::warn!("[pcpd] changes take effect at the next restart");
-    }
-    core.server
-        .reload(new.server.clone())
-        .map_err(|e| e.to_string())?;
-    core.config.server = new.server;
-    Ok(format!(
-        "reloaded {}: {} policy rules, {} tiers",
+    let auth =
+        crate::auth::prepare(&new.auth).map_err(|e| format!("{}: [auth] {e}", path.display()))?;
+    let shared_auth = {
+        let mut core = shared.lock();
+        if new.daemon != core.config.daemon {
+            tracing::warn!("[pcpd] changes take effect at the next restart");
+        }
+        core.server
+            .reload(new.server.clone())
+            .map_err(|e| e.to_string())?;
+        core.config.server = new.server;
+        core.config.auth = new.auth;
+        core.auth.clone()
+    };
+    // The gate's lock outside the core's.
+    let notes = shared_auth
+        .map(|a| crate::auth::apply(&a, auth))
+        .unwrap_or_default();
+    let core = shared.lock();
+    let mut msg = format!(
+        "reloaded {}: {} policy rules, {} tiers, auth {}",
         path.display(),
         core.config.server.policy.len(),
-        core.config.server.tiers.len()
-    ))
+        core.config.server.tiers.len(),
+        if core.config.auth.enabled() {
+            "on"
+        } else {
+            "off"
+        },
+    );
+    if !notes.is_empty() {
+        msg.push_str(&format!(" ({notes})"));
+    }
+    Ok(msg)
 }
 
 #[cfg(test)]
