@@ -269,6 +269,41 @@ pub struct SessionStats {
     pub terminated: HashMap<&'static str, u64>,
 }
 
+/// One PA session as the admin API shows it (`GET /auth/sessions`): no key material.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionView {
+    /// Session ID (decimal; `DELETE /auth/sessions/{id}` takes it).
+    pub session_id: u32,
+    /// The authenticated identity (the subscriber), once authenticated.
+    pub identity: Option<String>,
+    /// The client's address and port.
+    pub client: SocketAddr,
+    /// `authenticating`, `reauthenticating`, `confirming`, `established`, `terminating`.
+    pub state: &'static str,
+    /// When the PA exchange started (Unix seconds).
+    pub created_at: u64,
+    /// When the client first authenticated (Unix seconds).
+    pub established_at: Option<u64>,
+    /// When the SA expires (Unix seconds).
+    pub expires_at: Option<u64>,
+    /// Seconds until then.
+    pub expires_in: Option<u64>,
+    /// Next PA sequence number expected from the client.
+    pub pa_seq_in: u32,
+    /// Next PA sequence number this server sends.
+    pub pa_seq_out: u32,
+    /// Last common-message sequence number accepted from the client.
+    pub seq_in: Option<u32>,
+    /// Next common-message sequence number of a tagged response.
+    pub seq_out: Option<u32>,
+    /// Tagged requests of this session accepted.
+    pub accepted: u64,
+    /// Tagged requests of this session refused (bad tag, replay, wrong address).
+    pub refused: u64,
+    /// Waiting for the AAA server's answer.
+    pub waiting_backend: bool,
+}
+
 /// A stable name of why a session ended.
 pub fn cause_name(c: Cause) -> &'static str {
     match c {
@@ -531,6 +566,51 @@ impl Auth {
         notes.join(", ")
     }
 
+    /// Unix seconds of a time on the gate's clock.
+    fn unix(&self, t: pcp_auth::Time) -> u64 {
+        let now = self.now();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let at = (wall as i128) + i128::from(t.0) - i128::from(now.0);
+        u64::try_from(at / 1000).unwrap_or(0)
+    }
+
+    /// The sessions for the admin API, oldest first.
+    pub fn session_views(&self) -> Vec<SessionView> {
+        let now = self.now();
+        let mut v: Vec<(pcp_auth::Time, SessionView)> = self
+            .gate
+            .server
+            .sessions()
+            .map(|i| {
+                (
+                    i.created,
+                    SessionView {
+                        session_id: i.session_id,
+                        identity: i.identity.as_deref().map(str::to_string),
+                        client: i.client,
+                        state: i.state.name(),
+                        created_at: self.unix(i.created),
+                        established_at: i.established.map(|t| self.unix(t)),
+                        expires_at: i.expires.map(|t| self.unix(t)),
+                        expires_in: i.expires.map(|t| t.0.saturating_sub(now.0) / 1000),
+                        pa_seq_in: i.pa_in,
+                        pa_seq_out: i.pa_out,
+                        seq_in: i.common_in,
+                        seq_out: i.common_out,
+                        accepted: i.accepted,
+                        refused: i.refused,
+                        waiting_backend: i.waiting_backend,
+                    },
+                )
+            })
+            .collect();
+        v.sort_by_key(|(t, s)| (*t, s.session_id));
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
     /// Terminates a session (SESSION_TERMINATED, RFC 7652 §3.3), counted by `reason`.
     /// A session already being terminated is left alone (and counted once).
     /// Whether it existed.
@@ -763,9 +843,10 @@ async fn radius_receiver(auth: SharedAuth, sock: Arc<UdpSocket>) {
     }
 }
 
-/// Appends the gate's counters to the Prometheus text.
-pub fn render_metrics(out: &mut String, s: &pcp_auth::gate::GateStats) {
+/// Appends the gate's and the sessions' counters to the Prometheus text.
+pub fn render_metrics(out: &mut String, a: &Auth) {
     use std::fmt::Write;
+    let s = a.gate.stats();
     let _ = writeln!(
         out,
         "# HELP pcp_auth_requests_total Common requests seen by the authentication gate, by outcome."
@@ -786,6 +867,79 @@ pub fn render_metrics(out: &mut String, s: &pcp_auth::gate::GateStats) {
     );
     let _ = writeln!(out, "# TYPE pcp_auth_pa_messages_total counter");
     let _ = writeln!(out, "pcp_auth_pa_messages_total {}", s.pa_messages());
+    let mut states: HashMap<&'static str, u64> = HashMap::new();
+    for i in a.gate.server.sessions() {
+        *states.entry(i.state.name()).or_default() += 1;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_sessions PA sessions now, by state (established = with an SA)."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_sessions gauge");
+    for st in [
+        SessionState::Authenticating,
+        SessionState::Reauthenticating,
+        SessionState::Confirming,
+        SessionState::Established,
+        SessionState::Terminating,
+    ] {
+        let n = states.get(st.name()).copied().unwrap_or(0);
+        let _ = writeln!(out, "pcp_auth_sessions{{state=\"{}\"}} {n}", st.name());
+    }
+    let st = &a.stats;
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_sessions_established_total PA sessions that got their first SA."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_sessions_established_total counter");
+    let _ = writeln!(
+        out,
+        "pcp_auth_sessions_established_total {}",
+        st.established
+    );
+    let all_causes = [
+        Cause::AuthenticationFailed,
+        Cause::AuthorizationFailed,
+        Cause::DowngradeDetected,
+        Cause::NoCommonAlgorithm,
+        Cause::RefusedByClient,
+        Cause::ByClient,
+        Cause::ByServer,
+        Cause::Expired,
+        Cause::Timeout,
+    ];
+    for (name, help, map) in [
+        (
+            "pcp_auth_sessions_failed_total",
+            "PA sessions that ended without an SA, by cause.",
+            &st.failed,
+        ),
+        (
+            "pcp_auth_sessions_ended_total",
+            "Established PA sessions that ended, by cause.",
+            &st.ended,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for c in all_causes {
+            let c = cause_name(c);
+            let n = map.get(c).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}{{cause=\"{c}\"}} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_sessions_terminated_total Terminations pcpd started (SESSION_TERMINATED), by reason."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_sessions_terminated_total counter");
+    for r in ["admin", "user_removed", "auth_off"] {
+        let n = st.terminated.get(r).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "pcp_auth_sessions_terminated_total{{reason=\"{r}\"}} {n}"
+        );
+    }
 }
 
 /// The listen socket to send to `dst` from: the first of its address family.

@@ -711,3 +711,95 @@ fn reload_turns_auth_on_and_off() {
     let r = p.exchange(&m).expect("an answer");
     assert_eq!(result(&r), ResultCode::Success);
 }
+
+/// The operator's view of PA sessions: `GET /auth/sessions` (identity, client, times,
+/// sequence numbers, tagged requests accepted and refused), `DELETE
+/// /auth/sessions/{id}` (SESSION_TERMINATED to the client), and the session metrics.
+#[test]
+fn admin_api_lists_and_terminates_sessions() {
+    let s = setup("required");
+    let mut p = Peer::new(&s, "correct horse");
+    let mut wrong = Peer::to(&s.ca, s.pcpd.pcp, "wrong", IpAddr::V4(s.pcpd.ip));
+    assert_eq!(
+        wrong.authenticate(),
+        ClientEvent::Failed(Failure::AuthenticationFailed)
+    );
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "the server's SA", || {
+        s.pcpd
+            .output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let first = p.map(5000, true);
+    assert_eq!(result(&p.exchange(&first).unwrap()), ResultCode::Success);
+    let second = p.map(5001, true);
+    assert_eq!(result(&p.exchange(&second).unwrap()), ResultCode::Success);
+    assert_eq!(p.exchange(&first), None, "replay answered");
+
+    let list = s.pcpd.get_json("/auth/sessions");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let v = &list[0];
+    let local = p.sock.local_addr().unwrap().to_string();
+    assert_eq!(v["identity"], "alice");
+    assert_eq!(v["client"], local.as_str());
+    assert_eq!(v["state"], "established");
+    assert_eq!(v["accepted"], 2);
+    assert_eq!(v["refused"], 1);
+    assert_eq!(v["seq_in"], 1, "last accepted common sequence number");
+    assert_eq!(v["seq_out"], 2, "two tagged responses sent");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let established = v["established_at"].as_u64().unwrap();
+    assert!(established <= now && established + 30 > now, "{v}");
+    assert_eq!(v["expires_at"].as_u64().unwrap(), established + 600, "{v}");
+    assert!(v["expires_in"].as_u64().unwrap() > 590, "{v}");
+    let id = v["session_id"].as_u64().unwrap();
+
+    let m = |k: &str| s.pcpd.metric(k);
+    assert_eq!(m("pcp_auth_sessions{state=\"established\"}"), Some(1.0));
+    assert_eq!(m("pcp_auth_sessions_established_total"), Some(1.0));
+    assert_eq!(
+        m("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(1.0)
+    );
+
+    // Unknown or malformed IDs.
+    let (status, body) = common::http(
+        "DELETE",
+        s.pcpd.admin,
+        &format!("/auth/sessions/{}", id ^ 1),
+    );
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = common::http("DELETE", s.pcpd.admin, "/auth/sessions/alice");
+    assert_eq!(status, 400, "{body}");
+    // Terminated: the client is told and answers; the session is gone.
+    let (status, body) = common::http("DELETE", s.pcpd.admin, &format!("/auth/sessions/{id}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("alice"), "{body}");
+    let events = p.listen(Duration::from_millis(600));
+    assert!(
+        events.contains(&ClientEvent::Ended(Ended::ByServer)),
+        "{events:?}"
+    );
+    common::wait_for(Duration::from_secs(5), "the session gone", || {
+        s.pcpd
+            .get_json("/auth/sessions")
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    assert_eq!(
+        m("pcp_auth_sessions_terminated_total{reason=\"admin\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        m("pcp_auth_sessions_ended_total{cause=\"by_server\"}"),
+        Some(1.0)
+    );
+    assert_eq!(m("pcp_auth_sessions{state=\"established\"}"), Some(0.0));
+}
