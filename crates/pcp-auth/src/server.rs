@@ -213,6 +213,9 @@ struct Session<A> {
     last_key_id: u32,
     /// The authenticator waits for its back end ([`AuthStep::Pending`]).
     waiting: bool,
+    /// The PA-Acknowledgement sent for the client's message the back end works on
+    /// (RFC 7652 §3.1.3, §6.3), sent again for its duplicates meanwhile.
+    ack: Option<Vec<u8>>,
     /// When the session was opened.
     created: Time,
     /// When its first SA was installed.
@@ -477,6 +480,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             identity: None,
             last_key_id: 0,
             waiting: false,
+            ack: None,
             created: now,
             established: None,
             accepted: 0,
@@ -546,12 +550,18 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         }
         if let Some(answer) = s.link.duplicate(datagram, now) {
-            // While the back end thinks, our last message is not the answer to it.
-            if !s.waiting {
-                self.out
-                    .transmits
-                    .extend(answer.map(|payload| Transmit { dst: src, payload }));
-            }
+            // While the back end thinks, our last message is not the answer to it:
+            // §6.3 "if no outgoing PA message has been generated for the received
+            // duplicate PA message yet, the device needs to send a
+            // PA-Acknowledgement" (rate-limited like any answer to a duplicate).
+            let answer = if s.waiting {
+                answer.and(s.ack.clone())
+            } else {
+                answer
+            };
+            self.out
+                .transmits
+                .extend(answer.map(|payload| Transmit { dst: src, payload }));
             return;
         }
         if body.sequence_number != s.link.in_seq {
@@ -731,6 +741,9 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         };
         s.waiting = matches!(step, AuthStep::Pending) || (s.waiting && step == AuthStep::Discard);
+        if !s.waiting {
+            s.ack = None;
+        }
         let current = s.sa.as_ref().map(|sa| sa.key.clone());
         match step {
             AuthStep::Request(packet) => {
@@ -797,7 +810,34 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 );
             }
             AuthStep::Discard => {}
-            AuthStep::Pending => self.backend.push_back(id),
+            AuthStep::Pending => {
+                self.backend.push_back(id);
+                // §3.1.3: the answer cannot be sent at once (the back end, e.g. a
+                // RADIUS server, takes its time): acknowledge the client's message
+                // so it stops retransmitting (docs/AUTH.md, "PA-Acknowledgements").
+                let acked = s.link.in_seq.wrapping_sub(1);
+                let mut opts = Vec::new();
+                if s.echo_nonce {
+                    opts.push(PcpOption::Nonce(s.nonce));
+                }
+                opts.push(PcpOption::ReceivedPak(acked));
+                // §6.4: a PA-Acknowledgement moves no sequence number; it carries the
+                // number our next PA message will have.
+                if let Some(m) = build(
+                    Side::Server(epoch(now)),
+                    ResultCode::AuthenticationRequest,
+                    id,
+                    s.link.out_seq,
+                    &opts,
+                    current.as_ref(),
+                ) {
+                    self.out.transmits.push_back(Transmit {
+                        dst: s.client,
+                        payload: m.clone(),
+                    });
+                    s.ack = Some(m);
+                }
+            }
         }
     }
 
