@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::gate::{Gate, Mode, Rules};
 use pcp_auth::server::{Cause, Server, ServerConfig as SessionConfig, SessionState, Transmit};
-use pcp_eap::radius::{RadiusAuthenticator, RadiusClient, RadiusConfig, RadiusError};
+use pcp_eap::radius::{RadiusAuthenticator, RadiusConfig, RadiusError};
 use pcp_eap::{Embedded, TtlsAuthenticator};
 use serde::Deserialize;
 use tokio::net::UdpSocket;
@@ -78,23 +78,74 @@ pub struct AuthSection {
     pub radius: Option<RadiusSection>,
 }
 
-/// `[auth.radius]`: the AAA server that runs EAP-TTLS (docs/AUTH.md).
+/// `[auth.radius]`: the AAA servers that run EAP-TTLS (docs/AUTH.md).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RadiusSection {
-    /// The AAA server's authentication address, e.g. `"192.0.2.5:1812"`.
-    pub server: SocketAddr,
-    /// File holding the shared secret (first line).
-    pub secret_file: PathBuf,
+    /// One AAA server's authentication address, e.g. `"192.0.2.5:1812"`.
+    #[serde(default)]
+    pub server: Option<SocketAddr>,
+    /// AAA servers in order of preference (failover, docs/AUTH.md): addresses, or
+    /// `{ address = "...", secret_file = "..." }` for a server with its own secret.
+    #[serde(default)]
+    pub servers: Vec<AaaServerEntry>,
+    /// File holding the shared secret (first line), for servers without their own.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     /// NAS-Identifier sent in every Access-Request.
     #[serde(default = "default_nas_identifier")]
     pub nas_identifier: String,
     /// Milliseconds before an Access-Request is sent again.
     #[serde(default = "default_radius_timeout")]
     pub timeout_ms: u64,
-    /// Transmissions of one Access-Request before the authentication fails.
+    /// Transmissions of one Access-Request to one server before it counts as dead.
     #[serde(default = "default_radius_tries")]
     pub tries: u32,
+    /// Seconds a server that did not answer is passed over before it is tried again.
+    #[serde(default = "default_dead_time")]
+    pub dead_time_s: u64,
+}
+
+/// One entry of `auth.radius.servers`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AaaServerEntry {
+    /// `"192.0.2.5:1812"`: with `auth.radius.secret_file`.
+    Address(SocketAddr),
+    /// `{ address = "192.0.2.5:1812", secret_file = "/etc/pcpd/aaa1-secret" }`.
+    WithSecret(AaaServerTable),
+}
+
+/// A server with its own shared secret.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AaaServerTable {
+    /// Authentication address.
+    pub address: SocketAddr,
+    /// Its shared secret (first line); `auth.radius.secret_file` when absent.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl RadiusSection {
+    /// The AAA servers in order of preference, each with the secret file it uses.
+    pub fn server_list(&self) -> Vec<(SocketAddr, Option<&PathBuf>)> {
+        self.server
+            .iter()
+            .map(|a| (*a, self.secret_file.as_ref()))
+            .chain(self.servers.iter().map(|e| match e {
+                AaaServerEntry::Address(a) => (*a, self.secret_file.as_ref()),
+                AaaServerEntry::WithSecret(t) => (
+                    t.address,
+                    t.secret_file.as_ref().or(self.secret_file.as_ref()),
+                ),
+            }))
+            .collect()
+    }
+}
+
+fn default_dead_time() -> u64 {
+    30
 }
 
 fn default_nas_identifier() -> String {
@@ -161,6 +212,29 @@ impl AuthSection {
             return None;
         }
         if let Some(r) = &self.radius {
+            let list = r.server_list();
+            if list.is_empty() {
+                return Some((
+                    "auth.radius.servers",
+                    "name the AAA server (server = \"ADDR\") or servers (servers = [\"ADDR\", ...])".into(),
+                ));
+            }
+            for (i, (a, secret)) in list.iter().enumerate() {
+                if list[..i].iter().any(|(b, _)| b == a) {
+                    return Some(("auth.radius.servers", format!("{a} is listed twice")));
+                }
+                if secret.is_none() {
+                    return Some((
+                        "auth.radius.secret_file",
+                        format!(
+                            "no shared secret for {a}: set secret_file (for all) or the server's own"
+                        ),
+                    ));
+                }
+            }
+            if r.dead_time_s == 0 {
+                return Some(("auth.radius.dead_time_s", "must be at least 1".into()));
+            }
             for (key, v) in [
                 ("auth.certificate", &self.certificate),
                 ("auth.key", &self.key),
@@ -236,24 +310,13 @@ impl EapAuthenticator for Backend {
 
 type Factory = Box<dyn FnMut() -> Backend + Send>;
 
-/// The RADIUS leg: its socket and the requests in flight.
+/// The RADIUS leg: the AAA servers and the requests in flight (`crate::aaa`).
 pub struct Radius {
-    client: RadiusClient,
-    /// Connected to the AAA server.
-    pub sock: Arc<UdpSocket>,
+    /// The servers.
+    pub pool: crate::aaa::Pool,
     /// The settings it was made from (a reload that keeps them keeps it).
     section: RadiusSection,
-    secret: Vec<u8>,
-    /// The task receiving the AAA server's answers; stopped when this is replaced.
-    receiver: Option<tokio::task::AbortHandle>,
-}
-
-impl Drop for Radius {
-    fn drop(&mut self) {
-        if let Some(t) = self.receiver.take() {
-            t.abort();
-        }
-    }
+    secrets: Vec<Vec<u8>>,
 }
 
 /// Counters of PA sessions for the operator (docs/AUTH.md, "Operating").
@@ -375,8 +438,8 @@ enum PreparedBackend {
     Off,
     Embedded(Embedded),
     Radius {
-        cfg: Arc<RadiusConfig>,
-        sock: UdpSocket,
+        /// Each server's settings, address and socket, in order of preference.
+        servers: Vec<(Arc<RadiusConfig>, SocketAddr, UdpSocket)>,
     },
 }
 
@@ -386,18 +449,26 @@ pub fn prepare(s: &AuthSection) -> Result<Prepared, BuildError> {
     let backend = match (&s.radius, &s.certificate, &s.key, &s.credentials) {
         _ if !s.enabled() => PreparedBackend::Off,
         (Some(r), ..) => {
-            let cfg = Arc::new(RadiusConfig {
-                server: r.server.to_string(),
-                secret: pcp_eap::radius::load_secret(&r.secret_file)?,
-                nas_identifier: r.nas_identifier.clone(),
-                timeout_ms: r.timeout_ms,
-                tries: r.tries,
-            });
-            let sock = radius_socket(r.server).map_err(|error| BuildError::Socket {
-                server: r.server,
-                error,
-            })?;
-            PreparedBackend::Radius { cfg, sock }
+            let mut servers = Vec::new();
+            for (addr, secret_file) in r.server_list() {
+                // Config::load refuses a server without a secret (`problem`).
+                let Some(secret_file) = secret_file else {
+                    continue;
+                };
+                let cfg = Arc::new(RadiusConfig {
+                    server: addr.to_string(),
+                    secret: pcp_eap::radius::load_secret(secret_file)?,
+                    nas_identifier: r.nas_identifier.clone(),
+                    timeout_ms: r.timeout_ms,
+                    tries: r.tries,
+                });
+                let sock = radius_socket(addr).map_err(|error| BuildError::Socket {
+                    server: addr,
+                    error,
+                })?;
+                servers.push((cfg, addr, sock));
+            }
+            PreparedBackend::Radius { servers }
         }
         (None, Some(cert), Some(key), Some(creds)) => {
             PreparedBackend::Embedded(Embedded::load(cert, key, creds).map_err(|source| {
@@ -478,38 +549,47 @@ impl Auth {
     fn put_in_force(&mut self, p: Prepared) -> String {
         let now = self.now();
         let mut notes = Vec::new();
-        let (factory, embedded, radius_cfg, radius_sock): (Factory, _, _, _) = match p.backend {
-            PreparedBackend::Off => (Box::new(|| Backend::Off), None, None, None),
+        let (factory, embedded, radius_servers): (Factory, _, _) = match p.backend {
+            PreparedBackend::Off => (Box::new(|| Backend::Off), None, None),
             PreparedBackend::Embedded(e) => {
                 let b = e.clone();
                 (
                     Box::new(move || Backend::Embedded(Box::new(b.authenticator()))),
                     Some(e),
                     None,
-                    None,
                 )
             }
-            PreparedBackend::Radius { cfg, sock } => {
-                let c = cfg.clone();
-                (
-                    Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone()))),
-                    None,
-                    Some(cfg),
-                    Some(sock),
-                )
+            PreparedBackend::Radius { servers } => {
+                // The authenticator uses the settings common to all servers.
+                let c = servers.first().map(|(c, _, _)| c.clone());
+                let f: Factory = match c {
+                    Some(c) => {
+                        Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone())))
+                    }
+                    None => Box::new(|| Backend::Off),
+                };
+                (f, None, Some(servers))
             }
         };
         // The RADIUS leg: kept when nothing of it changed, else replaced.
         let new_section = p.section.radius.clone();
-        let keep = match (&self.radius, &new_section, &radius_cfg) {
-            (Some(cur), Some(sec), Some(cfg)) => cur.section == *sec && cur.secret == cfg.secret,
+        let keep = match (&self.radius, &new_section, &radius_servers) {
+            (Some(cur), Some(sec), Some(servers)) => {
+                cur.section == *sec
+                    && cur.secrets.len() == servers.len()
+                    && cur
+                        .secrets
+                        .iter()
+                        .zip(servers)
+                        .all(|(a, (c, _, _))| *a == c.secret)
+            }
             _ => false,
         };
         if !keep {
             let old = self.radius.take();
             if let Some(old) = &old {
                 // Sessions waiting for the old AAA server's answer cannot get one.
-                let waiting: Vec<u32> = old.client.sessions().collect();
+                let waiting: Vec<u32> = old.pool.sessions();
                 for id in &waiting {
                     self.gate.server.resume(now, *id, fail_radius);
                 }
@@ -521,13 +601,12 @@ impl Auth {
                 }
             }
             drop(old);
-            if let (Some(sec), Some(cfg), Some(sock)) = (new_section, radius_cfg, radius_sock) {
+            if let (Some(sec), Some(servers)) = (new_section, radius_servers) {
+                let secrets = servers.iter().map(|(c, _, _)| c.secret.clone()).collect();
                 self.radius = Some(Radius {
-                    client: RadiusClient::new(cfg.clone()),
-                    sock: Arc::new(sock),
+                    pool: crate::aaa::Pool::new(servers, sec.dead_time_s),
                     section: sec,
-                    secret: cfg.secret.clone(),
-                    receiver: None,
+                    secrets,
                 });
             }
         }
@@ -625,8 +704,8 @@ impl Auth {
         true
     }
     /// Hands the Access-Requests of sessions that went to the back end to the RADIUS
-    /// client: the datagrams to send to the AAA server.
-    pub fn backend_requests(&mut self) -> Vec<Vec<u8>> {
+    /// servers: the datagrams to send, each with the socket of its AAA server.
+    pub fn backend_requests(&mut self) -> crate::aaa::Datagrams {
         let mut out = Vec::new();
         let now = self.now();
         while let Some(id) = self.gate.server.poll_backend() {
@@ -642,12 +721,12 @@ impl Auth {
                 self.gate.server.resume(now, id, fail_radius);
                 continue;
             };
-            match r.client.send(id, &req, now.0) {
+            match r.pool.send(id, req, now.0) {
                 Some(d) => out.push(d),
                 None => {
                     tracing::warn!(
                         session_id = id,
-                        "RADIUS: 256 requests in flight, the AAA server is far behind; authentication failed"
+                        "RADIUS: the conversation's AAA server is gone (reload) or has 256 requests in flight; authentication failed"
                     );
                     self.gate.server.resume(now, id, fail_radius);
                 }
@@ -656,13 +735,13 @@ impl Auth {
         out
     }
 
-    /// A datagram from the AAA server.
-    pub fn radius_datagram(&mut self, datagram: &[u8]) {
+    /// A datagram from the AAA server of `sock`.
+    pub fn radius_datagram(&mut self, sock: &Arc<UdpSocket>, datagram: &[u8]) {
         let now = self.now();
         let Some(r) = self.radius.as_mut() else {
             return;
         };
-        match r.client.receive(datagram) {
+        match r.pool.receive(sock, datagram) {
             Ok(Some((id, answer))) => {
                 if let Err(e) = &answer {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
@@ -678,13 +757,13 @@ impl Auth {
     }
 
     /// RADIUS retransmissions due (datagrams to send) and sessions given up on.
-    fn radius_timeout(&mut self) -> (Vec<Vec<u8>>, Option<u64>) {
+    fn radius_timeout(&mut self) -> (crate::aaa::Datagrams, Option<u64>) {
         let now = self.now();
         let Some(r) = self.radius.as_mut() else {
             return (Vec::new(), None);
         };
-        let (again, failed) = r.client.handle_timeout(now.0);
-        let next = r.client.poll_timeout();
+        let (again, failed) = r.pool.handle_timeout(now.0);
+        let next = r.pool.poll_timeout();
         for (id, answer) in failed {
             if let Err(e) = &answer {
                 tracing::warn!(session_id = id, error = %e, "RADIUS");
@@ -723,6 +802,9 @@ impl Auth {
                     tracing::info!(session_id, %identity, "PCP re-authentication succeeded")
                 }
                 pcp_auth::server::ServerEvent::Ended { session_id, cause } => {
+                    if let Some(r) = self.radius.as_mut() {
+                        r.pool.forget(session_id);
+                    }
                     let by = if self.live.remove(&session_id) {
                         &mut self.stats.ended
                     } else {
@@ -762,21 +844,20 @@ pub fn apply(cell: &SharedAuth, p: Prepared) -> String {
     notes
 }
 
-/// Starts the task receiving the AAA server's answers, unless it runs.
+/// Starts the tasks receiving the AAA servers' answers, where none runs.
 fn spawn_radius_receiver(cell: &SharedAuth) {
     let mut a = lock(cell);
     let Some(r) = a.radius.as_mut() else {
         return;
     };
-    if r.receiver.is_some() {
-        return;
-    }
     // Outside a runtime (unit tests of the config) there is nothing to receive with.
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let task = rt.spawn(radius_receiver(cell.clone(), r.sock.clone()));
-    r.receiver = Some(task.abort_handle());
+    for s in r.pool.servers.iter_mut().filter(|s| s.receiver.is_none()) {
+        let task = rt.spawn(radius_receiver(cell.clone(), s.sock.clone()));
+        s.receiver = Some(task.abort_handle());
+    }
 }
 
 fn fail_radius(a: &mut Backend) -> AuthStep {
@@ -802,9 +883,9 @@ fn radius_socket(server: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(s)
 }
 
-/// Sends Access-Requests.
-pub async fn send_radius(sock: &UdpSocket, out: Vec<Vec<u8>>) {
-    for d in out {
+/// Sends Access-Requests, each on its AAA server's socket.
+pub async fn send_radius(out: crate::aaa::Datagrams) {
+    for (sock, d) in out {
         if let Err(e) = sock.send(&d).await {
             tracing::warn!(error = %e, "RADIUS send");
         }
@@ -826,19 +907,19 @@ async fn radius_receiver(auth: SharedAuth, sock: Arc<UdpSocket>) {
         };
         let (out, radius_out, sockets) = {
             let mut a = lock(&auth);
-            if !a
+            let mine = a
                 .radius
                 .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(&r.sock, &sock))
-            {
+                .is_some_and(|r| r.pool.servers.iter().any(|s| Arc::ptr_eq(&s.sock, &sock)));
+            if !mine {
                 return;
             }
-            a.radius_datagram(&buf[..n]);
+            a.radius_datagram(&sock, &buf[..n]);
             a.log_events();
             let r = a.backend_requests();
             (a.transmits(), r, a.sockets.clone())
         };
-        send_radius(&sock, radius_out).await;
+        send_radius(radius_out).await;
         send_all(&sockets, out).await;
     }
 }
@@ -940,6 +1021,22 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
             "pcp_auth_sessions_terminated_total{{reason=\"{r}\"}} {n}"
         );
     }
+    if let Some(r) = &a.radius {
+        let dead = r.pool.dead(a.now().0);
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_radius_server_up Whether an AAA server is used (0: it did not answer and is passed over for auth.radius.dead_time_s)."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_radius_server_up gauge");
+        for s in &r.pool.servers {
+            let up = u8::from(!dead.contains(&s.addr));
+            let _ = writeln!(
+                out,
+                "pcp_auth_radius_server_up{{server=\"{}\"}} {up}",
+                s.addr
+            );
+        }
+    }
 }
 
 /// The listen socket to send to `dst` from: the first of its address family.
@@ -966,9 +1063,8 @@ pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<(Option<usize>, Trans
 /// Runs the PA sessions' timers (retransmissions, expiry, re-authentication).
 pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
     loop {
-        let (out, radius_out, radius_sock, wake) = {
+        let (out, radius_out, wake) = {
             let mut a = lock(&auth);
-            let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
             let now = a.now();
             a.gate.server.handle_timeout(now);
             let (mut radius_out, radius_next) = a.radius_timeout();
@@ -985,13 +1081,10 @@ pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
             (
                 out,
                 radius_out,
-                radius_sock,
                 Instant::now() + wait.max(Duration::from_millis(5)),
             )
         };
-        if let Some(sock) = &radius_sock {
-            send_radius(sock, radius_out).await;
-        }
+        send_radius(radius_out).await;
         send_all(&sockets, out).await;
         tokio::time::sleep_until(wake.into()).await;
     }

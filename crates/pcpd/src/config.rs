@@ -439,6 +439,38 @@ mod tests {
             "[auth]\ndefault = \"required\"\n[auth.radius]\nserver = \"127.0.0.1:1812\"\nsecret_file = \"s\"\ntries = 0\n",
         );
         assert_eq!(key, "auth.radius.tries");
+        // Several AAA servers, one with its own secret; none, twice, or without a
+        // secret is refused naming the key.
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"127.0.0.1:1812\", { address = \"127.0.0.2:1812\", secret_file = \"t\" }]\nsecret_file = \"s\"\n",
+        )
+        .unwrap();
+        let r = c.auth.radius.unwrap();
+        let list = r.server_list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1].1.unwrap().to_str(), Some("t"));
+        assert_eq!(r.dead_time_s, 30);
+        for (text, want) in [
+            ("secret_file = \"s\"\n", "auth.radius.servers"),
+            (
+                "servers = [\"127.0.0.1:1812\", \"127.0.0.1:1812\"]\nsecret_file = \"s\"\n",
+                "auth.radius.servers",
+            ),
+            (
+                "servers = [\"127.0.0.1:1812\"]\n",
+                "auth.radius.secret_file",
+            ),
+            (
+                "server = \"127.0.0.1:1812\"\nsecret_file = \"s\"\ndead_time_s = 0\n",
+                "auth.radius.dead_time_s",
+            ),
+        ] {
+            let (_, key, msg) = err(&format!(
+                "[auth]\ndefault = \"required\"\n[auth.radius]\n{text}"
+            ));
+            assert_eq!(key, want, "{text}: {msg}");
+        }
         // Off is the default and needs nothing.
         assert!(
             !Config::parse(Path::new("x.toml"), "")

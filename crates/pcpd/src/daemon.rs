@@ -366,14 +366,11 @@ impl Serve<'_> {
             }
             let v = a.gate.inbound(now, src, epoch, &mut job.datagram, n);
             let radius_out = a.backend_requests();
-            let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
             a.log_events();
-            if let Some(sock) = radius_sock {
-                // Non-blocking: a full socket buffer is a loss the RADIUS
-                // retransmission covers.
-                for d in radius_out {
-                    let _ = sock.try_send(&d);
-                }
+            // Non-blocking: a full socket buffer is a loss the RADIUS retransmission
+            // covers.
+            for (sock, d) in radius_out {
+                let _ = sock.try_send(&d);
             }
             (v, a.transmits())
         };

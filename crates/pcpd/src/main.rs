@@ -5,6 +5,7 @@
 //! in-memory data plane, the admin API on 127.0.0.1:8351.
 #![forbid(unsafe_code)]
 
+mod aaa;
 mod acl;
 mod admin;
 mod admin_auth;
