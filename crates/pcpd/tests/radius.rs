@@ -308,6 +308,29 @@ fn failover_past_a_dead_aaa_server_and_pa_acknowledgements_meanwhile() {
             .iter()
             .all(|s| s["identity"] == "alice")
     );
+
+    // A reload that changes nothing of [auth.radius] keeps the servers as they are
+    // (the dead one stays passed over); one that drops the dead server uses the rest,
+    // and the sessions stay.
+    let (status, body) = pcpd.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up(&dead), Some(0.0), "reload forgot the dead mark");
+    pcpd.rewrite_config(&config.replace(&format!("\"{}\", ", dead.addr), ""));
+    let (status, body) = pcpd.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up(&dead), None);
+    assert_eq!(up(&live), Some(1.0));
+    let third = authenticate(&ca, client_ip, pcpd.pcp);
+    assert!(
+        matches!(third.event, ClientEvent::Established { .. }),
+        "{:?}",
+        third.event
+    );
+    assert_eq!(dead.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        pcpd.get_json("/auth/sessions").as_array().map(Vec::len),
+        Some(3)
+    );
 }
 
 /// With every AAA server dead the authentication fails (AUTHENTICATION_FAILED) with
