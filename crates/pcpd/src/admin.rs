@@ -295,17 +295,16 @@ async fn auth_terminate(State(s): State<Shared>, Path(id): Path<String>) -> impl
     let Some(auth) = s.lock().auth.clone() else {
         return refuse(StatusCode::NOT_FOUND, format!("no PA session {id}"));
     };
-    let (info, out, sockets) = {
+    let info = {
         let mut a = crate::auth::lock(&auth);
         let now = a.now();
         let info = a.gate.server.session(id);
         if info.is_some() {
             a.terminate(now, id, "admin");
         }
-        a.log_events();
-        (info, a.transmits(), a.sockets.clone())
+        info
     };
-    crate::auth::send_all(&sockets, out).await;
+    crate::auth::flush(&auth);
     match info {
         None => refuse(StatusCode::NOT_FOUND, format!("no PA session {id}")),
         Some(i) => {

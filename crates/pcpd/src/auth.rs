@@ -841,7 +841,33 @@ pub fn apply(cell: &SharedAuth, p: Prepared) -> String {
     let notes = lock(cell).put_in_force(p);
     cell.on.store(on, std::sync::atomic::Ordering::Relaxed);
     spawn_radius_receiver(cell);
+    flush(cell);
     notes
+}
+
+/// Sends at once what is queued outside a datagram's path (SESSION_TERMINATED of a
+/// reload or an operator's command), without waiting for the timer task: non-blocking
+/// sends, a loss is covered by the retransmission.
+pub fn flush(cell: &SharedAuth) {
+    let (out, radius_out, sockets) = {
+        let mut a = lock(cell);
+        a.log_events();
+        let r = a.backend_requests();
+        (a.transmits(), r, a.sockets.clone())
+    };
+    for (sock, d) in radius_out {
+        let _ = sock.try_send(&d);
+    }
+    for (socket, t) in out {
+        let sock = socket
+            .and_then(|i| sockets.get(i))
+            .or_else(|| socket_for(&sockets, t.dst));
+        if let Some(sock) = sock
+            && let Err(e) = sock.try_send_to(&t.payload, t.dst)
+        {
+            tracing::debug!(error = %e, dst = %t.dst, "PA send_to");
+        }
+    }
 }
 
 /// Starts the tasks receiving the AAA servers' answers, where none runs.

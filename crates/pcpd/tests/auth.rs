@@ -131,8 +131,8 @@ impl Peer {
         Time(self.origin.elapsed().as_millis() as u64)
     }
 
-    /// Handles whatever the server sends for `d` (answering PA messages); the client's
-    /// events meanwhile.
+    /// Handles whatever the server sends for up to `d` (answering PA messages), until
+    /// the session ends; the client's events meanwhile.
     fn listen(&mut self, d: Duration) -> Vec<ClientEvent> {
         let deadline = Instant::now() + d;
         let mut buf = [0u8; 2048];
@@ -146,6 +146,9 @@ impl Peer {
                 self.sock.send_to(&m, self.server).unwrap();
             }
             events.extend(std::iter::from_fn(|| self.client.poll_event()));
+            if events.iter().any(|e| matches!(e, ClientEvent::Ended(_))) {
+                break;
+            }
         }
         events
     }
@@ -616,7 +619,7 @@ fn reload_of_auth_keeps_valid_sessions_and_refuses_a_broken_file() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("1 session(s) terminated"), "{body}");
     // Bob is told (RFC 7652 §3.3) and answers; his tagged requests are not served.
-    let events = b.listen(Duration::from_millis(600));
+    let events = b.listen(Duration::from_secs(5));
     assert!(
         events.contains(&ClientEvent::Ended(Ended::ByServer)),
         "{events:?}"
@@ -780,7 +783,7 @@ fn admin_api_lists_and_terminates_sessions() {
     let (status, body) = common::http("DELETE", s.pcpd.admin, &format!("/auth/sessions/{id}"));
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("alice"), "{body}");
-    let events = p.listen(Duration::from_millis(600));
+    let events = p.listen(Duration::from_secs(5));
     assert!(
         events.contains(&ClientEvent::Ended(Ended::ByServer)),
         "{events:?}"
