@@ -1,13 +1,12 @@
 //! The RADIUS back end of the real `pcpd` with several AAA servers (docs/AUTH.md,
 //! "Several AAA servers"): a dead one that never answers and a live fake one (EAP-TTLS
-//! of the embedded back end behind RADIUS, in this test). pcpd fails over, marks the
+//! of the embedded back end behind `pcp-eap`'s RADIUS front end, in this test). pcpd fails over, marks the
 //! dead server and passes it over for the next client; a PA client with a short
 //! retransmission time gets PA-Acknowledgements while the AAA side is slow and never
 //! retransmits.
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,8 +15,7 @@ use std::time::{Duration, Instant};
 use common::TempDir;
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent};
-use pcp_auth::eap::{AuthStep, EapAuthenticator};
-use pcp_eap::radius;
+use pcp_eap::radius::server::{self, RadiusServer, RadiusServerConfig};
 use pcp_eap::rustls::RootCertStore;
 use pcp_eap::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsPeer, hash_password};
@@ -48,9 +46,8 @@ fn dead_aaa(ip: IpAddr) -> Aaa {
     fake_aaa(ip, None)
 }
 
-/// The fake AAA server: EAP-TTLS (embedded back end) behind RADIUS, answering with
-/// Access-Challenge / Access-Accept (User-Name, MS-MPPE keys) / Access-Reject. The
-/// Message-Authenticator checks are `pcp-eap`'s tests' business; this one only counts.
+/// The fake AAA server: `pcp-eap`'s RADIUS front end (`radius::server`) of the
+/// embedded EAP-TTLS back end, counting requests and, when asked, slow to answer.
 fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
     let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -61,86 +58,23 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
     let stop = Arc::new(AtomicBool::new(false));
     let (r, d, st) = (requests.clone(), delay_next_ms.clone(), stop.clone());
     std::thread::spawn(move || {
-        let mut convs: HashMap<Vec<u8>, pcp_eap::TtlsAuthenticator> = HashMap::new();
-        let mut next_state = 0u32;
+        let mut aaa =
+            backend.map(|b| RadiusServer::new(RadiusServerConfig::new(SECRET.to_vec()), b));
+        let origin = Instant::now();
         let mut buf = [0u8; 4096];
         while !st.load(Ordering::SeqCst) {
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 continue;
             };
             r.fetch_add(1, Ordering::SeqCst);
-            let Some(backend) = &backend else {
+            let Some(aaa) = aaa.as_mut() else {
                 continue;
             };
             std::thread::sleep(Duration::from_millis(d.swap(0, Ordering::SeqCst)));
-            let p = &buf[..n];
-            let req_auth: [u8; 16] = p[4..20].try_into().unwrap();
-            let mut attrs = Vec::new();
-            let mut i = 20;
-            while i + 2 <= n {
-                let len = usize::from(p[i + 1]).max(2);
-                attrs.push((p[i], p[i + 2..(i + len).min(n)].to_vec()));
-                i += len;
+            let now = origin.elapsed().as_millis() as u64;
+            if let server::Outcome::Reply { reply, .. } = aaa.handle(now, from, &buf[..n]) {
+                let _ = sock.send_to(&reply, from);
             }
-            let mut eap: Vec<u8> = attrs
-                .iter()
-                .filter(|a| a.0 == radius::ATTR_EAP_MESSAGE)
-                .flat_map(|a| a.1.clone())
-                .collect();
-            let state = attrs
-                .iter()
-                .find(|a| a.0 == radius::ATTR_STATE)
-                .map(|a| a.1.clone());
-            let mut auth = match state.and_then(|s| convs.remove(&s)) {
-                Some(a) => a,
-                None => {
-                    // The NAS sent the Identity request itself, with its identifier.
-                    let mut a = backend.authenticator();
-                    let first = a.start();
-                    eap[1] = first[1];
-                    a
-                }
-            };
-            let reply = match auth.receive(&eap) {
-                AuthStep::Request(req) => {
-                    next_state += 1;
-                    let st = next_state.to_be_bytes().to_vec();
-                    convs.insert(st.clone(), auth);
-                    let mut a: Vec<_> = radius::eap_attributes(&req).collect();
-                    a.push((radius::ATTR_STATE, st));
-                    radius::encode_response(radius::ACCESS_CHALLENGE, p[1], &req_auth, &a, SECRET)
-                }
-                AuthStep::Success {
-                    packet,
-                    msk,
-                    identity,
-                } => {
-                    let vsa = |t: u8, k: &[u8], salt: [u8; 2]| {
-                        let enc = radius::mppe_encrypt(k, salt, &req_auth, SECRET);
-                        let mut v = radius::VENDOR_MICROSOFT.to_be_bytes().to_vec();
-                        v.push(t);
-                        v.push((enc.len() + 2) as u8);
-                        v.extend(enc);
-                        (radius::ATTR_VENDOR_SPECIFIC, v)
-                    };
-                    let a = vec![
-                        (radius::ATTR_EAP_MESSAGE, packet),
-                        (radius::ATTR_USER_NAME, identity.into_bytes()),
-                        vsa(radius::MS_MPPE_RECV_KEY, &msk[..32], [0x80, 0x01]),
-                        vsa(radius::MS_MPPE_SEND_KEY, &msk[32..64], [0x80, 0x02]),
-                    ];
-                    radius::encode_response(radius::ACCESS_ACCEPT, p[1], &req_auth, &a, SECRET)
-                }
-                AuthStep::Failure { packet } => radius::encode_response(
-                    radius::ACCESS_REJECT,
-                    p[1],
-                    &req_auth,
-                    &[(radius::ATTR_EAP_MESSAGE, packet)],
-                    SECRET,
-                ),
-                AuthStep::Discard | AuthStep::Pending => continue,
-            };
-            let _ = sock.send_to(&reply, from);
         }
     });
     Aaa {
