@@ -470,8 +470,14 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
     // (the PCP path sends its records itself); this thread receives.
     match sock.set_nonblocking(true).and_then(|()| sock.try_clone()) {
         Ok(tx) => {
+            let beacon = tx
+                .try_clone()
+                .map_err(|e| tracing::error!(error = %e, "beacon socket"));
             if let Some(mut p) = shared.lock_pair() {
                 p.set_socket(tx);
+                if let Ok(b) = beacon {
+                    spawn_beacon(b, &p);
+                }
             }
         }
         Err(e) => tracing::error!(error = %e, "replication socket"),
@@ -501,6 +507,62 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
     }
 }
 
+/// Sends the HA node's beacon ([`pcp_ha::Beacon`]) from a thread of its own whenever
+/// nothing went to the peer for 1.5 heartbeats: the replication thread is then
+/// waiting for the pair lock (bulk work; a holder descheduled on a starved machine)
+/// or for the CPU, and the peer must not count that as silence. Never takes the pair
+/// lock. A link quiet for longer than [`BEACON_LIMIT`] (or four detection times) is a
+/// node stuck for good: the beacon stops covering for it, and the peer may take over.
+fn spawn_beacon(sock: std::net::UdpSocket, pair: &crate::core::Pair) {
+    let cell = pair.beacon.clone();
+    let peer = pair.peer;
+    let cfg = *pair.node.config();
+    let origin = pair.origin();
+    let spawned = std::thread::Builder::new()
+        .name("pcpd-beacon".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 256];
+            let quiet = cfg.heartbeat + cfg.heartbeat / 2;
+            let limit = BEACON_LIMIT.max(cfg.detection * 4);
+            let mut sent: Option<Instant> = None;
+            loop {
+                std::thread::sleep(cfg.heartbeat / 4);
+                let now = Instant::now();
+                let since = now.saturating_duration_since(
+                    origin
+                        + Duration::from_millis(
+                            cell.last_sent.load(std::sync::atomic::Ordering::Relaxed),
+                        ),
+                );
+                if since < quiet
+                    || since > limit
+                    || sent.is_some_and(|t| now.saturating_duration_since(t) < cfg.heartbeat)
+                {
+                    continue;
+                }
+                let beacon = *cell.beacon.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(beacon) = beacon else { continue };
+                let t = pcp_server::Time(now.saturating_duration_since(origin).as_millis() as u64);
+                if let Some(n) = beacon.write(t, &mut buf)
+                    && sock.send_to(&buf[..n], peer).is_ok()
+                {
+                    sent = Some(now);
+                    tracing::debug!(quiet_ms = since.as_millis() as u64, "beacon sent");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the beacon thread");
+    }
+}
+
+/// How long a quiet link is covered by the beacon at least (see `spawn_beacon`).
+const BEACON_LIMIT: Duration = Duration::from_secs(2);
+
+/// Frames read from the replication socket per pass before timers run (a pass that
+/// stops short comes back at once).
+const DRAIN: usize = 256;
+
 /// Runs the replication link: frames from the peer, timers, and sending whatever the
 /// HA node has to say (woken at once when requests queue records). Takes only the
 /// pair lock; work for the core is queued and the core task woken.
@@ -510,22 +572,36 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
         return;
     };
     loop {
-        // Frames that queued while this thread was busy come before timers: silence
-        // is judged on what the peer actually sent.
-        while let Ok((n, from)) = sock.try_recv_from(&mut buf) {
-            if from.ip() == peer.ip()
-                && let Some(mut p) = shared.lock_pair()
-            {
-                p.frame(&buf[..n]);
-                shared.after_ha(&mut p);
-            }
-        }
         let wake = match shared.lock_pair() {
             Some(mut p) => {
+                // Frames that queued while this thread waited (for the lock, for the
+                // CPU) come before timers: the time is taken first, then the socket
+                // read until empty, so the HA node judges silence only on what reached
+                // the socket before that time (issue #4: a backup whose timer ran
+                // late took over with the active's heartbeats unread in its socket).
+                let read_at = p.now();
+                let mut drained = false;
+                for _ in 0..DRAIN {
+                    match sock.try_recv_from(&mut buf) {
+                        Ok((n, from)) if from.ip() == peer.ip() => p.frame(&buf[..n]),
+                        Ok((_, from)) => {
+                            tracing::warn!(%from, "replication frame from an unknown address dropped");
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
+                        }
+                        // ICMP errors from earlier sends surface here; keep reading.
+                        Err(e) => tracing::debug!(error = %e, "replication recv"),
+                    }
+                }
+                if drained {
+                    p.link_read(read_at);
+                }
                 let wake = p.tick();
                 p.transmit();
                 shared.after_ha(&mut p);
-                wake
+                if drained { wake } else { Instant::now() }
             }
             None => return,
         };
@@ -765,6 +841,45 @@ mod tests {
         assert!(
             gap < Duration::from_millis(100),
             "{gap:?} without a frame while the core was busy"
+        );
+        let role = shared.lock_pair().unwrap().node.role();
+        assert_eq!(role, pcp_ha::Role::Active);
+    }
+
+    /// Issue #4 (spurious takeover under CPU starvation): the pair lock held for a
+    /// second on the active — bulk work under it, or its holder descheduled on a
+    /// starved machine — must not silence the active towards the backup: the beacon
+    /// thread speaks for it. Fails without the beacon (no frame in that second).
+    #[test]
+    fn heartbeats_go_out_while_the_pair_lock_is_held() {
+        let peer = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, _) = pair_core(true, peer.local_addr().unwrap());
+        let (_, frames) = longest_gap(&peer, Duration::from_millis(300), |_, _| {});
+        assert!(
+            frames > 3,
+            "the node sends before the stall ({frames} frames)"
+        );
+        let stalled = shared.lock_pair();
+        // Past what the replication thread sent before it blocked on the lock.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 256];
+        while peer.recv_from(&mut buf).is_ok() {}
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (n, _) = peer
+            .recv_from(&mut buf)
+            .expect("a frame while the lock is held");
+        let h = wire::read_header(&mut wire::Reader::new(&buf[..n])).unwrap();
+        assert_eq!(h.kind, Kind::Beat, "the beacon is a heartbeat");
+        let (gap, frames) = longest_gap(&peer, Duration::from_millis(1000), |_, _| {});
+        drop(stalled);
+        assert!(
+            frames >= 15,
+            "{frames} frames in 1 s of 20 ms heartbeats while the pair lock was held"
+        );
+        assert!(
+            gap < Duration::from_millis(100),
+            "{gap:?} without a frame while the pair lock was held"
         );
         let role = shared.lock_pair().unwrap().node.role();
         assert_eq!(role, pcp_ha::Role::Active);
