@@ -611,6 +611,11 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
                     if from.ip() == peer.ip() {
                         if let Some(mut p) = shared.lock_pair() {
                             p.frame(&buf[..n]);
+                            // The acknowledgement (backup) goes out before the core
+                            // task is woken: on a shared CPU the woken task may run
+                            // first, and its mirroring must not delay the ack the
+                            // active's held replies wait for.
+                            p.transmit();
                             shared.after_ha(&mut p);
                         }
                     } else {
