@@ -9,8 +9,9 @@
 #   1. echo, closed loop (CLIENTS x WINDOW): the echo maximum E of this round;
 #   2. for each fraction f in FRACTIONS: echo, then the pair (and, with BASE_BIN, the
 #      pair built from BASE_BIN), each offered f x E requests/s in total, open loop
-#      (`pcpperf --rate`: request k of a client is due at k / rate; its latency counts
-#      from then, so time spent queued behind a slow server counts too).
+#      (`pcpperf --rate`: request k of a client is due at k / rate, whatever the
+#      answers do, within a cap of OPEN_WINDOW in flight; requests go out in 1 ms
+#      bursts, the timer's resolution, the same for echo and pair).
 # A closed loop's latency with N requests always in flight is at least
 # N / throughput (Little's law): it measures the queue the load generator builds, not
 # the server. At a fixed offered rate below saturation the queue is the server's own.
