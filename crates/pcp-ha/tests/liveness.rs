@@ -248,7 +248,7 @@ fn a_backup_beacon_is_a_cumulative_ack() {
     );
     let n = beacon.write(later, &mut p.buf).unwrap();
     let lag = p.a.status(now).lag;
-    p.a.handle_frame(&p.buf[..n].to_vec(), later);
+    p.a.handle_frame(&p.buf[..n], later);
     assert!(p.a.status(later).peer_connected, "the beacon proves life");
     assert_eq!(p.a.status(later).lag, lag);
     let fresh = HaNode::new(cfg(), false, 33, Time(0));
