@@ -878,12 +878,15 @@ mod tests {
         assert_eq!(h.kind, Kind::Beat, "the beacon is a heartbeat");
         let (gap, frames) = longest_gap(&peer, Duration::from_millis(1000), |_, _| {});
         drop(stalled);
+        // Beacons every ~30 ms; the margins allow for a starved test machine (this
+        // thread's own wake-ups included). Without the beacon there is no frame at
+        // all until the lock is released.
         assert!(
-            frames >= 15,
+            frames >= 10,
             "{frames} frames in 1 s of 20 ms heartbeats while the pair lock was held"
         );
         assert!(
-            gap < Duration::from_millis(100),
+            gap < Duration::from_millis(250),
             "{gap:?} without a frame while the pair lock was held"
         );
         let role = shared.lock_pair().unwrap().node.role();
