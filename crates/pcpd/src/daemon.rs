@@ -482,6 +482,17 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
         }
         Err(e) => tracing::error!(error = %e, "replication socket"),
     }
+    // The drain before the timers reads through a plain handle: tokio's `try_recv_from`
+    // answers from the readiness its reactor last saw, and the reactor does not run
+    // while this thread waits for the pair lock, so frames that arrived meanwhile
+    // would stay invisible to it (and the timers would take them for silence).
+    let drain = match sock.try_clone() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "replication socket");
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("pcpd-ha".into())
         .spawn(move || {
@@ -497,7 +508,7 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
             };
             rt.block_on(async move {
                 match UdpSocket::from_std(sock) {
-                    Ok(sock) => replicate(sock, shared).await,
+                    Ok(sock) => replicate(sock, drain, shared).await,
                     Err(e) => tracing::error!(error = %e, "replication socket"),
                 }
             });
@@ -566,7 +577,7 @@ const DRAIN: usize = 256;
 /// Runs the replication link: frames from the peer, timers, and sending whatever the
 /// HA node has to say (woken at once when requests queue records). Takes only the
 /// pair lock; work for the core is queued and the core task woken.
-async fn replicate(sock: UdpSocket, shared: Shared) {
+async fn replicate(sock: UdpSocket, drain: std::net::UdpSocket, shared: Shared) {
     let mut buf = vec![0u8; 65536];
     let Some(peer) = shared.lock_pair().map(|p| p.peer) else {
         return;
@@ -582,7 +593,7 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
                 let read_at = p.now();
                 let mut drained = false;
                 for _ in 0..DRAIN {
-                    match sock.try_recv_from(&mut buf) {
+                    match drain.recv_from(&mut buf) {
                         Ok((n, from)) if from.ip() == peer.ip() => p.frame(&buf[..n]),
                         Ok((_, from)) => {
                             tracing::warn!(%from, "replication frame from an unknown address dropped");
@@ -891,6 +902,63 @@ mod tests {
         );
         let role = shared.lock_pair().unwrap().node.role();
         assert_eq!(role, pcp_ha::Role::Active);
+    }
+
+    /// Issue #4, the spurious takeover's cause: the backup's replication thread,
+    /// woken by its timer, found its socket empty, then waited for the pair lock (held
+    /// here for 1 s; on a starved machine, a holder descheduled) while the active's
+    /// heartbeats queued in the socket, then ran its timers with the time it got the
+    /// lock: a second of "silence", and it took over from a live active. Now the time
+    /// is taken and the socket read under the lock, before the timers.
+    #[test]
+    fn backup_does_not_take_over_after_waiting_for_its_pair_lock() {
+        let active = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, backup) = pair_core(false, active.local_addr().unwrap());
+        let beat = |sock: &StdUdp| {
+            let mut buf = [0u8; 128];
+            let mut w = Writer::new(&mut buf);
+            let h = Header {
+                kind: Kind::Beat,
+                flags: 0,
+                term: 1,
+                sender: 99,
+                stream: 99,
+            };
+            wire::write_header(&mut w, &h).unwrap();
+            wire::write_u64(&mut w, 0).unwrap();
+            wire::write_u64(&mut w, 0).unwrap();
+            let n = w.len();
+            let _ = sock.send_to(&buf[..n], backup);
+        };
+        // Following the (fake) active.
+        for _ in 0..15 {
+            beat(&active);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            shared.lock_pair().unwrap().node.role(),
+            pcp_ha::Role::Backup
+        );
+        let stalled = shared.lock_pair();
+        // No heartbeat for 60 ms: the replication thread's own timer (20 ms) wakes it,
+        // it finds the socket empty and blocks on the lock. Then the active goes on.
+        std::thread::sleep(Duration::from_millis(60));
+        let until = Instant::now() + Duration::from_millis(1000);
+        while Instant::now() < until {
+            beat(&active);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(stalled);
+        for _ in 0..10 {
+            beat(&active);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let role = shared.lock_pair().unwrap().node.role();
+        assert_eq!(
+            role,
+            pcp_ha::Role::Backup,
+            "took over with the active's heartbeats unread in its socket"
+        );
     }
 
     /// The backup's side: while its core is busy it keeps hearing the active and
