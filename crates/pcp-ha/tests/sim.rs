@@ -543,6 +543,12 @@ impl Sim {
                 self.process_events(to);
             }
         }
+        // Every frame due by now was read: timers may judge silence up to here.
+        for node in &mut self.nodes {
+            if node.alive {
+                node.ha.link_read(now);
+            }
+        }
         // No two actives in one term.
         let actives: Vec<u64> = (0..2)
             .filter(|i| self.nodes[*i].alive && self.nodes[*i].ha.role() == Role::Active)

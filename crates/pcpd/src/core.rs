@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,19 @@ const BACKLOG_HIGH: usize = 64 * 1024;
 /// ... and below which it releases them.
 const BACKLOG_LOW: usize = 16 * 1024;
 
+/// What the beacon thread needs (`daemon::spawn_replication`), outside the pair
+/// lock: the HA node's latest proof of life and when the link last sent anything.
+/// While the pair lock is busy for longer than a heartbeat (bulk work, a thread
+/// holding it descheduled on a starved machine), the beacon thread sends the
+/// proof of life itself, so that the peer never counts a wait for a lock as silence.
+#[derive(Debug, Default)]
+pub struct BeaconCell {
+    /// The node's beacon as of its last change (`None`: nothing to say out of turn).
+    pub beacon: Mutex<Option<pcp_ha::Beacon>>,
+    /// When a frame last went to the peer from the pair (milliseconds of shared time).
+    pub last_sent: AtomicU64,
+}
+
 /// Pair mode state, behind its own lock (see the module doc).
 pub struct Pair {
     /// The HA state machine.
@@ -147,6 +160,8 @@ pub struct Pair {
     pub promoted_at: Option<Instant>,
     /// Where the term is kept across restarts, and the term last written there.
     state_file: Option<(std::path::PathBuf, u64)>,
+    /// Shared with the beacon thread.
+    pub beacon: Arc<BeaconCell>,
 }
 
 impl Pair {
@@ -171,6 +186,7 @@ impl Pair {
             socket: None,
             promoted_at: None,
             state_file: None,
+            beacon: Arc::default(),
         }
     }
 
@@ -206,6 +222,11 @@ impl Pair {
     /// The time now.
     pub fn now(&self) -> Time {
         self.time_of(Instant::now())
+    }
+
+    /// The instant shared time counts from.
+    pub fn origin(&self) -> Instant {
+        self.origin
     }
 
     /// Whether the core has work queued.
@@ -244,6 +265,12 @@ impl Pair {
         }
     }
 
+    /// Tells the HA node that every frame that reached the replication socket before
+    /// `at` was handled (see [`HaNode::link_read`]): silence is judged up to there.
+    pub fn link_read(&mut self, at: Time) {
+        self.node.link_read(at);
+    }
+
     /// Runs HA timers and held-reply deadlines. Returns when to run again.
     pub fn tick(&mut self) -> Instant {
         let now = self.now();
@@ -278,11 +305,12 @@ impl Pair {
         let mut buf = std::mem::take(&mut self.frame_buf);
         buf.resize(pcp_ha::wire::MAX_FRAME, 0);
         while let Some(n) = self.node.poll_transmit(now, &mut buf) {
-            if let Some(sock) = &self.socket
-                && let Err(e) = sock.send_to(&buf[..n], self.peer)
-            {
-                // A full send buffer loses the frame; go-back-N sends it again.
-                tracing::debug!(error = %e, peer = %self.peer, "replication send");
+            if let Some(sock) = &self.socket {
+                match sock.send_to(&buf[..n], self.peer) {
+                    Ok(_) => self.beacon.last_sent.store(now.0, Ordering::Relaxed),
+                    // A full send buffer loses the frame; go-back-N sends it again.
+                    Err(e) => tracing::debug!(error = %e, peer = %self.peer, "replication send"),
+                }
             }
         }
         self.frame_buf = buf;
@@ -300,6 +328,7 @@ impl Pair {
     fn route_events(&mut self, now: Time) {
         self.free_retired();
         self.backpressure();
+        *self.beacon.beacon.lock().unwrap_or_else(|p| p.into_inner()) = self.node.beacon();
         while let Some(ev) = self.node.poll_event() {
             match ev {
                 Event::Acked(cum) => self.release(cum, now),
