@@ -20,4 +20,4 @@ pub mod fuzzing;
 pub mod node;
 pub mod wire;
 
-pub use node::{Event, HaConfig, HaNode, HaStatus, Replica, Retired, Role};
+pub use node::{Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role};

@@ -209,6 +209,16 @@ impl Table {
         self.expiry.reserve(additional);
     }
 
+    /// Mappings it holds without growing its index.
+    pub fn capacity(&self) -> usize {
+        self.endpoints.capacity()
+    }
+
+    /// Whether any mapping holds this internal endpoint.
+    pub fn is_bound(&self, ep: &InternalEndpoint) -> bool {
+        self.endpoints.contains_key(ep)
+    }
+
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len == 0
