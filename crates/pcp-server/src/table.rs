@@ -214,11 +214,6 @@ impl Table {
         self.endpoints.capacity()
     }
 
-    /// Whether any mapping holds this internal endpoint.
-    pub fn is_bound(&self, ep: &InternalEndpoint) -> bool {
-        self.endpoints.contains_key(ep)
-    }
-
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -325,6 +320,47 @@ impl Table {
         self.len += 1;
         self.compact_expiry();
         (id, fresh)
+    }
+
+    /// Inserts a record whose internal endpoint no mapping holds yet, bound to
+    /// `external`, with a single probe of the index; gives the record back when the
+    /// endpoint is bound after all (the caller takes the general path).
+    pub fn insert_unbound(
+        &mut self,
+        record: Record,
+        external: ExternalEndpoint,
+    ) -> Result<u32, Box<Record>> {
+        use std::collections::hash_map::Entry;
+        let Entry::Vacant(slot) = self.endpoints.entry(record.endpoint) else {
+            return Err(Box::new(record));
+        };
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let addrs = &mut self.addrs;
+        let ext_addr = *self.addr_index.entry(external.addr).or_insert_with(|| {
+            addrs.push(external.addr);
+            (addrs.len() - 1) as u32
+        });
+        let (map, peers) = match record.remote {
+            Some(_) => (NONE, id),
+            None => (id, NONE),
+        };
+        slot.insert(Endpoint {
+            ext_addr,
+            ext_port: external.port,
+            map,
+            peers,
+        });
+        self.expiry.push(Reverse((record.expires, id)));
+        self.slots[id as usize] = Some(record);
+        self.len += 1;
+        self.compact_expiry();
+        Ok(id)
     }
 
     /// Indexes a record's new expiry.

@@ -513,7 +513,10 @@ mod tests {
             "[pcpd]\nexpected_mappings = 2000000\nhuge_pages = false\n",
         )
         .unwrap();
-        assert_eq!((c.daemon.expected_mappings, c.daemon.huge_pages), (2_000_000, false));
+        assert_eq!(
+            (c.daemon.expected_mappings, c.daemon.huge_pages),
+            (2_000_000, false)
+        );
         let (line, key, _) = err("[pcpd]\n\nexpected_mappings = -5\n");
         assert_eq!((line, key.as_str()), (3, "pcpd.expected_mappings"));
     }

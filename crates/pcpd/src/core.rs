@@ -1594,7 +1594,11 @@ mod tests {
         };
         assert!(core(0).server.capacity() < 1000);
         let sized = core(300_000);
-        assert!(sized.server.capacity() >= 300_000, "{}", sized.server.capacity());
+        assert!(
+            sized.server.capacity() >= 300_000,
+            "{}",
+            sized.server.capacity()
+        );
         // A standby backup sizes for the larger of the two.
         let mut config = Config::embedded();
         config.daemon.expected_mappings = 5000;
@@ -1611,7 +1615,14 @@ mod tests {
             Duration::from_millis(250),
             origin,
         );
-        let standby = Core::new(server, Box::new(MemoryDataPlane::new()), config, origin, 1, Some(pair));
+        let standby = Core::new(
+            server,
+            Box::new(MemoryDataPlane::new()),
+            config,
+            origin,
+            1,
+            Some(pair),
+        );
         assert!(standby.server.capacity() >= 70_000);
     }
 
