@@ -1403,7 +1403,7 @@ impl Server {
             m.checkpoint_requested,
             None,
         );
-        let Ok(id) = self.table.insert_unbound(record, m.external) else {
+        let Some(id) = self.table.insert_unbound(record, m.external) else {
             return false;
         };
         let (subscriber, tier_name) = self.subscribers.lookup(m.key.internal);

@@ -323,16 +323,13 @@ impl Table {
     }
 
     /// Inserts a record whose internal endpoint no mapping holds yet, bound to
-    /// `external`, with a single probe of the index; gives the record back when the
-    /// endpoint is bound after all (the caller takes the general path).
-    pub fn insert_unbound(
-        &mut self,
-        record: Record,
-        external: ExternalEndpoint,
-    ) -> Result<u32, Box<Record>> {
+    /// `external`, with a single probe of the index; returns its id, or, when the
+    /// endpoint is bound after all (`None`, nothing changed: the caller takes the
+    /// general path).
+    pub fn insert_unbound(&mut self, record: Record, external: ExternalEndpoint) -> Option<u32> {
         use std::collections::hash_map::Entry;
         let Entry::Vacant(slot) = self.endpoints.entry(record.endpoint) else {
-            return Err(Box::new(record));
+            return None;
         };
         let id = match self.free.pop() {
             Some(id) => id,
@@ -360,7 +357,7 @@ impl Table {
         self.slots[id as usize] = Some(record);
         self.len += 1;
         self.compact_expiry();
-        Ok(id)
+        Some(id)
     }
 
     /// Indexes a record's new expiry.
