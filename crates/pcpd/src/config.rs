@@ -50,7 +50,8 @@ pub struct DaemonSection {
     /// a standby backup in pair mode sizes for `[checkpoint] capacity` at least).
     /// Growing a table past a million entries stalls the node for hundreds of ms.
     pub expected_mappings: usize,
-    /// Back large tables by transparent huge pages (see `hugepages`).
+    /// Back large tables by transparent huge pages (see `hugepages`): a faster bulk
+    /// copy, but page-zeroing stalls while the tables fill (off by default).
     pub huge_pages: bool,
 }
 
@@ -67,7 +68,7 @@ impl Default for DaemonSection {
             admin_read_token_file: None,
             recv_buffer: 4 << 20,
             expected_mappings: 0,
-            huge_pages: true,
+            huge_pages: false,
         }
     }
 }
@@ -510,12 +511,12 @@ mod tests {
         assert_eq!((line, key.as_str()), (2, "pcpd.dataplane"));
         let c = Config::parse(
             Path::new("t.toml"),
-            "[pcpd]\nexpected_mappings = 2000000\nhuge_pages = false\n",
+            "[pcpd]\nexpected_mappings = 2000000\nhuge_pages = true\n",
         )
         .unwrap();
         assert_eq!(
             (c.daemon.expected_mappings, c.daemon.huge_pages),
-            (2_000_000, false)
+            (2_000_000, true)
         );
         let (line, key, _) = err("[pcpd]\n\nexpected_mappings = -5\n");
         assert_eq!((line, key.as_str()), (3, "pcpd.expected_mappings"));

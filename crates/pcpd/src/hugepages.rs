@@ -9,9 +9,15 @@
 //! this allocator asks (`MADV_HUGEPAGE`) for every allocation of at least
 //! [`MIN_SIZE`]; everything else is the system allocator unchanged.
 //!
-//! The price: a table's memory becomes resident in 2 MiB steps, so a table sized up
-//! front for far more mappings than it holds becomes resident at its full size
-//! early. `[pcpd] huge_pages = false` turns this off.
+//! The price, and why it is off by default (`[pcpd] huge_pages = true` turns it on):
+//! the first write into each 2 MiB of a table faults in (and zeroes) a whole huge
+//! page, and where free huge pages are scarce the kernel compacts memory first, both
+//! inside the writing thread. On the shared test VM, pairs with huge pages answered
+//! about 1 % of the requests of a million-mapping fill without option 192 (the
+//! backup's acknowledgement came after `ack_timeout_ms`), pairs without none
+//! (`docs/BENCHMARKS.md`, "Cheaper mirroring and huge pages"). A table's memory also
+//! becomes resident in 2 MiB steps, so a table sized far beyond what it holds becomes
+//! resident at its full size early.
 
 // The global allocator interface is `unsafe` by definition; the only other unsafe
 // operation is `madvise`, which changes how the kernel backs memory, never its
@@ -27,9 +33,9 @@ const HUGE_PAGE: usize = 2 << 20;
 /// a huge page, and are not where the TLB misses are).
 pub const MIN_SIZE: usize = 4 * HUGE_PAGE;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Whether allocations made from now on ask for huge pages (default: yes).
+/// Whether allocations made from now on ask for huge pages (default: no).
 pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
@@ -98,7 +104,9 @@ mod tests {
             eprintln!("SKIP: no transparent huge pages in this kernel");
             return;
         }
+        enable(true);
         let big: Vec<u8> = Vec::with_capacity(3 * MIN_SIZE);
+        enable(false);
         let flags = |p: usize| -> Option<String> {
             let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
             let mut inside = false;
