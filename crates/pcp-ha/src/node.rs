@@ -137,13 +137,35 @@ pub enum Event {
 }
 
 /// A change to the backup's copy, for a shell that keeps a standby server in step.
+/// Consecutive records of the same kind come as one event (up to [`REPLICA_BATCH`]
+/// of them): a full copy streams a million mappings through a standby backup, and an
+/// event (with its allocation) per mapping cost as much as decoding it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Replica {
-    /// Install or replace this mapping (expiry in local time).
-    Upsert(Box<Mapping>),
+    /// Install or replace these mappings, in this order (expiries in local time).
+    Upsert(Vec<Mapping>),
     /// Remove these mappings (removed, or swept at the end of a full copy).
     Remove(Vec<MappingKey>),
 }
+
+impl Replica {
+    /// How many mappings it changes.
+    pub fn len(&self) -> usize {
+        match self {
+            Replica::Upsert(m) => m.len(),
+            Replica::Remove(k) => k.len(),
+        }
+    }
+
+    /// Whether it changes none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Most changes one [`Replica`] event carries (a sweep at the end of a full copy may
+/// carry more: it is one event).
+pub const REPLICA_BATCH: usize = 1024;
 
 /// What the admin API shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -926,8 +948,17 @@ impl HaNode {
                 let key = m.key;
                 let external = (m.external_addr, m.external_port);
                 let record = if self.cfg.standby {
-                    let view = Box::new(into_mapping(m, expires, now));
-                    self.events.push_back(Event::Replica(Replica::Upsert(view)));
+                    let view = into_mapping(m, expires, now);
+                    match self.events.back_mut() {
+                        Some(Event::Replica(Replica::Upsert(run))) if run.len() < REPLICA_BATCH => {
+                            run.push(view)
+                        }
+                        _ => {
+                            let mut run = Vec::with_capacity(256);
+                            run.push(view);
+                            self.events.push_back(Event::Replica(Replica::Upsert(run)));
+                        }
+                    }
                     None
                 } else {
                     Some(Box::new(m))
@@ -944,8 +975,14 @@ impl HaNode {
             }
             Record::Remove(k) => {
                 if self.rx.store.remove(&k).is_some() && self.cfg.standby {
-                    self.events
-                        .push_back(Event::Replica(Replica::Remove(vec![k])));
+                    match self.events.back_mut() {
+                        Some(Event::Replica(Replica::Remove(run))) if run.len() < REPLICA_BATCH => {
+                            run.push(k)
+                        }
+                        _ => self
+                            .events
+                            .push_back(Event::Replica(Replica::Remove(vec![k]))),
+                    }
                 }
             }
             Record::Host { host, unprotected } => {

@@ -226,9 +226,11 @@ impl Sim {
                     let node = &mut self.nodes[i];
                     let mut fx = Vec::new();
                     match change {
-                        pcp_ha::Replica::Upsert(m) => {
-                            if node.server.mirror_upsert(&m, now, &mut fx).is_err() {
-                                node.pending.push(*m);
+                        pcp_ha::Replica::Upsert(maps) => {
+                            for m in maps {
+                                if node.server.mirror_upsert(&m, now, &mut fx).is_err() {
+                                    node.pending.push(m);
+                                }
                             }
                         }
                         pcp_ha::Replica::Remove(keys) => {

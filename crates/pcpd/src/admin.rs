@@ -398,7 +398,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 stored: st.stored,
                 backup_status,
                 adopted: p.adopted,
-                standby_backlog: p.for_core.len(),
+                standby_backlog: p.backlog(),
             }
         }
     }
