@@ -116,6 +116,8 @@ require_bins() {
 server_config() {
   local pool
   pool=$(seq 1 "$ADDRS" | sed 's/.*/"198.18.0.&"/' | paste -sd, -)
+  # HUGE_PAGES=false: pcpd without transparent huge pages ([pcpd] huge_pages).
+  if [ -n "${HUGE_PAGES:-}" ]; then printf '[pcpd]\nhuge_pages = %s\n\n' "$HUGE_PAGES"; fi
   cat <<TOML
 [pool]
 addresses = [$pool]

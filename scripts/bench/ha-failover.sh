@@ -15,7 +15,9 @@
 #              the same external port; its GET /status then counts every mapping.
 # Settings (environment): CLIENTS (100), MAPPINGS (10000 per client), WINDOW (16), FILL
 # (60 s), ADDRS (pool addresses, 32), DETECTION_MS (500), HEARTBEAT_MS (100),
-# SERVER_CPU (0), LOAD_CPU (1). Loopback only: nodes on 127.0.0.211/.212, clients from
+# SERVER_CPU (0), LOAD_CPU (1), RESYNC_CPU (CPUs of the restarted backup in step 2;
+# $LOAD_CPU: one CPU, as in step 1; "0,1" lets its replication thread and core task
+# run side by side, as on a backup with CPUs of its own). Loopback only: nodes on 127.0.0.211/.212, clients from
 # 127.0.8.1 up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,6 +31,7 @@ FILL=${FILL:-60}
 ADDRS=${ADDRS:-32}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
+RESYNC_CPU=${RESYNC_CPU:-$LOAD_CPU}
 SOURCE=127.0.8.1
 A=127.0.0.211
 B=127.0.0.212
@@ -41,7 +44,7 @@ start_a() {
   a_pid=$LAST_PID
 }
 start_b() {
-  start b "$LOAD_CPU" "$BIN/pcpd" --config "$WORK/b.toml" --listen "$B:15351" --admin "$B:18351"
+  start b "${1:-$LOAD_CPU}" "$BIN/pcpd" --config "$WORK/b.toml" --listen "$B:15351" --admin "$B:18351"
   b_pid=$LAST_PID
 }
 
@@ -66,19 +69,30 @@ echo "backup stores $n; RSS active $(rss_mib "$a_pid") MiB, backup $(rss_mib "$b
 before=$(python3 -B scripts/bench/pcp_probe.py once "$A:15351" "$SOURCE")
 echo "probe on the active: $before"
 
-echo "== resync: kill -9 the backup, start it again"
+# CPU time (user + system) a process has used, in ms: on a shared machine the wall
+# time also counts other processes' turns, CPU time does not.
+cpu_ms() {
+  local tck; tck=$(getconf CLK_TCK)
+  awk -v t="$tck" '{ sub(/^.*\) /, ""); print int(($12 + $13) * 1000 / t) }' "/proc/$1/stat"
+}
+
+echo "== resync: kill -9 the backup, start it again (on CPU $RESYNC_CPU)"
 kill9 "$b_pid"
 wait_until 10 "active notices" ha_is "$A:18351" '.backup_status == "not_ready"'
+a_cpu0=$(cpu_ms "$a_pid")
 t0=$(now_ms)
-start_b
+start_b "$RESYNC_CPU"
 wait_until 300 "backup complete" ha_is "$B:18351" ".ready and .stored == $n"
 t1=$(now_ms)
 wait_until 300 "standby core caught up" ha_is "$B:18351" ".standby_backlog == 0"
 t3=$(now_ms)
+b_cpu=$(cpu_ms "$b_pid")
+a_cpu=$(( $(cpu_ms "$a_pid") - a_cpu0 ))
 wait_until 10 "active sees it ready" ha_is "$A:18351" '.backup_status == "ready"'
 t2=$(now_ms)
 echo "resync: $n mappings; backup complete after $((t1 - t0)) ms (process start included), standby core caught up after $((t3 - t0)) ms, active ready after $((t2 - t0)) ms"
 echo "resync rate: $(( n * 1000 / (t1 - t0 > 0 ? t1 - t0 : 1) )) mappings/s (copy held), $(( n * 1000 / (t3 - t0 > 0 ? t3 - t0 : 1) )) mappings/s (installed in the standby core)"
+echo "resync CPU: backup $b_cpu ms (start included: $(( n * 1000 / (b_cpu > 0 ? b_cpu : 1) )) mappings per CPU-s), active $a_cpu ms ($(( n * 1000 / (a_cpu > 0 ? a_cpu : 1) )) per CPU-s); the machine: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo "== failover: kill -9 the active"
 after=$(python3 -B scripts/bench/pcp_probe.py failover "$B:15351" "$SOURCE" --kill "$a_pid" --admin "$B:18351")

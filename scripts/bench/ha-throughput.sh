@@ -49,8 +49,10 @@ host_rate = 0.0"
 printf '%s\n\n[checkpoint]\nwithout_backup = "honour"\n' "$SERVER_TOML" >"$WORK/standalone.toml"
 printf '[pcpd]\nthreads = 1\n\n%s\n\n[checkpoint]\nwithout_backup = "honour"\n' "$SERVER_TOML" \
   >"$WORK/standalone-1t.toml"
-{ echo "$SERVER_TOML"; ha_section 127.0.0.203:15352 127.0.0.204:15352 active; } >"$WORK/active.toml"
-{ echo "$SERVER_TOML"; ha_section 127.0.0.204:15352 127.0.0.203:15352 backup; } >"$WORK/backup.toml"
+# HUGE_PAGES=false: the pair without transparent huge pages ([pcpd] huge_pages).
+PAIR_PCPD=${HUGE_PAGES:+$(printf '[pcpd]\nhuge_pages = %s\n' "$HUGE_PAGES")}
+{ echo "$PAIR_PCPD"; echo "$SERVER_TOML"; ha_section 127.0.0.203:15352 127.0.0.204:15352 active; } >"$WORK/active.toml"
+{ echo "$PAIR_PCPD"; echo "$SERVER_TOML"; ha_section 127.0.0.204:15352 127.0.0.203:15352 backup; } >"$WORK/backup.toml"
 
 # load NAME SERVER: one pcpperf run; its JSON report goes to results.jsonl.
 load() {

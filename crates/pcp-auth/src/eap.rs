@@ -56,8 +56,9 @@ pub enum AuthStep {
     /// Not a response to the outstanding request: ignore it.
     Discard,
     /// The response went on to a back end (RADIUS pass-through); its answer comes
-    /// later, through [`crate::server::Server::resume`]. Nothing is sent meanwhile,
-    /// and copies of the client's message are dropped.
+    /// later, through [`crate::server::Server::resume`]. Meanwhile the session
+    /// acknowledges the client's message with a PA-Acknowledgement (RFC 7652 §3.1.3),
+    /// and answers its copies with that again.
     Pending,
 }
 

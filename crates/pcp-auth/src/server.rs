@@ -227,6 +227,17 @@ struct Session<A> {
     /// last message, so PA-Server messages (also those sent on timers) carry the epoch
     /// its common responses carry (RFC 7652 §3.3, RFC 6887 §8.5; review I1).
     epoch_offset: i64,
+    /// The PA-Acknowledgement sent for the client's message the back end works on
+    /// (RFC 7652 §3.1.3, §6.3), sent again for its duplicates meanwhile.
+    ack: Option<Vec<u8>>,
+    /// When the session was opened.
+    created: Time,
+    /// When its first SA was installed.
+    established: Option<Time>,
+    /// Tagged common requests of this session accepted / refused (bad tag, replay,
+    /// wrong address, no key).
+    accepted: u64,
+    refused: u64,
 }
 
 impl<A> Session<A> {
@@ -240,6 +251,123 @@ impl<A> Session<A> {
 /// `epoch` as an offset from the origin's seconds at `now`.
 fn epoch_offset(now: Time, epoch_now: u32) -> i64 {
     i64::from(epoch_now) - i64::from(epoch(now))
+}
+
+/// Where a session is, for the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// EAP exchange under way (no SA yet).
+    Authenticating,
+    /// EAP exchange under way with an SA in place (re-authentication).
+    Reauthenticating,
+    /// AUTHENTICATION_SUCCEEDED sent, awaiting the client's confirmation.
+    Confirming,
+    /// SA in place.
+    Established,
+    /// SESSION_TERMINATED sent, awaiting the client's answer.
+    Terminating,
+}
+
+impl SessionState {
+    /// A stable lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionState::Authenticating => "authenticating",
+            SessionState::Reauthenticating => "reauthenticating",
+            SessionState::Confirming => "confirming",
+            SessionState::Established => "established",
+            SessionState::Terminating => "terminating",
+        }
+    }
+}
+
+/// A snapshot of one session (admin API): nothing secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Session ID.
+    pub session_id: u32,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The authenticated identity (once an SA exists).
+    pub identity: Option<Arc<str>>,
+    /// Where the session is.
+    pub state: SessionState,
+    /// When it was opened.
+    pub created: Time,
+    /// When its first SA was installed.
+    pub established: Option<Time>,
+    /// When the SA expires.
+    pub expires: Option<Time>,
+    /// Next PA sequence number expected from the client / to be sent.
+    pub pa_in: u32,
+    /// Next PA sequence number to be sent.
+    pub pa_out: u32,
+    /// Last common sequence number accepted from the client.
+    pub common_in: Option<u32>,
+    /// Next common sequence number for a response.
+    pub common_out: Option<u32>,
+    /// Tagged common requests accepted.
+    pub accepted: u64,
+    /// Tagged common requests refused (bad tag, replay, wrong address, no key).
+    pub refused: u64,
+    /// Waiting for the back end's answer.
+    pub waiting_backend: bool,
+}
+
+impl<A> Session<A> {
+    /// §6.2/§6.5 for a tagged common request: key, address, sequence number, MAC; the
+    /// number is recorded only when everything holds.
+    fn verify_common(
+        sa: Option<&mut Sa>,
+        client: SocketAddr,
+        src: IpAddr,
+        datagram: &[u8],
+        at: &tag::Located,
+    ) -> Result<SeqVerdict, Discard> {
+        let sa = sa.ok_or(Discard::NoKey)?;
+        if at.key_id != sa.key.id {
+            return Err(Discard::NoKey);
+        }
+        if src != client.ip() {
+            return Err(Discard::WrongClient);
+        }
+        let mac = &datagram[at.mac.clone()];
+        let verdict = sa.common_in.check(at.sequence_number, mac);
+        if verdict == SeqVerdict::Replay {
+            return Err(Discard::Replay);
+        }
+        if tag::check(datagram, at, &sa.key).is_err() {
+            return Err(Discard::BadTag);
+        }
+        sa.common_in.accept(at.sequence_number, mac);
+        Ok(verdict)
+    }
+
+    fn info(&self, session_id: u32) -> SessionInfo {
+        let state = match self.phase {
+            Phase::Eap if self.sa.is_some() => SessionState::Reauthenticating,
+            Phase::Eap => SessionState::Authenticating,
+            Phase::AwaitFinal => SessionState::Confirming,
+            Phase::Established => SessionState::Established,
+            Phase::Terminating => SessionState::Terminating,
+        };
+        SessionInfo {
+            session_id,
+            client: self.client,
+            identity: self.sa.as_ref().and(self.identity.clone()),
+            state,
+            created: self.created,
+            established: self.established,
+            expires: self.sa.as_ref().map(|sa| sa.expires),
+            pa_in: self.link.in_seq,
+            pa_out: self.link.out_seq,
+            common_in: self.sa.as_ref().and_then(|sa| sa.common_in.last()),
+            common_out: self.sa.as_ref().map(|sa| sa.common_out),
+            accepted: self.accepted,
+            refused: self.refused,
+            waiting_backend: self.waiting,
+        }
+    }
 }
 
 /// The server side of all PA sessions.
@@ -330,6 +458,35 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         s.sa.as_ref().and(s.identity.as_deref())
     }
 
+    /// Snapshots of all sessions, in no particular order.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionInfo> + '_ {
+        self.sessions.iter().map(|(&id, s)| s.info(id))
+    }
+
+    /// A snapshot of one session.
+    pub fn session(&self, session_id: u32) -> Option<SessionInfo> {
+        self.sessions.get(&session_id).map(|s| s.info(session_id))
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// New settings (a reload): sessions opened from now on get them; an SA in place
+    /// keeps the lifetime it was granted.
+    pub fn set_config(&mut self, cfg: ServerConfig) {
+        self.out.retransmit = cfg.retransmit;
+        self.cfg = cfg;
+    }
+
+    /// A new maker of authenticators (a reload: new certificate, credentials or back
+    /// end). Conversations under way keep the authenticator they started with; new
+    /// ones and re-authentications get the new kind.
+    pub fn set_authenticator(&mut self, new_authenticator: F) {
+        self.new_authenticator = new_authenticator;
+    }
+
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.transmits.pop_front()
@@ -408,6 +565,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             waiting: false,
             deadline: now.plus(self.cfg.retransmit.mrd),
             epoch_offset: 0,
+            ack: None,
+            created: now,
+            established: None,
+            accepted: 0,
+            refused: 0,
         }
     }
 
@@ -508,13 +670,21 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         }
         s.epoch_offset = epoch_offset(now, epoch);
-        if let Some(answer) = s.link.duplicate(datagram, now) {
-            // While the back end thinks, our last message is not the answer to it.
-            if !s.waiting {
-                self.out
-                    .transmits
-                    .extend(answer.map(|payload| Transmit { dst: src, payload }));
+        if let Some(allowed) = s.link.duplicate_allowed(datagram, now) {
+            // While the back end thinks, our last message is not the answer to it:
+            // §6.3 "if no outgoing PA message has been generated for the received
+            // duplicate PA message yet, the device needs to send a
+            // PA-Acknowledgement" (rate-limited like any answer to a duplicate).
+            // Otherwise our last message, if it answers this one (S3).
+            let answer = if s.waiting {
+                s.ack.clone()
+            } else {
+                s.link.answer()
             }
+            .filter(|_| allowed);
+            self.out
+                .transmits
+                .extend(answer.map(|payload| Transmit { dst: src, payload }));
             return;
         }
         if body.sequence_number != s.link.in_seq {
@@ -752,6 +922,9 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             return;
         };
         s.waiting = matches!(step, AuthStep::Pending) || (s.waiting && step == AuthStep::Discard);
+        if !s.waiting {
+            s.ack = None;
+        }
         let current = s.sa.as_ref().map(|sa| sa.key.clone());
         match step {
             AuthStep::Request(packet) => {
@@ -818,7 +991,34 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 );
             }
             AuthStep::Discard => {}
-            AuthStep::Pending => self.backend.push_back(id),
+            AuthStep::Pending => {
+                self.backend.push_back(id);
+                // §3.1.3: the answer cannot be sent at once (the back end, e.g. a
+                // RADIUS server, takes its time): acknowledge the client's message
+                // so it stops retransmitting (docs/AUTH.md, "PA-Acknowledgements").
+                let acked = s.link.in_seq.wrapping_sub(1);
+                let mut opts = Vec::new();
+                if s.echo_nonce {
+                    opts.push(PcpOption::Nonce(s.nonce));
+                }
+                opts.push(PcpOption::ReceivedPak(acked));
+                // §6.4: a PA-Acknowledgement moves no sequence number; it carries the
+                // number our next PA message will have.
+                if let Some(m) = build(
+                    Side::Server(s.epoch_at(now)),
+                    ResultCode::AuthenticationRequest,
+                    id,
+                    s.link.out_seq,
+                    &opts,
+                    current.as_ref(),
+                ) {
+                    self.out.transmits.push_back(Transmit {
+                        dst: s.client,
+                        payload: m.clone(),
+                    });
+                    s.ack = Some(m);
+                }
+            }
         }
     }
 
@@ -865,6 +1065,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             expires: now.plus_secs(self.cfg.session_lifetime),
         });
         s.identity = Some(identity.clone());
+        s.established.get_or_insert(now);
         s.phase = Phase::Established;
         s.link.retransmit = None;
         if reauth {
@@ -1066,24 +1267,23 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         let Some(s) = self.sessions.get_mut(&at.session_id) else {
             return Check::UnknownSession;
         };
-        let (Some(sa), Some(identity)) = (s.sa.as_mut(), s.identity.as_ref()) else {
+        // A session this server is terminating serves nothing more (§3.3): the client
+        // that missed SESSION_TERMINATED learns it this way.
+        if s.phase == Phase::Terminating {
+            return Check::UnknownSession;
+        }
+        let verdict = match Session::<A>::verify_common(s.sa.as_mut(), s.client, src, datagram, &at)
+        {
+            Ok(v) => v,
+            Err(why) => {
+                s.refused += 1;
+                return Check::Discard(why);
+            }
+        };
+        s.accepted += 1;
+        let Some(identity) = s.identity.as_ref() else {
             return Check::Discard(Discard::NoKey);
         };
-        if at.key_id != sa.key.id {
-            return Check::Discard(Discard::NoKey);
-        }
-        if src != s.client.ip() {
-            return Check::Discard(Discard::WrongClient);
-        }
-        let mac = &datagram[at.mac.clone()];
-        let verdict = sa.common_in.check(at.sequence_number, mac);
-        if verdict == SeqVerdict::Replay {
-            return Check::Discard(Discard::Replay);
-        }
-        if tag::check(datagram, &at, &sa.key).is_err() {
-            return Check::Discard(Discard::BadTag);
-        }
-        sa.common_in.accept(at.sequence_number, mac);
         Check::Authenticated {
             session_id: at.session_id,
             identity: identity.clone(),

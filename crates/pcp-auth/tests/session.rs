@@ -662,3 +662,169 @@ fn pa_acknowledgement_stops_retransmission() {
     p.server.handle_timeout(Time(p.now.0 + 200_000));
     assert_eq!(p.server.session_count(), 0);
 }
+
+/// What the operator sees of a session: state, identity, sequence numbers and the
+/// tagged requests accepted and refused; a terminated session serves nothing more.
+#[test]
+fn session_snapshots_count_requests_and_termination_stops_serving() {
+    use pcp_auth::server::SessionState;
+    let mut p = Pair::new("correct horse", ServerConfig::default(), Net::perfect(), 30);
+    let start = p.now;
+    p.client.start(p.now);
+    p.run_for(Duration::from_secs(1));
+    let sid = established(&p).unwrap();
+    let (first, _) = p.tagged_map(5000);
+    let (_, _) = p.tagged_map(5001);
+    assert_eq!(
+        p.server.check_request(CLIENT_IP, &first),
+        Check::Discard(Discard::Replay)
+    );
+    let info = p.server.session(sid).unwrap();
+    assert_eq!(info.state, SessionState::Established);
+    assert_eq!(info.identity.as_deref(), Some("alice"));
+    assert_eq!(info.client, CLIENT);
+    assert_eq!((info.accepted, info.refused), (2, 1));
+    assert_eq!(info.common_in, Some(1));
+    assert_eq!(info.common_out, Some(0));
+    assert!(info.created >= start && info.created < start.plus_secs(1));
+    assert!(info.established.is_some_and(|t| t > info.created));
+    assert_eq!(
+        info.expires,
+        info.established.map(|t| t.plus_secs(3600)),
+        "SA lifetime from establishment"
+    );
+    assert_eq!(p.server.sessions().count(), 1);
+
+    p.server.terminate(p.now, sid);
+    assert_eq!(
+        p.server.session(sid).unwrap().state,
+        SessionState::Terminating
+    );
+    let (_, c) = p.tagged_map(5002);
+    assert_eq!(c, Check::UnknownSession, "served while terminating");
+    p.run_for(Duration::from_secs(1));
+    assert!(p.server.session(sid).is_none());
+}
+
+/// An authenticator whose back end is slow: its first answer is held until the test
+/// resumes the session.
+struct Slow {
+    inner: ToyServer,
+    held: Option<pcp_auth::eap::AuthStep>,
+    calls: usize,
+}
+
+impl pcp_auth::eap::EapAuthenticator for Slow {
+    fn start(&mut self) -> Vec<u8> {
+        self.inner.start()
+    }
+    fn receive(&mut self, packet: &[u8]) -> pcp_auth::eap::AuthStep {
+        self.calls += 1;
+        let step = self.inner.receive(packet);
+        if self.calls == 1 {
+            self.held = Some(step);
+            return pcp_auth::eap::AuthStep::Pending;
+        }
+        step
+    }
+}
+
+/// RFC 7652 §3.1.3 / §6.3: while the back end works, the server acknowledges the
+/// client's PA message (RECEIVED_PAK, no sequence number moves) so the client stops
+/// retransmitting; a copy that still arrives is answered with the acknowledgement
+/// again (rate-limited) and does not reach the back end a second time.
+#[test]
+fn slow_back_end_gets_a_pa_acknowledgement_and_one_request() {
+    let mut server = Server::with_rng(
+        ServerConfig::default(),
+        || Slow {
+            inner: ToyServer::new(&[("alice", "correct horse")], 7),
+            held: None,
+            calls: 0,
+        },
+        StdRng::seed_from_u64(40),
+    );
+    let mut client = Client::with_rng(
+        ClientConfig::new(CLIENT_IP),
+        ToyPeer::new("alice", "correct horse"),
+        StdRng::seed_from_u64(41),
+    );
+    let mut now = Time(5_000);
+    client.start(now);
+    let init = client.poll_transmit().unwrap();
+    server.handle(now, CLIENT, &init);
+    let first = server.poll_transmit().unwrap().payload;
+    client.handle(now, &first);
+    let reply = client.poll_transmit().expect("the client's EAP reply");
+    let reply_seq = match Request::parse(&reply).unwrap().body {
+        Body::Authentication(a) => a.sequence_number,
+        _ => unreachable!(),
+    };
+    server.handle(now, CLIENT, &reply);
+    let sid = server.poll_backend().expect("to the back end");
+    assert_eq!(server.poll_backend(), None);
+    let ack = server
+        .poll_transmit()
+        .expect("a PA-Acknowledgement")
+        .payload;
+    let r = Response::parse(&ack).unwrap();
+    assert_eq!(r.options.received_pak(), Some(reply_seq));
+    assert!(r.options.eap_payload().is_none());
+    match r.body {
+        Body::Authentication(a) => {
+            assert_eq!(
+                (a.session_id, a.sequence_number),
+                (sid, 1),
+                "no number used"
+            )
+        }
+        _ => unreachable!(),
+    }
+    assert!(server.poll_transmit().is_none());
+    assert!(server.session(sid).unwrap().waiting_backend);
+
+    // The client's retransmission (it had not heard the ack yet): the ack again, once
+    // per 500 ms, and nothing more for the back end.
+    now = Time(now.0 + 600);
+    server.handle(now, CLIENT, &reply);
+    assert_eq!(server.poll_transmit().map(|t| t.payload), Some(ack.clone()));
+    server.handle(now, CLIENT, &reply);
+    assert!(
+        server.poll_transmit().is_none(),
+        "duplicate answers not rate-limited"
+    );
+    assert_eq!(server.poll_backend(), None, "a second back-end exchange");
+
+    // The client hears the ack: it stops retransmitting (only the MRD runs on).
+    let before = client.poll_timeout().unwrap();
+    assert!(
+        before.0 < now.0 + 4_000,
+        "retransmission scheduled: {before:?}"
+    );
+    client.handle(now, &ack);
+    assert!(client.poll_transmit().is_none());
+    let after = client.poll_timeout().unwrap();
+    assert!(after.0 > now.0 + 100_000, "still retransmitting: {after:?}");
+    client.handle_timeout(Time(now.0 + 30_000));
+    assert!(
+        client.poll_transmit().is_none(),
+        "retransmitted after the ack"
+    );
+
+    // The back end answers (seconds later): the exchange goes on to the end.
+    now = Time(now.0 + 4_000);
+    server.resume(now, sid, |a| a.held.take().unwrap());
+    for _ in 0..20 {
+        while let Some(t) = server.poll_transmit() {
+            client.handle(now, &t.payload);
+        }
+        while let Some(m) = client.poll_transmit() {
+            server.handle(now, CLIENT, &m);
+        }
+    }
+    assert!(client.is_established());
+    assert!(
+        std::iter::from_fn(|| server.poll_event())
+            .any(|e| matches!(e, ServerEvent::Established { .. }))
+    );
+}

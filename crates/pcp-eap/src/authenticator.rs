@@ -83,6 +83,11 @@ impl Embedded {
         Embedded::new(chain, key_der, Credentials::load(credentials)?)
     }
 
+    /// Whether the credentials list `user`.
+    pub fn knows(&self, user: &str) -> bool {
+        self.credentials.contains(user)
+    }
+
     /// An authenticator for one conversation.
     pub fn authenticator(&self) -> TtlsAuthenticator {
         TtlsAuthenticator {

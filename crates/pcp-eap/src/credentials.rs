@@ -92,6 +92,11 @@ impl Credentials {
         ok && known
     }
 
+    /// Whether `user` is listed (a reload ends the sessions of users no longer listed).
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     /// Number of users.
     pub fn len(&self) -> usize {
         self.users.len()

@@ -33,6 +33,8 @@ const SECRET: &[u8] = b"s3cret-shared";
 struct Seen {
     requests: AtomicUsize,
     split: AtomicUsize,
+    /// Milliseconds the fake takes to answer its first request (a slow AAA server).
+    delay_first_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The fake AAA server: our RADIUS front end (`radius::server`) of the embedded
@@ -78,6 +80,8 @@ fn fake_radius(
                 continue;
             }
             assert!(attrs.iter().filter(|a| a.1 == 79).all(|a| a.2.len() <= 253));
+            let delay = seen.delay_first_ms.swap(0, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(delay));
             let now = origin.elapsed().as_millis() as u64;
             let Outcome::Reply { reply, .. } = server.handle(now, from, p) else {
                 continue;
@@ -130,11 +134,37 @@ struct Run {
 
 /// A PCP client and server (RADIUS back end at `aaa`) until the client has an outcome.
 fn run(aaa: SocketAddr, secret: &[u8], ca: &CertificateDer<'static>, password: &str) -> Run {
+    run_with(aaa, secret, ca, password, &Paced::default())
+}
+
+/// How [`run_with`] paces the exchange, and what it counted.
+#[derive(Default)]
+struct Paced {
+    /// The client's initial retransmission time (RFC 6887's 3 s when `None`).
+    irt: Option<Duration>,
+    /// RADIUS timeout (300 ms when `None`).
+    radius_timeout_ms: Option<u64>,
+    /// Drop the server's PA-Acknowledgements before the client sees them.
+    drop_acks: bool,
+    /// PA-Acknowledgements the server sent.
+    acks: std::cell::Cell<usize>,
+    /// PA-Client messages the client sent again (bitwise copies).
+    client_copies: std::cell::Cell<usize>,
+}
+
+/// [`run`] with the pacing of `p`.
+fn run_with(
+    aaa: SocketAddr,
+    secret: &[u8],
+    ca: &CertificateDer<'static>,
+    password: &str,
+    p: &Paced,
+) -> Run {
     let cfg = Arc::new(RadiusConfig {
         server: aaa.to_string(),
         secret: secret.to_vec(),
         nas_identifier: "pcpd-test".into(),
-        timeout_ms: 300,
+        timeout_ms: p.radius_timeout_ms.unwrap_or(300),
         tries: 3,
     });
     let mut roots = RootCertStore::empty();
@@ -147,7 +177,12 @@ fn run(aaa: SocketAddr, secret: &[u8], ca: &CertificateDer<'static>, password: &
         roots,
     })
     .unwrap();
-    let mut client = Client::new(ClientConfig::new(CLIENT_IP), peer);
+    let mut ccfg = ClientConfig::new(CLIENT_IP);
+    if let Some(irt) = p.irt {
+        ccfg.retransmit.irt = irt;
+    }
+    let mut client = Client::new(ccfg, peer);
+    let mut sent: Vec<Vec<u8>> = Vec::new();
     let c2 = cfg.clone();
     let mut server: Srv = Server::new(
         ServerConfig::default(),
@@ -164,9 +199,22 @@ fn run(aaa: SocketAddr, secret: &[u8], ca: &CertificateDer<'static>, password: &
     let mut buf = [0u8; 4096];
     while origin.elapsed() < Duration::from_secs(30) {
         while let Some(m) = client.poll_transmit() {
+            if sent.contains(&m) {
+                p.client_copies.set(p.client_copies.get() + 1);
+            } else {
+                sent.push(m.clone());
+            }
             server.handle(now(), CLIENT, &m);
         }
         while let Some(t) = server.poll_transmit() {
+            let is_ack = pcp_proto::Response::parse(&t.payload)
+                .is_ok_and(|r| r.options.received_pak().is_some());
+            if is_ack {
+                p.acks.set(p.acks.get() + 1);
+                if p.drop_acks {
+                    continue;
+                }
+            }
             client.handle(now(), &t.payload);
         }
         while let Some(id) = server.poll_backend() {
@@ -436,4 +484,76 @@ fn authenticator_forwards_identity_with_user_name_and_echoes_state() {
         msk: None,
     }));
     assert!(matches!(step, AuthStep::Failure { .. }));
+}
+
+/// A slow AAA server (RFC 7652 §3.1.3, §6.3): the PCP server acknowledges the client's
+/// PA message while the Access-Request is out, so the client does not retransmit; when
+/// the acknowledgement is lost, the client's copies are answered with it again and
+/// never start a second RADIUS exchange (same number of Access-Requests as against a
+/// fast server).
+#[test]
+fn slow_aaa_server_pa_acknowledgement_and_no_second_exchange() {
+    let (ca, backend) = pki();
+    let fast = Arc::new(Seen::default());
+    let aaa = fake_radius(backend.clone(), SECRET, 0, fast.clone());
+    let paced = Paced {
+        irt: Some(Duration::from_millis(200)),
+        radius_timeout_ms: Some(5_000),
+        ..Paced::default()
+    };
+    let r = run_with(aaa, SECRET, &ca, "correct horse", &paced);
+    assert!(matches!(
+        r.client_events[..],
+        [ClientEvent::Established { .. }]
+    ));
+    let baseline = fast.requests.load(Ordering::SeqCst);
+
+    // 1.5 s for the first answer: without an acknowledgement a 200 ms IRT would
+    // retransmit three times.
+    let slow = Arc::new(Seen::default());
+    slow.delay_first_ms.store(1_500, Ordering::SeqCst);
+    let aaa = fake_radius(backend.clone(), SECRET, 0, slow.clone());
+    let paced = Paced {
+        irt: Some(Duration::from_millis(200)),
+        radius_timeout_ms: Some(5_000),
+        ..Paced::default()
+    };
+    let r = run_with(aaa, SECRET, &ca, "correct horse", &paced);
+    assert!(
+        matches!(r.client_events[..], [ClientEvent::Established { .. }]),
+        "{:?} {:?}",
+        r.client_events,
+        r.errors
+    );
+    assert!(paced.acks.get() >= 1, "no PA-Acknowledgement");
+    assert_eq!(paced.client_copies.get(), 0, "the client retransmitted");
+    assert_eq!(slow.requests.load(Ordering::SeqCst), baseline);
+
+    // The acknowledgements lost: the client retransmits, each copy is acknowledged
+    // again, and the AAA server still sees one exchange.
+    let lossy = Arc::new(Seen::default());
+    lossy.delay_first_ms.store(1_500, Ordering::SeqCst);
+    let aaa = fake_radius(backend, SECRET, 0, lossy.clone());
+    let paced = Paced {
+        irt: Some(Duration::from_millis(200)),
+        radius_timeout_ms: Some(5_000),
+        drop_acks: true,
+        ..Paced::default()
+    };
+    let r = run_with(aaa, SECRET, &ca, "correct horse", &paced);
+    assert!(matches!(
+        r.client_events[..],
+        [ClientEvent::Established { .. }]
+    ));
+    assert!(
+        paced.client_copies.get() >= 2,
+        "{}",
+        paced.client_copies.get()
+    );
+    assert!(paced.acks.get() >= 2, "copies not acknowledged");
+    assert_eq!(
+        lossy.requests.load(Ordering::SeqCst),
+        baseline,
+        "a second exchange"
+    );
 }

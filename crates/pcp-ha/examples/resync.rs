@@ -184,23 +184,31 @@ fn standby(frames: &[Vec<u8>], n: usize, presize: bool, batch: usize) -> usize {
         b.handle_frame(f, now);
         while let Some(ev) = b.poll_event() {
             let Event::Replica(change) = ev else { continue };
+            let mut flush = |effects: &mut Vec<Effect>| {
+                queued += 1;
+                if queued == batch {
+                    queued = 0;
+                    ops.clear();
+                    ops.extend(effects.drain(..).filter_map(|e| match e {
+                        Effect::DataPlane(op) => Some(op),
+                        Effect::Replicate(_) => None,
+                    }));
+                    dp.apply(&ops).unwrap();
+                }
+            };
             match change {
-                Replica::Upsert(m) => server.mirror_upsert(&m, now, &mut effects).unwrap(),
+                Replica::Upsert(maps) => {
+                    for m in &maps {
+                        server.mirror_upsert(m, now, &mut effects).unwrap();
+                        flush(&mut effects);
+                    }
+                }
                 Replica::Remove(keys) => {
                     for k in &keys {
                         server.mirror_remove(k, &mut effects);
+                        flush(&mut effects);
                     }
                 }
-            }
-            queued += 1;
-            if queued == batch {
-                queued = 0;
-                ops.clear();
-                ops.extend(effects.drain(..).filter_map(|e| match e {
-                    Effect::DataPlane(op) => Some(op),
-                    Effect::Replicate(_) => None,
-                }));
-                dp.apply(&ops).unwrap();
             }
         }
     }
@@ -256,6 +264,19 @@ fn main() {
         octets as f64 / n as f64,
         t.elapsed()
     );
+    if let Ok(stage) = std::env::var("RESYNC_ONLY") {
+        // For a profiler: one stage only, no timing.
+        for _ in 0..rounds {
+            let s = match stage.as_str() {
+                "decode" => decode(&frames),
+                "node" => node_only(&frames, n),
+                "grown" => standby(&frames, n, false, 1),
+                _ => standby(&frames, n, true, 4096),
+            };
+            println!("{stage}: {s} records");
+        }
+        return;
+    }
     for round in 1..=rounds {
         let (base, base_cpu) = timed(|| decode(&frames));
         let (node, node_cpu) = timed(|| {

@@ -145,6 +145,8 @@ pub fn run(data: &[u8]) -> usize {
             // Time passes (up to ~2.5 s: enough for detection and takeover).
             2 => {
                 now = now.plus(Duration::from_millis(u64::from(input.byte()) * 10));
+                // Every frame of the input so far was handed in.
+                node.link_read(now);
                 node.handle_timeout(now);
             }
             // Timers and the promote/switchover paths.

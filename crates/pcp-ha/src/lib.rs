@@ -20,4 +20,6 @@ pub mod fuzzing;
 pub mod node;
 pub mod wire;
 
-pub use node::{Event, HaConfig, HaNode, HaStatus, Replica, Retired, Role};
+pub use node::{
+    Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role,
+};

@@ -137,13 +137,35 @@ pub enum Event {
 }
 
 /// A change to the backup's copy, for a shell that keeps a standby server in step.
+/// Consecutive records of the same kind come as one event (up to [`REPLICA_BATCH`]
+/// of them): a full copy streams a million mappings through a standby backup, and an
+/// event (with its allocation) per mapping cost as much as decoding it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Replica {
-    /// Install or replace this mapping (expiry in local time).
-    Upsert(Box<Mapping>),
+    /// Install or replace these mappings, in this order (expiries in local time).
+    Upsert(Vec<Mapping>),
     /// Remove these mappings (removed, or swept at the end of a full copy).
     Remove(Vec<MappingKey>),
 }
+
+impl Replica {
+    /// How many mappings it changes.
+    pub fn len(&self) -> usize {
+        match self {
+            Replica::Upsert(m) => m.len(),
+            Replica::Remove(k) => k.len(),
+        }
+    }
+
+    /// Whether it changes none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Most changes one [`Replica`] event carries (a sweep at the end of a full copy may
+/// carry more: it is one event).
+pub const REPLICA_BATCH: usize = 1024;
 
 /// What the admin API shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +255,10 @@ struct Receiver {
     /// Acknowledge no further than this (the shell's backpressure, see
     /// [`HaNode::hold_acks`]).
     ack_cap: Option<u64>,
+    /// Time since `active_heard` during which this node itself did not run (its
+    /// shell's thread descheduled or blocked beyond a heartbeat): not the active's
+    /// silence (see [`HaNode::handle_timeout`]).
+    blackout: Duration,
 }
 
 impl Receiver {
@@ -240,6 +266,34 @@ impl Receiver {
         let mut rx = Receiver::default();
         rx.store.reserve(expected);
         rx
+    }
+}
+
+/// A node's proof of life, written without the node: a heartbeat (active) or a
+/// cumulative acknowledgement (backup) as of the snapshot, for a shell to send when
+/// the node itself is busy — behind a lock held by bulk work, say — so that the peer
+/// does not count the wait as silence. Taken with [`HaNode::beacon`] after every call
+/// that changes the node; sending an old one is harmless (a heartbeat carries no
+/// records, an acknowledgement is cumulative, a stale term is fenced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beacon {
+    header: Header,
+    /// Heartbeat: the last sequence number; acknowledgement: the records applied.
+    seq: u64,
+    /// Heartbeat: the epoch base, so that the epoch it carries is right when sent.
+    epoch_base: Option<Time>,
+}
+
+impl Beacon {
+    /// Writes the frame as of `now` into `buf` (at least [`wire::MAX_FRAME`] octets).
+    pub fn write(&self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        let mut w = Writer::new(buf);
+        wire::write_header(&mut w, &self.header)?;
+        wire::write_u64(&mut w, self.seq)?;
+        if let Some(base) = self.epoch_base {
+            wire::write_u64(&mut w, now.since(base).as_millis() as u64)?;
+        }
+        Some(w.len())
     }
 }
 
@@ -270,6 +324,11 @@ pub struct HaNode {
     retired: Option<Retired>,
     /// When expired entries were last swept from the copy.
     last_sweep: Time,
+    /// Every frame that reached this node before this time has been handled (see
+    /// [`HaNode::link_read`]): silence is judged up to here, not up to `now`.
+    link_read: Time,
+    /// When the shell last called into this node (its own scheduling gaps).
+    last_run: Time,
 }
 
 /// State a node let go of (see [`HaNode::take_retired`]).
@@ -308,6 +367,66 @@ impl HaNode {
             orphan_wait: if start_active { cfg.join } else { cfg.join * 3 },
             retired: None,
             last_sweep: now,
+            link_read: now,
+            last_run: now,
+        }
+    }
+
+    /// Tells the node that every frame that reached it before `at` has been passed to
+    /// [`HaNode::handle_frame`]: the shell read its socket until empty after `at` (take
+    /// `at` before reading). A node declares its peer gone only on silence up to such
+    /// a time: a timer that fires late — the shell's thread descheduled, or blocked on
+    /// a lock, for longer than the detection time — while the peer's heartbeats wait
+    /// unread in the socket is not silence. A shell that never calls this never
+    /// promotes on silence.
+    pub fn link_read(&mut self, at: Time) {
+        self.ran(at);
+        self.link_read = self.link_read.max(at);
+    }
+
+    /// Notes that the shell ran at `now`. A gap longer than a heartbeat (the shell
+    /// wakes at least that often, see [`HaNode::poll_timeout`]) means this node's own
+    /// thread did not run: the peer's frames may not have been sent either (a starved
+    /// machine stalls both), so that time is not counted as the peer's silence.
+    fn ran(&mut self, now: Time) {
+        let gap = now.since(self.last_run);
+        if let Some(excess) = gap.checked_sub(self.cfg.heartbeat) {
+            self.rx.blackout += excess;
+        }
+        self.last_run = self.last_run.max(now);
+    }
+
+    /// How long the active has been silent as far as this backup can tell (`None`:
+    /// not long enough to act on yet): silence up to the last complete read of the
+    /// link, less the time this node itself did not run, but never less than the
+    /// raw silence minus one detection time (so that a node starved again and again
+    /// still takes over within twice the detection time).
+    fn silent_for(&self, since: Time, now: Time) -> Duration {
+        let read = self.link_read.min(now);
+        let silence = read.since(since);
+        let own = self.rx.blackout.min(self.cfg.detection);
+        silence.saturating_sub(own)
+    }
+
+    /// This node's proof of life as it stands (see [`Beacon`]): `None` while it has
+    /// nothing it may say out of turn (a backup not yet following a stream introduces
+    /// itself with a HELLO, which asks for a copy: only the node itself sends that).
+    pub fn beacon(&self) -> Option<Beacon> {
+        match self.role {
+            Role::Active | Role::Draining => Some(Beacon {
+                header: self.header(Kind::Beat, 0, self.incarnation),
+                seq: self.tx.next_seq.saturating_sub(1),
+                epoch_base: Some(self.epoch_base),
+            }),
+            Role::Backup if self.rx.stream != 0 && self.rx.applied != 0 => Some(Beacon {
+                header: self.header(Kind::Ack, u8::from(self.rx.ready), self.rx.stream),
+                seq: self
+                    .rx
+                    .ack_cap
+                    .map_or(self.rx.applied, |c| c.min(self.rx.applied)),
+                epoch_base: None,
+            }),
+            _ => None,
         }
     }
 
@@ -631,6 +750,7 @@ impl HaNode {
 
     /// Handles a frame from the peer.
     pub fn handle_frame(&mut self, frame: &[u8], now: Time) {
+        self.ran(now);
         let mut r = Reader::new(frame);
         let Ok(h) = wire::read_header(&mut r) else {
             return;
@@ -770,6 +890,7 @@ impl HaNode {
             self.rx.handover_at = None;
         }
         self.rx.active_heard = Some(now);
+        self.rx.blackout = Duration::ZERO;
         self.rx.ack_due = true;
         match h.kind {
             Kind::Beat => {
@@ -827,8 +948,17 @@ impl HaNode {
                 let key = m.key;
                 let external = (m.external_addr, m.external_port);
                 let record = if self.cfg.standby {
-                    let view = Box::new(into_mapping(m, expires, now));
-                    self.events.push_back(Event::Replica(Replica::Upsert(view)));
+                    let view = into_mapping(m, expires, now);
+                    match self.events.back_mut() {
+                        Some(Event::Replica(Replica::Upsert(run))) if run.len() < REPLICA_BATCH => {
+                            run.push(view)
+                        }
+                        _ => {
+                            let mut run = Vec::with_capacity(256);
+                            run.push(view);
+                            self.events.push_back(Event::Replica(Replica::Upsert(run)));
+                        }
+                    }
                     None
                 } else {
                     Some(Box::new(m))
@@ -845,8 +975,14 @@ impl HaNode {
             }
             Record::Remove(k) => {
                 if self.rx.store.remove(&k).is_some() && self.cfg.standby {
-                    self.events
-                        .push_back(Event::Replica(Replica::Remove(vec![k])));
+                    match self.events.back_mut() {
+                        Some(Event::Replica(Replica::Remove(run))) if run.len() < REPLICA_BATCH => {
+                            run.push(k)
+                        }
+                        _ => self
+                            .events
+                            .push_back(Event::Replica(Replica::Remove(vec![k]))),
+                    }
                 }
             }
             Record::Host { host, unprotected } => {
@@ -1050,29 +1186,37 @@ impl HaNode {
                         .map_or(Time(u64::MAX), |t| t.plus(self.cfg.detection)),
                 ),
             Role::Backup => {
-                hb(self.rx.last_ack).min(self.rx.active_heard.unwrap_or(self.started).plus(
-                    if self.rx.ever_ready {
-                        self.cfg.detection
-                    } else {
-                        self.orphan_wait
-                    },
-                ))
+                let wait = if self.rx.ever_ready {
+                    self.cfg.detection
+                } else {
+                    self.orphan_wait
+                };
+                // Later by the time this node itself did not run (see `silent_for`).
+                let own = self.rx.blackout.min(self.cfg.detection);
+                hb(self.rx.last_ack).min(
+                    self.rx
+                        .active_heard
+                        .unwrap_or(self.started)
+                        .plus(wait + own),
+                )
             }
             Role::Joining => hb(self.rx.last_ack).min(self.started.plus(self.cfg.join)),
         })
     }
 
-    /// Runs timers: failure detection and promotion.
+    /// Runs timers: failure detection and promotion. The peer's silence is judged
+    /// only up to the last [`HaNode::link_read`].
     pub fn handle_timeout(&mut self, now: Time) {
+        self.ran(now);
         match self.role {
             Role::Joining => {
-                if now.since(self.started) >= self.cfg.join {
+                if self.link_read.min(now).since(self.started) >= self.cfg.join {
                     self.become_active(now);
                 }
             }
             Role::Backup => {
                 let silent_since = self.rx.active_heard.unwrap_or(self.started);
-                let silence = now.since(silent_since);
+                let silence = self.silent_for(silent_since, now);
                 if self.rx.ever_ready
                     && self.rx.active_heard.is_some()
                     && silence > self.cfg.detection

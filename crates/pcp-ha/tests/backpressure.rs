@@ -57,6 +57,7 @@ fn held_acks_stop_progress_but_not_liveness() {
     for _ in 0..5 {
         now = now.plus(Duration::from_millis(100));
         a.handle_timeout(now);
+        b.link_read(now);
         b.handle_timeout(now);
         pump(&mut a, &mut b, now);
     }
@@ -71,6 +72,7 @@ fn held_acks_stop_progress_but_not_liveness() {
     for _ in 0..8 {
         now = now.plus(Duration::from_millis(100));
         a.handle_timeout(now);
+        b.link_read(now);
         b.handle_timeout(now);
         pump(&mut a, &mut b, now);
     }

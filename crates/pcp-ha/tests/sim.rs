@@ -226,9 +226,11 @@ impl Sim {
                     let node = &mut self.nodes[i];
                     let mut fx = Vec::new();
                     match change {
-                        pcp_ha::Replica::Upsert(m) => {
-                            if node.server.mirror_upsert(&m, now, &mut fx).is_err() {
-                                node.pending.push(*m);
+                        pcp_ha::Replica::Upsert(maps) => {
+                            for m in maps {
+                                if node.server.mirror_upsert(&m, now, &mut fx).is_err() {
+                                    node.pending.push(m);
+                                }
                             }
                         }
                         pcp_ha::Replica::Remove(keys) => {
@@ -541,6 +543,12 @@ impl Sim {
             if self.nodes[to].alive {
                 self.nodes[to].ha.handle_frame(&frame, now);
                 self.process_events(to);
+            }
+        }
+        // Every frame due by now was read: timers may judge silence up to here.
+        for node in &mut self.nodes {
+            if node.alive {
+                node.ha.link_read(now);
             }
         }
         // No two actives in one term.

@@ -35,6 +35,12 @@ impl TokenBucket {
         self.tokens -= 1.0;
     }
 
+    /// Gives back a token taken for a checkpoint that was taken back (never above
+    /// the burst).
+    pub fn refund(&mut self, burst: u32) {
+        self.tokens = (self.tokens + 1.0).min(f64::from(burst));
+    }
+
     /// Tokens left at `now` (for the admin API).
     pub fn tokens(&self, rate: f64, burst: u32, now: Time) -> f64 {
         let mut b = *self;

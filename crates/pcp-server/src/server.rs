@@ -141,6 +141,9 @@ pub struct Server {
     answered: Option<(RequestKind, ResultCode)>,
     /// Whether the request being served passed the rate limiter.
     admitted: bool,
+    /// The subscribers whose checkpoint rate tokens the request being served took, one
+    /// entry per token (given back if it is taken back or refused).
+    spent: Vec<SubscriberId>,
     guard: Guard,
 }
 
@@ -156,6 +159,7 @@ pub struct Journal {
     undo: Vec<Undo>,
     answered: Option<(RequestKind, ResultCode)>,
     admitted: bool,
+    spent: Vec<SubscriberId>,
 }
 
 impl Journal {
@@ -233,6 +237,7 @@ impl Server {
             undo: Vec::new(),
             answered: None,
             admitted: false,
+            spent: Vec::new(),
             guard: Guard::new(&cfg.limits, now),
             cfg,
         })
@@ -447,6 +452,7 @@ impl Server {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         self.undo.clear();
+        self.spent.clear();
         self.answered = None;
         self.admitted = false;
         let src_ip = src.ip().to_canonical();
@@ -471,6 +477,7 @@ impl Server {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         self.undo.clear();
+        self.spent.clear();
         self.answered = None;
         self.serve_datagram(datagram, src, identity, now, reply, effects)
     }
@@ -481,6 +488,7 @@ impl Server {
             undo: std::mem::take(&mut self.undo),
             answered: self.answered.take(),
             admitted: std::mem::take(&mut self.admitted),
+            spent: std::mem::take(&mut self.spent),
         }
     }
 
@@ -953,6 +961,10 @@ impl Server {
             self.undo.push(Undo::Replaced(Box::new(self.view(id))));
         }
         self.stats.decided(&reason);
+        if !was_checkpointed && matches!(reason, crate::Reason::Requested) {
+            // `commit` takes a rate token for it.
+            self.spent.push(subscriber.clone());
+        }
         checkpoint::commit(was_checkpointed, &reason, &mut state, &mut self.ledger);
         let checkpointed = reason.is_checkpointed();
         self.host_delta(
@@ -1167,6 +1179,8 @@ impl Server {
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
     ) -> Reply {
+        let spent = std::mem::take(&mut self.spent);
+        self.refund(spent);
         let undo = std::mem::take(&mut self.undo);
         self.undo_changes(undo, now, effects);
         self.exposed_now = false;
@@ -1204,11 +1218,26 @@ impl Server {
     /// is assumed never to have received the request's operations, and the
     /// replication records appended to `effects` cancel the request's own.
     pub fn take_back(&mut self, journal: Journal, now: Time, effects: &mut Vec<Effect>) {
+        // Tokens first: a subscriber the undo leaves without mappings is then forgotten
+        // at once if its bucket is full again, as if the request had never come.
+        self.refund(journal.spent);
         self.undo_changes(journal.undo, now, effects);
         if let Some((kind, code)) = journal.answered {
             self.stats.retract(kind, code);
         }
         self.exposed_now = false;
+    }
+
+    /// Gives back the checkpoint rate tokens a request took (it was taken back or
+    /// refused: it checkpointed nothing, so it must not cost the subscriber its rate).
+    fn refund(&mut self, spent: Vec<SubscriberId>) {
+        for id in spent {
+            if let Some(slot) = self.subs.find(&id) {
+                let st = self.subs.get_mut(slot);
+                let burst = self.cfg.tier(&st.tier).checkpoint_burst;
+                st.bucket.refund(burst);
+            }
+        }
     }
 
     fn undo_changes(&mut self, mut undo: Vec<Undo>, now: Time, effects: &mut Vec<Effect>) {
@@ -1277,6 +1306,11 @@ impl Server {
     /// mappings.
     pub fn reserve(&mut self, mappings: usize) {
         self.table.reserve(mappings);
+    }
+
+    /// Mappings the table holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.table.capacity()
     }
 
     /// Installs a mapping replicated from the previous active (takeover): same key,
@@ -1369,10 +1403,71 @@ impl Server {
         now: Time,
         effects: &mut Vec<Effect>,
     ) -> Result<(), AdoptError> {
+        // The common case of a full copy into a standby: nothing of this internal
+        // endpoint is held, and its external endpoint is free.
+        if self.pool.is_free(&m.external) && self.install_unbound(m, now, effects) {
+            return Ok(());
+        }
         if let Some(id) = self.table.find(&m.key) {
             self.remove_mapping(id, effects);
         }
         self.adopt(m, now, effects)
+    }
+
+    /// [`Server::install`] of a mapping to a free external endpoint, when its internal
+    /// endpoint holds no mapping: one probe of the table's index (instead of four) and
+    /// the data plane entry made from `m` instead of looked up again. Returns `false`,
+    /// having changed nothing, when the internal endpoint is bound after all.
+    fn install_unbound(&mut self, m: &Mapping, now: Time, effects: &mut Vec<Effect>) -> bool {
+        let checkpointed = m.is_checkpointed();
+        let record = Record::new(
+            &m.key,
+            m.nonce,
+            m.expires,
+            m.lifetime,
+            m.created,
+            u32::MAX,
+            self.rules.pack(&m.checkpoint),
+            m.origin,
+            m.checkpoint_requested,
+            None,
+        );
+        let Some(id) = self.table.insert_unbound(record, m.external) else {
+            return false;
+        };
+        let (subscriber, tier_name) = self.subscribers.lookup(m.key.internal);
+        let sub = match self.subs.find(&subscriber) {
+            Some(slot) => slot,
+            None => {
+                let tier = *self.cfg.tier(&tier_name);
+                self.subs.insert(
+                    subscriber,
+                    SubscriberState::new(tier_name, tier.checkpoint_burst, now),
+                )
+            }
+        };
+        let st = self.subs.get_mut(sub);
+        st.mappings += 1;
+        if checkpointed {
+            st.checkpointed += 1;
+            self.ledger.count += 1;
+        }
+        let client = (m.client != m.key.internal).then_some(m.client);
+        let r = self.table.get_mut(id);
+        r.sub = sub;
+        if client.is_some() || m.description.is_some() || !m.filters.is_empty() {
+            r.extra = Some(Box::new(Extra {
+                client,
+                filters: m.filters.clone(),
+                description: m.description.clone(),
+            }));
+        }
+        self.pool.take(m.external);
+        effects.push(Effect::DataPlane(Op::Install(entry_of(
+            &m.key, m.external, &m.filters,
+        ))));
+        self.host_delta(m.key.internal, 1, i32::from(checkpointed), effects);
+        true
     }
 
     /// Standby: removes a mapping the active no longer checkpoints.

@@ -209,6 +209,11 @@ impl Table {
         self.expiry.reserve(additional);
     }
 
+    /// Mappings it holds without growing its index.
+    pub fn capacity(&self) -> usize {
+        self.endpoints.capacity()
+    }
+
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -315,6 +320,44 @@ impl Table {
         self.len += 1;
         self.compact_expiry();
         (id, fresh)
+    }
+
+    /// Inserts a record whose internal endpoint no mapping holds yet, bound to
+    /// `external`, with a single probe of the index; returns its id, or, when the
+    /// endpoint is bound after all (`None`, nothing changed: the caller takes the
+    /// general path).
+    pub fn insert_unbound(&mut self, record: Record, external: ExternalEndpoint) -> Option<u32> {
+        use std::collections::hash_map::Entry;
+        let Entry::Vacant(slot) = self.endpoints.entry(record.endpoint) else {
+            return None;
+        };
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let addrs = &mut self.addrs;
+        let ext_addr = *self.addr_index.entry(external.addr).or_insert_with(|| {
+            addrs.push(external.addr);
+            (addrs.len() - 1) as u32
+        });
+        let (map, peers) = match record.remote {
+            Some(_) => (NONE, id),
+            None => (id, NONE),
+        };
+        slot.insert(Endpoint {
+            ext_addr,
+            ext_port: external.port,
+            map,
+            peers,
+        });
+        self.expiry.push(Reverse((record.expires, id)));
+        self.slots[id as usize] = Some(record);
+        self.len += 1;
+        self.compact_expiry();
+        Some(id)
     }
 
     /// Indexes a record's new expiry.

@@ -131,9 +131,28 @@ struct Snapshot {
     checkpointed: u64,
     exposed: Vec<bool>,
     subscribers: Vec<(String, u32, u32)>,
+    /// Checkpoint rate tokens (in millionths) of every subscriber whose bucket is not
+    /// full: a taken-back checkpoint costs nothing.
+    tokens: Vec<(String, i64)>,
 }
 
-fn snapshot(s: &Server) -> Snapshot {
+fn snapshot(s: &Server, now: Time) -> Snapshot {
+    let mut tokens: Vec<(String, i64)> = s
+        .subscribers()
+        .map(|(id, st, tier)| {
+            let t = st
+                .bucket
+                .tokens(tier.checkpoint_rate, tier.checkpoint_burst, now);
+            (
+                format!("{id:?}"),
+                (t * 1e6).round() as i64,
+                tier.checkpoint_burst,
+            )
+        })
+        .filter(|(_, t, burst)| *t < i64::from(*burst) * 1_000_000)
+        .map(|(id, t, _)| (id, t))
+        .collect();
+    tokens.sort();
     let mut subscribers: Vec<(String, u32, u32)> = s
         .subscribers()
         .map(|(id, st, _)| (format!("{id:?}"), st.mappings, st.checkpointed))
@@ -145,6 +164,7 @@ fn snapshot(s: &Server) -> Snapshot {
         checkpointed: s.checkpointed_count(),
         exposed: (1..=3).map(|h| s.host_unprotected(host(h))).collect(),
         subscribers,
+        tokens,
     }
 }
 
@@ -182,7 +202,7 @@ fn run(history: &[Step], group: &[Step]) -> Result<(), TestCaseError> {
     // Expiry before the group, as the shell does.
     server.expire(now, &mut effects);
     effects.clear();
-    let before = snapshot(&server);
+    let before = snapshot(&server, now);
     let mut copy: HashMap<MappingKey, Mapping> = server
         .mappings()
         .filter(|m| m.is_checkpointed())
@@ -208,7 +228,11 @@ fn run(history: &[Step], group: &[Step]) -> Result<(), TestCaseError> {
     server
         .check_invariants()
         .map_err(|e| TestCaseError::fail(format!("invariants: {e}")))?;
-    prop_assert_eq!(snapshot(&server), before, "the group is taken back exactly");
+    prop_assert_eq!(
+        snapshot(&server, now),
+        before,
+        "the group is taken back exactly"
+    );
     replay(&mut copy, &effects);
     replay(&mut copy, &undone);
     prop_assert_eq!(
@@ -233,4 +257,87 @@ proptest! {
     ) {
         run(&history, &group)?;
     }
+}
+
+/// A checkpoint taken back (its group's data plane batch failed) gives its rate token
+/// back: served again alone, the same request is checkpointed, even with a burst of
+/// one. Before the refund, the take-back left the bucket empty and the second serving
+/// answered without option 192 (reason `rate`).
+#[test]
+fn a_taken_back_checkpoint_refunds_its_rate_token() {
+    let mut cfg = honour_cfg();
+    for tier in cfg.tiers.values_mut() {
+        tier.checkpoint_burst = 1;
+        tier.checkpoint_rate = 0.001;
+    }
+    let mut server = Server::new(cfg, START, 7).unwrap();
+    let mut reply = [0u8; 1100];
+    let mut effects = Vec::new();
+    let d = Req::map(host(1), 5000).cp().bytes();
+    let src = SocketAddr::new(host(1), CLIENT_PORT);
+    let r = server.handle(&d, src, START, &mut reply, &mut effects);
+    let n = match r {
+        pcp_server::Reply::Hold(n) | pcp_server::Reply::Send(n) => n,
+        other => panic!("{other:?}"),
+    };
+    let j = server.take_journal();
+    assert!(
+        Resp {
+            bytes: reply[..n].to_vec()
+        }
+        .has_checkpoint(),
+        "the first serving checkpoints"
+    );
+    server.take_back(j, START, &mut effects);
+    effects.clear();
+    let r = server.handle_again(&d, src, None, START, &mut reply, &mut effects);
+    let n = match r {
+        pcp_server::Reply::Hold(n) | pcp_server::Reply::Send(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        Resp {
+            bytes: reply[..n].to_vec()
+        }
+        .has_checkpoint(),
+        "served again after the take-back, still checkpointed (the token came back)"
+    );
+    server.check_invariants().unwrap();
+}
+
+/// A request the data plane refused ([`Server::refuse`]) gives its token back too.
+#[test]
+fn a_refused_checkpoint_refunds_its_rate_token() {
+    let mut cfg = honour_cfg();
+    for tier in cfg.tiers.values_mut() {
+        tier.checkpoint_burst = 1;
+        tier.checkpoint_rate = 0.001;
+    }
+    let mut server = Server::new(cfg, START, 7).unwrap();
+    let mut reply = [0u8; 1100];
+    let mut effects = Vec::new();
+    let d = Req::map(host(1), 5000).cp().bytes();
+    let src = SocketAddr::new(host(1), CLIENT_PORT);
+    server.handle(&d, src, START, &mut reply, &mut effects);
+    server.refuse(
+        &d,
+        src,
+        START,
+        pcp_proto::ResultCode::NetworkFailure,
+        &mut reply,
+        &mut effects,
+    );
+    effects.clear();
+    let r = server.handle(&d, src, START, &mut reply, &mut effects);
+    let n = match r {
+        pcp_server::Reply::Hold(n) | pcp_server::Reply::Send(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        Resp {
+            bytes: reply[..n].to_vec()
+        }
+        .has_checkpoint(),
+        "the retry after a refusal is checkpointed (the token came back)"
+    );
 }

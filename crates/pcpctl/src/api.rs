@@ -95,6 +95,47 @@ pub struct Status {
     pub config: Option<String>,
 }
 
+/// One PA session of `GET /auth/sessions` (RFC 7652).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct AuthSession {
+    /// Session ID.
+    pub session_id: u32,
+    /// The authenticated identity, once authenticated.
+    pub identity: Option<String>,
+    /// The client's address and port.
+    pub client: String,
+    /// `authenticating`, `reauthenticating`, `confirming`, `established`, `terminating`.
+    pub state: String,
+    /// When the exchange started (Unix seconds).
+    pub created_at: u64,
+    /// When the client first authenticated (Unix seconds).
+    #[serde(default)]
+    pub established_at: Option<u64>,
+    /// When the SA expires (Unix seconds).
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+    /// Seconds until then.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+    /// Next PA sequence number expected from the client.
+    pub pa_seq_in: u32,
+    /// Next PA sequence number the server sends.
+    pub pa_seq_out: u32,
+    /// Last common sequence number accepted.
+    #[serde(default)]
+    pub seq_in: Option<u32>,
+    /// Next common sequence number of a response.
+    #[serde(default)]
+    pub seq_out: Option<u32>,
+    /// Tagged requests accepted.
+    pub accepted: u64,
+    /// Tagged requests refused.
+    pub refused: u64,
+    /// Waiting for the AAA server.
+    #[serde(default)]
+    pub waiting_backend: bool,
+}
+
 /// `GET /ha`: pair-mode status.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Ha {
@@ -290,6 +331,13 @@ impl Client {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
+            "DELETE" => {
+                let mut r = self.agent.delete(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
             "POST" => {
                 let mut r = self.agent.post(&url);
                 if let Some(a) = &auth {
@@ -376,17 +424,38 @@ impl Client {
         self.command("switchover", "/ha/switchover", "handing over to the backup")
     }
 
-    /// A mutating `POST path` answered `{"ok": true, "message": …}` (pcpd's message,
-    /// or `default`) or `{"ok": false, "error": …}` ([`ApiError::Refused`]: 409 for the
-    /// HA commands, 422 for reload).
+    /// `DELETE /auth/sessions/{id}`: terminate a PA session (SESSION_TERMINATED).
+    pub fn terminate(&self, id: u32) -> Result<String, ApiError> {
+        self.command_with(
+            "DELETE",
+            "terminate",
+            &format!("/auth/sessions/{id}"),
+            "terminated",
+        )
+    }
+
+    /// [`Client::command_with`] for `POST`.
     fn command(
         &self,
         command: &'static str,
         path: &str,
         default: &str,
     ) -> Result<String, ApiError> {
-        let request = format!("POST {path}");
-        let (status, body) = self.send("POST", path)?;
+        self.command_with("POST", command, path, default)
+    }
+
+    /// A mutating `method path` answered `{"ok": true, "message": …}` (pcpd's message,
+    /// or `default`) or `{"ok": false, "error": …}` ([`ApiError::Refused`]: 409 for the
+    /// HA commands, 422 for reload, 404 for an unknown PA session).
+    fn command_with(
+        &self,
+        method: &str,
+        command: &'static str,
+        path: &str,
+        default: &str,
+    ) -> Result<String, ApiError> {
+        let request = format!("{method} {path}");
+        let (status, body) = self.send(method, path)?;
         let parsed: Option<CommandAnswer> = serde_json::from_str(&body).ok();
         match (status, parsed) {
             (

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::api::{Ha, Mapping, Status, Subscriber};
+use crate::api::{AuthSession, Ha, Mapping, Status, Subscriber};
 
 /// A plain text table: a header row and left-aligned columns two spaces apart.
 struct Table {
@@ -227,6 +227,56 @@ pub fn ha(h: &Ha) -> String {
     out
 }
 
+/// The PA session table (`pcpctl auth sessions`): ages and times left relative to `now`
+/// (Unix seconds).
+pub fn auth_sessions(list: &[AuthSession], now: u64) -> String {
+    if list.is_empty() {
+        return "no PCP authentication sessions\n".into();
+    }
+    let mut t = Table::new(&[
+        "SESSION",
+        "IDENTITY",
+        "CLIENT",
+        "STATE",
+        "AUTHENTICATED",
+        "EXPIRES",
+        "PA IN/OUT",
+        "SEQ IN/OUT",
+        "ACCEPTED",
+        "REFUSED",
+    ]);
+    let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+    for s in list {
+        let mut state = s.state.clone();
+        if s.waiting_backend {
+            state.push_str(" (AAA)");
+        }
+        t.push(vec![
+            s.session_id.to_string(),
+            s.identity.clone().unwrap_or_else(|| "-".into()),
+            s.client.clone(),
+            state,
+            s.established_at.map_or("-".into(), |t| {
+                format!("{} ago", duration(now.saturating_sub(t)))
+            }),
+            s.expires_in
+                .map_or("-".into(), |e| format!("in {}", duration(e))),
+            format!("{}/{}", s.pa_seq_in, s.pa_seq_out),
+            format!("{}/{}", opt(s.seq_in), opt(s.seq_out)),
+            s.accepted.to_string(),
+            s.refused.to_string(),
+        ]);
+    }
+    let mut out = t.render();
+    let _ = writeln!(
+        out,
+        "{} session{}",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +409,36 @@ mod tests {
         for cell in ["acme", "gold", "3/1024", "1/256", "63.0/64"] {
             assert!(row.contains(cell), "{cell} missing in {row}");
         }
+    }
+
+    #[test]
+    fn auth_session_table() {
+        let json = r#"[{"session_id":3735928559,"identity":"alice","client":"192.0.2.1:5350","state":"established","created_at":1000,"established_at":1001,"expires_at":4601,"expires_in":3540,"pa_seq_in":4,"pa_seq_out":4,"seq_in":7,"seq_out":8,"accepted":8,"refused":2,"waiting_backend":false},
+            {"session_id":7,"identity":null,"client":"192.0.2.2:5350","state":"authenticating","created_at":1060,"pa_seq_in":1,"pa_seq_out":1,"accepted":0,"refused":0,"waiting_backend":true}]"#;
+        let list: Vec<AuthSession> = serde_json::from_str(json).unwrap();
+        let out = auth_sessions(&list, 1061);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].starts_with("SESSION ") && lines[0].ends_with("REFUSED"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("3735928559") && lines[1].contains("alice"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("1m00s ago") && lines[1].contains("in 59m00s"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("7/8") && lines[1].ends_with("8         2"),
+            "{out}"
+        );
+        assert!(
+            lines[2].contains("authenticating (AAA)") && lines[2].contains("-/-"),
+            "{out}"
+        );
+        assert_eq!(lines[3], "2 sessions");
+        assert_eq!(auth_sessions(&[], 0), "no PCP authentication sessions\n");
     }
 }

@@ -9,13 +9,15 @@
 //! pcpctl [--admin ADDR] ha [--json]           pair mode: role, term, readiness, lag
 //! pcpctl [--admin ADDR] promote               make this backup active now
 //! pcpctl [--admin ADDR] switchover            hand over from this active to its backup
+//! pcpctl [--admin ADDR] auth sessions [--json] PCP authentication (RFC 7652) sessions
+//! pcpctl [--admin ADDR] auth terminate ID     end a session (SESSION_TERMINATED)
 //! ```
 //!
 //! `--token-file FILE` (or `PCPCTL_TOKEN_FILE`) sends the bearer token pcpd's admin
 //! API asks for when it has `[pcpd] admin_token_file` (or the read-only token).
 //!
 //! Exit codes: 0 done; 1 pcpd could not be reached, answered an error, or refused the
-//! command (reload, promote, switchover: pcpd's reason is printed); 2 bad usage.
+//! command (reload, promote, switchover, auth terminate: pcpd's reason is printed); 2 bad usage.
 #![forbid(unsafe_code)]
 
 mod api;
@@ -90,6 +92,29 @@ enum Command {
     /// every record, and the backup takes over; no checkpoint is lost. Refused (exit 1)
     /// unless this node is active with a ready backup.
     Switchover,
+    /// PCP authentication (RFC 7652): PA sessions.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+/// `pcpctl auth ...`.
+#[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// List PA sessions: identity, client, state, when authenticated, expiry, sequence
+    /// numbers, tagged requests accepted and refused.
+    Sessions {
+        /// Print pcpd's JSON as received instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Terminate a PA session: the client gets SESSION_TERMINATED and must
+    /// authenticate again. Needs the admin token; exit 1 for an unknown session.
+    Terminate {
+        /// The session ID (from `pcpctl auth sessions`).
+        id: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -175,6 +200,22 @@ fn run(cli: &Cli) -> Result<String, ApiError> {
         }
         Command::Promote => Ok(format!("{}\n", client.promote()?)),
         Command::Switchover => Ok(format!("{}\n", client.switchover()?)),
+        Command::Auth {
+            command: AuthCommand::Sessions { json },
+        } => {
+            let (list, body) = client.get_json::<Vec<api::AuthSession>>("/auth/sessions")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Ok(if *json {
+                raw(body)
+            } else {
+                format::auth_sessions(&list, now)
+            })
+        }
+        Command::Auth {
+            command: AuthCommand::Terminate { id },
+        } => Ok(format!("{}\n", client.terminate(*id)?)),
     }
 }
 
@@ -208,6 +249,26 @@ mod tests {
         let cli = Cli::try_parse_from(["pcpctl", "switchover"]).unwrap();
         assert!(matches!(cli.command, Command::Switchover));
         assert!(Cli::try_parse_from(["pcpctl", "promote", "--json"]).is_err());
+    }
+
+    #[test]
+    fn auth_commands_parse() {
+        let cli = Cli::try_parse_from(["pcpctl", "auth", "sessions", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Auth {
+                command: AuthCommand::Sessions { json: true }
+            }
+        ));
+        let cli = Cli::try_parse_from(["pcpctl", "auth", "terminate", "4000000000"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Auth {
+                command: AuthCommand::Terminate { id: 4_000_000_000 }
+            }
+        ));
+        assert!(Cli::try_parse_from(["pcpctl", "auth", "terminate", "alice"]).is_err());
+        assert!(Cli::try_parse_from(["pcpctl", "auth", "terminate"]).is_err());
     }
 
     #[test]

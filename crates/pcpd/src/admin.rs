@@ -1,15 +1,17 @@
 //! The admin HTTP API (JSON, plus Prometheus text at `/metrics`).
 //!
 //! Read-only: `GET /status`, `GET /mappings`, `GET /subscribers`, `GET /metrics`,
-//! `GET /ha`. Mutating: `POST /reload`, `POST /ha/promote`, `POST /ha/switchover`.
+//! `GET /ha`, `GET /auth/sessions`. Mutating: `POST /reload`, `POST /ha/promote`,
+//! `POST /ha/switchover`, `DELETE /auth/sessions/{id}`.
 //! Who may call which is `admin_auth.rs`'s job (bearer tokens, a read-only one for `GET`).
 
 use std::net::IpAddr;
 
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use pcp_server::{BackupStatus, Mapping, Origin, Time};
 use serde::Serialize;
@@ -147,6 +149,8 @@ pub fn router(shared: Shared, auth: crate::admin_auth::Auth) -> Router {
         .route("/subscribers", get(subscribers))
         .route("/metrics", get(metrics))
         .route("/reload", post(reload))
+        .route("/auth/sessions", get(auth_sessions))
+        .route("/auth/sessions/{id}", delete(auth_terminate))
         .route("/ha", get(ha))
         .route("/ha/promote", post(promote))
         .route("/ha/switchover", post(switchover))
@@ -229,13 +233,21 @@ async fn subscribers(State(s): State<Shared>) -> Json<Vec<SubscriberView>> {
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
     // Not nested: the core's lock is never taken while holding the gate's.
     let auth = s.lock().auth.clone();
-    let auth = auth.map(|a| crate::auth::lock(&a).gate.stats());
+    let auth = auth.and_then(|a| {
+        let g = crate::auth::lock(&a);
+        // Once authentication was on, its counters stay (a reload may turn it off).
+        (a.on() || g.stats.established > 0 || g.gate.stats().pa_messages() > 0).then(|| {
+            let mut t = String::new();
+            crate::auth::render_metrics(&mut t, &g);
+            t
+        })
+    });
     let text = {
         let core = s.lock();
         let pair = s.lock_pair();
         let mut text = crate::metrics::render(&core, pair.as_deref());
-        if let Some(stats) = auth {
-            crate::auth::render_metrics(&mut text, &stats);
+        if let Some(a) = auth {
+            text.push_str(&a);
         }
         text
     };
@@ -252,6 +264,60 @@ async fn reload(State(s): State<Shared>) -> impl IntoResponse {
             StatusCode::UNPROCESSABLE_ENTITY,
             Json(serde_json::json!({ "ok": false, "error": msg })),
         ),
+    }
+}
+
+/// `GET /auth/sessions`: the PA sessions (RFC 7652), oldest first.
+async fn auth_sessions(State(s): State<Shared>) -> Json<Vec<crate::auth::SessionView>> {
+    let auth = s.lock().auth.clone();
+    Json(
+        auth.map(|a| crate::auth::lock(&a).session_views())
+            .unwrap_or_default(),
+    )
+}
+
+/// `DELETE /auth/sessions/{id}`: terminate a PA session; the client gets
+/// SESSION_TERMINATED (RFC 7652 §3.3, retransmitted until it answers) and its tagged
+/// requests are no longer served.
+async fn auth_terminate(State(s): State<Shared>, Path(id): Path<String>) -> impl IntoResponse {
+    let refuse = |status, error: String| {
+        (
+            status,
+            Json(serde_json::json!({ "ok": false, "error": error })),
+        )
+    };
+    let Ok(id) = id.trim().parse::<u32>() else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a session ID (a decimal number, see GET /auth/sessions)"),
+        );
+    };
+    let Some(auth) = s.lock().auth.clone() else {
+        return refuse(StatusCode::NOT_FOUND, format!("no PA session {id}"));
+    };
+    let info = {
+        let mut a = crate::auth::lock(&auth);
+        let now = a.now();
+        let info = a.gate.server.session(id);
+        if info.is_some() {
+            a.terminate(now, id, "admin");
+        }
+        info
+    };
+    crate::auth::flush(&auth);
+    match info {
+        None => refuse(StatusCode::NOT_FOUND, format!("no PA session {id}")),
+        Some(i) => {
+            let who = i.identity.as_deref().unwrap_or("not authenticated yet");
+            tracing::info!(session_id = id, identity = who, client = %i.client, "PA session terminated by the operator");
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({
+                    "ok": true,
+                    "message": format!("session {id} ({who}, {}): SESSION_TERMINATED sent", i.client),
+                })),
+            )
+        }
     }
 }
 
@@ -332,7 +398,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 stored: st.stored,
                 backup_status,
                 adopted: p.adopted,
-                standby_backlog: p.for_core.len(),
+                standby_backlog: p.backlog(),
             }
         }
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::gate::{Gate, Mode, Rules};
-use pcp_auth::server::{Server, ServerConfig as SessionConfig, Transmit};
-use pcp_eap::radius::{RadiusAuthenticator, RadiusClient, RadiusConfig, RadiusError};
+use pcp_auth::server::{Cause, Server, ServerConfig as SessionConfig, SessionState, Transmit};
+use pcp_eap::radius::{RadiusAuthenticator, RadiusConfig, RadiusError};
 use pcp_eap::{Embedded, TtlsAuthenticator};
 use serde::Deserialize;
 use tokio::net::UdpSocket;
@@ -78,23 +78,74 @@ pub struct AuthSection {
     pub radius: Option<RadiusSection>,
 }
 
-/// `[auth.radius]`: the AAA server that runs EAP-TTLS (docs/AUTH.md).
+/// `[auth.radius]`: the AAA servers that run EAP-TTLS (docs/AUTH.md).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RadiusSection {
-    /// The AAA server's authentication address, e.g. `"192.0.2.5:1812"`.
-    pub server: SocketAddr,
-    /// File holding the shared secret (first line).
-    pub secret_file: PathBuf,
+    /// One AAA server's authentication address, e.g. `"192.0.2.5:1812"`.
+    #[serde(default)]
+    pub server: Option<SocketAddr>,
+    /// AAA servers in order of preference (failover, docs/AUTH.md): addresses, or
+    /// `{ address = "...", secret_file = "..." }` for a server with its own secret.
+    #[serde(default)]
+    pub servers: Vec<AaaServerEntry>,
+    /// File holding the shared secret (first line), for servers without their own.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     /// NAS-Identifier sent in every Access-Request.
     #[serde(default = "default_nas_identifier")]
     pub nas_identifier: String,
     /// Milliseconds before an Access-Request is sent again.
     #[serde(default = "default_radius_timeout")]
     pub timeout_ms: u64,
-    /// Transmissions of one Access-Request before the authentication fails.
+    /// Transmissions of one Access-Request to one server before it counts as dead.
     #[serde(default = "default_radius_tries")]
     pub tries: u32,
+    /// Seconds a server that did not answer is passed over before it is tried again.
+    #[serde(default = "default_dead_time")]
+    pub dead_time_s: u64,
+}
+
+/// One entry of `auth.radius.servers`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AaaServerEntry {
+    /// `"192.0.2.5:1812"`: with `auth.radius.secret_file`.
+    Address(SocketAddr),
+    /// `{ address = "192.0.2.5:1812", secret_file = "/etc/pcpd/aaa1-secret" }`.
+    WithSecret(AaaServerTable),
+}
+
+/// A server with its own shared secret.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AaaServerTable {
+    /// Authentication address.
+    pub address: SocketAddr,
+    /// Its shared secret (first line); `auth.radius.secret_file` when absent.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl RadiusSection {
+    /// The AAA servers in order of preference, each with the secret file it uses.
+    pub fn server_list(&self) -> Vec<(SocketAddr, Option<&PathBuf>)> {
+        self.server
+            .iter()
+            .map(|a| (*a, self.secret_file.as_ref()))
+            .chain(self.servers.iter().map(|e| match e {
+                AaaServerEntry::Address(a) => (*a, self.secret_file.as_ref()),
+                AaaServerEntry::WithSecret(t) => (
+                    t.address,
+                    t.secret_file.as_ref().or(self.secret_file.as_ref()),
+                ),
+            }))
+            .collect()
+    }
+}
+
+fn default_dead_time() -> u64 {
+    30
 }
 
 fn default_nas_identifier() -> String {
@@ -112,9 +163,14 @@ fn default_radius_tries() -> u32 {
 /// Why the authentication back end cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The embedded back end's files.
-    #[error(transparent)]
-    Embedded(#[from] pcp_eap::BackendError),
+    /// The embedded back end's files, with the key that names the bad one.
+    #[error("{key}: {source}")]
+    Embedded {
+        /// `auth.certificate`, `auth.key` or `auth.credentials`.
+        key: &'static str,
+        /// What is wrong, with the file (and line, for credentials).
+        source: pcp_eap::BackendError,
+    },
     /// The RADIUS back end's secret.
     #[error(transparent)]
     Radius(#[from] RadiusError),
@@ -156,6 +212,29 @@ impl AuthSection {
             return None;
         }
         if let Some(r) = &self.radius {
+            let list = r.server_list();
+            if list.is_empty() {
+                return Some((
+                    "auth.radius.servers",
+                    "name the AAA server (server = \"ADDR\") or servers (servers = [\"ADDR\", ...])".into(),
+                ));
+            }
+            for (i, (a, secret)) in list.iter().enumerate() {
+                if list[..i].iter().any(|(b, _)| b == a) {
+                    return Some(("auth.radius.servers", format!("{a} is listed twice")));
+                }
+                if secret.is_none() {
+                    return Some((
+                        "auth.radius.secret_file",
+                        format!(
+                            "no shared secret for {a}: set secret_file (for all) or the server's own"
+                        ),
+                    ));
+                }
+            }
+            if r.dead_time_s == 0 {
+                return Some(("auth.radius.dead_time_s", "must be at least 1".into()));
+            }
             for (key, v) in [
                 ("auth.certificate", &self.certificate),
                 ("auth.key", &self.key),
@@ -205,6 +284,9 @@ pub enum Backend {
     Embedded(Box<TtlsAuthenticator>),
     /// Passed through to a RADIUS server.
     Radius(RadiusAuthenticator),
+    /// Authentication is off everywhere (no back end configured): the gate sends no
+    /// PA message to a session machine then, so this only fails whoever reaches it.
+    Off,
 }
 
 impl EapAuthenticator for Backend {
@@ -212,23 +294,92 @@ impl EapAuthenticator for Backend {
         match self {
             Backend::Embedded(a) => a.start(),
             Backend::Radius(a) => a.start(),
+            Backend::Off => pcp_eap::packet::failure(0),
         }
     }
     fn receive(&mut self, packet: &[u8]) -> AuthStep {
         match self {
             Backend::Embedded(a) => a.receive(packet),
             Backend::Radius(a) => a.receive(packet),
+            Backend::Off => AuthStep::Failure {
+                packet: pcp_eap::packet::failure(0),
+            },
         }
     }
 }
 
 type Factory = Box<dyn FnMut() -> Backend + Send>;
 
-/// The RADIUS leg: its socket and the requests in flight.
+/// The RADIUS leg: the AAA servers and the requests in flight (`crate::aaa`).
 pub struct Radius {
-    client: RadiusClient,
-    /// Connected to the AAA server.
-    pub sock: Arc<UdpSocket>,
+    /// The servers.
+    pub pool: crate::aaa::Pool,
+    /// The settings it was made from (a reload that keeps them keeps it).
+    section: RadiusSection,
+    secrets: Vec<Vec<u8>>,
+}
+
+/// Counters of PA sessions for the operator (docs/AUTH.md, "Operating").
+#[derive(Debug, Clone, Default)]
+pub struct SessionStats {
+    /// Sessions that got their first SA.
+    pub established: u64,
+    /// Sessions that ended without an SA, by cause.
+    pub failed: HashMap<&'static str, u64>,
+    /// Established sessions that ended, by cause.
+    pub ended: HashMap<&'static str, u64>,
+    /// Terminations pcpd started, by reason (`admin`, `user_removed`, `auth_off`).
+    pub terminated: HashMap<&'static str, u64>,
+}
+
+/// One PA session as the admin API shows it (`GET /auth/sessions`): no key material.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionView {
+    /// Session ID (decimal; `DELETE /auth/sessions/{id}` takes it).
+    pub session_id: u32,
+    /// The authenticated identity (the subscriber), once authenticated.
+    pub identity: Option<String>,
+    /// The client's address and port.
+    pub client: SocketAddr,
+    /// `authenticating`, `reauthenticating`, `confirming`, `established`, `terminating`.
+    pub state: &'static str,
+    /// When the PA exchange started (Unix seconds).
+    pub created_at: u64,
+    /// When the client first authenticated (Unix seconds).
+    pub established_at: Option<u64>,
+    /// When the SA expires (Unix seconds).
+    pub expires_at: Option<u64>,
+    /// Seconds until then.
+    pub expires_in: Option<u64>,
+    /// Next PA sequence number expected from the client.
+    pub pa_seq_in: u32,
+    /// Next PA sequence number this server sends.
+    pub pa_seq_out: u32,
+    /// Last common-message sequence number accepted from the client.
+    pub seq_in: Option<u32>,
+    /// Next common-message sequence number of a tagged response.
+    pub seq_out: Option<u32>,
+    /// Tagged requests of this session accepted.
+    pub accepted: u64,
+    /// Tagged requests of this session refused (bad tag, replay, wrong address).
+    pub refused: u64,
+    /// Waiting for the AAA server's answer.
+    pub waiting_backend: bool,
+}
+
+/// A stable name of why a session ended.
+pub fn cause_name(c: Cause) -> &'static str {
+    match c {
+        Cause::AuthenticationFailed => "authentication_failed",
+        Cause::AuthorizationFailed => "authorization_failed",
+        Cause::DowngradeDetected => "downgrade_detected",
+        Cause::NoCommonAlgorithm => "no_common_algorithm",
+        Cause::RefusedByClient => "refused_by_client",
+        Cause::ByClient => "by_client",
+        Cause::ByServer => "by_server",
+        Cause::Expired => "expired",
+        Cause::Timeout => "timeout",
+    }
 }
 
 /// The gate and its clock.
@@ -241,83 +392,320 @@ pub struct Auth {
     routes: HashMap<SocketAddr, usize>,
     /// The RADIUS back end, when configured.
     pub radius: Option<Radius>,
+    /// The section in force.
+    section: AuthSection,
+    /// The embedded back end in force (a reload checks identities against it).
+    embedded: Option<Embedded>,
+    /// Sessions with an SA (to tell an ended session from a failed one).
+    live: std::collections::HashSet<u32>,
+    /// Session counters.
+    pub stats: SessionStats,
+    /// The PCP listen sockets (the RADIUS receiver sends PA messages on them).
+    pub sockets: Vec<Arc<UdpSocket>>,
+}
+
+/// The gate behind its lock, and whether any source can authenticate at all (read
+/// without the lock on every datagram, so a pcpd without `[auth]` pays nothing).
+pub struct AuthCell {
+    on: std::sync::atomic::AtomicBool,
+    inner: Mutex<Auth>,
+}
+
+impl AuthCell {
+    /// Whether any source has authentication on.
+    pub fn on(&self) -> bool {
+        self.on.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Shared handle.
-pub type SharedAuth = Arc<Mutex<Auth>>;
+pub type SharedAuth = Arc<AuthCell>;
 
 /// Locks the gate; a poisoned lock (a panic elsewhere) leaves usable state.
 pub fn lock(a: &SharedAuth) -> MutexGuard<'_, Auth> {
-    a.lock().unwrap_or_else(|p| p.into_inner())
+    a.inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Auth {
-    /// Builds the gate from a validated section: loads certificate, key and credentials,
-    /// or the RADIUS secret and opens the RADIUS socket (inside the runtime).
-    pub fn build(s: &AuthSection) -> Result<Option<SharedAuth>, BuildError> {
-        if !s.enabled() {
-            return Ok(None);
-        }
-        let (factory, radius): (Factory, _) = match &s.radius {
-            Some(r) => {
+/// A checked `[auth]` section with its files loaded and its socket open, ready to be
+/// put in force ([`Auth::build`] at start, [`apply`] on reload). Making one changes
+/// nothing, so a reload that fails here leaves the running configuration alone.
+pub struct Prepared {
+    section: AuthSection,
+    backend: PreparedBackend,
+}
+
+enum PreparedBackend {
+    Off,
+    Embedded(Embedded),
+    Radius {
+        /// Each server's settings, address and socket, in order of preference.
+        servers: Vec<(Arc<RadiusConfig>, SocketAddr, UdpSocket)>,
+    },
+}
+
+/// Loads what `s` names (certificate, key, credentials, or the RADIUS secret) and
+/// opens the RADIUS socket.
+pub fn prepare(s: &AuthSection) -> Result<Prepared, BuildError> {
+    let backend = match (&s.radius, &s.certificate, &s.key, &s.credentials) {
+        _ if !s.enabled() => PreparedBackend::Off,
+        (Some(r), ..) => {
+            let mut servers = Vec::new();
+            for (addr, secret_file) in r.server_list() {
+                // Config::load refuses a server without a secret (`problem`).
+                let Some(secret_file) = secret_file else {
+                    continue;
+                };
                 let cfg = Arc::new(RadiusConfig {
-                    server: r.server.to_string(),
-                    secret: pcp_eap::radius::load_secret(&r.secret_file)?,
+                    server: addr.to_string(),
+                    secret: pcp_eap::radius::load_secret(secret_file)?,
                     nas_identifier: r.nas_identifier.clone(),
                     timeout_ms: r.timeout_ms,
                     tries: r.tries,
                 });
-                let sock = radius_socket(r.server).map_err(|error| BuildError::Socket {
-                    server: r.server,
+                let sock = radius_socket(addr).map_err(|error| BuildError::Socket {
+                    server: addr,
                     error,
                 })?;
-                let c = cfg.clone();
-                (
-                    Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone()))),
-                    Some(Radius {
-                        client: RadiusClient::new(cfg),
-                        sock: Arc::new(sock),
-                    }),
-                )
+                servers.push((cfg, addr, sock));
             }
-            None => {
-                let (Some(cert), Some(key), Some(creds)) = (&s.certificate, &s.key, &s.credentials)
-                else {
-                    return Ok(None);
+            PreparedBackend::Radius { servers }
+        }
+        (None, Some(cert), Some(key), Some(creds)) => {
+            PreparedBackend::Embedded(Embedded::load(cert, key, creds).map_err(|source| {
+                let key = match &source {
+                    pcp_eap::BackendError::Credentials(_) => "auth.credentials",
+                    pcp_eap::BackendError::Pem { file, .. }
+                        if *file == key.display().to_string() =>
+                    {
+                        "auth.key"
+                    }
+                    pcp_eap::BackendError::Pem { .. } => "auth.certificate",
+                    _ => "auth.certificate / auth.key",
                 };
-                let backend = Embedded::load(cert, key, creds)?;
+                BuildError::Embedded { key, source }
+            })?)
+        }
+        // Config::load refuses this (`AuthSection::problem`).
+        _ => PreparedBackend::Off,
+    };
+    Ok(Prepared {
+        section: s.clone(),
+        backend,
+    })
+}
+
+fn session_config(s: &AuthSection) -> SessionConfig {
+    SessionConfig {
+        session_lifetime: s.session_lifetime,
+        max_sessions: s.max_sessions,
+        ..SessionConfig::default()
+    }
+}
+
+fn rules(s: &AuthSection) -> Rules {
+    Rules {
+        default: s.default.into(),
+        prefixes: s
+            .prefixes
+            .iter()
+            .map(|p| (p.prefix, p.auth.into()))
+            .collect(),
+    }
+}
+
+impl Auth {
+    /// Builds the gate from a validated section: loads certificate, key and credentials,
+    /// or the RADIUS secret and opens the RADIUS socket (inside the runtime). The gate
+    /// exists even with authentication off, so a reload can turn it on.
+    pub fn build(s: &AuthSection) -> Result<SharedAuth, BuildError> {
+        let p = prepare(s)?;
+        let factory: Factory = Box::new(|| Backend::Off);
+        let gate = Gate::new(rules(s), Server::new(session_config(s), factory));
+        let cell = Arc::new(AuthCell {
+            on: std::sync::atomic::AtomicBool::new(false),
+            inner: Mutex::new(Auth {
+                gate,
+                origin: Instant::now(),
+                routes: HashMap::new(),
+                radius: None,
+                section: s.clone(),
+                embedded: None,
+                live: std::collections::HashSet::new(),
+                stats: SessionStats::default(),
+                sockets: Vec::new(),
+            }),
+        });
+        apply(&cell, p);
+        Ok(cell)
+    }
+
+    /// Puts `p` in force: rules, session settings and the back end for new
+    /// conversations. Established sessions stay unless the new configuration no longer
+    /// allows them: their source is now `off`, or (embedded back end) their identity
+    /// is no longer in the credentials file; those are terminated (SESSION_TERMINATED,
+    /// RFC 7652 §3.3). Conversations under way finish with the back end they started
+    /// with, except RADIUS ones whose AAA server changed (they fail: their requests
+    /// were in flight to the old one). Returns what changed, for the log.
+    fn put_in_force(&mut self, p: Prepared) -> String {
+        let now = self.now();
+        let mut notes = Vec::new();
+        let (factory, embedded, radius_servers): (Factory, _, _) = match p.backend {
+            PreparedBackend::Off => (Box::new(|| Backend::Off), None, None),
+            PreparedBackend::Embedded(e) => {
+                let b = e.clone();
                 (
-                    Box::new(move || Backend::Embedded(Box::new(backend.authenticator()))),
+                    Box::new(move || Backend::Embedded(Box::new(b.authenticator()))),
+                    Some(e),
                     None,
                 )
             }
+            PreparedBackend::Radius { servers } => {
+                // The authenticator uses the settings common to all servers.
+                let c = servers.first().map(|(c, _, _)| c.clone());
+                let f: Factory = match c {
+                    Some(c) => {
+                        Box::new(move || Backend::Radius(RadiusAuthenticator::new(c.clone())))
+                    }
+                    None => Box::new(|| Backend::Off),
+                };
+                (f, None, Some(servers))
+            }
         };
-        let cfg = SessionConfig {
-            session_lifetime: s.session_lifetime,
-            max_sessions: s.max_sessions,
-            ..SessionConfig::default()
+        // The RADIUS leg: kept when nothing of it changed, else replaced.
+        let new_section = p.section.radius.clone();
+        let keep = match (&self.radius, &new_section, &radius_servers) {
+            (Some(cur), Some(sec), Some(servers)) => {
+                cur.section == *sec
+                    && cur.secrets.len() == servers.len()
+                    && cur
+                        .secrets
+                        .iter()
+                        .zip(servers)
+                        .all(|(a, (c, _, _))| *a == c.secret)
+            }
+            _ => false,
         };
-        let rules = Rules {
-            default: s.default.into(),
-            prefixes: s
-                .prefixes
-                .iter()
-                .map(|p| (p.prefix, p.auth.into()))
-                .collect(),
-        };
-        let mut gate = Gate::new(rules, Server::new(cfg, factory));
-        gate.initiate = s.server_initiated;
-        Ok(Some(Arc::new(Mutex::new(Auth {
-            gate,
-            origin: Instant::now(),
-            routes: HashMap::new(),
-            radius,
-        }))))
+        if !keep {
+            let old = self.radius.take();
+            if let Some(old) = &old {
+                // Sessions waiting for the old AAA server's answer cannot get one.
+                let waiting: Vec<u32> = old.pool.sessions();
+                for id in &waiting {
+                    self.gate.server.resume(now, *id, fail_radius);
+                }
+                if !waiting.is_empty() {
+                    notes.push(format!(
+                        "{} authentication(s) waiting for the old AAA server failed",
+                        waiting.len()
+                    ));
+                }
+            }
+            drop(old);
+            if let (Some(sec), Some(servers)) = (new_section, radius_servers) {
+                let secrets = servers.iter().map(|(c, _, _)| c.secret.clone()).collect();
+                self.radius = Some(Radius {
+                    pool: crate::aaa::Pool::new(servers, sec.dead_time_s),
+                    section: sec,
+                    secrets,
+                });
+            }
+        }
+        self.gate.server.set_authenticator(factory);
+        self.gate.server.set_config(session_config(&p.section));
+        self.gate.rules = rules(&p.section);
+        self.gate.initiate = p.section.server_initiated;
+        // Sessions the new configuration no longer allows.
+        let doomed: Vec<(u32, &'static str)> = self
+            .gate
+            .server
+            .sessions()
+            .filter(|i| i.state != SessionState::Terminating)
+            .filter_map(|i| {
+                if self.gate.rules.mode(i.client.ip()) == Mode::Off {
+                    return Some((i.session_id, "auth_off"));
+                }
+                let who = i.identity.as_deref()?;
+                let e = embedded.as_ref()?;
+                (!e.knows(who)).then_some((i.session_id, "user_removed"))
+            })
+            .collect();
+        for (id, reason) in &doomed {
+            tracing::info!(
+                session_id = id,
+                reason,
+                "reload: terminating PCP authentication session"
+            );
+            self.terminate(now, *id, reason);
+        }
+        if !doomed.is_empty() {
+            notes.push(format!("{} session(s) terminated", doomed.len()));
+        }
+        self.embedded = embedded;
+        self.section = p.section;
+        notes.join(", ")
     }
 
+    /// Unix seconds of a time on the gate's clock.
+    fn unix(&self, t: pcp_auth::Time) -> u64 {
+        let now = self.now();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let at = (wall as i128) + i128::from(t.0) - i128::from(now.0);
+        u64::try_from(at / 1000).unwrap_or(0)
+    }
+
+    /// The sessions for the admin API, oldest first.
+    pub fn session_views(&self) -> Vec<SessionView> {
+        let now = self.now();
+        let mut v: Vec<(pcp_auth::Time, SessionView)> = self
+            .gate
+            .server
+            .sessions()
+            .map(|i| {
+                (
+                    i.created,
+                    SessionView {
+                        session_id: i.session_id,
+                        identity: i.identity.as_deref().map(str::to_string),
+                        client: i.client,
+                        state: i.state.name(),
+                        created_at: self.unix(i.created),
+                        established_at: i.established.map(|t| self.unix(t)),
+                        expires_at: i.expires.map(|t| self.unix(t)),
+                        expires_in: i.expires.map(|t| t.0.saturating_sub(now.0) / 1000),
+                        pa_seq_in: i.pa_in,
+                        pa_seq_out: i.pa_out,
+                        seq_in: i.common_in,
+                        seq_out: i.common_out,
+                        accepted: i.accepted,
+                        refused: i.refused,
+                        waiting_backend: i.waiting_backend,
+                    },
+                )
+            })
+            .collect();
+        v.sort_by_key(|(t, s)| (*t, s.session_id));
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Terminates a session (SESSION_TERMINATED, RFC 7652 §3.3), counted by `reason`.
+    /// A session already being terminated is left alone (and counted once).
+    /// Whether it existed.
+    pub fn terminate(&mut self, now: pcp_auth::Time, id: u32, reason: &'static str) -> bool {
+        match self.gate.server.session(id) {
+            None => return false,
+            Some(i) if i.state == SessionState::Terminating => return true,
+            Some(_) => {}
+        }
+        self.gate.server.terminate(now, id);
+        *self.stats.terminated.entry(reason).or_default() += 1;
+        true
+    }
     /// Hands the Access-Requests of sessions that went to the back end to the RADIUS
-    /// client: the datagrams to send to the AAA server.
-    pub fn backend_requests(&mut self) -> Vec<Vec<u8>> {
+    /// servers: the datagrams to send, each with the socket of its AAA server.
+    pub fn backend_requests(&mut self) -> crate::aaa::Datagrams {
         let mut out = Vec::new();
         let now = self.now();
         while let Some(id) = self.gate.server.poll_backend() {
@@ -325,15 +713,20 @@ impl Auth {
                 Some(Backend::Radius(a)) => a.take_request(),
                 _ => None,
             };
-            let (Some(req), Some(r)) = (req, self.radius.as_mut()) else {
+            let Some(req) = req else {
                 continue;
             };
-            match r.client.send(id, &req, now.0) {
+            let Some(r) = self.radius.as_mut() else {
+                // A reload removed the AAA server while this conversation went on.
+                self.gate.server.resume(now, id, fail_radius);
+                continue;
+            };
+            match r.pool.send(id, req, now.0) {
                 Some(d) => out.push(d),
                 None => {
                     tracing::warn!(
                         session_id = id,
-                        "RADIUS: 256 requests in flight, the AAA server is far behind; authentication failed"
+                        "RADIUS: the conversation's AAA server is gone (reload) or has 256 requests in flight; authentication failed"
                     );
                     self.gate.server.resume(now, id, fail_radius);
                 }
@@ -342,20 +735,20 @@ impl Auth {
         out
     }
 
-    /// A datagram from the AAA server.
-    pub fn radius_datagram(&mut self, datagram: &[u8]) {
+    /// A datagram from the AAA server of `sock`.
+    pub fn radius_datagram(&mut self, sock: &Arc<UdpSocket>, datagram: &[u8]) {
         let now = self.now();
         let Some(r) = self.radius.as_mut() else {
             return;
         };
-        match r.client.receive(datagram) {
+        match r.pool.receive(sock, datagram) {
             Ok(Some((id, answer))) => {
                 if let Err(e) = &answer {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
                 }
                 self.gate.server.resume(now, id, |a| match a {
                     Backend::Radius(r) => r.answer(answer),
-                    Backend::Embedded(_) => AuthStep::Discard,
+                    _ => AuthStep::Discard,
                 });
             }
             Ok(None) => {}
@@ -364,20 +757,20 @@ impl Auth {
     }
 
     /// RADIUS retransmissions due (datagrams to send) and sessions given up on.
-    fn radius_timeout(&mut self) -> (Vec<Vec<u8>>, Option<u64>) {
+    fn radius_timeout(&mut self) -> (crate::aaa::Datagrams, Option<u64>) {
         let now = self.now();
         let Some(r) = self.radius.as_mut() else {
             return (Vec::new(), None);
         };
-        let (again, failed) = r.client.handle_timeout(now.0);
-        let next = r.client.poll_timeout();
+        let (again, failed) = r.pool.handle_timeout(now.0);
+        let next = r.pool.poll_timeout();
         for (id, answer) in failed {
             if let Err(e) = &answer {
                 tracing::warn!(session_id = id, error = %e, "RADIUS");
             }
             self.gate.server.resume(now, id, |a| match a {
                 Backend::Radius(r) => r.answer(answer),
-                Backend::Embedded(_) => AuthStep::Discard,
+                _ => AuthStep::Discard,
             });
         }
         (again, next)
@@ -398,6 +791,8 @@ impl Auth {
                     identity,
                     lifetime,
                 } => {
+                    self.stats.established += 1;
+                    self.live.insert(session_id);
                     tracing::info!(session_id, %client, %identity, lifetime, "PCP authentication succeeded")
                 }
                 pcp_auth::server::ServerEvent::Reauthenticated {
@@ -407,6 +802,15 @@ impl Auth {
                     tracing::info!(session_id, %identity, "PCP re-authentication succeeded")
                 }
                 pcp_auth::server::ServerEvent::Ended { session_id, cause } => {
+                    if let Some(r) = self.radius.as_mut() {
+                        r.pool.forget(session_id);
+                    }
+                    let by = if self.live.remove(&session_id) {
+                        &mut self.stats.ended
+                    } else {
+                        &mut self.stats.failed
+                    };
+                    *by.entry(cause_name(cause)).or_default() += 1;
                     tracing::info!(session_id, ?cause, "PCP authentication session ended")
                 }
             }
@@ -430,13 +834,65 @@ impl Auth {
     }
 }
 
+/// Puts a prepared `[auth]` in force (start or reload) and starts the RADIUS receiver
+/// if a new AAA server needs one. Returns what changed beyond the settings, for the log.
+pub fn apply(cell: &SharedAuth, p: Prepared) -> String {
+    let on = p.section.enabled();
+    let notes = lock(cell).put_in_force(p);
+    cell.on.store(on, std::sync::atomic::Ordering::Relaxed);
+    spawn_radius_receiver(cell);
+    flush(cell);
+    notes
+}
+
+/// Sends at once what is queued outside a datagram's path (SESSION_TERMINATED of a
+/// reload or an operator's command), without waiting for the timer task: non-blocking
+/// sends, a loss is covered by the retransmission.
+pub fn flush(cell: &SharedAuth) {
+    let (out, radius_out, sockets) = {
+        let mut a = lock(cell);
+        a.log_events();
+        let r = a.backend_requests();
+        (a.transmits(), r, a.sockets.clone())
+    };
+    for (sock, d) in radius_out {
+        let _ = sock.try_send(&d);
+    }
+    for (socket, t) in out {
+        let sock = socket
+            .and_then(|i| sockets.get(i))
+            .or_else(|| socket_for(&sockets, t.dst));
+        if let Some(sock) = sock
+            && let Err(e) = sock.try_send_to(&t.payload, t.dst)
+        {
+            tracing::debug!(error = %e, dst = %t.dst, "PA send_to");
+        }
+    }
+}
+
+/// Starts the tasks receiving the AAA servers' answers, where none runs.
+fn spawn_radius_receiver(cell: &SharedAuth) {
+    let mut a = lock(cell);
+    let Some(r) = a.radius.as_mut() else {
+        return;
+    };
+    // Outside a runtime (unit tests of the config) there is nothing to receive with.
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    for s in r.pool.servers.iter_mut().filter(|s| s.receiver.is_none()) {
+        let task = rt.spawn(radius_receiver(cell.clone(), s.sock.clone()));
+        s.receiver = Some(task.abort_handle());
+    }
+}
+
 fn fail_radius(a: &mut Backend) -> AuthStep {
     match a {
         Backend::Radius(r) => r.answer(Err(RadiusError::Timeout {
             server: String::new(),
             tries: 0,
         })),
-        Backend::Embedded(_) => AuthStep::Discard,
+        _ => AuthStep::Discard,
     }
 }
 
@@ -453,20 +909,17 @@ fn radius_socket(server: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(s)
 }
 
-/// Sends Access-Requests.
-pub async fn send_radius(sock: &UdpSocket, out: Vec<Vec<u8>>) {
-    for d in out {
+/// Sends Access-Requests, each on its AAA server's socket.
+pub async fn send_radius(out: crate::aaa::Datagrams) {
+    for (sock, d) in out {
         if let Err(e) = sock.send(&d).await {
             tracing::warn!(error = %e, "RADIUS send");
         }
     }
 }
 
-/// Receives the AAA server's answers.
-pub async fn radius_receiver(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
-    let Some(sock) = lock(&auth).radius.as_ref().map(|r| r.sock.clone()) else {
-        return;
-    };
+/// Receives the AAA server's answers on `sock` (aborted when a reload replaces it).
+async fn radius_receiver(auth: SharedAuth, sock: Arc<UdpSocket>) {
     let mut buf = vec![0u8; pcp_eap::radius::MAX_PACKET];
     loop {
         let n = match sock.recv(&mut buf).await {
@@ -478,21 +931,29 @@ pub async fn radius_receiver(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
                 continue;
             }
         };
-        let (out, radius_out) = {
+        let (out, radius_out, sockets) = {
             let mut a = lock(&auth);
-            a.radius_datagram(&buf[..n]);
+            let mine = a
+                .radius
+                .as_ref()
+                .is_some_and(|r| r.pool.servers.iter().any(|s| Arc::ptr_eq(&s.sock, &sock)));
+            if !mine {
+                return;
+            }
+            a.radius_datagram(&sock, &buf[..n]);
             a.log_events();
             let r = a.backend_requests();
-            (a.transmits(), r)
+            (a.transmits(), r, a.sockets.clone())
         };
-        send_radius(&sock, radius_out).await;
+        send_radius(radius_out).await;
         send_all(&sockets, out).await;
     }
 }
 
-/// Appends the gate's counters to the Prometheus text.
-pub fn render_metrics(out: &mut String, s: &pcp_auth::gate::GateStats) {
+/// Appends the gate's and the sessions' counters to the Prometheus text.
+pub fn render_metrics(out: &mut String, a: &Auth) {
     use std::fmt::Write;
+    let s = a.gate.stats();
     let _ = writeln!(
         out,
         "# HELP pcp_auth_requests_total Common requests seen by the authentication gate, by outcome."
@@ -513,6 +974,95 @@ pub fn render_metrics(out: &mut String, s: &pcp_auth::gate::GateStats) {
     );
     let _ = writeln!(out, "# TYPE pcp_auth_pa_messages_total counter");
     let _ = writeln!(out, "pcp_auth_pa_messages_total {}", s.pa_messages());
+    let mut states: HashMap<&'static str, u64> = HashMap::new();
+    for i in a.gate.server.sessions() {
+        *states.entry(i.state.name()).or_default() += 1;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_sessions PA sessions now, by state (established = with an SA)."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_sessions gauge");
+    for st in [
+        SessionState::Authenticating,
+        SessionState::Reauthenticating,
+        SessionState::Confirming,
+        SessionState::Established,
+        SessionState::Terminating,
+    ] {
+        let n = states.get(st.name()).copied().unwrap_or(0);
+        let _ = writeln!(out, "pcp_auth_sessions{{state=\"{}\"}} {n}", st.name());
+    }
+    let st = &a.stats;
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_sessions_established_total PA sessions that got their first SA."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_sessions_established_total counter");
+    let _ = writeln!(
+        out,
+        "pcp_auth_sessions_established_total {}",
+        st.established
+    );
+    let all_causes = [
+        Cause::AuthenticationFailed,
+        Cause::AuthorizationFailed,
+        Cause::DowngradeDetected,
+        Cause::NoCommonAlgorithm,
+        Cause::RefusedByClient,
+        Cause::ByClient,
+        Cause::ByServer,
+        Cause::Expired,
+        Cause::Timeout,
+    ];
+    for (name, help, map) in [
+        (
+            "pcp_auth_sessions_failed_total",
+            "PA sessions that ended without an SA, by cause.",
+            &st.failed,
+        ),
+        (
+            "pcp_auth_sessions_ended_total",
+            "Established PA sessions that ended, by cause.",
+            &st.ended,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for c in all_causes {
+            let c = cause_name(c);
+            let n = map.get(c).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}{{cause=\"{c}\"}} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pcp_auth_sessions_terminated_total Terminations pcpd started (SESSION_TERMINATED), by reason."
+    );
+    let _ = writeln!(out, "# TYPE pcp_auth_sessions_terminated_total counter");
+    for r in ["admin", "user_removed", "auth_off"] {
+        let n = st.terminated.get(r).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "pcp_auth_sessions_terminated_total{{reason=\"{r}\"}} {n}"
+        );
+    }
+    if let Some(r) = &a.radius {
+        let dead = r.pool.dead(a.now().0);
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_radius_server_up Whether an AAA server is used (0: it did not answer and is passed over for auth.radius.dead_time_s)."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_radius_server_up gauge");
+        for s in &r.pool.servers {
+            let up = u8::from(!dead.contains(&s.addr));
+            let _ = writeln!(
+                out,
+                "pcp_auth_radius_server_up{{server=\"{}\"}} {up}",
+                s.addr
+            );
+        }
+    }
 }
 
 /// The listen socket to send to `dst` from: the first of its address family.
@@ -538,7 +1088,6 @@ pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<(Option<usize>, Trans
 
 /// Runs the PA sessions' timers (retransmissions, expiry, re-authentication).
 pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
-    let radius_sock = lock(&auth).radius.as_ref().map(|r| r.sock.clone());
     loop {
         let (out, radius_out, wake) = {
             let mut a = lock(&auth);
@@ -561,9 +1110,7 @@ pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
                 Instant::now() + wait.max(Duration::from_millis(5)),
             )
         };
-        if let Some(sock) = &radius_sock {
-            send_radius(sock, radius_out).await;
-        }
+        send_radius(radius_out).await;
         send_all(&sockets, out).await;
         tokio::time::sleep_until(wake.into()).await;
     }

@@ -46,6 +46,13 @@ pub struct DaemonSection {
     /// net.core.rmem_max). A deep queue rides out a flood's bursts and scheduling
     /// hiccups, so other hosts' requests are not lost behind it.
     pub recv_buffer: usize,
+    /// Mappings the server core and data plane are sized for at start (0: not sized;
+    /// a standby backup in pair mode sizes for `[checkpoint] capacity` at least).
+    /// Growing a table past a million entries stalls the node for hundreds of ms.
+    pub expected_mappings: usize,
+    /// Back large tables by transparent huge pages (see `hugepages`): a faster bulk
+    /// copy, but page-zeroing stalls while the tables fill (off by default).
+    pub huge_pages: bool,
 }
 
 impl Default for DaemonSection {
@@ -60,6 +67,8 @@ impl Default for DaemonSection {
             admin_token_file: None,
             admin_read_token_file: None,
             recv_buffer: 4 << 20,
+            expected_mappings: 0,
+            huge_pages: false,
         }
     }
 }
@@ -439,6 +448,38 @@ mod tests {
             "[auth]\ndefault = \"required\"\n[auth.radius]\nserver = \"127.0.0.1:1812\"\nsecret_file = \"s\"\ntries = 0\n",
         );
         assert_eq!(key, "auth.radius.tries");
+        // Several AAA servers, one with its own secret; none, twice, or without a
+        // secret is refused naming the key.
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"127.0.0.1:1812\", { address = \"127.0.0.2:1812\", secret_file = \"t\" }]\nsecret_file = \"s\"\n",
+        )
+        .unwrap();
+        let r = c.auth.radius.unwrap();
+        let list = r.server_list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1].1.unwrap().to_str(), Some("t"));
+        assert_eq!(r.dead_time_s, 30);
+        for (text, want) in [
+            ("secret_file = \"s\"\n", "auth.radius.servers"),
+            (
+                "servers = [\"127.0.0.1:1812\", \"127.0.0.1:1812\"]\nsecret_file = \"s\"\n",
+                "auth.radius.servers",
+            ),
+            (
+                "servers = [\"127.0.0.1:1812\"]\n",
+                "auth.radius.secret_file",
+            ),
+            (
+                "server = \"127.0.0.1:1812\"\nsecret_file = \"s\"\ndead_time_s = 0\n",
+                "auth.radius.dead_time_s",
+            ),
+        ] {
+            let (_, key, msg) = err(&format!(
+                "[auth]\ndefault = \"required\"\n[auth.radius]\n{text}"
+            ));
+            assert_eq!(key, want, "{text}: {msg}");
+        }
         // Off is the default and needs nothing.
         assert!(
             !Config::parse(Path::new("x.toml"), "")
@@ -500,6 +541,17 @@ mod tests {
         assert_eq!((line, key.as_str()), (3, "nftables.table"));
         let (line, key, _) = err("[pcpd]\ndataplane = \"iptables\"\n");
         assert_eq!((line, key.as_str()), (2, "pcpd.dataplane"));
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[pcpd]\nexpected_mappings = 2000000\nhuge_pages = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.daemon.expected_mappings, c.daemon.huge_pages),
+            (2_000_000, true)
+        );
+        let (line, key, _) = err("[pcpd]\n\nexpected_mappings = -5\n");
+        assert_eq!((line, key.as_str()), (3, "pcpd.expected_mappings"));
     }
 
     #[test]
@@ -512,6 +564,10 @@ mod tests {
         assert_eq!(c.server.limits, pcp_server::config::LimitsConfig::default());
         assert_eq!(c.acl.allow, AclSection::default().allow);
         assert_eq!(c.daemon.recv_buffer, DaemonSection::default().recv_buffer);
+        assert_eq!(
+            (c.daemon.expected_mappings, c.daemon.huge_pages),
+            (0, DaemonSection::default().huge_pages)
+        );
         assert_eq!(c.acl.listen.len(), 1);
     }
 

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -104,10 +104,24 @@ struct Served {
 /// transaction holds.
 pub const GROUP_OPS: usize = 128;
 
-/// Events queued for the core above which a backup holds its acknowledgements.
+/// Records queued for the core (mirrored changes, and one per other event) above
+/// which a backup holds its acknowledgements.
 const BACKLOG_HIGH: usize = 64 * 1024;
 /// ... and below which it releases them.
 const BACKLOG_LOW: usize = 16 * 1024;
+
+/// What the beacon thread needs (`daemon::spawn_replication`), outside the pair
+/// lock: the HA node's latest proof of life and when the link last sent anything.
+/// While the pair lock is busy for longer than a heartbeat (bulk work, a thread
+/// holding it descheduled on a starved machine), the beacon thread sends the
+/// proof of life itself, so that the peer never counts a wait for a lock as silence.
+#[derive(Debug, Default)]
+pub struct BeaconCell {
+    /// The node's beacon as of its last change (`None`: nothing to say out of turn).
+    pub beacon: Mutex<Option<pcp_ha::Beacon>>,
+    /// When a frame last went to the peer from the pair (milliseconds of shared time).
+    pub last_sent: AtomicU64,
+}
 
 /// Pair mode state, behind its own lock (see the module doc).
 pub struct Pair {
@@ -136,6 +150,8 @@ pub struct Pair {
     pub latency: Latency,
     /// Events the server core must act on, in order.
     pub for_core: VecDeque<Event>,
+    /// What `for_core` holds, in records (a mirrored batch counts its changes).
+    backlog: usize,
     /// Held replies past their deadline: the core withdraws their promise, then sends
     /// them (a reply must never say less than the core's state).
     pub late: Vec<Held>,
@@ -147,6 +163,8 @@ pub struct Pair {
     pub promoted_at: Option<Instant>,
     /// Where the term is kept across restarts, and the term last written there.
     state_file: Option<(std::path::PathBuf, u64)>,
+    /// Shared with the beacon thread.
+    pub beacon: Arc<BeaconCell>,
 }
 
 impl Pair {
@@ -165,12 +183,14 @@ impl Pair {
             auth: None,
             latency: Latency::default(),
             for_core: VecDeque::new(),
+            backlog: 0,
             late: Vec::new(),
             origin,
             frame_buf: Vec::new(),
             socket: None,
             promoted_at: None,
             state_file: None,
+            beacon: Arc::default(),
         }
     }
 
@@ -208,6 +228,11 @@ impl Pair {
         self.time_of(Instant::now())
     }
 
+    /// The instant shared time counts from.
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
     /// Whether the core has work queued.
     pub fn core_work(&self) -> bool {
         !self.for_core.is_empty() || !self.late.is_empty()
@@ -217,7 +242,7 @@ impl Pair {
     /// once it is short), so the copy never runs further ahead of the standby core than
     /// this: bounded memory, and "acknowledged" stays close to "installed".
     fn backpressure(&mut self) {
-        let queued = self.for_core.len();
+        let queued = self.backlog;
         if queued > BACKLOG_HIGH {
             self.node.hold_acks(true);
         } else if queued < BACKLOG_LOW {
@@ -242,6 +267,12 @@ impl Pair {
                 .name("pcpd-free".into())
                 .spawn(move || drop(old));
         }
+    }
+
+    /// Tells the HA node that every frame that reached the replication socket before
+    /// `at` was handled (see [`HaNode::link_read`]): silence is judged up to there.
+    pub fn link_read(&mut self, at: Time) {
+        self.node.link_read(at);
     }
 
     /// Runs HA timers and held-reply deadlines. Returns when to run again.
@@ -278,11 +309,12 @@ impl Pair {
         let mut buf = std::mem::take(&mut self.frame_buf);
         buf.resize(pcp_ha::wire::MAX_FRAME, 0);
         while let Some(n) = self.node.poll_transmit(now, &mut buf) {
-            if let Some(sock) = &self.socket
-                && let Err(e) = sock.send_to(&buf[..n], self.peer)
-            {
-                // A full send buffer loses the frame; go-back-N sends it again.
-                tracing::debug!(error = %e, peer = %self.peer, "replication send");
+            if let Some(sock) = &self.socket {
+                match sock.send_to(&buf[..n], self.peer) {
+                    Ok(_) => self.beacon.last_sent.store(now.0, Ordering::Relaxed),
+                    // A full send buffer loses the frame; go-back-N sends it again.
+                    Err(e) => tracing::debug!(error = %e, peer = %self.peer, "replication send"),
+                }
             }
         }
         self.frame_buf = buf;
@@ -300,22 +332,49 @@ impl Pair {
     fn route_events(&mut self, now: Time) {
         self.free_retired();
         self.backpressure();
+        *self.beacon.beacon.lock().unwrap_or_else(|p| p.into_inner()) = self.node.beacon();
         while let Some(ev) = self.node.poll_event() {
             match ev {
                 Event::Acked(cum) => self.release(cum, now),
                 Event::Promoted { .. } => {
                     self.promoted_at = Some(Instant::now());
-                    self.for_core.push_back(ev);
+                    self.queue_for_core(ev);
                 }
                 Event::Demoted { .. } => {
                     // Nothing held will be confirmed by this stream any more; the
                     // clients retransmit to whoever serves now.
                     self.held.clear();
-                    self.for_core.push_back(ev);
+                    self.queue_for_core(ev);
                 }
-                ev => self.for_core.push_back(ev),
+                ev => self.queue_for_core(ev),
             }
         }
+    }
+
+    fn queue_for_core(&mut self, ev: Event) {
+        self.backlog += weight(&ev);
+        self.for_core.push_back(ev);
+    }
+
+    /// Records queued for the core.
+    pub fn backlog(&self) -> usize {
+        self.backlog
+    }
+
+    /// Takes the next events for the core: about `records` records' worth, at least
+    /// one event.
+    fn take_for_core(&mut self, records: usize) -> Vec<Event> {
+        let mut taken = 0;
+        let mut n = 0;
+        for ev in &self.for_core {
+            if n > 0 && taken >= records {
+                break;
+            }
+            taken += weight(ev);
+            n += 1;
+        }
+        self.backlog = self.backlog.saturating_sub(taken);
+        self.for_core.drain(..n).collect()
     }
 
     /// Holds `h` until the backup acknowledged record `h.seq`.
@@ -348,6 +407,14 @@ fn slow(what: &str, since: Instant) {
     let took = since.elapsed();
     if took >= Duration::from_millis(20) {
         tracing::info!(took_ms = took.as_millis() as u64, "{what}");
+    }
+}
+
+/// Records an event stands for in the core's backlog.
+fn weight(ev: &Event) -> usize {
+    match ev {
+        Event::Replica(r) => r.len().max(1),
+        _ => 1,
     }
 }
 
@@ -580,10 +647,13 @@ impl Core {
         // entries in stalls the copy and rehashes everything). Only their index is
         // written now; memory is touched as mappings arrive. An active keeps the
         // size once it took over, so its tables do not grow under load either.
+        // Any node: `[pcpd] expected_mappings`, so that an active (or a single node)
+        // does not stall while its tables grow under load either.
         let presize = pair
             .as_ref()
             .filter(|p| p.node.config().standby)
-            .map_or(0, |p| p.node.config().expected);
+            .map_or(0, |p| p.node.config().expected)
+            .max(config.daemon.expected_mappings);
         let mut server = server;
         let mut dataplane = dataplane;
         server.reserve(presize);
@@ -990,8 +1060,7 @@ impl Core {
             let Some(mut p) = self.lock_pair() else {
                 return (false, false);
             };
-            let n = p.for_core.len().min(4096);
-            let events: Vec<Event> = p.for_core.drain(..n).collect();
+            let events = p.take_for_core(4096);
             p.backpressure();
             (events, std::mem::take(&mut p.late), !p.for_core.is_empty())
         };
@@ -1011,9 +1080,6 @@ impl Core {
                 self.apply_effects(now);
             }
             kicked |= self.core_event(ev, now);
-            if mirrored && self.effects.len() >= GROUP_OPS {
-                self.apply_effects(now);
-            }
         }
         if !self.effects.is_empty() {
             self.apply_effects(now);
@@ -1084,18 +1150,22 @@ impl Core {
     /// that a takeover has nothing left to install.
     fn mirror(&mut self, change: pcp_ha::Replica, now: Time) {
         match change {
-            pcp_ha::Replica::Upsert(m) => {
-                if self
-                    .server
-                    .mirror_upsert(&m, now, &mut self.effects)
-                    .is_err()
-                {
-                    self.pending.push(*m);
+            pcp_ha::Replica::Upsert(maps) => {
+                for m in maps {
+                    if self
+                        .server
+                        .mirror_upsert(&m, now, &mut self.effects)
+                        .is_err()
+                    {
+                        self.pending.push(m);
+                    }
+                    self.mirror_batch_full(now);
                 }
             }
             pcp_ha::Replica::Remove(keys) => {
                 for k in &keys {
                     self.server.mirror_remove(k, &mut self.effects);
+                    self.mirror_batch_full(now);
                 }
                 for m in std::mem::take(&mut self.pending) {
                     if m.expires > now
@@ -1109,7 +1179,15 @@ impl Core {
                 }
             }
         }
-        // The effects are applied by `ha_work`, once per batch of mirrored changes.
+        // The rest is applied by `ha_work`, at the end of the run of mirrored changes.
+    }
+
+    /// Cuts the data plane batch of a run of mirrored changes once it holds
+    /// `GROUP_OPS` operations (one kernel transaction each).
+    fn mirror_batch_full(&mut self, now: Time) {
+        if self.effects.len() >= GROUP_OPS {
+            self.apply_effects(now);
+        }
     }
 
     /// A fresh, empty server core (and data plane): this node stopped being active.
@@ -1504,11 +1582,12 @@ mod tests {
         let mut core = Core::new(server, Box::new(dp), config, origin, 1, Some(pair));
         {
             let mut p = core.lock_pair().unwrap();
-            for port in 2000..2300 {
+            // In events of 100 (as the HA node batches them): a data plane batch
+            // is cut inside an event.
+            for first in [2000, 2100, 2200] {
+                let run = (first..first + 100).map(replicated).collect();
                 p.for_core
-                    .push_back(Event::Replica(pcp_ha::Replica::Upsert(Box::new(
-                        replicated(port),
-                    ))));
+                    .push_back(Event::Replica(pcp_ha::Replica::Upsert(run)));
             }
             p.for_core
                 .push_back(Event::BackupStatus(BackupStatus::NotReady));
@@ -1529,6 +1608,51 @@ mod tests {
             (290, 290)
         );
         core.server.check_invariants().unwrap();
+    }
+
+    /// `[pcpd] expected_mappings` sizes the server core's table up front on any node,
+    /// not only on a standby backup (whose tables follow `[checkpoint] capacity`).
+    #[test]
+    fn expected_mappings_sizes_the_tables_up_front() {
+        let core = |expected: usize| {
+            let mut config = Config::embedded();
+            config.daemon.expected_mappings = expected;
+            let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+            let dp = Box::new(MemoryDataPlane::new());
+            Core::new(server, dp, config, Instant::now(), 1, None)
+        };
+        assert!(core(0).server.capacity() < 1000);
+        let sized = core(300_000);
+        assert!(
+            sized.server.capacity() >= 300_000,
+            "{}",
+            sized.server.capacity()
+        );
+        // A standby backup sizes for the larger of the two.
+        let mut config = Config::embedded();
+        config.daemon.expected_mappings = 5000;
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let ha = pcp_ha::HaConfig {
+            standby: true,
+            expected: 70_000,
+            ..pcp_ha::HaConfig::default()
+        };
+        let origin = Instant::now();
+        let pair = Pair::new(
+            HaNode::new(ha, false, 7, Time(0)),
+            "127.0.0.1:1".parse().unwrap(),
+            Duration::from_millis(250),
+            origin,
+        );
+        let standby = Core::new(
+            server,
+            Box::new(MemoryDataPlane::new()),
+            config,
+            origin,
+            1,
+            Some(pair),
+        );
+        assert!(standby.server.capacity() >= 70_000);
     }
 
     /// A data plane that refuses batches: any batch touching a poisoned internal port

@@ -58,7 +58,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
-    let auth = crate::auth::Auth::build(&config.auth)?;
+    // Always there (a reload may turn authentication on); off, it costs one atomic load.
+    let auth = Some(crate::auth::Auth::build(&config.auth)?);
     let dataplane: Box<dyn DataPlane> = match config.daemon.dataplane {
         DataPlaneKind::Memory => Box::new(MemoryDataPlane::new()),
         DataPlaneKind::Nftables => {
@@ -193,8 +194,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ));
     }
     if let Some(auth) = &auth {
+        crate::auth::lock(auth).sockets = sockets.clone();
         tokio::spawn(crate::auth::timers(auth.clone(), sockets.clone()));
-        tokio::spawn(crate::auth::radius_receiver(auth.clone(), sockets.clone()));
     }
     tokio::spawn(expiry(shared.clone()));
     if let Some(sock) = ha_sock {
@@ -339,7 +340,7 @@ impl Serve<'_> {
             }
             return false;
         }
-        let Some(auth) = self.auth else {
+        let Some(auth) = self.auth.filter(|a| a.on()) else {
             return true;
         };
         // The gate's work (PA messages, EAP, TLS) is the costliest of all: the
@@ -365,14 +366,11 @@ impl Serve<'_> {
             }
             let v = a.gate.inbound(now, src, epoch, &mut job.datagram, n);
             let radius_out = a.backend_requests();
-            let radius_sock = a.radius.as_ref().map(|r| r.sock.clone());
             a.log_events();
-            if let Some(sock) = radius_sock {
-                // Non-blocking: a full socket buffer is a loss the RADIUS
-                // retransmission covers.
-                for d in radius_out {
-                    let _ = sock.try_send(&d);
-                }
+            // Non-blocking: a full socket buffer is a loss the RADIUS retransmission
+            // covers.
+            for (sock, d) in radius_out {
+                let _ = sock.try_send(&d);
             }
             (v, a.transmits())
         };
@@ -470,12 +468,29 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
     // (the PCP path sends its records itself); this thread receives.
     match sock.set_nonblocking(true).and_then(|()| sock.try_clone()) {
         Ok(tx) => {
+            let beacon = tx
+                .try_clone()
+                .map_err(|e| tracing::error!(error = %e, "beacon socket"));
             if let Some(mut p) = shared.lock_pair() {
                 p.set_socket(tx);
+                if let Ok(b) = beacon {
+                    spawn_beacon(b, &p);
+                }
             }
         }
         Err(e) => tracing::error!(error = %e, "replication socket"),
     }
+    // The drain before the timers reads through a plain handle: tokio's `try_recv_from`
+    // answers from the readiness its reactor last saw, and the reactor does not run
+    // while this thread waits for the pair lock, so frames that arrived meanwhile
+    // would stay invisible to it (and the timers would take them for silence).
+    let drain = match sock.try_clone() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "replication socket");
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("pcpd-ha".into())
         .spawn(move || {
@@ -491,7 +506,7 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
             };
             rt.block_on(async move {
                 match UdpSocket::from_std(sock) {
-                    Ok(sock) => replicate(sock, shared).await,
+                    Ok(sock) => replicate(sock, drain, shared).await,
                     Err(e) => tracing::error!(error = %e, "replication socket"),
                 }
             });
@@ -501,31 +516,101 @@ pub fn spawn_replication(sock: std::net::UdpSocket, shared: Shared) {
     }
 }
 
+/// Sends the HA node's beacon ([`pcp_ha::Beacon`]) from a thread of its own whenever
+/// nothing went to the peer for 1.5 heartbeats: the replication thread is then
+/// waiting for the pair lock (bulk work; a holder descheduled on a starved machine)
+/// or for the CPU, and the peer must not count that as silence. Never takes the pair
+/// lock. A link quiet for longer than [`BEACON_LIMIT`] (or four detection times) is a
+/// node stuck for good: the beacon stops covering for it, and the peer may take over.
+fn spawn_beacon(sock: std::net::UdpSocket, pair: &crate::core::Pair) {
+    let cell = pair.beacon.clone();
+    let peer = pair.peer;
+    let cfg = *pair.node.config();
+    let origin = pair.origin();
+    let spawned = std::thread::Builder::new()
+        .name("pcpd-beacon".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 256];
+            let quiet = cfg.heartbeat + cfg.heartbeat / 2;
+            let limit = BEACON_LIMIT.max(cfg.detection * 4);
+            let mut sent: Option<Instant> = None;
+            loop {
+                std::thread::sleep(cfg.heartbeat / 4);
+                let now = Instant::now();
+                let since = now.saturating_duration_since(
+                    origin
+                        + Duration::from_millis(
+                            cell.last_sent.load(std::sync::atomic::Ordering::Relaxed),
+                        ),
+                );
+                if since < quiet
+                    || since > limit
+                    || sent.is_some_and(|t| now.saturating_duration_since(t) < cfg.heartbeat)
+                {
+                    continue;
+                }
+                let beacon = *cell.beacon.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(beacon) = beacon else { continue };
+                let t = pcp_server::Time(now.saturating_duration_since(origin).as_millis() as u64);
+                if let Some(n) = beacon.write(t, &mut buf)
+                    && sock.send_to(&buf[..n], peer).is_ok()
+                {
+                    sent = Some(now);
+                    tracing::debug!(quiet_ms = since.as_millis() as u64, "beacon sent");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the beacon thread");
+    }
+}
+
+/// How long a quiet link is covered by the beacon at least (see `spawn_beacon`).
+const BEACON_LIMIT: Duration = Duration::from_secs(2);
+
+/// Frames read from the replication socket per pass before timers run (a pass that
+/// stops short comes back at once).
+const DRAIN: usize = 256;
+
 /// Runs the replication link: frames from the peer, timers, and sending whatever the
 /// HA node has to say (woken at once when requests queue records). Takes only the
 /// pair lock; work for the core is queued and the core task woken.
-async fn replicate(sock: UdpSocket, shared: Shared) {
+async fn replicate(sock: UdpSocket, drain: std::net::UdpSocket, shared: Shared) {
     let mut buf = vec![0u8; 65536];
     let Some(peer) = shared.lock_pair().map(|p| p.peer) else {
         return;
     };
     loop {
-        // Frames that queued while this thread was busy come before timers: silence
-        // is judged on what the peer actually sent.
-        while let Ok((n, from)) = sock.try_recv_from(&mut buf) {
-            if from.ip() == peer.ip()
-                && let Some(mut p) = shared.lock_pair()
-            {
-                p.frame(&buf[..n]);
-                shared.after_ha(&mut p);
-            }
-        }
         let wake = match shared.lock_pair() {
             Some(mut p) => {
+                // Frames that queued while this thread waited (for the lock, for the
+                // CPU) come before timers: the time is taken first, then the socket
+                // read until empty, so the HA node judges silence only on what reached
+                // the socket before that time (issue #4: a backup whose timer ran
+                // late took over with the active's heartbeats unread in its socket).
+                let read_at = p.now();
+                let mut drained = false;
+                for _ in 0..DRAIN {
+                    match drain.recv_from(&mut buf) {
+                        Ok((n, from)) if from.ip() == peer.ip() => p.frame(&buf[..n]),
+                        Ok((_, from)) => {
+                            tracing::warn!(%from, "replication frame from an unknown address dropped");
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
+                        }
+                        // ICMP errors from earlier sends surface here; keep reading.
+                        Err(e) => tracing::debug!(error = %e, "replication recv"),
+                    }
+                }
+                if drained {
+                    p.link_read(read_at);
+                }
                 let wake = p.tick();
                 p.transmit();
                 shared.after_ha(&mut p);
-                wake
+                if drained { wake } else { Instant::now() }
             }
             None => return,
         };
@@ -535,6 +620,11 @@ async fn replicate(sock: UdpSocket, shared: Shared) {
                     if from.ip() == peer.ip() {
                         if let Some(mut p) = shared.lock_pair() {
                             p.frame(&buf[..n]);
+                            // The acknowledgement (backup) goes out before the core
+                            // task is woken: on a shared CPU the woken task may run
+                            // first, and its mirroring must not delay the ack the
+                            // active's held replies wait for.
+                            p.transmit();
                             shared.after_ha(&mut p);
                         }
                     } else {
@@ -657,27 +747,50 @@ impl Signals {
     }
 }
 
-/// Re-reads the config file and applies what can change without a restart.
+/// Re-reads the config file and applies what can change without a restart: the
+/// server core's settings and `[auth]` (docs/AUTH.md, "Reload"). Everything is checked
+/// and loaded first; a file, line or key that is wrong refuses the whole reload and
+/// the running configuration stays.
 pub fn reload(shared: &Shared) -> Result<String, String> {
     let path = shared.lock().config.path.clone();
     let Some(path) = path else {
         return Err("pcpd runs on embedded defaults (no --config): nothing to reload".into());
     };
     let new = Config::load(&path).map_err(|e| e.to_string())?;
-    let mut core = shared.lock();
-    if new.daemon != core.config.daemon {
-        tracing::warn!("[pcpd] changes take effect at the next restart");
-    }
-    core.server
-        .reload(new.server.clone())
-        .map_err(|e| e.to_string())?;
-    core.config.server = new.server;
-    Ok(format!(
-        "reloaded {}: {} policy rules, {} tiers",
+    let auth =
+        crate::auth::prepare(&new.auth).map_err(|e| format!("{}: [auth] {e}", path.display()))?;
+    let shared_auth = {
+        let mut core = shared.lock();
+        if new.daemon != core.config.daemon {
+            tracing::warn!("[pcpd] changes take effect at the next restart");
+        }
+        core.server
+            .reload(new.server.clone())
+            .map_err(|e| e.to_string())?;
+        core.config.server = new.server;
+        core.config.auth = new.auth;
+        core.auth.clone()
+    };
+    // The gate's lock outside the core's.
+    let notes = shared_auth
+        .map(|a| crate::auth::apply(&a, auth))
+        .unwrap_or_default();
+    let core = shared.lock();
+    let mut msg = format!(
+        "reloaded {}: {} policy rules, {} tiers, auth {}",
         path.display(),
         core.config.server.policy.len(),
-        core.config.server.tiers.len()
-    ))
+        core.config.server.tiers.len(),
+        if core.config.auth.enabled() {
+            "on"
+        } else {
+            "off"
+        },
+    );
+    if !notes.is_empty() {
+        msg.push_str(&format!(" ({notes})"));
+    }
+    Ok(msg)
 }
 
 #[cfg(test)]
@@ -768,6 +881,105 @@ mod tests {
         );
         let role = shared.lock_pair().unwrap().node.role();
         assert_eq!(role, pcp_ha::Role::Active);
+    }
+
+    /// Issue #4 (spurious takeover under CPU starvation): the pair lock held for a
+    /// second on the active — bulk work under it, or its holder descheduled on a
+    /// starved machine — must not silence the active towards the backup: the beacon
+    /// thread speaks for it. Fails without the beacon (no frame in that second).
+    #[test]
+    fn heartbeats_go_out_while_the_pair_lock_is_held() {
+        let peer = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, _) = pair_core(true, peer.local_addr().unwrap());
+        let (_, frames) = longest_gap(&peer, Duration::from_millis(300), |_, _| {});
+        assert!(
+            frames > 3,
+            "the node sends before the stall ({frames} frames)"
+        );
+        let stalled = shared.lock_pair();
+        // Past what the replication thread sent before it blocked on the lock.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 256];
+        while peer.recv_from(&mut buf).is_ok() {}
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (n, _) = peer
+            .recv_from(&mut buf)
+            .expect("a frame while the lock is held");
+        let h = wire::read_header(&mut wire::Reader::new(&buf[..n])).unwrap();
+        assert_eq!(h.kind, Kind::Beat, "the beacon is a heartbeat");
+        let (gap, frames) = longest_gap(&peer, Duration::from_millis(1000), |_, _| {});
+        drop(stalled);
+        // Beacons every ~30 ms; the margins allow for a starved test machine (this
+        // thread's own wake-ups included). Without the beacon there is no frame at
+        // all until the lock is released.
+        assert!(
+            frames >= 10,
+            "{frames} frames in 1 s of 20 ms heartbeats while the pair lock was held"
+        );
+        assert!(
+            gap < Duration::from_millis(250),
+            "{gap:?} without a frame while the pair lock was held"
+        );
+        let role = shared.lock_pair().unwrap().node.role();
+        assert_eq!(role, pcp_ha::Role::Active);
+    }
+
+    /// Issue #4, the spurious takeover's cause: the backup's replication thread,
+    /// woken by its timer, found its socket empty, then waited for the pair lock (held
+    /// here for 1 s; on a starved machine, a holder descheduled) while the active's
+    /// heartbeats queued in the socket, then ran its timers with the time it got the
+    /// lock: a second of "silence", and it took over from a live active. Now the time
+    /// is taken and the socket read under the lock, before the timers.
+    #[test]
+    fn backup_does_not_take_over_after_waiting_for_its_pair_lock() {
+        let active = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, backup) = pair_core(false, active.local_addr().unwrap());
+        let beat = |sock: &StdUdp| {
+            let mut buf = [0u8; 128];
+            let mut w = Writer::new(&mut buf);
+            let h = Header {
+                kind: Kind::Beat,
+                flags: 0,
+                term: 1,
+                sender: 99,
+                stream: 99,
+            };
+            wire::write_header(&mut w, &h).unwrap();
+            wire::write_u64(&mut w, 0).unwrap();
+            wire::write_u64(&mut w, 0).unwrap();
+            let n = w.len();
+            let _ = sock.send_to(&buf[..n], backup);
+        };
+        // Following the (fake) active.
+        for _ in 0..15 {
+            beat(&active);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            shared.lock_pair().unwrap().node.role(),
+            pcp_ha::Role::Backup
+        );
+        let stalled = shared.lock_pair();
+        // No heartbeat for 60 ms: the replication thread's own timer (20 ms) wakes it,
+        // it finds the socket empty and blocks on the lock. Then the active goes on.
+        std::thread::sleep(Duration::from_millis(60));
+        let until = Instant::now() + Duration::from_millis(1000);
+        while Instant::now() < until {
+            beat(&active);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(stalled);
+        for _ in 0..10 {
+            beat(&active);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let role = shared.lock_pair().unwrap().node.role();
+        assert_eq!(
+            role,
+            pcp_ha::Role::Backup,
+            "took over with the active's heartbeats unread in its socket"
+        );
     }
 
     /// The backup's side: while its core is busy it keeps hearing the active and

@@ -3,8 +3,10 @@
 //!
 //! With no arguments it runs on embedded defaults: PCP on 127.0.0.1:5351, the
 //! in-memory data plane, the admin API on 127.0.0.1:8351.
-#![forbid(unsafe_code)]
+// Denied everywhere but in `hugepages` (the global allocator; see there why).
+#![deny(unsafe_code)]
 
+mod aaa;
 mod acl;
 mod admin;
 mod admin_auth;
@@ -12,6 +14,7 @@ mod auth;
 mod config;
 mod core;
 mod daemon;
+mod hugepages;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -20,6 +23,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+
+#[global_allocator]
+static ALLOC: hugepages::HugeTables = hugepages::HugeTables;
 
 /// PCP + NAT-PMP server with RFC 7767 check-pointing.
 #[derive(Debug, Parser)]
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         ha.role = role;
         cfg.ha = Some(ha);
     }
+    hugepages::enable(cfg.daemon.huge_pages);
     if args.check {
         println!("pcpd: configuration OK");
         return ExitCode::SUCCESS;

@@ -94,6 +94,17 @@ impl Peer {
 
     /// A peer (alice) sending from `ip` to the server at `server`.
     fn to(ca: &CertificateDer<'static>, server: SocketAddr, password: &str, ip: IpAddr) -> Peer {
+        Peer::user(ca, server, "alice", password, ip)
+    }
+
+    /// A peer authenticating as `user`.
+    fn user(
+        ca: &CertificateDer<'static>,
+        server: SocketAddr,
+        user: &str,
+        password: &str,
+        ip: IpAddr,
+    ) -> Peer {
         let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -101,7 +112,7 @@ impl Peer {
         roots.add(ca.clone()).unwrap();
         let peer = TtlsPeer::new(PeerConfig {
             outer_identity: "anonymous".into(),
-            username: "alice".into(),
+            username: user.into(),
             password: password.as_bytes().to_vec(),
             server_name: ServerName::try_from("pcp.example").unwrap(),
             roots,
@@ -118,6 +129,28 @@ impl Peer {
 
     fn now(&self) -> Time {
         Time(self.origin.elapsed().as_millis() as u64)
+    }
+
+    /// Handles whatever the server sends for up to `d` (answering PA messages), until
+    /// the session ends; the client's events meanwhile.
+    fn listen(&mut self, d: Duration) -> Vec<ClientEvent> {
+        let deadline = Instant::now() + d;
+        let mut buf = [0u8; 2048];
+        let mut events = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let now = self.now();
+                self.client.handle(now, &buf[..n]);
+            }
+            while let Some(m) = self.client.poll_transmit() {
+                self.sock.send_to(&m, self.server).unwrap();
+            }
+            events.extend(std::iter::from_fn(|| self.client.poll_event()));
+            if events.iter().any(|e| matches!(e, ClientEvent::Ended(_))) {
+                break;
+            }
+        }
+        events
     }
 
     /// Runs the PA exchange until an event or 20 s.
@@ -531,4 +564,255 @@ fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
     };
     // The same mapping, kept across the failover.
     assert_eq!(renewed.external_port, body.external_port);
+}
+
+/// A new CA and server certificate for `pcp.example` written over `dir`'s, returning
+/// the CA.
+fn new_certificate(dir: &TempDir) -> CertificateDer<'static> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem() + &ca.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    ca.der().clone()
+}
+
+/// `POST /reload`: (status, body).
+fn reload(s: &Setup) -> (u16, String) {
+    s.pcpd.post("/reload")
+}
+
+/// `[auth]` reloads without a restart (docs/AUTH.md, "Reload"): a user removed from the
+/// credentials file loses their session (SESSION_TERMINATED) while the others keep
+/// theirs; a new certificate is used for new sessions only; a broken file refuses the
+/// whole reload (file, line, key) and the running configuration goes on; a mode change
+/// takes effect; SIGHUP does the same as `POST /reload`.
+#[test]
+fn reload_of_auth_keeps_valid_sessions_and_refuses_a_broken_file() {
+    let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, "required", 600);
+    let users = dir.join("users");
+    let alice = std::fs::read_to_string(&users).unwrap();
+    let bob = format!("bob:{}\n", hash_password(b"hunter2").unwrap());
+    std::fs::write(&users, format!("{alice}{bob}")).unwrap();
+    let pcpd = common::pcpd(PCPD).config(&auth).start();
+    let s = Setup {
+        _dir: dir,
+        pcpd,
+        ca: ca.clone(),
+    };
+    let o = s.pcpd.ip.octets();
+    let other = IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] ^ 1));
+    let mut a = Peer::new(&s, "correct horse");
+    let mut b = Peer::user(&ca, s.pcpd.pcp, "bob", "hunter2", other);
+    for p in [&mut a, &mut b] {
+        assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    }
+    common::wait_for(Duration::from_secs(5), "both SAs at the server", || {
+        (s.pcpd
+            .output()
+            .matches("PCP authentication succeeded")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+
+    // Bob leaves the credentials file, the certificate changes (another CA).
+    std::fs::write(&users, &alice).unwrap();
+    let new_ca = new_certificate(&s._dir);
+    let (status, body) = reload(&s);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("1 session(s) terminated"), "{body}");
+    // Bob is told (RFC 7652 §3.3) and answers; his tagged requests are not served.
+    let events = b.listen(Duration::from_secs(5));
+    assert!(
+        events.contains(&ClientEvent::Ended(Ended::ByServer)),
+        "{events:?}"
+    );
+    // Alice's session survives the new certificate.
+    let m = a.map(5000, true);
+    let r = a.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    // New sessions get the new certificate: a client trusting the old CA fails, one
+    // trusting the new CA succeeds; bob cannot come back.
+    let mut old = Peer::to(&ca, s.pcpd.pcp, "correct horse", other);
+    assert!(matches!(old.authenticate(), ClientEvent::Failed(_)));
+    let mut new = Peer::to(&new_ca, s.pcpd.pcp, "correct horse", other);
+    assert!(matches!(
+        new.authenticate(),
+        ClientEvent::Established { .. }
+    ));
+    let mut b2 = Peer::user(&new_ca, s.pcpd.pcp, "bob", "hunter2", other);
+    assert_eq!(
+        b2.authenticate(),
+        ClientEvent::Failed(Failure::AuthenticationFailed)
+    );
+
+    // A broken credentials file with a mode change: refused as a whole, naming the
+    // file, line and key; still `required`, alice still served.
+    let config = s.pcpd.config_path.clone().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&users, format!("{alice}# comment\nmallory\n")).unwrap();
+    s.pcpd
+        .rewrite_config(&text.replace("default = \"required\"", "default = \"optional\""));
+    let (status, body) = reload(&s);
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("auth.credentials") && body.contains(&format!("{}:3", users.display())),
+        "{body}"
+    );
+    let m = a.map(5001, false);
+    let r = a.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::AuthenticationRequired);
+    let m = a.map(5001, true);
+    let r = a.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    // Fixed, by SIGHUP: `optional` now.
+    std::fs::write(&users, &alice).unwrap();
+    s.pcpd.signal("HUP");
+    common::wait_for(Duration::from_secs(5), "the SIGHUP reload", || {
+        s.pcpd.output().contains("auth on").then_some(())
+    });
+    let m = a.map(5002, false);
+    let r = a.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success, "untagged served");
+}
+
+/// A pcpd started with authentication off turns it on at a reload, and off again.
+#[test]
+fn reload_turns_auth_on_and_off() {
+    let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, "required", 600);
+    let off = auth.replace("default = \"required\"", "default = \"off\"");
+    let pcpd = common::pcpd(PCPD).config(&off).start();
+    let s = Setup {
+        _dir: dir,
+        pcpd,
+        ca,
+    };
+    let mut p = Peer::new(&s, "correct horse");
+    let m = p.map(5000, false);
+    let r = p.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    s.pcpd.rewrite_config(&auth);
+    let (status, body) = reload(&s);
+    assert_eq!(status, 200, "{body}");
+    let m = p.map(5001, false);
+    let r = p.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::AuthenticationRequired);
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "the server's SA", || {
+        s.pcpd
+            .output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let m = p.map(5001, true);
+    let r = p.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    // Off again: the session is terminated and untagged requests are served.
+    s.pcpd.rewrite_config(&off);
+    let (status, body) = reload(&s);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("1 session(s) terminated"), "{body}");
+    let m = p.map(5002, false);
+    let r = p.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+}
+
+/// The operator's view of PA sessions: `GET /auth/sessions` (identity, client, times,
+/// sequence numbers, tagged requests accepted and refused), `DELETE
+/// /auth/sessions/{id}` (SESSION_TERMINATED to the client), and the session metrics.
+#[test]
+fn admin_api_lists_and_terminates_sessions() {
+    let s = setup("required");
+    let mut p = Peer::new(&s, "correct horse");
+    let mut wrong = Peer::to(&s.ca, s.pcpd.pcp, "wrong", IpAddr::V4(s.pcpd.ip));
+    assert_eq!(
+        wrong.authenticate(),
+        ClientEvent::Failed(Failure::AuthenticationFailed)
+    );
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "the server's SA", || {
+        s.pcpd
+            .output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let first = p.map(5000, true);
+    assert_eq!(result(&p.exchange(&first).unwrap()), ResultCode::Success);
+    let second = p.map(5001, true);
+    assert_eq!(result(&p.exchange(&second).unwrap()), ResultCode::Success);
+    assert_eq!(p.exchange(&first), None, "replay answered");
+
+    let list = s.pcpd.get_json("/auth/sessions");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let v = &list[0];
+    let local = p.sock.local_addr().unwrap().to_string();
+    assert_eq!(v["identity"], "alice");
+    assert_eq!(v["client"], local.as_str());
+    assert_eq!(v["state"], "established");
+    assert_eq!(v["accepted"], 2);
+    assert_eq!(v["refused"], 1);
+    assert_eq!(v["seq_in"], 1, "last accepted common sequence number");
+    assert_eq!(v["seq_out"], 2, "two tagged responses sent");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let established = v["established_at"].as_u64().unwrap();
+    assert!(established <= now && established + 30 > now, "{v}");
+    assert_eq!(v["expires_at"].as_u64().unwrap(), established + 600, "{v}");
+    assert!(v["expires_in"].as_u64().unwrap() > 590, "{v}");
+    let id = v["session_id"].as_u64().unwrap();
+
+    let m = |k: &str| s.pcpd.metric(k);
+    assert_eq!(m("pcp_auth_sessions{state=\"established\"}"), Some(1.0));
+    assert_eq!(m("pcp_auth_sessions_established_total"), Some(1.0));
+    assert_eq!(
+        m("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(1.0)
+    );
+
+    // Unknown or malformed IDs.
+    let (status, body) = common::http(
+        "DELETE",
+        s.pcpd.admin,
+        &format!("/auth/sessions/{}", id ^ 1),
+    );
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = common::http("DELETE", s.pcpd.admin, "/auth/sessions/alice");
+    assert_eq!(status, 400, "{body}");
+    // Terminated: the client is told and answers; the session is gone.
+    let (status, body) = common::http("DELETE", s.pcpd.admin, &format!("/auth/sessions/{id}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("alice"), "{body}");
+    let events = p.listen(Duration::from_secs(5));
+    assert!(
+        events.contains(&ClientEvent::Ended(Ended::ByServer)),
+        "{events:?}"
+    );
+    common::wait_for(Duration::from_secs(5), "the session gone", || {
+        s.pcpd
+            .get_json("/auth/sessions")
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    assert_eq!(
+        m("pcp_auth_sessions_terminated_total{reason=\"admin\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        m("pcp_auth_sessions_ended_total{cause=\"by_server\"}"),
+        Some(1.0)
+    );
+    assert_eq!(m("pcp_auth_sessions{state=\"established\"}"), Some(0.0));
 }

@@ -365,9 +365,21 @@ async fn client(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let fail = |what: &str, e: io::Error| format!("client {index}: {what} failed: {e}");
-    // Pacing (`rate`): sends allowed so far = elapsed × rate, plus one.
+    // Pacing (`rate`): request k is due at k / rate after the start, whatever the
+    // answers do (an open loop while the window has room). The timer's resolution is
+    // a millisecond: requests go out in bursts of rate / 1000. Latency counts from
+    // the actual send (from the due time, the timer's own lag would dominate); a
+    // server that falls behind shows as fewer requests sent than offered.
     let mut sent_total = 0u64;
     let paced_from = Instant::now();
+    let due = |k: u64| {
+        if cfg.rate > 0.0 {
+            paced_from + Duration::from_secs_f64(k as f64 / cfg.rate)
+        } else {
+            // Unpaced: never (the select! below evaluates its sleep regardless).
+            paced_from + Duration::from_secs(1 << 30)
+        }
+    };
 
     loop {
         let now = Instant::now();
@@ -379,12 +391,10 @@ async fn client(
             }
         } else {
             while outstanding < window {
-                if cfg.rate > 0.0
-                    && sent_total as f64
-                        >= now.saturating_duration_since(paced_from).as_secs_f64() * cfg.rate + 1.0
-                {
+                if cfg.rate > 0.0 && due(sent_total) > now {
                     break;
                 }
+                let sent_at = now;
                 let k = next;
                 match socket.try_send(&mappings[k].datagram) {
                     Ok(_) => {}
@@ -401,10 +411,10 @@ async fn client(
                 let measured = phase == Phase::Measure;
                 pending[k].push_back(Pending {
                     seq,
-                    sent: now,
+                    sent: sent_at,
                     measured,
                 });
-                order.push_back((seq, k, now));
+                order.push_back((seq, k, sent_at));
                 seq += 1;
                 outstanding += 1;
                 if measured {
@@ -456,6 +466,9 @@ async fn client(
                 }
             }
             _ = tick.tick() => {}
+            // The next paced request, on time (not at the next tick).
+            _ = tokio::time::sleep_until(due(sent_total).into()),
+                if cfg.rate > 0.0 && outstanding < window && phase != Phase::Done => {}
         }
     }
     Ok(stats)

@@ -27,7 +27,7 @@ use crate::common::{self, Pcpd, workspace_root};
 pub const PCPCTL: &str = env!("CARGO_BIN_EXE_pcpctl");
 
 /// What pcpd is built from, relative to the workspace root.
-const PCPD_SOURCES: [&str; 12] = [
+const PCPD_SOURCES: [&str; 16] = [
     "Cargo.toml",
     "Cargo.lock",
     "crates/pcpd/Cargo.toml",
@@ -40,6 +40,10 @@ const PCPD_SOURCES: [&str; 12] = [
     "crates/pcp-dataplane/src",
     "crates/pcp-ha/Cargo.toml",
     "crates/pcp-ha/src",
+    "crates/pcp-auth/Cargo.toml",
+    "crates/pcp-auth/src",
+    "crates/pcp-eap/Cargo.toml",
+    "crates/pcp-eap/src",
 ];
 
 /// The newest modification time of a file or anything under a directory.

@@ -516,6 +516,7 @@ pub fn try_http(method: &str, addr: SocketAddr, path: &str) -> Result<(u16, Stri
     let url = format!("http://{addr}{path}");
     let resp = match method {
         "POST" => agent.post(&url).send_empty(),
+        "DELETE" => agent.delete(&url).call(),
         _ => agent.get(&url).call(),
     };
     let mut resp = resp.map_err(|e| e.to_string())?;

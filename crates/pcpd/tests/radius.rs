@@ -1,0 +1,298 @@
+//! The RADIUS back end of the real `pcpd` with several AAA servers (docs/AUTH.md,
+//! "Several AAA servers"): a dead one that never answers and a live fake one (EAP-TTLS
+//! of the embedded back end behind `pcp-eap`'s RADIUS front end, in this test). pcpd fails over, marks the
+//! dead server and passes it over for the next client; a PA client with a short
+//! retransmission time gets PA-Acknowledgements while the AAA side is slow and never
+//! retransmits.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+use pcp_auth::Time;
+use pcp_auth::client::{Client, ClientConfig, ClientEvent};
+use pcp_eap::radius::server::{self, RadiusServer, RadiusServerConfig};
+use pcp_eap::rustls::RootCertStore;
+use pcp_eap::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsPeer, hash_password};
+use pcp_proto::Response;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+const PCPD: &str = env!("CARGO_BIN_EXE_pcpd");
+const SECRET: &[u8] = b"aaa-shared-secret";
+
+/// A UDP server on loopback, stopped when dropped.
+struct Aaa {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    /// Milliseconds to wait before answering the next request (once).
+    delay_next_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Aaa {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A server that counts requests and answers none (a dead AAA server that still has
+/// its port: no ICMP, only silence).
+fn dead_aaa(ip: IpAddr) -> Aaa {
+    fake_aaa(ip, None)
+}
+
+/// The fake AAA server: `pcp-eap`'s RADIUS front end (`radius::server`) of the
+/// embedded EAP-TTLS back end, counting requests and, when asked, slow to answer.
+fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
+    let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let addr = sock.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let delay_next_ms = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, d, st) = (requests.clone(), delay_next_ms.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut aaa =
+            backend.map(|b| RadiusServer::new(RadiusServerConfig::new(SECRET.to_vec()), b));
+        let origin = Instant::now();
+        let mut buf = [0u8; 4096];
+        while !st.load(Ordering::SeqCst) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            r.fetch_add(1, Ordering::SeqCst);
+            let Some(aaa) = aaa.as_mut() else {
+                continue;
+            };
+            std::thread::sleep(Duration::from_millis(d.swap(0, Ordering::SeqCst)));
+            let now = origin.elapsed().as_millis() as u64;
+            if let server::Outcome::Reply { reply, .. } = aaa.handle(now, from, &buf[..n]) {
+                let _ = sock.send_to(&reply, from);
+            }
+        }
+    });
+    Aaa {
+        addr,
+        requests,
+        delay_next_ms,
+        stop,
+    }
+}
+
+/// The AAA side's certificate (for `aaa.example`) and alice's credentials.
+fn pki() -> (CertificateDer<'static>, Embedded) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["aaa.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let h = hash_password(b"correct horse").unwrap();
+    let backend = Embedded::new(
+        vec![cert.der().clone(), ca.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        Credentials::parse(&format!("alice:{h}\n"), "test").unwrap(),
+    )
+    .unwrap();
+    (ca.der().clone(), backend)
+}
+
+/// What one client's authentication looked like.
+struct Outcome {
+    event: ClientEvent,
+    /// PA-Acknowledgements received.
+    acks: usize,
+    /// Bitwise copies of earlier PA-Client messages sent (retransmissions).
+    copies: usize,
+    took: Duration,
+}
+
+/// Alice authenticates from `ip` against pcpd at `server`, with a 300 ms IRT.
+fn authenticate(ca: &CertificateDer<'static>, ip: IpAddr, server: SocketAddr) -> Outcome {
+    let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let peer = TtlsPeer::new(PeerConfig {
+        outer_identity: "anonymous".into(),
+        username: "alice".into(),
+        password: b"correct horse".to_vec(),
+        server_name: ServerName::try_from("aaa.example").unwrap(),
+        roots,
+    })
+    .unwrap();
+    let mut cfg = ClientConfig::new(ip);
+    cfg.retransmit.irt = Duration::from_millis(300);
+    let mut client = Client::new(cfg, peer);
+    let origin = Instant::now();
+    let now = || Time(origin.elapsed().as_millis() as u64);
+    let (mut acks, mut copies, mut sent) = (0, 0, Vec::<Vec<u8>>::new());
+    client.start(now());
+    let mut buf = [0u8; 2048];
+    loop {
+        assert!(origin.elapsed() < Duration::from_secs(20), "no outcome");
+        while let Some(m) = client.poll_transmit() {
+            if sent.contains(&m) {
+                copies += 1;
+            } else {
+                sent.push(m.clone());
+            }
+            sock.send_to(&m, server).unwrap();
+        }
+        if let Some(event) = client.poll_event() {
+            return Outcome {
+                event,
+                acks,
+                copies,
+                took: origin.elapsed(),
+            };
+        }
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if Response::parse(&buf[..n]).is_ok_and(|r| r.options.received_pak().is_some()) {
+                acks += 1;
+            }
+            client.handle(now(), &buf[..n]);
+        }
+        client.handle_timeout(now());
+    }
+}
+
+#[test]
+fn failover_past_a_dead_aaa_server_and_pa_acknowledgements_meanwhile() {
+    let dir = TempDir::new();
+    let ip = IpAddr::V4(common::fresh_ip());
+    let (ca, backend) = pki();
+    let dead = dead_aaa(ip);
+    let live = fake_aaa(ip, Some(backend));
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = format!(
+        "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"{}\", \"{}\"]\nsecret_file = \"{}\"\ntimeout_ms = 1500\ntries = 1\ndead_time_s = 60\n",
+        dead.addr,
+        live.addr,
+        secret.display()
+    );
+    let pcpd = common::pcpd(PCPD).config(&config).start();
+    let client_ip = IpAddr::V4(pcpd.ip);
+
+    // The first Access-Request goes to the preferred server, which says nothing for
+    // 1.5 s; pcpd marks it dead and asks the next one. Meanwhile the client
+    // (300 ms IRT) is acknowledged and does not retransmit.
+    let first = authenticate(&ca, client_ip, pcpd.pcp);
+    assert!(
+        matches!(first.event, ClientEvent::Established { .. }),
+        "{:?}\n{}",
+        first.event,
+        pcpd.output()
+    );
+    assert_eq!(
+        dead.requests.load(Ordering::SeqCst),
+        1,
+        "tries to the dead server"
+    );
+    assert!(first.acks >= 1, "no PA-Acknowledgement while failing over");
+    assert_eq!(first.copies, 0, "the client retransmitted");
+    assert!(
+        pcpd.output().contains("RADIUS failover"),
+        "{}",
+        pcpd.output()
+    );
+    let up = |a: &Aaa| {
+        pcpd.metric(&format!(
+            "pcp_auth_radius_server_up{{server=\"{}\"}}",
+            a.addr
+        ))
+    };
+    assert_eq!(up(&dead), Some(0.0));
+    assert_eq!(up(&live), Some(1.0));
+
+    // The next client goes straight to the live server; a slow answer (1.2 s, within
+    // the RADIUS timeout but four of the client's IRTs) is covered by the
+    // acknowledgement.
+    live.delay_next_ms.store(1_200, Ordering::SeqCst);
+    let second = authenticate(&ca, client_ip, pcpd.pcp);
+    assert!(
+        matches!(second.event, ClientEvent::Established { .. }),
+        "{:?}",
+        second.event
+    );
+    assert_eq!(
+        dead.requests.load(Ordering::SeqCst),
+        1,
+        "dead server asked again"
+    );
+    assert!(second.acks >= 1);
+    assert_eq!(second.copies, 0, "the client retransmitted");
+    assert!(second.took >= Duration::from_millis(1_200));
+    let sessions = pcpd.get_json("/auth/sessions");
+    assert_eq!(sessions.as_array().map(Vec::len), Some(2), "{sessions}");
+    assert!(
+        sessions
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["identity"] == "alice")
+    );
+
+    // A reload that changes nothing of [auth.radius] keeps the servers as they are
+    // (the dead one stays passed over); one that drops the dead server uses the rest,
+    // and the sessions stay.
+    let (status, body) = pcpd.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up(&dead), Some(0.0), "reload forgot the dead mark");
+    pcpd.rewrite_config(&config.replace(&format!("\"{}\", ", dead.addr), ""));
+    let (status, body) = pcpd.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up(&dead), None);
+    assert_eq!(up(&live), Some(1.0));
+    let third = authenticate(&ca, client_ip, pcpd.pcp);
+    assert!(
+        matches!(third.event, ClientEvent::Established { .. }),
+        "{:?}",
+        third.event
+    );
+    assert_eq!(dead.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        pcpd.get_json("/auth/sessions").as_array().map(Vec::len),
+        Some(3)
+    );
+}
+
+/// With every AAA server dead the authentication fails (AUTHENTICATION_FAILED) with
+/// an error naming the servers; no server is skipped without being asked.
+#[test]
+fn all_aaa_servers_dead_fails_the_authentication() {
+    let dir = TempDir::new();
+    let ip = IpAddr::V4(common::fresh_ip());
+    let (ca, _) = pki();
+    let (a, b) = (dead_aaa(ip), dead_aaa(ip));
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = format!(
+        "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"{}\", \"{}\"]\nsecret_file = \"{}\"\ntimeout_ms = 150\ntries = 2\n",
+        a.addr,
+        b.addr,
+        secret.display()
+    );
+    let pcpd = common::pcpd(PCPD).config(&config).start();
+    let out = authenticate(&ca, IpAddr::V4(pcpd.ip), pcpd.pcp);
+    assert!(
+        matches!(out.event, ClientEvent::Failed(_)),
+        "{:?}",
+        out.event
+    );
+    assert_eq!(a.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(b.requests.load(Ordering::SeqCst), 2);
+    common::wait_for(Duration::from_secs(2), "the timeout logged", || {
+        pcpd.output().contains("did not answer").then_some(())
+    });
+}
