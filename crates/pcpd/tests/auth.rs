@@ -678,8 +678,15 @@ fn reload_of_auth_keeps_valid_sessions_and_refuses_a_broken_file() {
     common::wait_for(Duration::from_secs(5), "the SIGHUP reload", || {
         s.pcpd.output().contains("auth on").then_some(())
     });
+    // Untagged requests are served, except from an address with a PA session (RFC
+    // 7652 §3.1.3, docs/AUTH.md S2).
     let m = a.map(5002, false);
     let r = a.exchange(&m).expect("an answer");
+    assert_eq!(result(&r), ResultCode::AuthenticationRequired);
+    let third = IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] ^ 2));
+    let mut c = Peer::to(&new_ca, s.pcpd.pcp, "correct horse", third);
+    let m = c.map(5002, false);
+    let r = c.exchange(&m).expect("an answer");
     assert_eq!(result(&r), ResultCode::Success, "untagged served");
 }
 
