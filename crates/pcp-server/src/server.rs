@@ -1280,8 +1280,10 @@ impl Server {
     }
 
     /// Installs a mapping replicated from the previous active (takeover): same key,
-    /// nonce, external endpoint and expiry; checkpointed with the reason it had. The
-    /// subscriber is this node's own lookup. Effects carry the data plane install.
+    /// nonce, external endpoint and expiry; checkpointed with the reason it had.
+    /// Charged to the subscriber `m.subscriber` names as this node's configuration
+    /// finds it ([`SubscriberTable::adopted`]: an identity resolved again, a configured
+    /// entry by id, else by address). Effects carry the data plane install.
     pub fn adopt(
         &mut self,
         m: &Mapping,
@@ -1314,7 +1316,7 @@ impl Server {
             None => {}
         }
         let (subscriber, tier_name) =
-            charge.unwrap_or_else(|| self.subscribers.lookup(m.key.internal));
+            charge.unwrap_or_else(|| self.subscribers.adopted(m.key.internal, &m.subscriber));
         let tier = *self.cfg.tier(&tier_name);
         let checkpointed = m.is_checkpointed();
         let sub = match self.subs.find(&subscriber) {
