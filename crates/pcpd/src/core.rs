@@ -270,6 +270,21 @@ impl Pair {
         self.origin + Duration::from_millis(next.0)
     }
 
+    /// Queues PA session changes for the backup (see `Auth::take_replication`).
+    pub fn push_sessions(&mut self, changes: Vec<crate::auth::SessionChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let now = self.now();
+        for c in changes {
+            match c {
+                crate::auth::SessionChange::Up(r) => self.node.push_session(r, now),
+                crate::auth::SessionChange::Seq(id, s) => self.node.push_session_seq(id, s, now),
+                crate::auth::SessionChange::End(id) => self.node.push_session_end(id, now),
+            };
+        }
+    }
+
     /// Sends the peer whatever the HA node has to say now. Frames go out under the pair
     /// lock, so that two threads transmitting never reorder them on the wire (a gap
     /// would cost a go-back-N timeout).
@@ -1056,6 +1071,9 @@ impl Core {
                 tracing::warn!(term, "a newer active exists: stepping down to backup");
                 self.serving = false;
                 self.reset_server(now);
+                if let Some(a) = &self.auth {
+                    crate::auth::lock(a).drop_sessions();
+                }
                 false
             }
             Event::Promoted {
@@ -1074,6 +1092,14 @@ impl Core {
                     complete,
                     now,
                 );
+                // The replicated PA sessions, before the first request is served.
+                if let Some(a) = &self.auth {
+                    let sessions = self
+                        .lock_pair()
+                        .map(|p| p.node.sessions(now))
+                        .unwrap_or_default();
+                    crate::auth::lock(a).adopt_sessions(&sessions);
+                }
                 self.serving = true;
                 true
             }
