@@ -504,6 +504,12 @@ impl HaNode {
         out
     }
 
+    /// PA sessions held: as backup, replicated ones for a takeover; as active, the
+    /// ones kept for the backup (expired ones go at the next sweep).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
     /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the checkpointed mappings from
     /// the cursor on, the cursor to continue from (`None`: done) and, with the last
     /// chunk, the hosts holding unprotected mappings.
@@ -1262,6 +1268,7 @@ impl HaNode {
                     self.last_sweep = now;
                     self.rx.store.retain(|_, st| st.expires > now);
                     self.sessions.retain(|_, st| st.expires > now);
+                    self.names.prune();
                 }
             }
             Role::Draining => {

@@ -500,6 +500,10 @@ fn pair_mode_keeps_sessions_and_identities_across_a_failover() {
     common::wait_for(Duration::from_secs(5), "B's copy charged to acme", || {
         (b.mapping(17, 5000)["subscriber"] == "acme").then_some(())
     });
+    // It holds the session for a takeover.
+    common::wait_for(Duration::from_secs(5), "B holds the session", || {
+        (b.ha()["sessions"] == 1).then_some(())
+    });
     // The backup keeps quiet, PA messages included.
     let mut q = Peer::to(&ca, b.pcp, "correct horse", client_ip);
     q.client.start(q.now());
@@ -556,4 +560,65 @@ fn pair_mode_keeps_sessions_and_identities_across_a_failover() {
     assert_eq!(result(&r), ResultCode::UserExQuota);
     let now = p.now();
     p.client.verify_response(now, &r).expect("tagged by B");
+}
+
+/// `[ha] replicate_sessions = false` (an HA link that cannot be trusted with keys,
+/// docs/HA.md): nothing of the session reaches the backup, so after `kill -9` of the
+/// active the successor answers the client's next tagged request UNKNOWN_SESSION_ID,
+/// the client authenticates with it and renews its (replicated) mapping.
+#[test]
+fn without_session_replication_clients_reauthenticate_after_failover() {
+    let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, "required", 600);
+    let plan = PairPlan::new(&auth, HaTiming::default());
+    let start = |node, role, ip| {
+        common::pcpd(PCPD)
+            .at(ip)
+            .config(&(plan.config(node, role) + "replicate_sessions = false\n"))
+            .start()
+    };
+    let mut a = start(Node::A, "active", plan.ip_a);
+    let b = start(Node::B, "backup", plan.ip_b);
+    wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
+        h["role"] == "active" && h["ready"] == true && h["backup_status"] == "ready"
+    });
+    wait_ha(&b, Duration::from_secs(10), "B backup and ready", |h| {
+        h["role"] == "backup" && h["ready"] == true
+    });
+    let mut p = Peer::to(&ca, a.pcp, "correct horse", IpAddr::V4(plan.ip_b));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    let m = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&m).expect("the held reply, released");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged");
+    let Body::Map(body) = Response::parse(&r).unwrap().body else {
+        panic!("not a MAP")
+    };
+    assert_eq!(a.ha()["sessions"], 0, "nothing kept for the backup");
+    assert_eq!(b.ha()["sessions"], 0);
+    a.kill9();
+    wait_ha(&b, Duration::from_secs(10), "B takes over", |h| {
+        h["role"] == "active"
+    });
+    p.server = b.pcp;
+    let stale = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&stale).expect("an answer");
+    assert_eq!(result(&r), ResultCode::UnknownSessionId);
+    let now = p.now();
+    assert!(p.client.verify_response(now, &r).is_err());
+    assert_eq!(p.client.poll_event(), Some(ClientEvent::Ended(Ended::Lost)));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "B's SA", || {
+        b.output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let renew = p.map_with(5000, true, &[]);
+    let r = p.exchange(&renew).expect("an answer");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged by B");
+    let Body::Map(renewed) = Response::parse(&r).unwrap().body else {
+        panic!("not a MAP")
+    };
+    assert_eq!(renewed.external_port, body.external_port);
 }
