@@ -504,6 +504,11 @@ impl HaNode {
         out
     }
 
+    /// Whether this node holds PA session `id`.
+    pub fn has_session(&self, id: u32) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
     /// PA sessions held: as backup, replicated ones for a takeover; as active, the
     /// ones kept for the backup (expired ones go at the next sweep).
     pub fn session_count(&self) -> usize {

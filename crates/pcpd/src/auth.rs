@@ -512,6 +512,27 @@ impl Auth {
         out
     }
 
+    /// The sequence numbers of session `id` for the backup now, when sessions are
+    /// replicated.
+    pub fn sequence_for_backup(&self, id: u32) -> Option<pcp_ha::wire::SequenceRecord> {
+        if !self.replicate {
+            return None;
+        }
+        self.gate
+            .server
+            .sequence_state(id)
+            .map(|s| sequence_record(&s))
+    }
+
+    /// The whole of session `id` for the backup now, when sessions are replicated.
+    pub fn session_for_backup(&self, id: u32) -> Option<pcp_ha::wire::SessionRecord> {
+        if !self.replicate {
+            return None;
+        }
+        let st = self.gate.server.export(id, self.now())?;
+        Some(session_record(&st))
+    }
+
     /// A takeover: the sessions the backup held replace whatever this gate had, so
     /// their clients carry on without authenticating again (docs/AUTH.md).
     pub fn adopt_sessions(&mut self, sessions: &[pcp_ha::wire::SessionRecord]) {

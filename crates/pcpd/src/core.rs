@@ -358,6 +358,32 @@ impl Pair {
     }
 }
 
+/// For a held reply to an authenticated request: queues its session's sequence numbers
+/// (the request's included) after the reply's own records and returns that record's
+/// sequence number, which the reply then waits for — so a reply echoing 192 never
+/// leaves before the backup knows the request's sequence number (docs/AUTH.md "Pair
+/// mode"). `None` when nothing was queued (no session, not replicated, or unchanged
+/// since the last record, which the reply's records follow anyway).
+fn held_session_seq(
+    auth: Option<&crate::auth::SharedAuth>,
+    p: &mut Pair,
+    session: Option<u32>,
+    now: Time,
+) -> Option<u64> {
+    let (auth, id) = (auth?, session?);
+    // The gate's lock under the pair's: the allowed order (module doc of auth.rs).
+    let a = crate::auth::lock(auth);
+    if p.node.has_session(id) {
+        let seq = a.sequence_for_backup(id)?;
+        p.node.push_session_seq(id, seq, now)
+    } else {
+        // Established in this very group (its record is queued after it): the whole
+        // session now.
+        let record = a.session_for_backup(id)?;
+        p.node.push_session(record, now)
+    }
+}
+
 /// Logs an HA node call that took long enough to matter for failure detection.
 fn slow(what: &str, since: Instant) {
     let took = since.elapsed();
@@ -814,7 +840,8 @@ impl Core {
                 }
                 from = s.changes_end;
                 if let Some(mut h) = s.held.take() {
-                    h.seq = seq;
+                    h.seq =
+                        held_session_seq(self.auth.as_ref(), &mut p, h.session, now).unwrap_or(seq);
                     p.hold(h, now);
                 }
             }
@@ -989,7 +1016,7 @@ impl Core {
             }
         }
         if let Some(mut h) = held {
-            h.seq = seq;
+            h.seq = held_session_seq(self.auth.as_ref(), &mut p, h.session, now).unwrap_or(seq);
             p.hold(h, now);
         }
         Ok(seq)
