@@ -428,7 +428,9 @@ impl HaNode {
     /// sequence number, or `None` when this node is not active or its backup does not
     /// read session records (an older build).
     pub fn push_session(&mut self, mut record: SessionRecord, now: Time) -> Option<u64> {
-        if !matches!(self.role, Role::Active | Role::Draining) {
+        if !matches!(self.role, Role::Active | Role::Draining)
+            || record.identity.len() > wire::MAX_NAME
+        {
             return None;
         }
         let expires = now.plus(Duration::from_millis(u64::from(record.remaining_ms)));
@@ -1331,9 +1333,11 @@ fn record_of(m: &Mapping) -> MappingRecord {
         filters: m.filters.to_vec(),
         description: m.description.as_deref().map(str::to_string),
         subscriber: match &m.subscriber {
-            SubscriberId::Identity(n) => Subscriber::Identity(n.clone()),
-            SubscriberId::Named(n) => Subscriber::Entry(n.clone()),
-            SubscriberId::Prefix(_) => Subscriber::Address,
+            SubscriberId::Identity(n) if n.len() <= wire::MAX_NAME => {
+                Subscriber::Identity(n.clone())
+            }
+            SubscriberId::Named(n) if n.len() <= wire::MAX_NAME => Subscriber::Entry(n.clone()),
+            _ => Subscriber::Address,
         },
     }
 }

@@ -34,6 +34,10 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Largest frame this crate emits (fits a loopback or jumbo-frame datagram).
 pub const MAX_FRAME: usize = 8192;
+/// Longest identity or subscriber id replicated (RADIUS caps User-Name at 253
+/// octets; configured names are short): a longer one is not replicated, so no record
+/// can outgrow a frame and wedge the stream.
+pub const MAX_NAME: usize = 1024;
 /// ACK/HELLO flag: the backup reads the PA session records (kinds 6–8).
 pub const FLAG_SESSIONS: u8 = 2;
 

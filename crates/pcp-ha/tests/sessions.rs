@@ -256,3 +256,30 @@ fn a_demoted_active_forgets_its_sessions() {
     let held: Vec<u32> = a.sessions(t).iter().map(|s| s.session_id).collect();
     assert_eq!(held, [1]);
 }
+
+/// An identity longer than `wire::MAX_NAME` is never replicated (a record must fit a
+/// frame, or the stream would wedge on it): its session stays home, its mappings are
+/// replicated as charged by address.
+#[test]
+fn oversized_names_are_not_replicated() {
+    let (mut a, mut b, now) = pair(false);
+    let long: std::sync::Arc<str> = "x".repeat(pcp_ha::wire::MAX_NAME + 1).into();
+    let mut s = session(1, 600_000);
+    s.identity = long.clone();
+    assert!(a.push_session(s, now).is_none());
+    assert!(!a.has_session(1));
+    a.push(
+        &Change::Upsert(Box::new(mapping(5000, SubscriberId::Identity(long), now))),
+        now,
+    );
+    let events = pump(&mut a, &mut b, now, false);
+    let subscriber = events.into_iter().find_map(|e| match e {
+        Event::Replica(Replica::Upsert(m)) => Some(m.subscriber),
+        _ => None,
+    });
+    assert!(
+        matches!(subscriber, Some(SubscriberId::Prefix(_))),
+        "{subscriber:?}"
+    );
+    assert!(b.sessions(now).is_empty());
+}
