@@ -48,10 +48,18 @@ impl Embedded {
         key: PrivateKeyDer<'static>,
         credentials: Credentials,
     ) -> Result<Embedded, BackendError> {
-        let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+        let mut tls = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(tls::VERSIONS)?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;
+        // Full handshakes only, no session resumption. A peer resuming a TTLS session
+        // skips phase 2 (RFC 5281, "Session Resumption"; wpa_supplicant does), so the server would have
+        // to remember who authenticated on that session — but rustls caches a TLS 1.2
+        // session when the handshake completes, before the inner identity is known.
+        // Resuming anyway made every re-authentication of wpa_supplicant fail (found
+        // with `eapol_test -r 1`). FreeRADIUS's default (`cache { enable = no }`) too.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         Ok(Embedded {
             tls: Arc::new(tls),
             credentials: Arc::new(credentials),
@@ -198,6 +206,23 @@ impl TtlsAuthenticator {
     }
 }
 
+impl TtlsAuthenticator {
+    /// Starts a conversation whose EAP-Request/Identity someone else sent — a NAS in
+    /// front of a RADIUS server (RFC 3579 §2.1) — with the peer's EAP-Response/Identity,
+    /// whatever its identifier: the EAP-TTLS Start that follows it, or `Discard` for
+    /// anything but an identity response.
+    pub fn begin(&mut self, identity_response: &[u8]) -> AuthStep {
+        match Packet::parse(identity_response) {
+            Ok(p) if p.code == packet::RESPONSE && p.typ == Some(packet::TYPE_IDENTITY) => {
+                self.start();
+                self.id = p.id;
+                self.receive(identity_response)
+            }
+            _ => AuthStep::Discard,
+        }
+    }
+}
+
 impl EapAuthenticator for TtlsAuthenticator {
     fn start(&mut self) -> Vec<u8> {
         self.conn = None;
@@ -232,5 +257,54 @@ impl EapAuthenticator for TtlsAuthenticator {
             Some(packet::TYPE_NAK) => self.fail(),
             _ => AuthStep::Discard,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair};
+    use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+
+    /// Regression (eapol_test -r): a second handshake from the same TLS client is a
+    /// full one. A resumed session lets wpa_supplicant skip phase 2, and the server
+    /// would have no inner identity to authenticate.
+    #[test]
+    fn sessions_are_never_resumed() {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["aaa.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let backend = Embedded::new(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            Credentials::default(),
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(tls::VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(8));
+        config.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(config);
+        let name = ServerName::try_from("aaa.example").unwrap();
+        for _ in 0..2 {
+            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+            let mut s = ServerConnection::new(backend.tls.clone()).unwrap();
+            while c.is_handshaking() || s.is_handshaking() {
+                tls::feed(&mut s, &tls::drain(&mut c)).unwrap();
+                tls::feed(&mut c, &tls::drain(&mut s)).unwrap();
+            }
+            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        }
+        // The client keeps sessions to offer (with the server's session cache on, the
+        // second handshake was `Resumed`); the server gives none to keep.
+        use rustls::client::ClientSessionStore;
+        assert!(store.tls12_session(&name).is_none());
     }
 }

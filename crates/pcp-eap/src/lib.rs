@@ -2,7 +2,8 @@
 //! EAP-TTLS v0 (RFC 5281), the method RFC 7652 makes mandatory, over rustls (TLS 1.2,
 //! ring provider), with PAP as the inner method and the embedded back end (certificate,
 //! key, Argon2-hashed credentials). [`TtlsPeer`] and [`TtlsAuthenticator`] plug into
-//! `pcp-auth`'s session machines.
+//! `pcp-auth`'s session machines. [`radius`] passes EAP through to an AAA server, and
+//! puts the embedded server behind RADIUS (`pcp-radiusd`).
 //!
 //! TLS records are cut into EAP-TTLS fragments (L and M flags, empty acknowledgements)
 //! small enough that each EAP packet fits a PA message under PCP's 1100 octets.

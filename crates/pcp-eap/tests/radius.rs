@@ -1,10 +1,10 @@
-//! RADIUS pass-through against a fake AAA server in this process, on loopback UDP: the
-//! fake runs our embedded EAP-TTLS server behind RADIUS (State, EAP-Message split at
-//! 253 octets, Message-Authenticator, MSK in MS-MPPE-Recv/Send-Key), and a PCP client
-//! authenticates through `pcp-auth`'s server with [`RadiusAuthenticator`]. The fake
-//! checks every request's Message-Authenticator with its own HMAC-MD5 code.
+//! RADIUS pass-through against an AAA server in this process, on loopback UDP: our
+//! RADIUS front end (`radius::server`: State, EAP-Message split at 253 octets,
+//! Message-Authenticator, MSK in MS-MPPE-Recv/Send-Key) of the embedded EAP-TTLS
+//! server, and a PCP client authenticates through `pcp-auth`'s server with
+//! [`RadiusAuthenticator`]. The AAA side checks every request's Message-Authenticator
+//! with its own HMAC-MD5 code first.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +16,7 @@ use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent};
 use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::server::{Check, Server, ServerConfig, ServerEvent};
+use pcp_eap::radius::server::{Outcome, RadiusServer, RadiusServerConfig};
 use pcp_eap::radius::{self, RadiusAuthenticator, RadiusClient, RadiusConfig, RadiusError};
 use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsPeer, hash_password};
 use pcp_proto::{Body, MapBody, Options, Request, ResultCode};
@@ -34,8 +35,11 @@ struct Seen {
     split: AtomicUsize,
 }
 
-/// The fake AAA server: EAP-TTLS (embedded back end) behind RADIUS, until `stop`.
-/// Ignores the first `drop_first` requests (to exercise retransmission).
+/// The fake AAA server: our RADIUS front end (`radius::server`) of the embedded
+/// EAP-TTLS back end, until the process ends. It first checks each request's
+/// Message-Authenticator with its own HMAC-MD5 code (a wrong one is silently dropped,
+/// as a real server does), and ignores the first `drop_first` requests (to exercise
+/// retransmission).
 fn fake_radius(
     backend: Embedded,
     secret: &'static [u8],
@@ -47,13 +51,12 @@ fn fake_radius(
         .unwrap();
     let addr = sock.local_addr().unwrap();
     std::thread::spawn(move || {
-        let mut convs: HashMap<Vec<u8>, pcp_eap::TtlsAuthenticator> = HashMap::new();
-        let mut next_state = 0u32;
+        let mut server = RadiusServer::new(RadiusServerConfig::new(secret.to_vec()), backend);
+        let origin = Instant::now();
         let mut buf = [0u8; 4096];
         let mut dropped = 0;
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
             let p = &buf[..n];
-            let req_auth: [u8; 16] = p[4..20].try_into().unwrap();
             // Independent check of the request's Message-Authenticator.
             let mut attrs = Vec::new();
             let mut i = 20;
@@ -74,60 +77,20 @@ fn fake_radius(
                 dropped += 1;
                 continue;
             }
-            let eap_parts: Vec<&Vec<u8>> =
-                attrs.iter().filter(|a| a.1 == 79).map(|a| &a.2).collect();
-            assert!(eap_parts.iter().all(|v| v.len() <= 253));
-            let mut eap: Vec<u8> = eap_parts.into_iter().flatten().copied().collect();
-            let state = attrs.iter().find(|a| a.1 == 24).map(|a| a.2.clone());
-            let mut auth = match state.and_then(|s| convs.remove(&s)) {
-                Some(a) => a,
-                None => {
-                    // A new conversation: the NAS sent the Identity request itself,
-                    // with its own identifier.
-                    let mut a = backend.authenticator();
-                    let first = a.start();
-                    eap[1] = first[1];
-                    a
-                }
+            assert!(attrs.iter().filter(|a| a.1 == 79).all(|a| a.2.len() <= 253));
+            let now = origin.elapsed().as_millis() as u64;
+            let Outcome::Reply { reply, .. } = server.handle(now, from, p) else {
+                continue;
             };
-            let reply = match auth.receive(&eap) {
-                AuthStep::Request(r) => {
-                    next_state += 1;
-                    let st = next_state.to_be_bytes().to_vec();
-                    convs.insert(st.clone(), auth);
-                    let mut a: Vec<_> = radius::eap_attributes(&r).collect();
-                    if a.len() > 1 {
-                        seen.split.fetch_add(1, Ordering::SeqCst);
-                    }
-                    a.push((24, st));
-                    radius::encode_response(11, p[1], &req_auth, &a, secret)
-                }
-                AuthStep::Success {
-                    packet,
-                    msk,
-                    identity,
-                } => {
-                    let vsa = |t: u8, k: &[u8], salt: [u8; 2]| {
-                        let enc = radius::mppe_encrypt(k, salt, &req_auth, secret);
-                        let mut v = 311u32.to_be_bytes().to_vec();
-                        v.push(t);
-                        v.push((enc.len() + 2) as u8);
-                        v.extend(enc);
-                        (26, v)
-                    };
-                    let a = vec![
-                        (79, packet),
-                        (1, identity.into_bytes()),
-                        vsa(17, &msk[..32], [0x80, 0x01]),
-                        vsa(16, &msk[32..64], [0x80, 0x02]),
-                    ];
-                    radius::encode_response(2, p[1], &req_auth, &a, secret)
-                }
-                AuthStep::Failure { packet } => {
-                    radius::encode_response(3, p[1], &req_auth, &[(79, packet)], secret)
-                }
-                AuthStep::Discard | AuthStep::Pending => continue,
-            };
+            let eap_parts = radius::wire::Parsed::parse(&reply)
+                .unwrap()
+                .attributes
+                .iter()
+                .filter(|a| a.1 == radius::ATTR_EAP_MESSAGE)
+                .count();
+            if eap_parts > 1 {
+                seen.split.fetch_add(1, Ordering::SeqCst);
+            }
             let _ = sock.send_to(&reply, from);
         }
     });

@@ -16,6 +16,9 @@
 //!   decoding it — EAP-Message reassembled, State, User-Name, and the MSK from
 //!   MS-MPPE-Recv-Key || MS-MPPE-Send-Key (decrypted as RFC 2548 §2.4.2–2.4.3 say).
 //!
+//! The codec both directions share is [`wire`]; [`server`] is the other direction, a
+//! RADIUS front end of the embedded EAP-TTLS server (for `eapol_test` and other NASes).
+//!
 //! Why not a RADIUS crate: the crates on crates.io each own their socket (blocking or
 //! async), and none decrypts MS-MPPE keys; the codec needed here is two digests and a
 //! TLV walk.
@@ -24,54 +27,24 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use hmac::{Hmac, KeyInit, Mac};
-use md5::{Digest, Md5};
 use pcp_auth::eap::{AuthStep, EapAuthenticator, MAX_EAP_PACKET};
 
 use crate::packet::{self, Packet};
 
-/// Access-Request.
-pub const ACCESS_REQUEST: u8 = 1;
-/// Access-Accept.
-pub const ACCESS_ACCEPT: u8 = 2;
-/// Access-Reject.
-pub const ACCESS_REJECT: u8 = 3;
-/// Access-Challenge.
-pub const ACCESS_CHALLENGE: u8 = 11;
+pub mod server;
+pub mod wire;
 
-/// User-Name.
-pub const ATTR_USER_NAME: u8 = 1;
-/// Service-Type.
-pub const ATTR_SERVICE_TYPE: u8 = 6;
-/// Framed-MTU.
-pub const ATTR_FRAMED_MTU: u8 = 12;
-/// State.
-pub const ATTR_STATE: u8 = 24;
-/// Vendor-Specific.
-pub const ATTR_VENDOR_SPECIFIC: u8 = 26;
-/// NAS-Identifier.
-pub const ATTR_NAS_IDENTIFIER: u8 = 32;
-/// EAP-Message (RFC 3579 §3.1).
-pub const ATTR_EAP_MESSAGE: u8 = 79;
-/// Message-Authenticator (RFC 3579 §3.2).
-pub const ATTR_MESSAGE_AUTHENTICATOR: u8 = 80;
-/// Microsoft's vendor ID (RFC 2548).
-pub const VENDOR_MICROSOFT: u32 = 311;
-/// MS-MPPE-Send-Key.
-pub const MS_MPPE_SEND_KEY: u8 = 16;
-/// MS-MPPE-Recv-Key.
-pub const MS_MPPE_RECV_KEY: u8 = 17;
+pub use wire::{
+    ACCESS_ACCEPT, ACCESS_CHALLENGE, ACCESS_REJECT, ACCESS_REQUEST, ATTR_EAP_MESSAGE,
+    ATTR_FRAMED_MTU, ATTR_MESSAGE_AUTHENTICATOR, ATTR_NAS_IDENTIFIER, ATTR_SERVICE_TYPE,
+    ATTR_STATE, ATTR_USER_NAME, ATTR_VENDOR_SPECIFIC, MAX_ATTR_VALUE, MAX_PACKET, MS_MPPE_RECV_KEY,
+    MS_MPPE_SEND_KEY, VENDOR_MICROSOFT, eap_attributes, encode_response, mppe_encrypt, mppe_key,
+};
 
-/// Largest attribute value (255 minus the 2-octet attribute header).
-pub const MAX_ATTR_VALUE: usize = 253;
-/// Largest RADIUS packet (RFC 2865 §3).
-pub const MAX_PACKET: usize = 4096;
 /// Framed-MTU sent: the AAA server sizes its EAP-TTLS fragments to it, so that each
 /// EAP packet fits a PA message ([`MAX_EAP_PACKET`], with room for EAP and TTLS
 /// headers).
 pub const FRAMED_MTU: u32 = 900;
-
-type HmacMd5 = Hmac<Md5>;
 
 /// Why the back end cannot be used, or why an exchange failed — each naming what an
 /// operator should fix.
@@ -162,61 +135,10 @@ pub struct Answer {
     pub msk: Option<Vec<u8>>,
 }
 
-/// Splits `eap` into EAP-Message attributes of at most 253 octets (RFC 3579 §3.1).
-pub fn eap_attributes(eap: &[u8]) -> impl Iterator<Item = (u8, Vec<u8>)> + '_ {
-    eap.chunks(MAX_ATTR_VALUE)
-        .map(|c| (ATTR_EAP_MESSAGE, c.to_vec()))
-}
-
 /// Encodes a request with identifier `id` and Request Authenticator `auth`; a
 /// Message-Authenticator is always appended (RFC 3579 §3.2) and computed last.
 pub fn encode_request(req: &AccessRequest, id: u8, auth: &[u8; 16], secret: &[u8]) -> Vec<u8> {
-    let mut p = vec![ACCESS_REQUEST, id, 0, 0];
-    p.extend_from_slice(auth);
-    for (t, v) in &req.attributes {
-        debug_assert!(v.len() <= MAX_ATTR_VALUE);
-        p.push(*t);
-        p.push((v.len() + 2) as u8);
-        p.extend_from_slice(v);
-    }
-    p.extend_from_slice(&[ATTR_MESSAGE_AUTHENTICATOR, 18]);
-    let ma_at = p.len();
-    p.extend_from_slice(&[0; 16]);
-    let len = p.len() as u16;
-    p[2..4].copy_from_slice(&len.to_be_bytes());
-    let ma = hmac_md5(secret, &p);
-    p[ma_at..ma_at + 16].copy_from_slice(&ma);
-    p
-}
-
-fn hmac_md5(key: &[u8], data: &[u8]) -> [u8; 16] {
-    let mut m = <HmacMd5 as KeyInit>::new_from_slice(key).expect("HMAC takes any key");
-    m.update(data);
-    m.finalize().into_bytes().into()
-}
-
-fn md5(parts: &[&[u8]]) -> [u8; 16] {
-    let mut h = Md5::new();
-    for p in parts {
-        h.update(p);
-    }
-    h.finalize().into()
-}
-
-/// Walks attributes; `None` if they do not tile the octets exactly.
-fn attributes(b: &[u8]) -> Option<Vec<(usize, u8, &[u8])>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let t = b[i];
-        let l = usize::from(*b.get(i + 1)?);
-        if l < 2 || i + l > b.len() {
-            return None;
-        }
-        out.push((i, t, &b[i + 2..i + l]));
-        i += l;
-    }
-    Some(out)
+    wire::encode(ACCESS_REQUEST, id, auth, &req.attributes, secret)
 }
 
 /// Verifies a response to the request with Request Authenticator `req_auth` and
@@ -226,68 +148,22 @@ pub fn decode_response(
     req_auth: &[u8; 16],
     secret: &[u8],
 ) -> Result<Answer, &'static str> {
-    if p.len() < 20 {
-        return Err("shorter than a RADIUS header");
-    }
-    let len = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    if !(20..=MAX_PACKET).contains(&len) || len > p.len() {
-        return Err("bad length field");
-    }
-    let p = &p[..len];
-    let code = p[0];
+    let p = wire::Parsed::parse(p)?;
+    let code = p.code;
     if ![ACCESS_ACCEPT, ACCESS_REJECT, ACCESS_CHALLENGE].contains(&code) {
         return Err("not an Access-Accept, -Reject or -Challenge");
     }
-    let expect = md5(&[&p[..4], req_auth, &p[20..], secret]);
-    if !constant_eq(&expect, &p[4..20]) {
+    let expect = wire::response_authenticator(p.bytes, req_auth, secret);
+    if !wire::constant_eq(&expect, &p.authenticator) {
         return Err("Response Authenticator does not verify");
     }
-    let attrs = attributes(&p[20..]).ok_or("attributes do not parse")?;
-    let mas: Vec<_> = attrs
-        .iter()
-        .filter(|(_, t, _)| *t == ATTR_MESSAGE_AUTHENTICATOR)
-        .collect();
     // Always required: every response to an EAP request carries one (RFC 3579 §3.2).
-    let [(at, _, ma)] = mas.as_slice() else {
-        return Err("no (or more than one) Message-Authenticator");
-    };
-    if ma.len() != 16 {
-        return Err("Message-Authenticator is not 16 octets");
-    }
-    let mut copy = p.to_vec();
-    copy[4..20].copy_from_slice(req_auth);
-    let off = 20 + at + 2;
-    copy[off..off + 16].fill(0);
-    if !constant_eq(&hmac_md5(secret, &copy), ma) {
-        return Err("Message-Authenticator does not verify");
-    }
-    let mut eap: Option<Vec<u8>> = None;
-    let (mut state, mut user_name, mut recv, mut send) = (None, None, None, None);
-    for (_, t, v) in &attrs {
-        match *t {
-            ATTR_EAP_MESSAGE => eap.get_or_insert_default().extend_from_slice(v),
-            ATTR_STATE => state = Some(v.to_vec()),
-            ATTR_USER_NAME => user_name = String::from_utf8(v.to_vec()).ok(),
-            ATTR_VENDOR_SPECIFIC if v.len() > 4 => {
-                let vendor = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
-                if vendor != VENDOR_MICROSOFT {
-                    continue;
-                }
-                for (_, vt, vv) in attributes(&v[4..]).unwrap_or_default() {
-                    match vt {
-                        MS_MPPE_RECV_KEY => recv = mppe_key(vv, req_auth, secret),
-                        MS_MPPE_SEND_KEY => send = mppe_key(vv, req_auth, secret),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
+    p.check_message_authenticator(req_auth, secret)?;
+    let eap = p.eap_message();
     if code == ACCESS_CHALLENGE && eap.is_none() {
         return Err("Access-Challenge without EAP-Message");
     }
-    let msk = match (recv, send) {
+    let msk = match p.ms_mppe_keys(req_auth, secret) {
         (Some(mut r), Some(s)) => {
             r.extend_from_slice(&s);
             Some(r)
@@ -297,77 +173,12 @@ pub fn decode_response(
     Ok(Answer {
         code,
         eap,
-        state,
-        user_name,
+        state: p.first(ATTR_STATE).map(<[u8]>::to_vec),
+        user_name: p
+            .first(ATTR_USER_NAME)
+            .and_then(|v| String::from_utf8(v.to_vec()).ok()),
         msk,
     })
-}
-
-/// Decrypts an MS-MPPE-Send/Recv-Key value: Salt (2, high bit set) and the string
-/// encrypted with MD5(secret || Request Authenticator || Salt), then MD5(secret ||
-/// previous cipher block) (RFC 2548 §2.4.2). The plaintext is a key length, the key
-/// and padding.
-pub fn mppe_key(v: &[u8], req_auth: &[u8; 16], secret: &[u8]) -> Option<Vec<u8>> {
-    if v.len() < 2 + 16 || !(v.len() - 2).is_multiple_of(16) || v[0] & 0x80 == 0 {
-        return None;
-    }
-    let (salt, cipher) = v.split_at(2);
-    let mut plain = Vec::with_capacity(cipher.len());
-    let mut b = md5(&[secret, req_auth, salt]);
-    for c in cipher.chunks(16) {
-        plain.extend(c.iter().zip(b).map(|(c, b)| c ^ b));
-        b = md5(&[secret, c]);
-    }
-    let len = usize::from(plain[0]);
-    (len > 0 && len < plain.len()).then(|| plain[1..1 + len].to_vec())
-}
-
-/// Encrypts an MS-MPPE key with `salt` (the AAA server's side; for tests).
-pub fn mppe_encrypt(key: &[u8], salt: [u8; 2], req_auth: &[u8; 16], secret: &[u8]) -> Vec<u8> {
-    let mut plain = vec![key.len() as u8];
-    plain.extend_from_slice(key);
-    plain.resize(plain.len().div_ceil(16) * 16, 0);
-    let mut out = salt.to_vec();
-    let mut b = md5(&[secret, req_auth, &salt]);
-    for p in plain.chunks(16) {
-        let c: Vec<u8> = p.iter().zip(b).map(|(p, b)| p ^ b).collect();
-        b = md5(&[secret, &c]);
-        out.extend_from_slice(&c);
-    }
-    out
-}
-
-/// Encodes a response to a request with `req_auth` (the AAA server's side; for tests
-/// and fakes): attributes, then a Message-Authenticator, then the Response
-/// Authenticator.
-pub fn encode_response(
-    code: u8,
-    id: u8,
-    req_auth: &[u8; 16],
-    attributes: &[(u8, Vec<u8>)],
-    secret: &[u8],
-) -> Vec<u8> {
-    let mut p = vec![code, id, 0, 0];
-    p.extend_from_slice(req_auth);
-    for (t, v) in attributes {
-        p.push(*t);
-        p.push((v.len() + 2) as u8);
-        p.extend_from_slice(v);
-    }
-    p.extend_from_slice(&[ATTR_MESSAGE_AUTHENTICATOR, 18]);
-    let ma_at = p.len();
-    p.extend_from_slice(&[0; 16]);
-    let len = p.len() as u16;
-    p[2..4].copy_from_slice(&len.to_be_bytes());
-    let ma = hmac_md5(secret, &p);
-    p[ma_at..ma_at + 16].copy_from_slice(&ma);
-    let ra = md5(&[&p[..4], req_auth, &p[20..], secret]);
-    p[4..20].copy_from_slice(&ra);
-    p
-}
-
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What the back end is configured with.
