@@ -548,10 +548,12 @@ impl Auth {
                 }
             }
         }
-        tracing::info!(
-            sessions = adopted,
-            "PA sessions adopted at the takeover: their clients carry on without authenticating again"
-        );
+        if !sessions.is_empty() {
+            tracing::info!(
+                sessions = adopted,
+                "PA sessions adopted at the takeover: their clients carry on without authenticating again"
+            );
+        }
     }
 
     /// Stepping down: the new active holds the sessions (and sends them back with its
