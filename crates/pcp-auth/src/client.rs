@@ -224,6 +224,12 @@ impl<P: EapPeer> Client<P> {
         self.sa.is_some()
     }
 
+    /// Whether nothing is going on: no session and no exchange under way (before
+    /// [`Client::start`], or after a failure or the end of a session).
+    pub fn is_idle(&self) -> bool {
+        self.phase == Phase::Idle
+    }
+
     /// The session ID (0 before the server assigned one).
     pub fn session_id(&self) -> u32 {
         self.session_id

@@ -3,6 +3,10 @@
 //! The client runs on a current-thread tokio runtime in a thread of its own (which
 //! drives the socket and timers); the calls here block the caller until the answer.
 //!
+//! Authentication (RFC 7652) is configured exactly as for the async API, in
+//! [`ClientOptions::authentication`]: `connect` returns once the client is authenticated
+//! (or with [`Error::Authentication`]), and from then on every request is tagged.
+//!
 //! ```no_run
 //! use pcp_client::blocking::PcpClient;
 //! use pcp_client::core::MappingRequest;
@@ -13,6 +17,22 @@
 //! let mut m = client.map(MappingRequest::map(6, 8080).checkpoint(true))?;
 //! let grant = m.granted(Some(Duration::from_secs(10)))?;
 //! println!("{} ({})", grant.external, grant.checkpoint);
+//! # Ok::<(), pcp_client::Error>(())
+//! ```
+//!
+//! With authentication:
+//!
+//! ```no_run
+//! use pcp_client::blocking::PcpClient;
+//! use pcp_client::core::{Authentication, MappingRequest};
+//! use pcp_client::tokio::ClientOptions;
+//! use std::time::Duration;
+//!
+//! let auth = Authentication::ttls("alice", b"correct horse", "/etc/pcp/ca.pem", "pcp.example")?;
+//! let opts = ClientOptions::new("192.0.2.1:5351".parse().unwrap()).authentication(auth);
+//! let client = PcpClient::connect(opts)?; // authenticates first
+//! let mut m = client.map(MappingRequest::map(17, 5060))?; // tagged
+//! println!("{}", m.granted(Some(Duration::from_secs(10)))?.external);
 //! # Ok::<(), pcp_client::Error>(())
 //! ```
 
@@ -102,11 +122,45 @@ impl PcpClient {
     pub fn status(&self) -> Result<(Vec<MappingStatus>, Option<u32>, Version), Error> {
         self.handle.block_on(self.inner().status())
     }
+
+    /// Client-wide events (authentication, server state lost, NAT-PMP fallback):
+    /// a receiver to poll with `try_recv` or block on with `blocking_recv`.
+    pub fn subscribe(&self) -> ::tokio::sync::broadcast::Receiver<Event> {
+        self.inner().subscribe()
+    }
+
+    /// With authentication: waits (at most `timeout`) until a PCP SA is in place; see
+    /// [`async_api::PcpClient::authenticated`].
+    pub fn authenticated(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        let server = self.server();
+        block_with_timeout(&self.handle, timeout, server, self.inner().authenticated())
+    }
+
+    /// With authentication: ends the session (SESSION_TERMINATED); a later request
+    /// authenticates again.
+    pub fn end_session(&self) -> Result<(), Error> {
+        self.inner().end_session()
+    }
 }
 
 impl Drop for PcpClient {
     fn drop(&mut self) {
-        self.inner = None;
+        // Let the task finish (it ends an authenticated session) before the runtime
+        // stops: its end closes the event channel. Mapping handles still alive keep it
+        // running; then the wait is cut short.
+        if let Some(inner) = self.inner.take() {
+            let mut events = inner.subscribe();
+            drop(inner);
+            self.handle.block_on(async {
+                let closed = async {
+                    while !matches!(
+                        events.recv().await,
+                        Err(::tokio::sync::broadcast::error::RecvError::Closed)
+                    ) {}
+                };
+                let _ = ::tokio::time::timeout(Duration::from_millis(200), closed).await;
+            });
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }

@@ -12,8 +12,11 @@ use crate::gateway::GatewayError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// PCP authentication (RFC 7652) did not succeed.
-    #[error("PCP authentication failed: {0:?}")]
+    #[error("PCP authentication failed: {}", auth_hint(*.0))]
     Authentication(pcp_auth::client::Failure),
+    /// The authentication settings cannot be used (CA file, server name).
+    #[error(transparent)]
+    AuthenticationSetup(#[from] crate::AuthSetupError),
     /// The request itself cannot be made.
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -78,6 +81,28 @@ pub enum Error {
     Closed,
 }
 
+fn auth_hint(f: pcp_auth::client::Failure) -> &'static str {
+    use pcp_auth::client::Failure as F;
+    match f {
+        F::AuthenticationFailed => {
+            "the server refused the identity or password (AUTHENTICATION_FAILED)"
+        }
+        F::AuthorizationFailed => {
+            "authenticated, but this identity may not use the server (AUTHORIZATION_FAILED)"
+        }
+        F::DowngradeDetected => {
+            "the server saw its algorithm list altered on the way (DOWNGRADE_ATTACK_DETECTED): someone is in the path"
+        }
+        F::NoCommonAlgorithm => "the server offers no PRF or MAC algorithm this client has",
+        F::Eap => {
+            "the EAP method gave up: check that the server's certificate is signed by the CA given and valid for the server name"
+        }
+        F::Timeout => {
+            "no answer to the PA messages: check that the server does PCP authentication and nothing filters UDP"
+        }
+    }
+}
+
 /// What a result code usually means for the user.
 pub fn result_hint(r: ResultCode) -> &'static str {
     match r {
@@ -101,6 +126,21 @@ pub fn result_hint(r: ResultCode) -> &'static str {
             "a NAT sits between this host and the server: run the client behind the PCP server's NAT only"
         }
         ResultCode::ExcessiveRemotePeers => "the server cannot install that many FILTERs",
+        ResultCode::AuthenticationRequired => {
+            "the server requires PCP authentication: configure an identity, password and CA"
+        }
+        ResultCode::AuthenticationFailed => {
+            "PCP authentication failed: check the identity, password, CA and server name"
+        }
+        ResultCode::AuthorizationFailed => {
+            "authenticated, but this identity may not use the server: ask its operator"
+        }
+        ResultCode::DowngradeAttackDetected => {
+            "the algorithm lists were tampered with on the way: someone is in the path"
+        }
+        ResultCode::UnknownSessionId => {
+            "the server lost the PCP session; the client authenticates again"
+        }
         _ => "see RFC 6887 §7.4",
     }
 }

@@ -20,12 +20,11 @@
 //!
 //! Dropping a [`Mapping`] stops renewing it (the server drops it when its lifetime
 //! ends); [`Mapping::delete`] removes it now. Dropping the [`PcpClient`] and every
-//! handle stops the task.
+//! handle stops the task, ending an authenticated session (SESSION_TERMINATED) first.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,12 +33,13 @@ use ::tokio::sync::{broadcast, mpsc, oneshot};
 use ::tokio::time::Instant;
 
 use crate::core::{
-    Apply, Client, Config, Event, Grant, LostReason, MappingId, MappingRequest, MappingStatus,
-    RequestError, RetransmitConfig, Time, Version,
+    Apply, AuthFailure, Client, Config, Event, Grant, LostReason, MappingId, MappingRequest,
+    MappingStatus, RequestError, RetransmitConfig, Time, Version,
 };
 use crate::error::Error;
 use crate::gateway;
-use pcp_auth::eap::EapPeer;
+
+pub use crate::core::Authentication;
 
 /// How to reach the server and how to behave.
 #[derive(Debug, Clone)]
@@ -64,34 +64,12 @@ pub struct ClientOptions {
     pub announce_spread: Duration,
     /// Seed for nonces and jitter (default: from the OS).
     pub seed: Option<u64>,
-    /// PCP authentication (RFC 7652): when set, `connect` authenticates first and every
-    /// request is tagged, every response checked (NAT-PMP fallback is then off).
+    /// PCP authentication (RFC 7652): when set, `connect` authenticates first (and
+    /// fails with [`Error::Authentication`] if that fails), every request is tagged and
+    /// every response checked; NAT-PMP is then never used. See
+    /// [`Authentication::ttls`] and the [crate docs](crate#authentication).
     pub authentication: Option<Authentication>,
 }
-
-/// Makes the EAP peer for PCP authentication (e.g. `pcp_eap::TtlsPeer`).
-#[derive(Clone)]
-pub struct Authentication {
-    make_peer: Arc<dyn Fn() -> Box<dyn EapPeer + Send> + Send + Sync>,
-}
-
-impl Authentication {
-    /// Authenticate with the peers `make_peer` makes.
-    pub fn new(make_peer: impl Fn() -> Box<dyn EapPeer + Send> + Send + Sync + 'static) -> Self {
-        Authentication {
-            make_peer: Arc::new(make_peer),
-        }
-    }
-}
-
-impl std::fmt::Debug for Authentication {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Authentication")
-    }
-}
-
-/// The PA session of an authenticating client.
-type AuthClient = pcp_auth::client::Client<Box<dyn EapPeer + Send>>;
 
 impl ClientOptions {
     /// Defaults for `server`.
@@ -136,6 +114,12 @@ impl ClientOptions {
         self.retransmit = r;
         self
     }
+
+    /// Authenticates with `a` (RFC 7652).
+    pub fn authentication(mut self, a: Authentication) -> Self {
+        self.authentication = Some(a);
+        self
+    }
 }
 
 /// The answer to [`PcpClient::announce`].
@@ -166,40 +150,8 @@ enum Cmd {
     ),
     Announce(oneshot::Sender<Result<AnnounceInfo, Error>>),
     Status(oneshot::Sender<(Vec<MappingStatus>, Option<u32>, Version)>),
-}
-
-/// Runs a PA session with the server on `sock` until it is established (RFC 7652).
-async fn authenticate(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    client_ip: IpAddr,
-    a: &Authentication,
-    start: Instant,
-) -> Result<AuthClient, Error> {
-    use pcp_auth::client::{ClientConfig as AuthConfig, ClientEvent, Failure};
-    let now = || pcp_auth::Time(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
-    let mut c: AuthClient =
-        pcp_auth::client::Client::new(AuthConfig::new(client_ip), (a.make_peer)());
-    c.start(now());
-    let mut buf = vec![0u8; 2048];
-    loop {
-        while let Some(m) = c.poll_transmit() {
-            let _ = sock.send_to(&m, server).await;
-        }
-        match c.poll_event() {
-            Some(ClientEvent::Established { .. }) => return Ok(c),
-            Some(ClientEvent::Failed(f)) => return Err(Error::Authentication(f)),
-            Some(_) => return Err(Error::Authentication(Failure::Timeout)),
-            None => {}
-        }
-        let wake = c.poll_timeout().map_or(Duration::from_secs(1), |t| {
-            Duration::from_millis(t.0.saturating_sub(now().0))
-        });
-        match ::tokio::time::timeout(wake, sock.recv_from(&mut buf)).await {
-            Ok(Ok((n, from))) if from == server => c.handle(now(), &buf[..n]),
-            _ => c.handle_timeout(now()),
-        }
-    }
+    Authenticated(oneshot::Sender<Result<(), AuthFailure>>),
+    EndSession,
 }
 
 /// An async PCP client for one server.
@@ -286,14 +238,12 @@ impl PcpClient {
         let mut cfg = Config::new(server, client_ip);
         cfg.retransmit = opts.retransmit;
         cfg.canary = opts.canary;
-        cfg.natpmp_fallback = opts.natpmp_fallback && opts.authentication.is_none();
+        cfg.natpmp_fallback = opts.natpmp_fallback;
         cfg.announce_spread = opts.announce_spread;
+        cfg.authentication = opts.authentication;
+        let authenticating = cfg.authentication.is_some();
         let seed = opts.seed.unwrap_or_else(rand::random);
         let start = Instant::now();
-        let auth = match &opts.authentication {
-            Some(a) => Some(authenticate(&sock, server, client_ip, a, start).await?),
-            None => None,
-        };
         let core = Client::new(cfg, Time::ZERO, seed);
         let (cmds, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(64);
@@ -304,10 +254,19 @@ impl PcpClient {
             start,
             routes: HashMap::new(),
             announce_waiters: Vec::new(),
+            auth_waiters: Vec::new(),
             events: events.clone(),
-            auth,
         };
         ::tokio::spawn(driver.run(rx));
+        if authenticating {
+            let (tx, done) = oneshot::channel();
+            cmds.send(Cmd::Authenticated(tx))
+                .map_err(|_| Error::Closed)?;
+            // Dropping `cmds` on failure stops the task.
+            done.await
+                .map_err(|_| Error::Closed)?
+                .map_err(|f| Error::Authentication(f.into()))?;
+        }
         Ok(PcpClient {
             cmds,
             events,
@@ -391,6 +350,24 @@ impl PcpClient {
         let (tx, rx) = oneshot::channel();
         self.cmds.send(Cmd::Status(tx)).map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// With authentication: waits until a PCP SA is in place (at once if it is), or
+    /// fails with the reason the next attempt failed.
+    pub async fn authenticated(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Authenticated(tx))
+            .map_err(|_| Error::Closed)?;
+        rx.await
+            .map_err(|_| Error::Closed)?
+            .map_err(|f| Error::Authentication(f.into()))
+    }
+
+    /// With authentication: ends the session (SESSION_TERMINATED, RFC 7652 §3.3). A
+    /// later request authenticates again.
+    pub fn end_session(&self) -> Result<(), Error> {
+        self.cmds.send(Cmd::EndSession).map_err(|_| Error::Closed)
     }
 }
 
@@ -530,9 +507,8 @@ struct Driver {
     start: Instant,
     routes: HashMap<MappingId, mpsc::UnboundedSender<Event>>,
     announce_waiters: Vec<oneshot::Sender<Result<AnnounceInfo, Error>>>,
+    auth_waiters: Vec<oneshot::Sender<Result<(), AuthFailure>>>,
     events: broadcast::Sender<Event>,
-    /// The PA session, when authenticating.
-    auth: Option<AuthClient>,
 }
 
 async fn recv_opt(s: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
@@ -547,38 +523,11 @@ impl Driver {
         Time(u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
-    fn auth_now(&self) -> pcp_auth::Time {
-        pcp_auth::Time(self.now().0)
-    }
-
     async fn flush(&mut self) {
         let now = self.now();
-        let anow = self.auth_now();
-        let mut tagged = vec![0u8; pcp_proto::MAX_MESSAGE_LEN + 64];
         while let Some(t) = self.core.poll_transmit(now) {
-            let payload = match &mut self.auth {
-                // Every transmission is tagged afresh (a retransmission gets a new
-                // sequence number). Without an SA (re-authenticating) it is not sent:
-                // the core retransmits it later.
-                Some(a) if t.payload.first() == Some(&pcp_proto::VERSION) => {
-                    let n = t.payload.len();
-                    tagged[..n].copy_from_slice(&t.payload);
-                    match a.protect(anow, &mut tagged, n) {
-                        Ok(n) => &tagged[..n],
-                        Err(_) => continue,
-                    }
-                }
-                _ => &t.payload[..],
-            };
             // A failed send is like a lost datagram: retransmission covers it.
-            let _ = self.sock.send_to(payload, t.destination).await;
-        }
-        if let Some(a) = &mut self.auth {
-            let server = self.core.config().server;
-            while let Some(m) = a.poll_transmit() {
-                let _ = self.sock.send_to(&m, server).await;
-            }
-            while a.poll_event().is_some() {}
+            let _ = self.sock.send_to(&t.payload, t.destination).await;
         }
         while let Some(e) = self.core.poll_event() {
             self.route(e);
@@ -599,6 +548,16 @@ impl Driver {
                 let server = self.core.config().server;
                 for w in self.announce_waiters.drain(..) {
                     let _ = w.send(Err(Error::NoResponse { server }));
+                }
+            }
+            Event::Authenticated { .. } => {
+                for w in self.auth_waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Event::AuthenticationFailed { failure } => {
+                for w in self.auth_waiters.drain(..) {
+                    let _ = w.send(Err(*failure));
                 }
             }
             _ => {}
@@ -661,30 +620,15 @@ impl Driver {
                     self.core.version(),
                 ));
             }
+            Cmd::Authenticated(reply) => {
+                if self.core.config().authentication.is_none() || self.core.is_authenticated() {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.auth_waiters.push(reply);
+                }
+            }
+            Cmd::EndSession => self.core.end_session(now),
         }
-    }
-
-    /// A datagram from the request socket: PA messages to the PA session, responses
-    /// checked (and their tag removed) before the core sees them.
-    fn receive(&mut self, buf: &mut [u8], n: usize, from: SocketAddr) {
-        let now = self.now();
-        let anow = self.auth_now();
-        let Some(a) = &mut self.auth else {
-            self.core.handle_datagram(&buf[..n], from, now);
-            return;
-        };
-        if n < 2 || buf[0] != pcp_proto::VERSION {
-            return;
-        }
-        if pcp_proto::Opcode::from_bits(buf[1]) == pcp_proto::Opcode::Authentication {
-            a.handle(anow, &buf[..n]);
-            return;
-        }
-        if a.verify_response(anow, &buf[..n]).is_err() {
-            return;
-        }
-        let n = pcp_proto::remove_option(buf, n, pcp_proto::OptionCode::AuthenticationTag);
-        self.core.handle_datagram(&buf[..n], from, now);
     }
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
@@ -692,13 +636,9 @@ impl Driver {
         let mut abuf = vec![0u8; 2048];
         loop {
             self.flush().await;
-            let auth_deadline = self.auth.as_ref().and_then(|a| a.poll_timeout());
             let deadline = self
                 .core
                 .poll_timeout()
-                .into_iter()
-                .chain(auth_deadline.map(|t| Time(t.0)))
-                .min()
                 .map(|t| self.start + Duration::from_millis(t.0));
             let sleep = async {
                 match deadline {
@@ -709,13 +649,11 @@ impl Driver {
             ::tokio::select! {
                 r = self.sock.recv_from(&mut buf) => {
                     if let Ok((n, from)) = r {
-                        self.receive(&mut buf, n, from);
+                        let now = self.now();
+                        self.core.handle_datagram(&buf[..n], from, now);
                     }
                 }
-                // Unsolicited ANNOUNCEs are untagged: with authentication they are
-                // ignored, and a server that lost state answers UNKNOWN_SESSION_ID at
-                // the next renewal instead (RFC 7652 §3.2).
-                r = recv_opt(self.announce.as_ref().filter(|_| self.auth.is_none()), &mut abuf) => {
+                r = recv_opt(self.announce.as_ref(), &mut abuf) => {
                     if let Ok((n, from)) = r {
                         let now = self.now();
                         self.core.handle_datagram(&abuf[..n], from, now);
@@ -723,16 +661,18 @@ impl Driver {
                 }
                 c = cmds.recv() => match c {
                     Some(cmd) => self.command(cmd),
-                    // The client and every handle are gone.
-                    None => return,
+                    // The client and every handle are gone: end the PA session (one
+                    // SESSION_TERMINATED, so that the server frees it now) and stop.
+                    None => {
+                        let now = self.now();
+                        self.core.end_session(now);
+                        self.flush().await;
+                        return;
+                    }
                 },
                 () = sleep => {
                     let now = self.now();
                     self.core.handle_timeout(now);
-                    let anow = self.auth_now();
-                    if let Some(a) = &mut self.auth {
-                        a.handle_timeout(anow);
-                    }
                 }
             }
         }

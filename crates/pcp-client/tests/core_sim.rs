@@ -1,9 +1,17 @@
 //! Deterministic tests of the sans-IO core against a fake server, with simulated time:
 //! retransmission and renewal timing, epoch-loss detection and re-creation, ANNOUNCE,
-//! nonces, checkpoint states (incl. blind-echo detection) and the NAT-PMP fallback.
+//! nonces, checkpoint states (incl. blind-echo detection) and the NAT-PMP fallback; and
+//! PCP authentication (RFC 7652) behind pcp-auth's gate over a lossy, reordering network:
+//! the PA exchange, tags on every request, re-authentication, a server restart losing
+//! the session, SESSION_TERMINATED, refusals and forged answers.
 
+#[path = "support/auth_sim.rs"]
+mod auth_sim;
 #[path = "support/fake.rs"]
 mod fake;
+/// pcp-auth's toy EAP method (one home for it).
+#[path = "../../pcp-auth/tests/support/mod.rs"]
+mod toy;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -715,6 +723,105 @@ fn natpmp_only_server_falls_back_and_reports_checkpoint_not_supported() {
     assert!(sim.server.table.is_empty());
 }
 
+/// An old NAT-PMP-only server answers a PCP request with RFC 6886 §3.5's reply as the
+/// RFC printed it: opcode 0 (not erratum 3618's 128), result 1, epoch.
+#[test]
+fn natpmp_unsupported_version_reply_with_opcode_0_falls_back() {
+    let legacy = [0u8, 0, 0, 1, 0, 0, 0, 0];
+    let mut sim = Sim::new(Mode::Silent);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    // Only from the server's own address and port, and only result 1.
+    sim.deliver(&legacy, SocketAddr::new(SERVER.ip(), 5350));
+    sim.deliver(&[0, 0, 0, 2, 0, 0, 0, 0], SERVER);
+    sim.deliver(&[0, 0, 0, 1, 0, 0], SERVER);
+    assert_eq!(sim.client.version(), Version::Pcp);
+    assert!(sim.take_events().is_empty());
+    sim.server.mode = Mode::NatPmpOnly;
+    sim.deliver(&legacy, SERVER);
+    assert_eq!(sim.client.version(), Version::NatPmp);
+    let ev = sim.take_events();
+    assert_eq!(ev[0], Event::FellBackToNatPmp, "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Granted { id, grant } if *id == a && grant.version == Version::NatPmp)),
+        "{ev:?}"
+    );
+
+    // Without NAT-PMP fallback the mapping is refused with UNSUPP_VERSION.
+    let mut cfg = Config::new(SERVER, CLIENT);
+    cfg.natpmp_fallback = false;
+    let mut sim = Sim::with_config(Mode::Silent, cfg, 1);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.deliver(&legacy, SERVER);
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Lost {
+            id: a,
+            reason: LostReason::Refused(ResultCode::UnsuppVersion)
+        }]
+    );
+}
+
+/// RFC 6886 §3.5: a refusal may come in the bare 8-octet form (opcode, result, epoch),
+/// which names the protocol but not the port.
+#[test]
+fn natpmp_short_refusals_reach_the_one_waiting_mapping() {
+    let mut sim = Sim::new(Mode::NatPmpOnly);
+    sim.client
+        .create_map(UDP, 4000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    assert_eq!(sim.client.version(), Version::NatPmp);
+    sim.take_events();
+    sim.server.mode = Mode::Silent;
+    sim.run_secs(10);
+    let epoch = |sim: &Sim| ((sim.now.0 / 1000) as u32).to_be_bytes();
+    let short = |op: u8, result: u8, e: [u8; 4]| [0, op, 0, result, e[0], e[1], e[2], e[3]];
+
+    let t = sim
+        .client
+        .create_map(protocol::TCP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.deliver(&short(130, 2, epoch(&sim)), SERVER);
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Lost {
+            id: t,
+            reason: LostReason::Refused(ResultCode::NotAuthorized)
+        }]
+    );
+
+    // Two UDP requests outstanding: whose refusal it is cannot be told; both go on.
+    let u1 = sim
+        .client
+        .create_map(UDP, 5001, 600, false, sim.now)
+        .unwrap();
+    let u2 = sim
+        .client
+        .create_map(UDP, 5002, 600, false, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.deliver(&short(129, 4, epoch(&sim)), SERVER);
+    assert!(sim.take_events().is_empty());
+    sim.client.release(u2).unwrap();
+    // One left: out of resources is a short error, retried later.
+    sim.deliver(&short(129, 4, epoch(&sim)), SERVER);
+    let ev = sim.take_events();
+    assert!(
+        matches!(ev.as_slice(), [Event::Error { id, result: ResultCode::NoResources, .. }] if *id == u1),
+        "{ev:?}"
+    );
+}
+
 #[test]
 fn peer_requests_carry_the_remote_and_kind() {
     let mut sim = Sim::new(Mode::Pcp);
@@ -753,4 +860,526 @@ fn same_seed_same_run() {
     };
     assert_eq!(run(42), run(42));
     assert_ne!(run(42), run(43));
+}
+
+// ---------------------------------------------------------------------------------------
+// PCP authentication (RFC 7652)
+
+use auth_sim::{AuthSim, auth_config};
+use pcp_client::core::{AuthFailure, SessionEnd};
+
+fn authenticated(ev: &[Event]) -> Vec<(u32, bool)> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::Authenticated {
+                session_id,
+                reauthentication,
+                ..
+            } => Some((*session_id, *reauthentication)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn granted_ids(ev: &[Event]) -> Vec<pcp_client::core::MappingId> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::Granted { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every common request the client sent carries an AUTHENTICATION_TAG, last.
+fn all_tagged(sim: &AuthSim) {
+    let reqs = sim.common_requests();
+    assert!(!reqs.is_empty());
+    for r in reqs {
+        let at = pcp_auth::tag::locate(r).expect("every request is tagged");
+        assert_eq!(at.mac.end, r.len(), "the tag is the last option");
+    }
+}
+
+#[test]
+fn authentication_comes_first_then_every_request_is_tagged() {
+    let mut sim = AuthSim::new(auth_config("secret"), 3600, 1);
+    let id = sim
+        .client
+        .create_map(UDP, 5000, 600, true, sim.now)
+        .unwrap();
+    // Nothing but PA messages before the SA.
+    sim.run_secs(0);
+    assert!(sim.common_requests().is_empty());
+    sim.run_secs(1);
+    let ev = sim.take_events();
+    assert!(sim.client.is_authenticated());
+    let session = sim.client.session_id().unwrap();
+    assert_eq!(authenticated(&ev), vec![(session, false)], "{ev:?}");
+    let Some(Event::Granted { id: gid, grant }) =
+        ev.iter().find(|e| matches!(e, Event::Granted { .. }))
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(*gid, id);
+    assert_eq!(grant.checkpoint, CheckpointState::Honoured);
+    // The first request went out without waiting out a retransmission.
+    assert_eq!(sim.common_requests().len(), 1);
+    sim.run_secs(2000);
+    all_tagged(&sim);
+    let s = sim.gate.stats();
+    assert_eq!((s.required, s.bad_tag, s.replayed), (0, 0, 0), "{s:?}");
+    assert!(s.authenticated >= 4, "renewals went through: {s:?}");
+    assert_eq!(sim.server.table.len(), 1);
+}
+
+#[test]
+fn authentication_and_mappings_survive_loss_reordering_partitions_and_crashes() {
+    for seed in 0..300 {
+        let mut cfg = auth_config("secret");
+        cfg.canary = seed % 2 == 0;
+        let mut sim = AuthSim::new(cfg, 400, seed);
+        sim.loss = 0.25;
+        sim.max_delay = 1500;
+        let a = sim
+            .client
+            .create_map(UDP, 5000, 300, true, sim.now)
+            .unwrap();
+        let b = sim
+            .client
+            .create(
+                MappingRequest::map(protocol::TCP, 8080).lifetime(300),
+                sim.now,
+            )
+            .unwrap();
+        sim.run_secs(1200);
+        // A partition of up to 5 minutes, or (every third seed) a server crash that
+        // loses every mapping and PA session.
+        if seed % 3 == 0 {
+            sim.restart_server(seed + 7);
+        } else {
+            sim.online = false;
+            sim.run_secs(seed * 37 % 300);
+            sim.online = true;
+        }
+        sim.run_secs(1200);
+        let ev = sim.take_events();
+        let auths = authenticated(&ev);
+        assert!(!auths.is_empty(), "seed {seed}: {ev:?}");
+        assert!(
+            auths.iter().any(|&(_, re)| re),
+            "seed {seed}: re-authenticated at least once (400 s sessions): {auths:?}"
+        );
+        // Gave up on nothing for good.
+        for e in &ev {
+            match e {
+                Event::Lost { reason, .. } => {
+                    assert_eq!(*reason, LostReason::Expired, "seed {seed}: {e:?}")
+                }
+                Event::AuthenticationFailed { failure } => {
+                    assert_eq!(*failure, AuthFailure::Timeout, "seed {seed}")
+                }
+                Event::Deleted { .. } => panic!("seed {seed}: {e:?}"),
+                _ => {}
+            }
+        }
+        let g = granted_ids(&ev);
+        assert!(g.contains(&a) && g.contains(&b), "seed {seed}: {ev:?}");
+        all_tagged(&sim);
+        // Every response the client acted on verified: nothing untagged was sent.
+        assert_eq!(sim.gate.stats().required, 0, "seed {seed}");
+        // Still kept alive at the end (or being re-created after an unlucky expiry).
+        sim.loss = 0.0;
+        sim.run_secs(400);
+        for id in [a, b] {
+            assert!(
+                sim.client.mapping(id).unwrap().grant.is_some(),
+                "seed {seed}: {id} alive"
+            );
+        }
+        assert_eq!(sim.server.table.len(), 2, "seed {seed}");
+    }
+}
+
+#[test]
+fn reauthentication_at_eighty_percent_keeps_requests_verifying() {
+    let mut sim = AuthSim::new(auth_config("secret"), 100, 7);
+    sim.client
+        .create_map(UDP, 5000, 60, false, sim.now)
+        .unwrap();
+    sim.run_secs(1000);
+    let times: Vec<Time> = sim
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Authenticated { .. }))
+        .map(|(t, _)| *t)
+        .collect();
+    let ev = sim.take_events();
+    let auths = authenticated(&ev);
+    assert!(auths.len() >= 11, "{auths:?}");
+    assert!(!auths[0].1 && auths[1..].iter().all(|a| a.1), "{auths:?}");
+    assert!(auths.iter().all(|a| a.0 == auths[0].0), "one session");
+    for w in times.windows(2) {
+        let d = w[1].0 - w[0].0;
+        assert!(
+            (80_000..=81_000).contains(&d),
+            "re-authenticated after {d} ms"
+        );
+    }
+    assert!(
+        !ev.iter().any(|e| matches!(
+            e,
+            Event::Lost { .. } | Event::SessionEnded { .. } | Event::AuthenticationFailed { .. }
+        )),
+        "{ev:?}"
+    );
+    let renewed = ev
+        .iter()
+        .filter(|e| matches!(e, Event::Renewed { .. }))
+        .count();
+    assert!(renewed >= 25, "{renewed}");
+    let s = sim.gate.stats();
+    assert_eq!((s.bad_tag, s.replayed, s.required), (0, 0, 0), "{s:?}");
+}
+
+#[test]
+fn server_restart_losing_the_session_reauthenticates_and_recreates_everything() {
+    for seed in 0..50 {
+        let mut sim = AuthSim::new(auth_config("secret"), 3600, seed);
+        let ids: Vec<_> = (0..3)
+            .map(|i| {
+                sim.client
+                    .create_map(UDP, 5000 + i, 1000, i == 0, sim.now)
+                    .unwrap()
+            })
+            .collect();
+        sim.run_secs(100);
+        let before = sim.client.session_id().unwrap();
+        sim.take_events();
+        sim.restart_server(seed + 1000);
+        sim.loss = if seed % 2 == 0 { 0.0 } else { 0.2 };
+        sim.max_delay = 300;
+        // The next renewal (≤ 625 s) gets UNKNOWN_SESSION_ID.
+        sim.run_secs(1000);
+        let ev = sim.take_events();
+        assert!(
+            ev.contains(&Event::SessionEnded {
+                reason: SessionEnd::Lost
+            }),
+            "seed {seed}: {ev:?}"
+        );
+        let auths = authenticated(&ev);
+        assert!(
+            auths.iter().any(|&(s, re)| !re && s != before),
+            "seed {seed}: a new session: {auths:?}"
+        );
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, Event::ServerStateLost { .. })),
+            "seed {seed}: the restart's epoch seen: {ev:?}"
+        );
+        let g = granted_ids(&ev);
+        for id in &ids {
+            assert!(g.contains(id), "seed {seed}: {id} re-created: {ev:?}");
+        }
+        assert_eq!(sim.server.table.len(), 3, "seed {seed}");
+        assert_eq!(sim.gate.stats().required, 0);
+        all_tagged(&sim);
+    }
+}
+
+#[test]
+fn session_terminated_by_the_server_is_answered_and_replaced() {
+    let mut sim = AuthSim::new(auth_config("secret"), 3600, 3);
+    let id = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.run_secs(10);
+    let first = sim.client.session_id().unwrap();
+    sim.take_events();
+    let now = pcp_auth::Time(sim.now.0);
+    sim.gate.server.terminate(now, first);
+    sim.run_secs(1000);
+    let ev = sim.take_events();
+    assert_eq!(
+        ev[0],
+        Event::SessionEnded {
+            reason: SessionEnd::ByServer
+        },
+        "{ev:?}"
+    );
+    let auths = authenticated(&ev);
+    assert!(
+        matches!(auths.as_slice(), [(s, false)] if *s != first),
+        "{auths:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Renewed { id: i, .. } if *i == id)),
+        "renewals go on in the new session: {ev:?}"
+    );
+    assert_eq!(sim.gate.stats().required, 0);
+}
+
+#[test]
+fn client_ending_its_session_authenticates_again_when_asked() {
+    let mut sim = AuthSim::new(auth_config("secret"), 3600, 4);
+    sim.client.announce(sim.now);
+    sim.run_secs(5);
+    assert!(sim.client.is_authenticated());
+    sim.client.end_session(sim.now);
+    sim.run_secs(5);
+    let ev = sim.take_events();
+    assert!(
+        ev.contains(&Event::SessionEnded {
+            reason: SessionEnd::ByClient
+        }),
+        "{ev:?}"
+    );
+    assert!(!sim.client.is_authenticated());
+    assert_eq!(
+        sim.gate.server.session_count(),
+        0,
+        "the server dropped it too"
+    );
+    sim.client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.run_secs(5);
+    let ev = sim.take_events();
+    assert_eq!(authenticated(&ev).len(), 1, "{ev:?}");
+    assert_eq!(granted_ids(&ev).len(), 1, "{ev:?}");
+    // Ending a session while keeping a mapping: a new one at once, renewals go on.
+    let before = sim.client.session_id().unwrap();
+    sim.client.end_session(sim.now);
+    sim.run_secs(600);
+    let ev = sim.take_events();
+    assert!(
+        ev.contains(&Event::SessionEnded {
+            reason: SessionEnd::ByClient
+        }),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(authenticated(&ev).as_slice(), [(s, false)] if *s != before),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Renewed { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(sim.gate.stats().required, 0);
+}
+
+#[test]
+fn wrong_password_loses_every_mapping_and_sends_no_request() {
+    let mut sim = AuthSim::new(auth_config("wrong"), 3600, 5);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.client.announce(sim.now);
+    sim.run_secs(300);
+    let ev = sim.take_events();
+    assert_eq!(
+        ev,
+        vec![
+            Event::AuthenticationFailed {
+                failure: AuthFailure::AuthenticationFailed
+            },
+            Event::Lost {
+                id: a,
+                reason: LostReason::Refused(ResultCode::AuthenticationFailed)
+            },
+            Event::AnnounceTimeout,
+        ]
+    );
+    assert!(sim.common_requests().is_empty(), "no request without an SA");
+    assert_eq!(sim.client.poll_timeout(), None, "nothing more to do");
+}
+
+#[test]
+fn unreachable_server_times_out_and_the_client_keeps_trying() {
+    let mut sim = AuthSim::new(auth_config("secret"), 3600, 6);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.online = false;
+    sim.run_secs(250);
+    let ev = sim.take_events();
+    assert_eq!(
+        ev,
+        vec![
+            Event::AuthenticationFailed {
+                failure: AuthFailure::Timeout
+            };
+            2
+        ],
+        "PA MRD 120 s, twice"
+    );
+    assert!(sim.common_requests().is_empty());
+    sim.online = true;
+    sim.run_secs(200);
+    let ev = sim.take_events();
+    assert_eq!(granted_ids(&ev), vec![a], "{ev:?}");
+
+    // With MRC/MRD limits, what waits for a first answer gives up with the PA exchange.
+    let mut cfg = auth_config("secret");
+    cfg.retransmit.mrc = 3;
+    let mut sim = AuthSim::new(cfg, 3600, 6);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.online = false;
+    sim.run_secs(250);
+    let ev = sim.take_events();
+    assert_eq!(
+        ev,
+        vec![
+            Event::AuthenticationFailed {
+                failure: AuthFailure::Timeout
+            },
+            Event::Lost {
+                id: a,
+                reason: LostReason::NoResponse
+            }
+        ]
+    );
+    assert_eq!(sim.client.poll_timeout(), None);
+}
+
+#[test]
+fn granted_mappings_expire_on_time_while_the_client_cannot_authenticate() {
+    // 50 s sessions, a 100 s mapping: the server becomes unreachable, the session
+    // expires at 50 s (its re-authentication unanswered), and nothing can be
+    // authenticated when the mapping's lifetime ends.
+    let mut sim = AuthSim::new(auth_config("secret"), 50, 8);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 100, false, sim.now)
+        .unwrap();
+    sim.run_secs(1);
+    sim.take_events();
+    let granted_at = sim.now;
+    sim.online = false;
+    sim.run_secs(150);
+    assert!(
+        sim.events.iter().any(|(_, e)| *e
+            == Event::SessionEnded {
+                reason: SessionEnd::Expired
+            }),
+        "{:?}",
+        sim.events
+    );
+    let lost: Vec<Time> = sim
+        .events
+        .iter()
+        .filter(|(_, e)| {
+            *e == Event::Lost {
+                id: a,
+                reason: LostReason::Expired,
+            }
+        })
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(lost.len(), 1, "{:?}", sim.events);
+    assert!(
+        lost[0] <= granted_at + Duration::from_secs(101),
+        "expired on time: {lost:?}"
+    );
+}
+
+#[test]
+fn forged_untagged_answers_announces_and_natpmp_are_ignored() {
+    let mut sim = AuthSim::new(auth_config("secret"), 3600, 9);
+    let a = sim
+        .client
+        .create_map(UDP, 5000, 600, false, sim.now)
+        .unwrap();
+    sim.run_secs(5);
+    sim.take_events();
+    // The granted answer, tagged: a replay of it is dropped.
+    let tagged = sim
+        .replies
+        .iter()
+        .rev()
+        .find(|(_, r)| pcp_proto::Opcode::from_bits(r[1]) == pcp_proto::Opcode::Map)
+        .unwrap()
+        .1
+        .clone();
+    // A renewal outstanding, so that an answer would be taken.
+    sim.client
+        .set_checkpoint(a, false, Apply::Now, sim.now)
+        .unwrap();
+    sim.client.handle_datagram(&tagged, SERVER, sim.now);
+    // An untagged answer with another external port, an epoch-0 ANNOUNCE on both
+    // sockets, and a NAT-PMP UNSUPP_VERSION.
+    let mut fake = fake::FakeServer::new(fake::Mode::Pcp);
+    fake.next_port = 60000;
+    let mut req = sim.common_requests()[0].to_vec();
+    let len = req.len();
+    let n = pcp_proto::remove_option(&mut req, len, pcp_proto::OptionCode::AuthenticationTag);
+    let forged = fake.handle(&req[..n], Time::ZERO).unwrap();
+    sim.client.handle_datagram(&forged, SERVER, sim.now);
+    let announce = fake.announce(Time::ZERO);
+    sim.client.handle_datagram(&announce, SERVER, sim.now);
+    let listener = SocketAddr::new(SERVER.ip(), 5350);
+    sim.client.handle_datagram(&announce, listener, sim.now);
+    sim.client
+        .handle_datagram(&[0, 128, 0, 1, 0, 0, 0, 0], SERVER, sim.now);
+    sim.client
+        .handle_datagram(&[0, 0, 0, 1, 0, 0, 0, 0], SERVER, sim.now);
+    if let Some(e) = sim.client.poll_event() {
+        panic!("forgery acted on: {e:?}");
+    }
+    assert_eq!(sim.client.version(), Version::Pcp);
+    let g = sim.client.mapping(a).unwrap().grant.unwrap();
+    assert!(g.external.port() < 60000, "{g:?}");
+}
+
+#[test]
+fn same_seed_same_authenticated_run() {
+    let run = |seed| {
+        let mut sim = AuthSim::new(auth_config("secret"), 300, seed);
+        sim.loss = 0.2;
+        sim.max_delay = 700;
+        sim.client
+            .create_map(UDP, 5000, 200, true, sim.now)
+            .unwrap();
+        sim.run_secs(1500);
+        (sim.sent, sim.events)
+    };
+    assert_eq!(run(42), run(42));
+    assert_ne!(run(42).0, run(43).0);
+}
+
+#[test]
+fn authentication_events_serialize_for_json_output() {
+    let j = |e: &Event| serde_json::to_value(e).unwrap();
+    assert_eq!(
+        j(&Event::Authenticated {
+            session_id: 7,
+            lifetime: 3600,
+            reauthentication: true
+        }),
+        serde_json::json!({"event": "authenticated", "session_id": 7, "lifetime": 3600, "reauthentication": true})
+    );
+    assert_eq!(
+        j(&Event::AuthenticationFailed {
+            failure: AuthFailure::AuthorizationFailed
+        }),
+        serde_json::json!({"event": "authentication_failed", "failure": "authorization_failed"})
+    );
+    assert_eq!(
+        j(&Event::SessionEnded {
+            reason: SessionEnd::Lost
+        }),
+        serde_json::json!({"event": "session_ended", "reason": "lost"})
+    );
+    assert_eq!(
+        AuthFailure::DowngradeDetected.result_code(),
+        ResultCode::DowngradeAttackDetected
+    );
 }

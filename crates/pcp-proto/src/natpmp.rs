@@ -267,6 +267,12 @@ impl Request {
 impl Response {
     /// Parses a response. A non-success response shorter than its opcode's full form
     /// parses as [`Response::Error`].
+    ///
+    /// The "unsupported version" reply parses as `Response::Error { request_opcode: 0,
+    /// result: UnsupportedVersion, .. }` in both of its forms: opcode 128 (erratum 3618,
+    /// what [`Response::emit`] writes) and opcode 0, which RFC 6886 §3.5 itself printed
+    /// and older servers send (the 8-octet reply of such a server to a PCP request). Any
+    /// other opcode below 128 is a request: [`ParseError::WrongDirection`].
     pub fn parse(buf: &[u8]) -> Result<Response, ParseError> {
         if buf.len() < RESPONSE_HEADER_LEN {
             return Err(ParseError::TooShort { len: buf.len() });
@@ -275,12 +281,19 @@ impl Response {
             return Err(ParseError::UnsupportedVersion(buf[0]));
         }
         let op = buf[1];
+        let result = ResultCode::from(read_u16(buf, 2));
+        let epoch = read_u32(buf, 4);
+        if op == 0 && result == ResultCode::UnsupportedVersion {
+            return Ok(Response::Error {
+                request_opcode: 0,
+                result,
+                epoch,
+            });
+        }
         if op < RESPONSE_BIT {
             return Err(ParseError::WrongDirection);
         }
         let request_opcode = op - RESPONSE_BIT;
-        let result = ResultCode::from(read_u16(buf, 2));
-        let epoch = read_u32(buf, 4);
         let full = match request_opcode {
             0 => EXTERNAL_ADDRESS_RESPONSE_LEN,
             1 | 2 => MAP_RESPONSE_LEN,

@@ -431,6 +431,49 @@ fn natpmp_vectors() {
     );
 }
 
+/// RFC 6886 §3.5's "unsupported version" reply: version 0, opcode 0 as the RFC printed
+/// it (older servers) or 128 as erratum 3618 corrected it, result 1, epoch. Both parse
+/// as the same error; we emit the corrected form.
+#[test]
+fn natpmp_unsupported_version_reply_in_both_forms() {
+    let want = natpmp::Response::Error {
+        request_opcode: 0,
+        result: natpmp::ResultCode::UnsupportedVersion,
+        epoch: 0x0001_e240,
+    };
+    // Opcode 0 (RFC 6886 as published).
+    assert_eq!(
+        natpmp::Response::parse(&hex("00 00 0001 0001e240")).unwrap(),
+        want
+    );
+    // Opcode 128 (erratum 3618).
+    assert_eq!(
+        natpmp::Response::parse(&hex("00 80 0001 0001e240")).unwrap(),
+        want
+    );
+    let mut out = [0u8; 16];
+    let n = want.emit(&mut out).unwrap();
+    assert_eq!(&out[..n], &hex("00 80 0001 0001e240")[..]);
+    // Only "unsupported version" is a reply with opcode 0: anything else is a request.
+    assert_eq!(
+        natpmp::Response::parse(&hex("00 00 0000 0001e240")).unwrap_err(),
+        natpmp::ParseError::WrongDirection
+    );
+    assert_eq!(
+        natpmp::Response::parse(&hex("00 00 0002 0001e240")).unwrap_err(),
+        natpmp::ParseError::WrongDirection
+    );
+    assert_eq!(
+        natpmp::Response::parse(&hex("00 00 0001 0001")).unwrap_err(),
+        natpmp::ParseError::TooShort { len: 6 }
+    );
+    // A server parsing the 2-octet external-address request is unaffected.
+    assert_eq!(
+        natpmp::Request::parse(&hex("0000")).unwrap(),
+        natpmp::Request::ExternalAddress
+    );
+}
+
 #[test]
 fn remove_option_strips_checkpoint_from_a_reply() {
     let opts = [

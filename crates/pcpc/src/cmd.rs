@@ -113,33 +113,15 @@ fn options(cli: &Cli) -> Result<ClientOptions, CmdError> {
 }
 
 /// The EAP-TTLS peer for `--identity`, `--password-file`, `--ca`, `--server-name`.
-fn authentication(
-    cli: &Cli,
-    identity: &str,
-) -> Result<pcp_client::tokio::Authentication, CmdError> {
-    use pcp_eap::rustls::RootCertStore;
-    use pcp_eap::rustls::pki_types::pem::PemObject;
-    use pcp_eap::rustls::pki_types::{CertificateDer, ServerName};
-    use pcp_eap::{PeerConfig, TtlsPeer};
-    let usage = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        CmdError::Usage(format!("{}: {e}", what.display()))
-    };
+fn authentication(cli: &Cli, identity: &str) -> Result<pcp_client::core::Authentication, CmdError> {
     let (Some(pw_file), Some(ca)) = (&cli.password_file, &cli.ca) else {
         return Err(CmdError::Usage(
             "--identity needs --password-file and --ca".into(),
         ));
     };
-    let text = std::fs::read_to_string(pw_file).map_err(|e| usage(pw_file, &e))?;
+    let text = std::fs::read_to_string(pw_file)
+        .map_err(|e| CmdError::Usage(format!("{}: {e}", pw_file.display())))?;
     let password = text.lines().next().unwrap_or("").as_bytes().to_vec();
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| usage(ca, &e))? {
-        roots
-            .add(c.map_err(|e| usage(ca, &e))?)
-            .map_err(|e| usage(ca, &e))?;
-    }
-    if roots.is_empty() {
-        return Err(usage(ca, &"no certificate"));
-    }
     let name = match &cli.server_name {
         Some(n) => n.clone(),
         None => {
@@ -152,20 +134,8 @@ fn authentication(
                 .to_string()
         }
     };
-    let server_name = ServerName::try_from(name.clone())
-        .map_err(|e| CmdError::Usage(format!("--server-name {name}: {e}")))?;
-    let cfg = PeerConfig {
-        outer_identity: "anonymous".into(),
-        username: identity.to_string(),
-        password,
-        server_name,
-        roots,
-    };
-    // Checked once here, so the factory below cannot fail.
-    TtlsPeer::new(cfg.clone()).map_err(|e| CmdError::Usage(format!("TLS: {e}")))?;
-    Ok(pcp_client::tokio::Authentication::new(move || {
-        Box::new(TtlsPeer::new(cfg.clone()).expect("the same configuration was accepted above"))
-    }))
+    pcp_client::core::Authentication::ttls(identity, &password, ca, &name)
+        .map_err(|e| CmdError::Usage(e.to_string()))
 }
 
 fn request(c: &Common, kind: Kind) -> Result<MappingRequest, CmdError> {

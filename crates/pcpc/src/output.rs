@@ -134,6 +134,24 @@ pub fn event_text(e: &Event) -> String {
             format!("server epoch {epoch} ({})", version_name(*version))
         }
         Event::AnnounceTimeout => "no answer to ANNOUNCE".into(),
+        Event::Authenticated {
+            session_id,
+            lifetime,
+            reauthentication,
+        } => format!(
+            "{} (PCP session {session_id}, lifetime {lifetime} s)",
+            if *reauthentication {
+                "re-authenticated"
+            } else {
+                "authenticated"
+            }
+        ),
+        Event::AuthenticationFailed { failure } => {
+            format!("authentication failed: {failure:?}")
+        }
+        Event::SessionEnded { reason } => {
+            format!("PCP session ended ({reason:?}); authenticating again when needed")
+        }
     }
 }
 

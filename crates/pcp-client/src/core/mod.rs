@@ -18,8 +18,42 @@
 //! detected state loss, keeps one nonce per mapping for its whole life, detects servers
 //! that echo options blindly ([`canary`]) so that a CHECKPOINT_REQUIRED echo is only
 //! believed from a server that does not, and falls back to NAT-PMP when the server
-//! speaks only version 0.
+//! speaks only version 0 (its UNSUPP_VERSION reply in either the RFC 6886 form, opcode
+//! 0, or erratum 3618's, opcode 128).
+//!
+//! # Authentication
+//!
+//! With [`Config::authentication`] set, the core also runs the PCP authentication (RFC
+//! 7652) PA session (`pcp_auth::client::Client` over the configured EAP peer) and keeps
+//! every rule about it here, so that every shell behaves the same:
+//!
+//! - The PA exchange starts in [`Client::new`]; its messages come out of
+//!   [`Client::poll_transmit`] like any other datagram, with their own retransmission,
+//!   and PA messages from the server go in through [`Client::handle_datagram`].
+//! - No request goes out without a PCP SA: mapping and ANNOUNCE timers that fall due
+//!   meanwhile wait (without using up their retransmissions) and fire the moment
+//!   [`Event::Authenticated`] is reported. A granted mapping whose lifetime runs out
+//!   meanwhile is reported [`LostReason::Expired`] on time.
+//! - Every transmission of a request is tagged afresh (AUTHENTICATION_TAG with the next
+//!   sequence number); a response is handled only when its tag verifies, is for this
+//!   session and key and is not a replay; everything else (untagged or unsolicited
+//!   ANNOUNCEs, NAT-PMP, forged or stale answers) is dropped, as RFC 7652 §6.2 asks.
+//! - Re-authentication (new key, §3.4) happens at 80 % of the session lifetime and
+//!   before the sequence space runs out; requests stay tagged with the current key
+//!   meanwhile.
+//! - UNKNOWN_SESSION_ID (or AUTHENTICATION_REQUIRED) to a tagged request means the
+//!   server lost the session (a restart, a failover): the SA is dropped, a new session
+//!   authenticated, and the request goes out again under it; the restart's epoch then
+//!   makes the client re-create every mapping as usual. SESSION_TERMINATED from the
+//!   server and an expired session are handled the same way while the client has
+//!   mappings to keep.
+//! - A refusal (AUTHENTICATION_FAILED, AUTHORIZATION_FAILED, DOWNGRADE_ATTACK_DETECTED,
+//!   an invalid server certificate) loses every mapping with that result code
+//!   ([`LostReason::Refused`]); no answer within the PA MRD is
+//!   [`Event::AuthenticationFailed`] with [`AuthFailure::Timeout`] and a new attempt
+//!   while there is something to keep.
 
+mod auth;
 pub mod canary;
 pub mod epoch;
 pub mod retransmit;
@@ -36,6 +70,7 @@ use pcp_proto::{
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+pub use auth::{AuthFailure, Authentication, SessionEnd};
 pub use canary::EchoVerdict;
 use epoch::{EpochValidator, Rule, Verdict};
 pub use retransmit::RetransmitConfig;
@@ -139,6 +174,8 @@ pub struct Client {
     events: VecDeque<Event>,
     probe: Option<Probe>,
     natpmp_addr: Option<Ipv4Addr>,
+    /// The PA session, with authentication.
+    auth: Option<auth::PaClient>,
 }
 
 const SHORT_ERRORS: [ResultCode; 4] = [
@@ -156,10 +193,15 @@ impl Client {
     /// (nonces, jitter, the canary token), so runs with the same seed and inputs are
     /// identical.
     pub fn new(config: Config, now: Time, seed: u64) -> Client {
-        let _ = now;
         let mut rng = SmallRng::seed_from_u64(seed);
         let canary_token = rng.random();
+        let auth = config.authentication.as_ref().map(|a| {
+            let mut pa = a.session(config.client_addr, rng.random());
+            pa.start(pa_time(now));
+            pa
+        });
         Client {
+            auth,
             echo: EchoVerdict::Untested,
             cfg: config,
             rng,
@@ -195,6 +237,184 @@ impl Client {
         self.epoch.last()
     }
 
+    /// Whether a PCP SA is in place (with [`Config::authentication`]; always `false`
+    /// without).
+    pub fn is_authenticated(&self) -> bool {
+        self.auth.as_ref().is_some_and(|a| a.is_established())
+    }
+
+    /// The PA session ID once the server assigned one (with authentication).
+    pub fn session_id(&self) -> Option<u32> {
+        self.auth
+            .as_ref()
+            .map(|a| a.session_id())
+            .filter(|&id| id != 0)
+    }
+
+    /// Ends the authenticated session: SESSION_TERMINATED to the server (RFC 7652
+    /// §3.3), then [`Event::SessionEnded`] with [`SessionEnd::ByClient`]. A new session
+    /// is authenticated as soon as there is something to send: at once while mappings
+    /// are kept, else on the next [`create`](Self::create) or
+    /// [`announce`](Self::announce) (delete or release mappings first to stop). Nothing
+    /// happens without authentication.
+    pub fn end_session(&mut self, now: Time) {
+        if let Some(a) = &mut self.auth {
+            a.terminate(pa_time(now));
+        }
+        self.pump_auth(now);
+    }
+
+    /// With authentication: no request may go out until a PCP SA is in place.
+    fn gated(&self) -> bool {
+        self.auth.as_ref().is_some_and(|a| !a.is_established())
+    }
+
+    /// Starts authenticating when the PA session is idle (after a refusal or the end of
+    /// a session) and the application asks for something.
+    fn authenticate_if_idle(&mut self, now: Time) {
+        if let Some(a) = &mut self.auth
+            && a.is_idle()
+        {
+            a.start(pa_time(now));
+        }
+    }
+
+    /// Moves the PA session's datagrams to the outbox and acts on its events.
+    fn pump_auth(&mut self, now: Time) {
+        let Some(a) = &mut self.auth else {
+            return;
+        };
+        let mut happened = Vec::new();
+        loop {
+            while let Some(m) = a.poll_transmit() {
+                self.outbox.push_back(Transmit {
+                    payload: m,
+                    destination: self.cfg.server,
+                });
+            }
+            let Some(e) = a.poll_event() else {
+                break;
+            };
+            happened.push((e, a.session_id()));
+        }
+        for (e, session_id) in happened {
+            use pcp_auth::client::ClientEvent as E;
+            match e {
+                E::Established {
+                    session_id,
+                    lifetime,
+                } => {
+                    self.events.push_back(Event::Authenticated {
+                        session_id,
+                        lifetime,
+                        reauthentication: false,
+                    });
+                }
+                E::Reauthenticated { lifetime } => {
+                    self.events.push_back(Event::Authenticated {
+                        session_id,
+                        lifetime,
+                        reauthentication: true,
+                    });
+                }
+                E::Failed(f) => self.auth_failed(f.into(), now),
+                E::Ended(end) => self.session_ended(end.into(), now),
+            }
+        }
+        // Anything started above (a new PA-Initiation) goes out now too.
+        if let Some(a) = &mut self.auth {
+            while let Some(m) = a.poll_transmit() {
+                self.outbox.push_back(Transmit {
+                    payload: m,
+                    destination: self.cfg.server,
+                });
+            }
+        }
+    }
+
+    /// Whether the client has anything to keep or ask for.
+    fn has_work(&self) -> bool {
+        !self.mappings.is_empty() || self.probe.is_some()
+    }
+
+    fn auth_failed(&mut self, failure: AuthFailure, now: Time) {
+        self.events
+            .push_back(Event::AuthenticationFailed { failure });
+        if failure == AuthFailure::Timeout {
+            // Like an unanswered request: with MRC/MRD limits, what was waiting for a
+            // first answer gives up; the rest waits for the server to come back.
+            let limited = self.cfg.retransmit.mrc != 0 || !self.cfg.retransmit.mrd.is_zero();
+            if limited {
+                let waiting: Vec<MappingId> = self
+                    .mappings
+                    .values()
+                    .filter(|m| m.phase != Phase::Active)
+                    .map(|m| m.id)
+                    .collect();
+                for id in waiting {
+                    self.give_up(id, LostReason::NoResponse);
+                }
+                self.drop_probe();
+            }
+            if self.has_work() {
+                self.authenticate_if_idle(now);
+            }
+            return;
+        }
+        // A refusal does not go away by asking again.
+        let ids: Vec<MappingId> = self.mappings.keys().copied().collect();
+        for id in ids {
+            self.give_up(id, LostReason::Refused(failure.result_code()));
+        }
+        self.drop_probe();
+    }
+
+    fn session_ended(&mut self, reason: SessionEnd, now: Time) {
+        self.events.push_back(Event::SessionEnded { reason });
+        // After Lost, pcp-auth has started a new session already.
+        if self.has_work() {
+            self.authenticate_if_idle(now);
+        }
+    }
+
+    /// Ends a mapping that cannot be served: a delete under way is reported unconfirmed.
+    fn give_up(&mut self, id: MappingId, reason: LostReason) {
+        match self.mappings.get(&id).map(|m| m.phase) {
+            Some(Phase::Deleting) => {
+                self.mappings.remove(&id);
+                self.events.push_back(Event::Deleted {
+                    id,
+                    confirmed: false,
+                });
+            }
+            Some(_) => self.forget(id, reason),
+            None => {}
+        }
+    }
+
+    fn drop_probe(&mut self) {
+        if let Some(p) = self.probe.take()
+            && p.by_app
+        {
+            self.events.push_back(Event::AnnounceTimeout);
+        }
+    }
+
+    /// While requests wait for a PCP SA, granted mappings still expire on time.
+    fn expire_waiting(&mut self, now: Time) {
+        for m in self.mappings.values_mut() {
+            if m.phase == Phase::Active && m.expires().is_some_and(|e| e <= now) {
+                m.phase = Phase::Creating;
+                m.tx = Tx::Idle;
+                m.timer = Some(now);
+                self.events.push_back(Event::Lost {
+                    id: m.id,
+                    reason: LostReason::Expired,
+                });
+            }
+        }
+    }
+
     /// Asks for a mapping; the first request goes out on the next
     /// [`poll_transmit`](Self::poll_transmit).
     pub fn create(&mut self, req: MappingRequest, now: Time) -> Result<MappingId, RequestError> {
@@ -216,6 +436,7 @@ impl Client {
             pending_natpmp: None,
         };
         self.mappings.insert(id, m);
+        self.authenticate_if_idle(now);
         self.fire_due(now);
         Ok(id)
     }
@@ -280,6 +501,7 @@ impl Client {
             + req.description.as_ref().map_or(0, |d| pad(d.len()))
             + pad(0)
             + pad(4)
+            + if self.auth.is_some() { TAG_ROOM } else { 0 }
     }
 
     /// Changes whether CHECKPOINT_REQUIRED is asked for: on the next renewal, or now
@@ -387,6 +609,7 @@ impl Client {
             timer: now,
             by_app: true,
         });
+        self.authenticate_if_idle(now);
         self.fire_due(now);
     }
 
@@ -402,6 +625,7 @@ impl Client {
 
     /// The next datagram to send, if any. Timers due at `now` are handled first.
     pub fn poll_transmit(&mut self, now: Time) -> Option<Transmit> {
+        self.pump_auth(now);
         self.fire_due(now);
         self.outbox.pop_front()
     }
@@ -413,15 +637,34 @@ impl Client {
 
     /// When [`handle_timeout`](Self::handle_timeout) should be called next.
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.mappings
-            .values()
-            .filter_map(|m| m.timer)
-            .chain(self.probe.as_ref().map(|p| p.timer))
-            .min()
+        let pa = self
+            .auth
+            .as_ref()
+            .and_then(|a| a.poll_timeout())
+            .map(|t| Time(t.0));
+        let own = if self.gated() {
+            // Requests wait for the SA; only expiries of granted mappings run.
+            self.mappings
+                .values()
+                .filter(|m| m.phase == Phase::Active)
+                .filter_map(Mapping::expires)
+                .min()
+        } else {
+            self.mappings
+                .values()
+                .filter_map(|m| m.timer)
+                .chain(self.probe.as_ref().map(|p| p.timer))
+                .min()
+        };
+        own.into_iter().chain(pa).min()
     }
 
     /// Handles every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Time) {
+        if let Some(a) = &mut self.auth {
+            a.handle_timeout(pa_time(now));
+        }
+        self.pump_auth(now);
         self.fire_due(now);
     }
 
@@ -433,6 +676,10 @@ impl Client {
     }
 
     fn fire_due(&mut self, now: Time) {
+        if self.gated() {
+            self.expire_waiting(now);
+            return;
+        }
         // Firing may set timers to `now` again (e.g. re-create after expiry); bound the
         // loop so that a bug cannot spin.
         for _ in 0..8 {
@@ -476,7 +723,7 @@ impl Client {
                 buf
             }
         };
-        self.send(payload);
+        self.send(payload, now);
         p.timer = p.retransmit.on_send(now, &mut self.rng);
         self.probe = Some(p);
     }
@@ -500,7 +747,7 @@ impl Client {
                 }
                 let next = r.on_send(now, &mut self.rng);
                 m.timer = Some(next);
-                self.send_mapping(id, false);
+                self.send_mapping(id, false, now);
             }
             (Phase::Active, Tx::Idle) => {
                 let next = m
@@ -508,7 +755,7 @@ impl Client {
                     .and_then(|(g, at)| renewal_time(at, g.lifetime, 1, Some(now), &mut self.rng));
                 m.tx = Tx::Renew { attempt: 0 };
                 m.timer = next.or(m.expires());
-                self.send_mapping(id, false);
+                self.send_mapping(id, false, now);
             }
             (Phase::Active, Tx::Renew { attempt, .. }) => {
                 let attempt = *attempt;
@@ -528,7 +775,7 @@ impl Client {
                 });
                 m.tx = Tx::Renew { attempt };
                 m.timer = next.or(m.expires());
-                self.send_mapping(id, false);
+                self.send_mapping(id, false, now);
             }
             (Phase::Active, Tx::Create(_) | Tx::Delete(_)) => {
                 m.tx = Tx::Idle;
@@ -545,7 +792,7 @@ impl Client {
                 }
                 let next = r.on_send(now, &mut self.rng);
                 m.timer = Some(next);
-                self.send_mapping(id, true);
+                self.send_mapping(id, true, now);
             }
             (Phase::Deleting, _) => {
                 m.tx = Tx::Delete(Retransmit::new(cfg));
@@ -559,7 +806,21 @@ impl Client {
         self.events.push_back(Event::Lost { id, reason });
     }
 
-    fn send(&mut self, payload: Vec<u8>) {
+    /// Queues a request; with authentication, tagged (each transmission anew: a new
+    /// sequence number, so that loss or reordering never wedges the sequence).
+    fn send(&mut self, mut payload: Vec<u8>, now: Time) {
+        if let Some(a) = &mut self.auth
+            && payload.first() == Some(&pcp_proto::VERSION)
+        {
+            let len = payload.len();
+            payload.resize(len + TAG_ROOM, 0);
+            match a.protect(pa_time(now), &mut payload, len) {
+                Ok(n) => payload.truncate(n),
+                // No SA (cannot happen: requests wait for one) or the sequence space is
+                // used up until the re-authentication: like a lost datagram.
+                Err(_) => return,
+            }
+        }
         self.outbox.push_back(Transmit {
             payload,
             destination: self.cfg.server,
@@ -578,7 +839,7 @@ impl Client {
     }
 
     /// Builds and queues the request for mapping `id` (a delete when `delete`).
-    fn send_mapping(&mut self, id: MappingId, delete: bool) {
+    fn send_mapping(&mut self, id: MappingId, delete: bool, now: Time) {
         let use_canary = self.cfg.canary && self.echo == EchoVerdict::Untested;
         let Some(m) = self.mappings.get_mut(&id) else {
             return;
@@ -674,7 +935,7 @@ impl Client {
                 emit_request(&req)
             }
         };
-        self.send(payload);
+        self.send(payload, now);
     }
 
     /// Handles a datagram from `from` (the server's socket, or the ANNOUNCE listener).
@@ -683,12 +944,44 @@ impl Client {
         if from.ip() != self.cfg.server.ip() || buf.len() < 2 {
             return;
         }
+        if self.auth.is_some() {
+            self.handle_authenticated(buf, from, now);
+            self.pump_auth(now);
+            self.fire_due(now);
+            return;
+        }
         match buf[0] {
             pcp_proto::NATPMP_VERSION => self.handle_natpmp(buf, from, now),
             pcp_proto::VERSION => self.handle_pcp(buf, from, now),
             _ => {}
         }
         self.fire_due(now);
+    }
+
+    /// With authentication: PA messages to the PA session; a response only once its tag
+    /// verified (and with the tag removed). NAT-PMP and anything not from the server's
+    /// own address and port (the ANNOUNCE listener) cannot be authenticated: dropped.
+    fn handle_authenticated(&mut self, buf: &[u8], from: SocketAddr, now: Time) {
+        let Some(a) = &mut self.auth else {
+            return;
+        };
+        if buf[0] != pcp_proto::VERSION || from != self.cfg.server {
+            return;
+        }
+        if Opcode::from_bits(buf[1]) == Opcode::Authentication {
+            a.handle(pa_time(now), buf);
+            return;
+        }
+        if a.verify_response(pa_time(now), buf).is_err() {
+            return;
+        }
+        let mut msg = buf.to_vec();
+        let n = pcp_proto::remove_option(
+            &mut msg,
+            buf.len(),
+            pcp_proto::OptionCode::AuthenticationTag,
+        );
+        self.handle_pcp(&msg[..n], from, now);
     }
 
     fn handle_pcp(&mut self, buf: &[u8], from: SocketAddr, now: Time) {
@@ -937,13 +1230,17 @@ impl Client {
     fn handle_natpmp(&mut self, buf: &[u8], from: SocketAddr, now: Time) {
         let solicited = from == self.cfg.server;
         // A NAT-PMP-only server answers a PCP request with a bare 8-octet UNSUPP_VERSION
-        // (opcode 128 per erratum 3618, 0 in the original RFC 6886).
+        // (opcode 128 per erratum 3618, 0 as RFC 6886 §3.5 printed it; both parse as
+        // this error). Nothing else in version 0 means anything to a PCP client.
         if self.version == Version::Pcp {
-            if solicited && buf.len() >= 4 && u16::from_be_bytes([buf[2], buf[3]]) == 1 {
-                if buf.len() >= 8 {
-                    let epoch = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                    let _ = self.epoch.check(Rule::NatPmp, now, epoch);
-                }
+            if solicited
+                && let Ok(natpmp::Response::Error {
+                    result: natpmp::ResultCode::UnsupportedVersion,
+                    epoch,
+                    ..
+                }) = natpmp::Response::parse(buf)
+            {
+                let _ = self.epoch.check(Rule::NatPmp, now, epoch);
                 self.fall_back(now);
             }
             return;
@@ -1009,6 +1306,35 @@ impl Client {
                     return;
                 };
                 self.on_natpmp_map(id, result, epoch, external_port, lifetime, lost, now);
+            }
+            // A refusal in the bare 8-octet form names the protocol but not the port:
+            // it is acted on when exactly one request of that protocol is outstanding
+            // (otherwise retransmission goes on, and the full form may follow).
+            natpmp::Response::Error {
+                request_opcode: op @ (1 | 2),
+                result,
+                epoch,
+            } if solicited && result != natpmp::ResultCode::Success => {
+                let protocol = if op == 1 {
+                    pcp_proto::protocol::UDP
+                } else {
+                    pcp_proto::protocol::TCP
+                };
+                let mut waiting = self.mappings.values().filter(|m| {
+                    m.req.kind == Kind::Map
+                        && m.req.protocol == protocol
+                        && !matches!(m.tx, Tx::Idle)
+                });
+                let (Some(m), None) = (waiting.next(), waiting.next()) else {
+                    return;
+                };
+                let id = m.id;
+                let verdict = self.epoch.check(Rule::NatPmp, now, epoch);
+                let lost = matches!(verdict, Verdict::Invalid { .. });
+                if let Verdict::Invalid { previous } = verdict {
+                    self.state_lost(previous, epoch, LossCause::Response, Some(id), now);
+                }
+                self.on_natpmp_map(id, result, epoch, 0, 0, lost, now);
             }
             _ => {}
         }
@@ -1169,6 +1495,13 @@ fn natpmp_grant(m: &Mapping, addr: Ipv4Addr, port: u16, lifetime: u32, epoch: u3
         },
         version: Version::NatPmp,
     }
+}
+
+/// Room for an AUTHENTICATION_TAG (4 header + 12 session, sequence, key ID + 16 MAC).
+const TAG_ROOM: usize = 32;
+
+fn pa_time(now: Time) -> pcp_auth::Time {
+    pcp_auth::Time(now.0)
 }
 
 fn emit_request(req: &Request<'_>) -> Vec<u8> {

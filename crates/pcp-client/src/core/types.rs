@@ -6,6 +6,7 @@ use std::time::Duration;
 use pcp_proto::{Filter, ResultCode};
 use serde::Serialize;
 
+use super::auth::{AuthFailure, Authentication, SessionEnd};
 use super::retransmit::RetransmitConfig;
 
 /// Identifies one mapping of a [`Client`](super::Client).
@@ -40,6 +41,10 @@ pub struct Config {
     pub announce_spread: Duration,
     /// Transmissions of a delete request before giving up (it is best effort).
     pub delete_attempts: u32,
+    /// PCP authentication (RFC 7652): when set, the client authenticates before its
+    /// first request, tags every request and accepts only responses whose tag verifies
+    /// (see the [module docs](super#authentication)). NAT-PMP is then never used.
+    pub authentication: Option<Authentication>,
 }
 
 impl Config {
@@ -54,6 +59,7 @@ impl Config {
             natpmp_fallback: true,
             announce_spread: Duration::from_secs(5),
             delete_attempts: 3,
+            authentication: None,
         }
     }
 }
@@ -358,6 +364,31 @@ pub enum Event {
     },
     /// [`Client::announce`](super::Client::announce) got no answer within MRC/MRD.
     AnnounceTimeout,
+    /// PCP authentication (RFC 7652) succeeded: requests are tagged with the new key
+    /// from now on.
+    Authenticated {
+        /// The PA session ID the server assigned.
+        session_id: u32,
+        /// Session lifetime in seconds; the client re-authenticates before it ends.
+        lifetime: u32,
+        /// A re-authentication within the session (new key) rather than a new session.
+        reauthentication: bool,
+    },
+    /// Authentication failed. After a timeout the client tries again while it has
+    /// mappings to keep; after a refusal (wrong password, not authorized, downgrade,
+    /// certificate) every mapping is lost with the matching result code and the client
+    /// tries again only when asked for something new.
+    AuthenticationFailed {
+        /// Why.
+        failure: AuthFailure,
+    },
+    /// The authenticated session ended; while the client has mappings to keep (or a
+    /// request to send) it authenticates again at once, and requests wait for the new
+    /// session.
+    SessionEnded {
+        /// Why.
+        reason: SessionEnd,
+    },
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
