@@ -57,6 +57,17 @@ impl ReplayWindow {
     pub fn last(&self) -> Option<u32> {
         self.last.map(|(s, _)| s)
     }
+
+    /// The last accepted sequence number with its MAC: all the window holds, for a
+    /// successor to carry on from ([`ReplayWindow::resume`]).
+    pub fn state(&self) -> Option<(u32, [u8; 16])> {
+        self.last
+    }
+
+    /// A window that has accepted `last` (sequence number and MAC) and nothing after.
+    pub fn resume(last: Option<(u32, [u8; 16])>) -> ReplayWindow {
+        ReplayWindow { last }
+    }
 }
 
 #[cfg(test)]

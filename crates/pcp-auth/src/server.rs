@@ -80,6 +80,86 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
+/// How far a successor's outgoing common sequence number jumps past the exported one
+/// ([`Server::import`]): the exporter may have tagged up to this many replies of the
+/// session after its last export reached the successor (docs/AUTH.md "Pair mode").
+pub const FAILOVER_OUT_JUMP: u32 = 1 << 16;
+
+/// An established session as another server needs it ([`Server::export`],
+/// [`Server::import`]). Holds the transport key: treat it as a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionExport {
+    /// Session ID.
+    pub session_id: u32,
+    /// The client's address (tagged requests must come from its IP).
+    pub client: SocketAddr,
+    /// The authenticated identity.
+    pub identity: Arc<str>,
+    /// The session's nonce (a re-authentication derives its key with it).
+    pub nonce: u32,
+    /// Key ID of the transport key.
+    pub key_id: u32,
+    /// The transport key (RFC 7652 §4). The MSK it was derived from is not exported:
+    /// verifying and tagging need only this, and a re-authentication brings a new MSK.
+    pub key: [u8; crate::crypto::KEY_LEN],
+    /// Negotiated PRF (IKEv2 transform ID).
+    pub prf: u32,
+    /// Negotiated MAC algorithm (IKEv2 transform ID).
+    pub mac: u32,
+    /// Milliseconds of session lifetime left when exported.
+    pub remaining_ms: u64,
+    /// Next PA sequence number expected from the client.
+    pub pa_in: u32,
+    /// Next PA sequence number to send.
+    pub pa_out: u32,
+    /// Common-message sequence numbers.
+    pub sequence: SequenceState,
+}
+
+impl std::fmt::Debug for SessionExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionExport")
+            .field("session_id", &self.session_id)
+            .field("client", &self.client)
+            .field("identity", &self.identity)
+            .field("key_id", &self.key_id)
+            .field("remaining_ms", &self.remaining_ms)
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The common-message sequence numbers of a session (RFC 7652 §6.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SequenceState {
+    /// The last request accepted: its sequence number and MAC.
+    pub last_in: Option<(u32, [u8; 16])>,
+    /// The sequence number the next reply gets.
+    pub next_out: u32,
+}
+
+/// Why [`Server::import`] refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    /// Session ID or key ID 0.
+    #[error("session ID and key ID must not be 0")]
+    Invalid,
+    /// Algorithms this server does not implement.
+    #[error("unsupported algorithms PRF {prf} / MAC {mac}")]
+    Algorithm {
+        /// PRF.
+        prf: u32,
+        /// MAC.
+        mac: u32,
+    },
+    /// No lifetime left.
+    #[error("session expired")]
+    Expired,
+    /// The session table is full.
+    #[error("session table full")]
+    Full,
+}
+
 /// Why a session ended or never got an SA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -485,6 +565,93 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// ones and re-authentications get the new kind.
     pub fn set_authenticator(&mut self, new_authenticator: F) {
         self.new_authenticator = new_authenticator;
+    }
+
+    /// The state a successor needs to keep verifying and tagging an established
+    /// session (HA replication, docs/AUTH.md "Pair mode"), with the lifetime left at
+    /// `now`; `None` for a session without an SA. During a re-authentication it is the
+    /// SA in use (the exchange itself is not exported).
+    pub fn export(&self, session_id: u32, now: Time) -> Option<SessionExport> {
+        let s = self.sessions.get(&session_id)?;
+        let sa = s.sa.as_ref()?;
+        let identity = s.identity.clone()?;
+        Some(SessionExport {
+            session_id,
+            client: s.client,
+            identity,
+            nonce: s.nonce,
+            key_id: sa.key.id,
+            key: *sa.key.as_bytes(),
+            prf: crate::crypto::PRF_HMAC_SHA2_256,
+            mac: crate::crypto::AUTH_HMAC_SHA2_256_128,
+            remaining_ms: sa.expires.0.saturating_sub(now.0),
+            pa_in: s.link.in_seq,
+            pa_out: s.link.out_seq,
+            sequence: self.sequence_state(session_id)?,
+        })
+    }
+
+    /// The sequence-number state of an established session's common messages: what
+    /// moves with every request, replicated far more often than the rest.
+    pub fn sequence_state(&self, session_id: u32) -> Option<SequenceState> {
+        let sa = self.sessions.get(&session_id)?.sa.as_ref()?;
+        Some(SequenceState {
+            last_in: sa.common_in.state(),
+            next_out: sa.common_out,
+        })
+    }
+
+    /// Installs a session exported by another server (a takeover): from now on its
+    /// tagged requests verify here and its replies are tagged here, without a new
+    /// authentication. Replaces a session with the same ID. The outgoing common
+    /// sequence number jumps [`FAILOVER_OUT_JUMP`] past the exported one, since the
+    /// exporter may have tagged replies after its last export; incoming numbers must be
+    /// greater than the exported last one (or be that very message again).
+    pub fn import(&mut self, now: Time, state: &SessionExport) -> Result<(), ImportError> {
+        if state.session_id == 0 || state.key_id == 0 {
+            return Err(ImportError::Invalid);
+        }
+        if !SUPPORTED_PRFS.contains(&state.prf) || !SUPPORTED_MACS.contains(&state.mac) {
+            return Err(ImportError::Algorithm {
+                prf: state.prf,
+                mac: state.mac,
+            });
+        }
+        if state.remaining_ms == 0 {
+            return Err(ImportError::Expired);
+        }
+        if !self.sessions.contains_key(&state.session_id)
+            && self.sessions.len() >= self.cfg.max_sessions
+        {
+            return Err(ImportError::Full);
+        }
+        let id = state.session_id;
+        let mut s = self.fresh(now, state.client, state.nonce);
+        s.phase = Phase::Established;
+        // Established here as far as this server's operator can tell.
+        s.established = Some(now);
+        s.link = Link::new(state.pa_out, state.pa_in);
+        s.chosen = true;
+        s.identity = Some(state.identity.clone());
+        s.last_key_id = state.key_id;
+        s.sa = Some(Sa {
+            key: TransportKey::from_bytes(state.key_id, state.key),
+            common_out: state.sequence.next_out.saturating_add(FAILOVER_OUT_JUMP),
+            common_in: ReplayWindow::resume(state.sequence.last_in),
+            expires: Time(now.0.saturating_add(state.remaining_ms)),
+        });
+        self.initiations.retain(|_, v| *v != id);
+        self.sessions.insert(id, s);
+        Ok(())
+    }
+
+    /// Drops every session without a word to its client: a node stepping down from
+    /// active (its successor holds the replicated ones) or about to import a
+    /// replicated set.
+    pub fn forget_all(&mut self) {
+        self.sessions.clear();
+        self.initiations.clear();
+        self.backend.clear();
     }
 
     /// The next datagram to send.

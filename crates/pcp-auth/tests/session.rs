@@ -828,3 +828,155 @@ fn slow_back_end_gets_a_pa_acknowledgement_and_one_request() {
             .any(|e| matches!(e, ServerEvent::Established { .. }))
     );
 }
+
+/// HA (docs/AUTH.md "Pair mode"): a session exported from one server and imported on
+/// another keeps working there without a new authentication — its next tagged
+/// request verifies, an earlier one is a replay, the bitwise retransmission of the
+/// last exported one is answered again, the successor's replies carry numbers the
+/// client has not seen — and what the replay window after a takeover cannot do: a
+/// request accepted after the last export is accepted once more.
+#[test]
+fn exported_session_keeps_verifying_on_a_second_server() {
+    let mut p = Pair::new("correct horse", ServerConfig::default(), Net::perfect(), 21);
+    p.client.start(p.now);
+    p.run_for(Duration::from_secs(1));
+    let sid = established(&p).unwrap();
+    let (r0, c0) = p.tagged_map(5000);
+    let (r1, c1) = p.tagged_map(5001);
+    assert!(matches!(c0, Check::Authenticated { .. }) && matches!(c1, Check::Authenticated { .. }));
+    for r in [&r0, &r1] {
+        let resp = p.tagged_response(sid, r);
+        assert_eq!(p.client.verify_response(p.now, &resp), Ok(()));
+    }
+    let state = p
+        .server
+        .export(sid, p.now)
+        .expect("an established session exports");
+    assert_eq!(&*state.identity, "alice");
+    assert_eq!(state.sequence.last_in.map(|(s, _)| s), Some(1));
+    assert_eq!(state.sequence.next_out, 2);
+    assert!(state.remaining_ms > 3_590_000 && state.remaining_ms <= 3_600_000);
+    // Accepted and answered by the first server after its last export.
+    let (late, _) = p.tagged_map(5002);
+    let resp = p.tagged_response(sid, &late);
+    assert_eq!(p.client.verify_response(p.now, &resp), Ok(()));
+
+    // The successor, a second later.
+    let later = p.now.plus(Duration::from_secs(1));
+    let mut b = Server::with_rng(
+        ServerConfig::default(),
+        factory(),
+        StdRng::seed_from_u64(99),
+    );
+    assert_eq!(
+        b.check_request(CLIENT_IP, &r1),
+        Check::UnknownSession,
+        "nothing before import"
+    );
+    b.import(later, &state).unwrap();
+    assert_eq!(b.identity(sid), Some("alice"));
+    assert_eq!(
+        b.check_request(CLIENT_IP, &r0),
+        Check::Discard(Discard::Replay)
+    );
+    assert!(matches!(
+        b.check_request(CLIENT_IP, &r1),
+        Check::Authenticated {
+            retransmission: true,
+            ..
+        }
+    ));
+    // The documented limit: accepted after the export, so unknown to the successor.
+    assert!(matches!(
+        b.check_request(CLIENT_IP, &late),
+        Check::Authenticated {
+            retransmission: false,
+            ..
+        }
+    ));
+    // The client's next request, tagged as ever.
+    p.now = later;
+    let (next, _) = p.tagged_map(5003);
+    assert_eq!(
+        b.check_request(CLIENT_IP, &next),
+        Check::Authenticated {
+            session_id: sid,
+            identity: Arc::from("alice"),
+            retransmission: false
+        }
+    );
+    for old in [&r0, &r1, &late] {
+        assert_eq!(
+            b.check_request(CLIENT_IP, old),
+            Check::Discard(Discard::Replay)
+        );
+    }
+    assert_eq!(
+        b.check_request(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99)), &next),
+        Check::Discard(Discard::WrongClient)
+    );
+    // Its reply: tagged by the successor past anything the first server may have used.
+    let r = Request::parse(&next).unwrap();
+    let resp = Response {
+        result_code: ResultCode::Success,
+        lifetime: 3600,
+        epoch: 1,
+        body: r.body,
+        options: Options::EMPTY,
+    };
+    let mut buf = vec![0u8; 1100];
+    let n = resp.emit(&mut buf).unwrap();
+    let n = b.protect_response(sid, &mut buf, n).unwrap();
+    let at = pcp_auth::tag::locate(&buf[..n]).unwrap();
+    assert_eq!(at.sequence_number, 2 + pcp_auth::server::FAILOVER_OUT_JUMP);
+    assert_eq!(p.client.verify_response(p.now, &buf[..n]), Ok(()));
+    // The lifetime carried over: it ends when it would have ended on the first server.
+    b.handle_timeout(later.plus(Duration::from_millis(state.remaining_ms - 1)));
+    assert_eq!(b.identity(sid), Some("alice"));
+    b.handle_timeout(later.plus(Duration::from_millis(state.remaining_ms)));
+    assert_eq!(b.identity(sid), None);
+    assert!(matches!(
+        b.poll_event(),
+        Some(ServerEvent::Ended { session_id, cause: Cause::Expired }) if session_id == sid
+    ));
+}
+
+#[test]
+fn import_refuses_what_it_cannot_serve() {
+    let mut p = Pair::new("correct horse", ServerConfig::default(), Net::perfect(), 22);
+    p.client.start(p.now);
+    p.run_for(Duration::from_secs(1));
+    let sid = established(&p).unwrap();
+    let good = p.server.export(sid, p.now).unwrap();
+    assert!(p.server.export(sid ^ 1, p.now).is_none());
+    let mut b = Server::with_rng(
+        ServerConfig {
+            max_sessions: 1,
+            ..ServerConfig::default()
+        },
+        factory(),
+        StdRng::seed_from_u64(5),
+    );
+    use pcp_auth::server::ImportError;
+    let mut bad = good.clone();
+    bad.mac = 13;
+    assert!(matches!(
+        b.import(p.now, &bad),
+        Err(ImportError::Algorithm { .. })
+    ));
+    bad = good.clone();
+    bad.key_id = 0;
+    assert_eq!(b.import(p.now, &bad), Err(ImportError::Invalid));
+    bad = good.clone();
+    bad.remaining_ms = 0;
+    assert_eq!(b.import(p.now, &bad), Err(ImportError::Expired));
+    b.import(p.now, &good).unwrap();
+    // Importing it again replaces it; another one does not fit.
+    b.import(p.now, &good).unwrap();
+    bad = good.clone();
+    bad.session_id ^= 1;
+    assert_eq!(b.import(p.now, &bad), Err(ImportError::Full));
+    assert_eq!(b.session_count(), 1);
+    b.forget_all();
+    assert_eq!(b.session_count(), 0);
+}

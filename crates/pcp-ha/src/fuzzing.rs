@@ -14,8 +14,9 @@
 //!   decodes again to the same value (`decode(encode(decode(x))) == decode(x)`);
 //! - every frame the node sends is at most [`wire::MAX_FRAME`] octets and has a header
 //!   this crate reads back with the node's own term;
-//! - the backup's copy holds no more mappings than Upsert records were delivered
-//!   (state grows only with what the peer actually sent);
+//! - the backup's copy holds no more mappings than Upsert records were delivered, nor
+//!   more PA sessions than Session records (state grows only with what the peer
+//!   actually sent);
 //! - a takeover announces (unsolicited, unicast) only to hosts the replicated records
 //!   named: never to an address nobody told this node about.
 
@@ -115,6 +116,7 @@ pub fn run(data: &[u8]) -> usize {
     let mut now = Time(1_000);
     let mut node = HaNode::new(cfg, setup & 1 != 0, 0x5eed, now);
     let mut upserts = 0usize;
+    let mut sessions = 0usize;
     let mut named = std::collections::HashSet::new();
     let mut out = vec![0u8; wire::MAX_FRAME];
     let mut steps = 0;
@@ -136,6 +138,7 @@ pub fn run(data: &[u8]) -> usize {
                             Record::Host { host, .. } => {
                                 named.insert(*host);
                             }
+                            Record::Session(_) => sessions += 1,
                             _ => {}
                         }
                     }
@@ -183,6 +186,11 @@ pub fn run(data: &[u8]) -> usize {
         assert!(
             stored <= upserts,
             "the copy holds {stored} mappings from {upserts} upserts"
+        );
+        let held = node.sessions(now).len();
+        assert!(
+            held <= sessions,
+            "the copy holds {held} sessions from {sessions} session records"
         );
     }
     node.status(now).stored

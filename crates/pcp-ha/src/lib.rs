@@ -20,6 +20,4 @@ pub mod fuzzing;
 pub mod node;
 pub mod wire;
 
-pub use node::{
-    Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role,
-};
+pub use node::{Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role};

@@ -12,7 +12,10 @@ use std::time::Duration;
 use pcp_server::subscriber::SubscriberId;
 use pcp_server::{BackupStatus, Change, FastMap, Mapping, MappingKey, Reason, Time};
 
-use crate::wire::{self, Header, Kind, MappingRecord, Reader, Record, Writer};
+use crate::wire::{
+    self, Header, Interner, Kind, MappingRecord, Reader, Record, SequenceRecord, SessionRecord,
+    Subscriber, Writer,
+};
 
 /// Timing and limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +218,8 @@ struct Sender {
     reported_ack: u64,
     reported_status: Option<BackupStatus>,
     handover_sent: Option<Time>,
+    /// The backup reads session records ([`wire::FLAG_SESSIONS`]).
+    peer_sessions: bool,
 }
 
 /// One mapping of a backup's copy.
@@ -329,6 +334,21 @@ pub struct HaNode {
     link_read: Time,
     /// When the shell last called into this node (its own scheduling gaps).
     last_run: Time,
+    /// PA sessions (RFC 7652): as backup, the replicated ones, for a takeover; as
+    /// active, the shell's own (pushed with [`HaNode::push_session`]), for full copies.
+    sessions: FastMap<u32, StoredSession>,
+    /// Names (identities, subscriber ids) shared by the records held.
+    names: Interner,
+}
+
+/// One replicated PA session.
+#[derive(Debug)]
+struct StoredSession {
+    record: SessionRecord,
+    /// When the session expires (local time).
+    expires: Time,
+    /// The copy generation that last refreshed it (see `Receiver::generation`).
+    generation: u32,
 }
 
 /// State a node let go of (see [`HaNode::take_retired`]).
@@ -367,6 +387,8 @@ impl HaNode {
             orphan_wait: if start_active { cfg.join } else { cfg.join * 3 },
             retired: None,
             last_sweep: now,
+            sessions: FastMap::default(),
+            names: Interner::default(),
             link_read: now,
             last_run: now,
         }
@@ -419,7 +441,13 @@ impl HaNode {
                 epoch_base: Some(self.epoch_base),
             }),
             Role::Backup if self.rx.stream != 0 && self.rx.applied != 0 => Some(Beacon {
-                header: self.header(Kind::Ack, u8::from(self.rx.ready), self.rx.stream),
+                // The same flags as a real ACK: one without FLAG_SESSIONS would tell the
+                // active that this backup stopped reading session records.
+                header: self.header(
+                    Kind::Ack,
+                    u8::from(self.rx.ready) | wire::FLAG_SESSIONS,
+                    self.rx.stream,
+                ),
                 seq: self
                     .rx
                     .ack_cap
@@ -520,6 +548,100 @@ impl HaNode {
         seq
     }
 
+    /// Queues a PA session established or re-authenticated on this active (its
+    /// remaining lifetime counted from `now`); kept for full copies too. Returns its
+    /// sequence number, or `None` when this node is not active or its backup does not
+    /// read session records (an older build).
+    pub fn push_session(&mut self, mut record: SessionRecord, now: Time) -> Option<u64> {
+        if !matches!(self.role, Role::Active | Role::Draining)
+            || record.identity.len() > wire::MAX_NAME
+        {
+            return None;
+        }
+        let expires = now.plus(Duration::from_millis(u64::from(record.remaining_ms)));
+        record.identity = self.names.get(&record.identity);
+        let id = record.session_id;
+        self.sessions.insert(
+            id,
+            StoredSession {
+                record: record.clone(),
+                expires,
+                generation: 0,
+            },
+        );
+        self.tx
+            .peer_sessions
+            .then(|| self.append(Record::Session(record), expires, now))
+    }
+
+    /// Queues the sequence numbers of a session after authenticated requests (see
+    /// docs/AUTH.md for what a successor makes of them). `None` as for
+    /// [`HaNode::push_session`], or for a session this node does not know.
+    pub fn push_session_seq(
+        &mut self,
+        session_id: u32,
+        sequence: SequenceRecord,
+        now: Time,
+    ) -> Option<u64> {
+        if !matches!(self.role, Role::Active | Role::Draining) {
+            return None;
+        }
+        let st = self.sessions.get_mut(&session_id)?;
+        if st.record.sequence == sequence {
+            return None;
+        }
+        st.record.sequence = sequence;
+        self.tx.peer_sessions.then(|| {
+            self.append(
+                Record::SessionSeq {
+                    session_id,
+                    sequence,
+                },
+                now,
+                now,
+            )
+        })
+    }
+
+    /// Queues the end of a PA session.
+    pub fn push_session_end(&mut self, session_id: u32, now: Time) -> Option<u64> {
+        if !matches!(self.role, Role::Active | Role::Draining) {
+            return None;
+        }
+        self.sessions.remove(&session_id)?;
+        self.tx
+            .peer_sessions
+            .then(|| self.append(Record::SessionEnd(session_id), now, now))
+    }
+
+    /// The PA sessions this node holds that are not expired, with their lifetime left
+    /// at `now`: after a takeover ([`Event::Promoted`]) the shell installs them in its
+    /// authentication server, so their clients carry on without authenticating again.
+    pub fn sessions(&self, now: Time) -> Vec<SessionRecord> {
+        let mut out: Vec<SessionRecord> = self
+            .sessions
+            .values()
+            .filter(|st| st.expires > now)
+            .map(|st| SessionRecord {
+                remaining_ms: u32::try_from(st.expires.since(now).as_millis()).unwrap_or(u32::MAX),
+                ..st.record.clone()
+            })
+            .collect();
+        out.sort_by_key(|r| r.session_id);
+        out
+    }
+
+    /// Whether this node holds PA session `id`.
+    pub fn has_session(&self, id: u32) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    /// PA sessions held: as backup, replicated ones for a takeover; as active, the
+    /// ones kept for the backup (expired ones go at the next sweep).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
     /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the checkpointed mappings from
     /// the cursor on, the cursor to continue from (`None`: done) and, with the last
     /// chunk, the hosts holding unprotected mappings.
@@ -549,6 +671,9 @@ impl HaNode {
                         now,
                         now,
                     );
+                }
+                if self.tx.peer_sessions {
+                    self.queue_sessions(now);
                 }
                 let end = self.append(Record::BulkEnd, now, now);
                 self.tx.bulk_end_seq = Some(end);
@@ -743,6 +868,8 @@ impl HaNode {
         let fresh = Receiver::sized(self.cfg.expected);
         let old = std::mem::replace(&mut self.rx, fresh);
         self.retire(Junk::Copy(old));
+        // The new active holds the sessions and sends them with its full copy.
+        self.sessions.clear();
         // An active was just heard: the wait before an orphan takeover starts now,
         // not at this node's start.
         self.started = now;
@@ -790,6 +917,7 @@ impl HaNode {
             Kind::Ack | Kind::Hello => {
                 let Ok(applied) = r.u64() else { return };
                 self.tx.peer_heard = Some(now);
+                self.peer_reads_sessions(h.flags & wire::FLAG_SESSIONS != 0, now);
                 let follows_us = h.stream == self.incarnation;
                 let first_kept = self.tx.log.front().map_or(self.tx.next_seq, |e| e.seq);
                 if h.kind == Kind::Hello {
@@ -832,6 +960,45 @@ impl HaNode {
                     self.demote(self.term, now);
                 }
             }
+        }
+    }
+
+    /// What the backup said about session records (ACK/HELLO flag). When it starts
+    /// reading them, every held session is queued (a copy already sent had none);
+    /// when it stops (replaced by an older build), a log holding session records it
+    /// cannot read is replaced by a fresh copy.
+    fn peer_reads_sessions(&mut self, reads: bool, now: Time) {
+        if reads == self.tx.peer_sessions {
+            return;
+        }
+        self.tx.peer_sessions = reads;
+        if reads {
+            self.queue_sessions(now);
+        } else if self.tx.log.iter().any(|e| {
+            matches!(
+                e.record,
+                Record::Session(_) | Record::SessionSeq { .. } | Record::SessionEnd(_)
+            )
+        }) {
+            self.tx.peer_ready = false;
+            self.drop_log();
+            self.tx.bulk_cursor = None;
+            self.start_bulk(now);
+        }
+    }
+
+    /// Queues a record of every live session held (full copy, or a backup that just
+    /// started reading them).
+    fn queue_sessions(&mut self, now: Time) {
+        let mut live: Vec<(Time, SessionRecord)> = self
+            .sessions
+            .values()
+            .filter(|st| st.expires > now)
+            .map(|st| (st.expires, st.record.clone()))
+            .collect();
+        live.sort_by_key(|(_, r)| r.session_id);
+        for (expires, r) in live {
+            self.append(Record::Session(r), expires, now);
         }
     }
 
@@ -917,7 +1084,7 @@ impl HaNode {
                     self.rx.applied = first - 1;
                 }
                 for i in 0..u64::from(count) {
-                    let Ok(rec) = wire::read_record(r) else {
+                    let Ok(rec) = wire::read_record_in(r, &mut self.names) else {
                         return;
                     };
                     let seq = first + i;
@@ -1015,8 +1182,32 @@ impl HaNode {
                 }
                 self.rx.store.retain(|_, st| st.generation == g);
                 self.rx.unprotected.retain(|_, gen_| *gen_ == g);
+                self.sessions.retain(|_, st| st.generation == g);
+                self.names.prune();
                 self.rx.ready = true;
                 self.rx.ever_ready = true;
+            }
+            Record::Session(record) => {
+                let expires = now.plus(Duration::from_millis(u64::from(record.remaining_ms)));
+                self.sessions.insert(
+                    record.session_id,
+                    StoredSession {
+                        record,
+                        expires,
+                        generation: self.rx.generation,
+                    },
+                );
+            }
+            Record::SessionSeq {
+                session_id,
+                sequence,
+            } => {
+                if let Some(st) = self.sessions.get_mut(&session_id) {
+                    st.record.sequence = sequence;
+                }
+            }
+            Record::SessionEnd(id) => {
+                self.sessions.remove(&id);
             }
         }
     }
@@ -1164,7 +1355,7 @@ impl HaNode {
             Kind::Ack
         };
         let mut w = Writer::new(buf);
-        let flags = u8::from(self.rx.ready);
+        let flags = u8::from(self.rx.ready) | wire::FLAG_SESSIONS;
         wire::write_header(&mut w, &self.header(kind, flags, self.rx.stream))?;
         let applied = self
             .rx
@@ -1233,6 +1424,8 @@ impl HaNode {
                 if now.since(self.last_sweep) >= SWEEP_EVERY {
                     self.last_sweep = now;
                     self.rx.store.retain(|_, st| st.expires > now);
+                    self.sessions.retain(|_, st| st.expires > now);
+                    self.names.prune();
                 }
             }
             Role::Draining => {
@@ -1248,7 +1441,14 @@ impl HaNode {
                 }
                 self.report_status(now);
             }
-            Role::Active => self.report_status(now),
+            Role::Active => {
+                if now.since(self.last_sweep) >= SWEEP_EVERY {
+                    self.last_sweep = now;
+                    self.sessions.retain(|_, st| st.expires > now);
+                    self.names.prune();
+                }
+                self.report_status(now);
+            }
         }
     }
 
@@ -1282,14 +1482,25 @@ fn record_of(m: &Mapping) -> MappingRecord {
         client: m.client,
         filters: m.filters.to_vec(),
         description: m.description.as_deref().map(str::to_string),
+        subscriber: match &m.subscriber {
+            SubscriberId::Identity(n) if n.len() <= wire::MAX_NAME => {
+                Subscriber::Identity(n.clone())
+            }
+            SubscriberId::Named(n) if n.len() <= wire::MAX_NAME => Subscriber::Entry(n.clone()),
+            _ => Subscriber::Address,
+        },
     }
 }
 
-/// The subscriber a replicated mapping names (the successor charges its own, see
-/// `Server::adopt`); one shared string, not an allocation per mapping.
-fn replicated_subscriber() -> SubscriberId {
-    static NAME: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
-    SubscriberId::Named(NAME.get_or_init(|| "replicated".into()).clone())
+/// The subscriber a replicated mapping names, for `Server::adopt` to charge the same
+/// one (by address: the internal host's own prefix, which `adopt` looks up again).
+/// Names are the interned ones of the record: no allocation per mapping.
+fn replicated_subscriber(s: &Subscriber, key: &MappingKey) -> SubscriberId {
+    match s {
+        Subscriber::Identity(n) => SubscriberId::Identity(n.clone()),
+        Subscriber::Entry(n) => SubscriberId::Named(n.clone()),
+        Subscriber::Address => SubscriberId::Prefix(key.internal.into()),
+    }
 }
 
 /// [`mapping_of`], taking the record (its strings and filters move instead of being
@@ -1307,7 +1518,7 @@ fn into_mapping(r: MappingRecord, expires: Time, now: Time) -> Mapping {
         },
         expires,
         lifetime: r.lifetime,
-        subscriber: replicated_subscriber(),
+        subscriber: replicated_subscriber(&r.subscriber, &r.key),
         checkpoint_requested: r.requested,
         checkpoint: match r.forced_by {
             Some(rule) => Reason::Forced(rule.into()),
@@ -1333,7 +1544,7 @@ fn mapping_of(r: &MappingRecord, expires: Time, now: Time) -> Mapping {
         },
         expires,
         lifetime: r.lifetime,
-        subscriber: replicated_subscriber(),
+        subscriber: replicated_subscriber(&r.subscriber, &r.key),
         checkpoint_requested: r.requested,
         checkpoint: match &r.forced_by {
             Some(rule) => Reason::Forced(rule.as_str().into()),

@@ -11,8 +11,17 @@
 //! ```
 //!
 //! All integers are big-endian. Frames from a newer major version are dropped.
+//!
+//! Compatibility within a version: a record's body may grow at its end — a reader
+//! ignores octets after the fields it knows, and a field a sender did not write reads
+//! as its default (the upsert's subscriber, added later, reads as "by address"). New
+//! record kinds are sent only to a backup that announced it reads them: flag
+//! [`FLAG_SESSIONS`] in its ACK/HELLO says it reads the session records (6–8); a
+//! backup of an older build never gets them, and the pair works as before without
+//! session replication.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use pcp_proto::{Filter, decode_addr, encode_addr};
 use pcp_server::{MappingKey, Origin};
@@ -25,6 +34,12 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Largest frame this crate emits (fits a loopback or jumbo-frame datagram).
 pub const MAX_FRAME: usize = 8192;
+/// Longest identity or subscriber id replicated (RADIUS caps User-Name at 253
+/// octets; configured names are short): a longer one is not replicated, so no record
+/// can outgrow a frame and wedge the stream.
+pub const MAX_NAME: usize = 1024;
+/// ACK/HELLO flag: the backup reads the PA session records (kinds 6–8).
+pub const FLAG_SESSIONS: u8 = 2;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +120,108 @@ pub struct MappingRecord {
     pub filters: Vec<Filter>,
     /// DESCRIPTION.
     pub description: Option<String>,
+    /// Whom the active charged it to (so a successor charges the same subscriber).
+    pub subscriber: Subscriber,
+}
+
+/// The subscriber a replicated mapping is charged to, as the successor must find it
+/// again in its own configuration (docs/HA.md, docs/AUTH.md). Names are shared
+/// (`Arc<str>`, interned by the receiver: see [`Interner`]), never one allocation per
+/// mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Subscriber {
+    /// By the internal address: the successor looks it up in its own prefixes.
+    #[default]
+    Address,
+    /// An authenticated PCP identity (RFC 7652): the successor resolves it as for an
+    /// authenticated request (its configured entry, else the identity's own subscriber).
+    Identity(Arc<str>),
+    /// A configured subscriber entry, by id (reached by prefix or by an identity it
+    /// lists).
+    Entry(Arc<str>),
+}
+
+/// An established PCP authentication session (RFC 7652) as a successor needs it to
+/// keep verifying and tagging the client's messages (docs/AUTH.md "Pair mode"). Holds
+/// a transport key: see docs/HA.md on the replication link.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Session ID.
+    pub session_id: u32,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The authenticated identity.
+    pub identity: Arc<str>,
+    /// The session's nonce.
+    pub nonce: u32,
+    /// Key ID of the transport key.
+    pub key_id: u32,
+    /// The transport key.
+    pub key: [u8; 32],
+    /// Negotiated PRF.
+    pub prf: u32,
+    /// Negotiated MAC algorithm.
+    pub mac: u32,
+    /// Milliseconds of session lifetime left when the frame was written.
+    pub remaining_ms: u32,
+    /// Next PA sequence number expected from the client.
+    pub pa_in: u32,
+    /// Next PA sequence number to send.
+    pub pa_out: u32,
+    /// Common-message sequence numbers.
+    pub sequence: SequenceRecord,
+}
+
+impl std::fmt::Debug for SessionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("SessionRecord")
+            .field("session_id", &self.session_id)
+            .field("client", &self.client)
+            .field("identity", &self.identity)
+            .field("key_id", &self.key_id)
+            .field("remaining_ms", &self.remaining_ms)
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session's common-message sequence numbers (RFC 7652 §6.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SequenceRecord {
+    /// The last request accepted: sequence number and MAC.
+    pub last_in: Option<(u32, [u8; 16])>,
+    /// The number the next reply gets.
+    pub next_out: u32,
+}
+
+/// Shares equal names among records (identities, subscriber ids): a backup holding a
+/// million mappings of a thousand subscribers holds a thousand strings.
+#[derive(Debug, Default)]
+pub struct Interner(pcp_server::FastSet<Arc<str>>);
+
+impl Interner {
+    /// The shared copy of `name`.
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(name) {
+            return a.clone();
+        }
+        let a: Arc<str> = name.into();
+        self.0.insert(a.clone());
+        a
+    }
+    /// Forgets names nothing else holds any more.
+    pub fn prune(&mut self) {
+        self.0.retain(|a| Arc::strong_count(a) > 1);
+    }
+    /// Names held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// One replicated change.
@@ -125,6 +242,17 @@ pub enum Record {
     BulkStart,
     /// The full copy is complete: the backup is ready.
     BulkEnd,
+    /// A PA session was established or re-authenticated (or is part of a full copy).
+    Session(SessionRecord),
+    /// The sequence numbers of a session moved (sent after authenticated requests).
+    SessionSeq {
+        /// Session ID.
+        session_id: u32,
+        /// Its sequence numbers now.
+        sequence: SequenceRecord,
+    },
+    /// A PA session ended.
+    SessionEnd(u32),
 }
 
 /// A malformed frame.
@@ -185,6 +313,21 @@ impl<'a> Writer<'a> {
     }
     fn addr(&mut self, a: IpAddr) -> Option<()> {
         self.put(&encode_addr(a))
+    }
+    fn sequence(&mut self, s: &SequenceRecord) -> Option<()> {
+        match s.last_in {
+            Some((seq, mac)) => {
+                self.u8(1)?;
+                self.u32(seq)?;
+                self.put(&mac)?;
+            }
+            None => {
+                self.u8(0)?;
+                self.u32(0)?;
+                self.put(&[0; 16])?;
+            }
+        }
+        self.u32(s.next_out)
     }
     fn bytes16(&mut self, b: &[u8]) -> Option<()> {
         self.u16(u16::try_from(b.len()).ok()?)?;
@@ -247,6 +390,25 @@ impl<'a> Reader<'a> {
     fn bytes16(&mut self) -> Result<&'a [u8], WireError> {
         let n = usize::from(self.u16()?);
         self.take(n)
+    }
+    fn name(&mut self, names: &mut Interner) -> Result<Arc<str>, WireError> {
+        let b = self.bytes16()?;
+        Ok(match std::str::from_utf8(b) {
+            Ok(s) => names.get(s),
+            Err(_) => names.get(&String::from_utf8_lossy(b)),
+        })
+    }
+    fn sequence(&mut self) -> Result<SequenceRecord, WireError> {
+        let has = self.u8()? != 0;
+        let seq = self.u32()?;
+        let mac: [u8; 16] = self
+            .take(16)?
+            .try_into()
+            .map_err(|_| WireError::Malformed)?;
+        Ok(SequenceRecord {
+            last_in: has.then_some((seq, mac)),
+            next_out: self.u32()?,
+        })
     }
 }
 
@@ -341,12 +503,13 @@ fn read_key(r: &mut Reader<'_>) -> Result<MappingKey, WireError> {
 pub fn write_record(w: &mut Writer<'_>, rec: &Record) -> Option<()> {
     let remaining = match rec {
         Record::Upsert(m) => m.remaining_ms,
+        Record::Session(s) => s.remaining_ms,
         _ => 0,
     };
     write_record_remaining(w, rec, remaining)
 }
 
-/// [`write_record`] with an upsert's remaining lifetime given (the sender computes it
+/// [`write_record`] with an upsert's (or session's) remaining lifetime given (the sender computes it
 /// when the frame is written; no copy of the record is made).
 pub fn write_record_remaining(w: &mut Writer<'_>, rec: &Record, remaining_ms: u32) -> Option<()> {
     let start = w.len();
@@ -356,6 +519,9 @@ pub fn write_record_remaining(w: &mut Writer<'_>, rec: &Record, remaining_ms: u3
         Record::Host { .. } => 3,
         Record::BulkStart => 4,
         Record::BulkEnd => 5,
+        Record::Session(_) => 6,
+        Record::SessionSeq { .. } => 7,
+        Record::SessionEnd(_) => 8,
     };
     w.u8(kind)?;
     w.u16(0)?;
@@ -383,7 +549,41 @@ pub fn write_record_remaining(w: &mut Writer<'_>, rec: &Record, remaining_ms: u3
             }
             w.bytes16(m.description.as_deref().unwrap_or("").as_bytes())?;
             w.u8(u8::from(m.description.is_some()))?;
+            // Appended after the first release (older readers stop before it), and
+            // only when it is not the default: by address.
+            let named = match &m.subscriber {
+                Subscriber::Address => None,
+                Subscriber::Identity(n) => Some((1, n)),
+                Subscriber::Entry(n) => Some((2, n)),
+            };
+            if let Some((kind, name)) = named {
+                w.u8(kind)?;
+                w.bytes16(name.as_bytes())?;
+            }
         }
+        Record::Session(s) => {
+            w.u32(s.session_id)?;
+            w.addr(s.client.ip())?;
+            w.u16(s.client.port())?;
+            w.bytes16(s.identity.as_bytes())?;
+            w.u32(s.nonce)?;
+            w.u32(s.key_id)?;
+            w.put(&s.key)?;
+            w.u32(s.prf)?;
+            w.u32(s.mac)?;
+            w.u32(remaining_ms)?;
+            w.u32(s.pa_in)?;
+            w.u32(s.pa_out)?;
+            w.sequence(&s.sequence)?;
+        }
+        Record::SessionSeq {
+            session_id,
+            sequence,
+        } => {
+            w.u32(*session_id)?;
+            w.sequence(sequence)?;
+        }
+        Record::SessionEnd(id) => w.u32(*id)?,
         Record::Remove(k) => write_key(w, k)?,
         Record::Host { host, unprotected } => {
             w.addr(*host)?;
@@ -398,6 +598,11 @@ pub fn write_record_remaining(w: &mut Writer<'_>, rec: &Record, remaining_ms: u3
 
 /// Reads one record.
 pub fn read_record(r: &mut Reader<'_>) -> Result<Record, WireError> {
+    read_record_in(r, &mut Interner::default())
+}
+
+/// Reads one record, sharing its names through `names`.
+pub fn read_record_in(r: &mut Reader<'_>, names: &mut Interner) -> Result<Record, WireError> {
     let kind = r.u8()?;
     let body = r.bytes16()?;
     let mut r = Reader::new(body);
@@ -433,6 +638,16 @@ pub fn read_record(r: &mut Reader<'_>) -> Result<Record, WireError> {
             let desc = r.bytes16()?;
             let has_desc = r.u8()? != 0;
             let description = has_desc.then(|| String::from_utf8_lossy(desc).into_owned());
+            // Absent from a sender of the first release: by address.
+            let subscriber = if r.is_empty() {
+                Subscriber::Address
+            } else {
+                match (r.u8()?, r.name(names)?) {
+                    (1, n) => Subscriber::Identity(n),
+                    (2, n) => Subscriber::Entry(n),
+                    _ => Subscriber::Address,
+                }
+            };
             Record::Upsert(MappingRecord {
                 key,
                 nonce,
@@ -446,6 +661,7 @@ pub fn read_record(r: &mut Reader<'_>) -> Result<Record, WireError> {
                 client,
                 filters,
                 description,
+                subscriber,
             })
         }
         2 => Record::Remove(read_key(&mut r)?),
@@ -455,6 +671,34 @@ pub fn read_record(r: &mut Reader<'_>) -> Result<Record, WireError> {
         },
         4 => Record::BulkStart,
         5 => Record::BulkEnd,
+        6 => {
+            let session_id = r.u32()?;
+            let ip = r.addr()?;
+            let client = SocketAddr::new(ip, r.u16()?);
+            let identity = r.name(names)?;
+            let nonce = r.u32()?;
+            let key_id = r.u32()?;
+            let key: [u8; 32] = r.take(32)?.try_into().map_err(|_| WireError::Malformed)?;
+            Record::Session(SessionRecord {
+                session_id,
+                client,
+                identity,
+                nonce,
+                key_id,
+                key,
+                prf: r.u32()?,
+                mac: r.u32()?,
+                remaining_ms: r.u32()?,
+                pa_in: r.u32()?,
+                pa_out: r.u32()?,
+                sequence: r.sequence()?,
+            })
+        }
+        7 => Record::SessionSeq {
+            session_id: r.u32()?,
+            sequence: r.sequence()?,
+        },
+        8 => Record::SessionEnd(r.u32()?),
         other => return Err(WireError::UnknownKind(other)),
     };
     Ok(rec)
@@ -487,7 +731,133 @@ mod tests {
                 remote_addr: "198.51.100.0".parse().unwrap(),
             }],
             description: Some("voip".into()),
+            subscriber: Subscriber::Identity("alice".into()),
         })
+    }
+
+    fn session() -> Record {
+        Record::Session(SessionRecord {
+            session_id: 0xdead_beef,
+            client: "[2001:db8::7]:5350".parse().unwrap(),
+            identity: "alice@example.net".into(),
+            nonce: 77,
+            key_id: 2,
+            key: [0x5a; 32],
+            prf: 5,
+            mac: 12,
+            remaining_ms: 3_599_000,
+            pa_in: 4,
+            pa_out: 5,
+            sequence: SequenceRecord {
+                last_in: Some((41, [7; 16])),
+                next_out: 40,
+            },
+        })
+    }
+
+    fn one(rec: &Record) -> Vec<u8> {
+        let mut buf = vec![0u8; MAX_FRAME];
+        let mut w = Writer::new(&mut buf);
+        write_record(&mut w, rec).unwrap();
+        let n = w.len();
+        buf.truncate(n);
+        buf
+    }
+
+    /// The subscriber was appended to the upsert body: a record of the first release
+    /// (without it) reads as charged by address, and a record of a later release with
+    /// more fields still reads (a reader ignores octets it does not know).
+    #[test]
+    fn upsert_body_grows_compatibly() {
+        let Record::Upsert(m) = upsert() else {
+            unreachable!()
+        };
+        let new = one(&upsert());
+        // The first release's encoding: the same body without the 1 + 2 + 5 octets of
+        // the subscriber, with its length patched.
+        let mut old = new[..new.len() - 8].to_vec();
+        let body = u16::try_from(old.len() - 3).unwrap();
+        old[1..3].copy_from_slice(&body.to_be_bytes());
+        let read = read_record(&mut Reader::new(&old)).unwrap();
+        assert_eq!(
+            read,
+            Record::Upsert(MappingRecord {
+                subscriber: Subscriber::Address,
+                ..m.clone()
+            })
+        );
+        // A later release's: more octets at the end.
+        let mut later = new.clone();
+        later.extend_from_slice(&[9, 9, 9]);
+        let body = u16::try_from(later.len() - 3).unwrap();
+        later[1..3].copy_from_slice(&body.to_be_bytes());
+        assert_eq!(read_record(&mut Reader::new(&later)).unwrap(), upsert());
+        for s in [
+            Subscriber::Address,
+            Subscriber::Entry("gold-7".into()),
+            Subscriber::Identity("bob".into()),
+        ] {
+            let rec = Record::Upsert(MappingRecord {
+                subscriber: s,
+                ..m.clone()
+            });
+            assert_eq!(read_record(&mut Reader::new(&one(&rec))).unwrap(), rec);
+        }
+    }
+
+    #[test]
+    fn names_are_shared_among_records() {
+        let mut names = Interner::default();
+        let a = one(&upsert());
+        let b = one(&session());
+        let x = read_record_in(&mut Reader::new(&a), &mut names).unwrap();
+        let y = read_record_in(&mut Reader::new(&a), &mut names).unwrap();
+        let (Record::Upsert(x), Record::Upsert(y)) = (x, y) else {
+            panic!()
+        };
+        let (Subscriber::Identity(x), Subscriber::Identity(y)) = (x.subscriber, y.subscriber)
+        else {
+            panic!()
+        };
+        assert!(Arc::ptr_eq(&x, &y), "one string for both");
+        read_record_in(&mut Reader::new(&b), &mut names).unwrap();
+        assert_eq!(names.len(), 2);
+        drop(y);
+        names.prune();
+        assert_eq!(
+            names.len(),
+            1,
+            "alice is still held, the session's name is not"
+        );
+        drop(x);
+        names.prune();
+        assert!(names.is_empty());
+    }
+
+    #[test]
+    fn session_records_round_trip_and_hide_the_key() {
+        for rec in [
+            session(),
+            Record::SessionSeq {
+                session_id: 3,
+                sequence: SequenceRecord {
+                    last_in: None,
+                    next_out: 9,
+                },
+            },
+            Record::SessionEnd(3),
+        ] {
+            let b = one(&rec);
+            assert_eq!(read_record(&mut Reader::new(&b)).unwrap(), rec);
+            for cut in 0..b.len() {
+                assert!(read_record(&mut Reader::new(&b[..cut])).is_err());
+            }
+        }
+        let shown = format!("{:?}", session());
+        assert!(
+            !shown.contains("90, 90") && !shown.contains("key:"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -517,6 +887,8 @@ mod tests {
             },
             Record::BulkStart,
             Record::BulkEnd,
+            session(),
+            Record::SessionEnd(1),
         ];
         for r in &recs {
             write_record(&mut w, r).unwrap();
@@ -526,7 +898,7 @@ mod tests {
         let mut r = Reader::new(&buf[..n]);
         assert_eq!(read_header(&mut r).unwrap(), h);
         let (first, count) = read_data_prefix(&mut r).unwrap();
-        assert_eq!((first, count), (1000, 5));
+        assert_eq!((first, count), (1000, 7));
         for want in &recs {
             assert_eq!(&read_record(&mut r).unwrap(), want);
         }

@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use pcp_ha::wire::{self, Header, Kind, MappingRecord, Record, Writer};
+use pcp_ha::wire::{
+    self, Header, Kind, MappingRecord, Record, SequenceRecord, SessionRecord, Subscriber, Writer,
+};
 use pcp_server::{MappingKey, Origin};
 
 fn dir(sub: &str) -> PathBuf {
@@ -95,6 +97,38 @@ fn upsert(port: u16) -> Record {
             remote_addr: "198.51.100.0".parse().unwrap(),
         }],
         description: Some("voip".into()),
+        subscriber: Subscriber::Address,
+    })
+}
+
+fn session(id: u32) -> Record {
+    Record::Session(SessionRecord {
+        session_id: id,
+        client: "10.0.0.1:5350".parse().unwrap(),
+        identity: "alice".into(),
+        nonce: 7,
+        key_id: 1,
+        key: [3; 32],
+        prf: 5,
+        mac: 12,
+        remaining_ms: 600_000,
+        pa_in: 3,
+        pa_out: 4,
+        sequence: SequenceRecord {
+            last_in: Some((9, [1; 16])),
+            next_out: 8,
+        },
+    })
+}
+
+/// An upsert charged to an authenticated identity.
+fn upsert_as(port: u16, identity: &str) -> Record {
+    let Record::Upsert(m) = upsert(port) else {
+        unreachable!()
+    };
+    Record::Upsert(MappingRecord {
+        subscriber: Subscriber::Identity(identity.into()),
+        ..m
     })
 }
 
@@ -183,6 +217,43 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "active-hears-newer-term",
             program(1, &[seq_frame(Kind::Beat, 9, 1), live], 120),
+        ),
+        (
+            "standby-backup-sessions-and-identities",
+            program(
+                2,
+                &[
+                    data(
+                        2,
+                        1,
+                        &[
+                            Record::BulkStart,
+                            upsert_as(5060, "alice"),
+                            upsert_as(5061, "alice"),
+                            session(11),
+                            session(12),
+                            Record::BulkEnd,
+                        ],
+                    ),
+                    data(
+                        2,
+                        7,
+                        &[
+                            Record::SessionSeq {
+                                session_id: 11,
+                                sequence: SequenceRecord {
+                                    last_in: Some((10, [2; 16])),
+                                    next_out: 9,
+                                },
+                            },
+                            Record::SessionEnd(12),
+                            upsert_as(7000, "bob"),
+                        ],
+                    ),
+                    seq_frame(Kind::Beat, 2, 9),
+                ],
+                5,
+            ),
         ),
     ]
 }

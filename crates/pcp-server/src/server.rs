@@ -1314,8 +1314,10 @@ impl Server {
     }
 
     /// Installs a mapping replicated from the previous active (takeover): same key,
-    /// nonce, external endpoint and expiry; checkpointed with the reason it had. The
-    /// subscriber is this node's own lookup. Effects carry the data plane install.
+    /// nonce, external endpoint and expiry; checkpointed with the reason it had.
+    /// Charged to the subscriber `m.subscriber` names as this node's configuration
+    /// finds it ([`SubscriberTable::adopted`]: an identity resolved again, a configured
+    /// entry by id, else by address). Effects carry the data plane install.
     pub fn adopt(
         &mut self,
         m: &Mapping,
@@ -1348,7 +1350,7 @@ impl Server {
             None => {}
         }
         let (subscriber, tier_name) =
-            charge.unwrap_or_else(|| self.subscribers.lookup(m.key.internal));
+            charge.unwrap_or_else(|| self.subscribers.adopted(m.key.internal, &m.subscriber));
         let tier = *self.cfg.tier(&tier_name);
         let checkpointed = m.is_checkpointed();
         let sub = match self.subs.find(&subscriber) {
@@ -1435,7 +1437,8 @@ impl Server {
         let Some(id) = self.table.insert_unbound(record, m.external) else {
             return false;
         };
-        let (subscriber, tier_name) = self.subscribers.lookup(m.key.internal);
+        // Charged to the subscriber the active charged (an identity, RFC 7652).
+        let (subscriber, tier_name) = self.subscribers.adopted(m.key.internal, &m.subscriber);
         let sub = match self.subs.find(&subscriber) {
             Some(slot) => slot,
             None => {

@@ -112,6 +112,21 @@ impl SubscriberTable {
         .unwrap_or_else(|| self.default_tier.clone())
     }
 
+    /// The subscriber and tier of a mapping replicated from the previous active,
+    /// which charged it to `charged` (docs/HA.md): the same identity resolved here, the
+    /// same configured entry when this node has it, else by `addr` as any
+    /// unauthenticated request.
+    pub fn adopted(&self, addr: IpAddr, charged: &SubscriberId) -> (SubscriberId, Arc<str>) {
+        match charged {
+            SubscriberId::Identity(name) => self.resolve(addr, Some(name)),
+            SubscriberId::Named(id) => match self.tiers.get(id) {
+                Some(tier) => (charged.clone(), tier.clone()),
+                None => self.lookup(addr),
+            },
+            SubscriberId::Prefix(_) => self.lookup(addr),
+        }
+    }
+
     /// The subscriber and tier an internal address belongs to.
     pub fn lookup(&self, addr: IpAddr) -> (SubscriberId, Arc<str>) {
         for ((v6, len), nets) in &self.by_len {

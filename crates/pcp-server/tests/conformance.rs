@@ -1842,3 +1842,86 @@ fn refused_delete_restores_the_identity_charge() {
     assert!(m.is_checkpointed());
     h.check();
 }
+
+/// HA (docs/HA.md, docs/AUTH.md): a successor charges an adopted mapping to the
+/// subscriber the active charged it to — the identity's entry, an unlisted identity's
+/// own subscriber, or the address's — so quotas carry on across a takeover.
+#[test]
+fn adopted_mappings_keep_the_subscriber_the_active_charged() {
+    let mut active = Harness::new(identity_cfg());
+    let alice1 = Req::map(host(1), 5000).cp();
+    let alice2 = Req::map(host(2), 5000).cp();
+    let carol = Req::map(host(3), 5000).cp();
+    let plain = Req::map(host(4), 5000).cp();
+    for (req, who) in [
+        (&alice1, Some("alice")),
+        (&alice2, Some("alice")),
+        (&carol, Some("carol")),
+        (&plain, None),
+    ] {
+        let r = match who {
+            Some(id) => active.pcp_as(req, id),
+            None => active.pcp(req),
+        };
+        assert!(r.has_checkpoint(), "{who:?}");
+    }
+    let (views, _) = active.server.checkpointed_from(0, 100);
+    assert_eq!(views.len(), 4);
+    let mut successor = Harness::new(identity_cfg());
+    for m in &views {
+        successor
+            .server
+            .mirror_upsert(m, successor.now, &mut successor.effects)
+            .unwrap();
+    }
+    let acme = SubscriberId::Named(Arc::from("acme"));
+    assert_eq!(successor.mapping(&alice1.key()).unwrap().subscriber, acme);
+    assert_eq!(successor.mapping(&alice2.key()).unwrap().subscriber, acme);
+    assert_eq!(
+        successor.mapping(&carol.key()).unwrap().subscriber,
+        SubscriberId::Identity(Arc::from("carol"))
+    );
+    assert_eq!(
+        successor.mapping(&plain.key()).unwrap().subscriber,
+        SubscriberId::Prefix("10.0.0.4/32".parse().unwrap())
+    );
+    // The quotas carry on: alice's gold quota of 3 has one left, carol's default
+    // quota of 1 none.
+    assert_eq!(
+        successor.pcp_as(&Req::map(host(5), 5000), "alice").result(),
+        ResultCode::Success
+    );
+    assert_eq!(
+        successor.pcp_as(&Req::map(host(6), 5000), "alice").result(),
+        ResultCode::UserExQuota
+    );
+    assert_eq!(
+        successor.pcp_as(&Req::map(host(7), 5000), "carol").result(),
+        ResultCode::UserExQuota
+    );
+    // A renewal of an adopted mapping, authenticated as before, stays where it is.
+    assert_eq!(
+        successor.pcp_as(&alice1, "alice").result(),
+        ResultCode::Success
+    );
+    let (_, st, _) = successor
+        .server
+        .subscribers()
+        .find(|(id, _, _)| **id == acme)
+        .unwrap();
+    assert_eq!((st.mappings, st.checkpointed), (3, 2));
+    // An entry this node does not have is charged by address.
+    let mut other = Harness::new(honour_cfg());
+    for m in &views {
+        other
+            .server
+            .mirror_upsert(m, other.now, &mut other.effects)
+            .unwrap();
+    }
+    assert_eq!(
+        other.mapping(&alice1.key()).unwrap().subscriber,
+        SubscriberId::Prefix("10.0.0.1/32".parse().unwrap())
+    );
+    successor.check();
+    other.check();
+}

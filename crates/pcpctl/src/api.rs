@@ -164,6 +164,9 @@ pub struct Ha {
     /// Checkpointed mappings held for a takeover (backup).
     #[serde(default)]
     pub stored: u64,
+    /// PCP authentication sessions replicated (older pcpd: absent, 0).
+    #[serde(default)]
+    pub sessions: u64,
     /// What the server core is told about the backup: `none`, `not_ready`, `ready`.
     #[serde(default)]
     pub backup_status: String,

@@ -214,6 +214,7 @@ pub fn ha(h: &Ha) -> String {
         ),
         ("lag", format!("{} records", h.lag)),
         ("stored", h.stored.to_string()),
+        ("sessions", h.sessions.to_string()),
         ("held", h.held_responses.to_string()),
         ("released", h.released_responses.to_string()),
         ("ack timeouts", h.ack_timeouts.to_string()),
@@ -363,6 +364,7 @@ mod tests {
             released_responses: 40,
             ack_timeouts: 0,
             stored: 0,
+            sessions: 2,
             backup_status: "ready".into(),
             adopted: 7,
         };
@@ -373,6 +375,7 @@ mod tests {
             "peer:          connected",
             "ready:         yes (the backup holds a complete copy)",
             "lag:           2 records",
+            "sessions:      2",
             "held:          1",
             "released:      40",
             "backup:        ready",

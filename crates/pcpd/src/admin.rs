@@ -345,6 +345,9 @@ pub struct HaView {
     pub ack_timeouts: u64,
     /// Checkpointed mappings held for a takeover (backup).
     pub stored: usize,
+    /// PCP authentication sessions replicated: held for a takeover (backup), kept
+    /// for the backup (active).
+    pub sessions: usize,
     /// What the server core is told about the backup: `none`, `not_ready`, `ready`.
     pub backup_status: &'static str,
     /// Mappings adopted at the last takeover.
@@ -373,6 +376,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
             released_responses: 0,
             ack_timeouts: 0,
             stored: 0,
+            sessions: 0,
             backup_status,
             adopted: 0,
             standby_backlog: 0,
@@ -396,6 +400,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 released_responses: p.released,
                 ack_timeouts: p.timeouts,
                 stored: st.stored,
+                sessions: p.node.session_count(),
                 backup_status,
                 adopted: p.adopted,
                 standby_backlog: p.backlog(),

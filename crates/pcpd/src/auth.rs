@@ -382,6 +382,63 @@ pub fn cause_name(c: Cause) -> &'static str {
     }
 }
 
+/// A PA session change for the backup (pair mode, docs/AUTH.md "Pair mode").
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionChange {
+    /// Established or re-authenticated: the whole session.
+    Up(pcp_ha::wire::SessionRecord),
+    /// Sequence numbers after authenticated requests.
+    Seq(u32, pcp_ha::wire::SequenceRecord),
+    /// Ended.
+    End(u32),
+}
+
+/// The record replicated for an exported session.
+pub fn session_record(s: &pcp_auth::server::SessionExport) -> pcp_ha::wire::SessionRecord {
+    pcp_ha::wire::SessionRecord {
+        session_id: s.session_id,
+        client: s.client,
+        identity: s.identity.clone(),
+        nonce: s.nonce,
+        key_id: s.key_id,
+        key: s.key,
+        prf: s.prf,
+        mac: s.mac,
+        remaining_ms: u32::try_from(s.remaining_ms).unwrap_or(u32::MAX),
+        pa_in: s.pa_in,
+        pa_out: s.pa_out,
+        sequence: sequence_record(&s.sequence),
+    }
+}
+
+fn sequence_record(s: &pcp_auth::server::SequenceState) -> pcp_ha::wire::SequenceRecord {
+    pcp_ha::wire::SequenceRecord {
+        last_in: s.last_in,
+        next_out: s.next_out,
+    }
+}
+
+/// The session state of a replicated record.
+pub fn session_state(r: &pcp_ha::wire::SessionRecord) -> pcp_auth::server::SessionExport {
+    pcp_auth::server::SessionExport {
+        session_id: r.session_id,
+        client: r.client,
+        identity: r.identity.clone(),
+        nonce: r.nonce,
+        key_id: r.key_id,
+        key: r.key,
+        prf: r.prf,
+        mac: r.mac,
+        remaining_ms: u64::from(r.remaining_ms),
+        pa_in: r.pa_in,
+        pa_out: r.pa_out,
+        sequence: pcp_auth::server::SequenceState {
+            last_in: r.sequence.last_in,
+            next_out: r.sequence.next_out,
+        },
+    }
+}
+
 /// The gate and its clock.
 pub struct Auth {
     /// The gate.
@@ -402,6 +459,11 @@ pub struct Auth {
     pub stats: SessionStats,
     /// The PCP listen sockets (the RADIUS receiver sends PA messages on them).
     pub sockets: Vec<Arc<UdpSocket>>,
+    /// Pair mode with `[ha] replicate_sessions`: session changes are queued for the
+    /// backup ([`Auth::take_replication`]).
+    pub replicate: bool,
+    /// Session changes not yet handed to the HA node.
+    changes: Vec<SessionChange>,
 }
 
 /// The gate behind its lock, and whether any source can authenticate at all (read
@@ -533,6 +595,8 @@ impl Auth {
                 live: std::collections::HashSet::new(),
                 stats: SessionStats::default(),
                 sockets: Vec::new(),
+                replicate: false,
+                changes: Vec::new(),
             }),
         });
         apply(&cell, p);
@@ -781,9 +845,23 @@ impl Auth {
         pcp_auth::Time(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// Logs what happened to PA sessions.
+    /// Logs what happened to PA sessions (and queues it for the backup in pair mode).
     pub fn log_events(&mut self) {
+        let now = self.now();
         while let Some(e) = self.gate.server.poll_event() {
+            if self.replicate {
+                match &e {
+                    pcp_auth::server::ServerEvent::Established { session_id, .. }
+                    | pcp_auth::server::ServerEvent::Reauthenticated { session_id, .. } => {
+                        if let Some(st) = self.gate.server.export(*session_id, now) {
+                            self.changes.push(SessionChange::Up(session_record(&st)));
+                        }
+                    }
+                    pcp_auth::server::ServerEvent::Ended { session_id, .. } => {
+                        self.changes.push(SessionChange::End(*session_id));
+                    }
+                }
+            }
             match e {
                 pcp_auth::server::ServerEvent::Established {
                     session_id,
@@ -815,6 +893,78 @@ impl Auth {
                 }
             }
         }
+    }
+
+    /// Pair mode: the session changes for the backup since the last call, then the
+    /// sequence numbers of the sessions that authenticated `served` requests (after
+    /// their replies were tagged). Empty unless [`Auth::replicate`].
+    pub fn take_replication(&mut self, served: &[Option<u32>]) -> Vec<SessionChange> {
+        if !self.replicate {
+            return Vec::new();
+        }
+        let mut out = std::mem::take(&mut self.changes);
+        let mut seen: Vec<u32> = Vec::new();
+        for id in served.iter().flatten() {
+            if seen.contains(id) {
+                continue;
+            }
+            seen.push(*id);
+            if let Some(s) = self.gate.server.sequence_state(*id) {
+                out.push(SessionChange::Seq(*id, sequence_record(&s)));
+            }
+        }
+        out
+    }
+
+    /// The sequence numbers of session `id` for the backup now, when sessions are
+    /// replicated.
+    pub fn sequence_for_backup(&self, id: u32) -> Option<pcp_ha::wire::SequenceRecord> {
+        if !self.replicate {
+            return None;
+        }
+        self.gate
+            .server
+            .sequence_state(id)
+            .map(|s| sequence_record(&s))
+    }
+
+    /// The whole of session `id` for the backup now, when sessions are replicated.
+    pub fn session_for_backup(&self, id: u32) -> Option<pcp_ha::wire::SessionRecord> {
+        if !self.replicate {
+            return None;
+        }
+        let st = self.gate.server.export(id, self.now())?;
+        Some(session_record(&st))
+    }
+
+    /// A takeover: the sessions the backup held replace whatever this gate had, so
+    /// their clients carry on without authenticating again (docs/AUTH.md).
+    pub fn adopt_sessions(&mut self, sessions: &[pcp_ha::wire::SessionRecord]) {
+        let now = self.now();
+        self.gate.server.forget_all();
+        self.changes.clear();
+        let mut adopted = 0usize;
+        for r in sessions {
+            match self.gate.server.import(now, &session_state(r)) {
+                Ok(()) => adopted += 1,
+                Err(e) => {
+                    tracing::warn!(session_id = r.session_id, error = %e, "replicated PA session not adopted")
+                }
+            }
+        }
+        if !sessions.is_empty() {
+            tracing::info!(
+                sessions = adopted,
+                "PA sessions adopted at the takeover: their clients carry on without authenticating again"
+            );
+        }
+    }
+
+    /// Stepping down: the new active holds the sessions (and sends them back with its
+    /// full copy); this node's are stale.
+    pub fn drop_sessions(&mut self) {
+        self.gate.server.forget_all();
+        self.changes.clear();
     }
 
     /// Remembers that `client` talks to listen socket `socket`.

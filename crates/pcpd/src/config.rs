@@ -105,6 +105,12 @@ pub struct HaSection {
     /// fails over faster.
     #[serde(default = "default_preinstall")]
     pub preinstall: bool,
+    /// Replicate established PCP authentication sessions (RFC 7652: identity,
+    /// transport key, sequence numbers) so that their clients need not authenticate
+    /// again after a failover. The keys cross the replication link in clear: turn
+    /// this off when that link is not a trusted, dedicated network (docs/HA.md).
+    #[serde(default = "default_preinstall")]
+    pub replicate_sessions: bool,
 }
 
 fn default_preinstall() -> bool {

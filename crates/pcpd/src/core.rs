@@ -301,6 +301,21 @@ impl Pair {
         self.origin + Duration::from_millis(next.0)
     }
 
+    /// Queues PA session changes for the backup (see `Auth::take_replication`).
+    pub fn push_sessions(&mut self, changes: Vec<crate::auth::SessionChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let now = self.now();
+        for c in changes {
+            match c {
+                crate::auth::SessionChange::Up(r) => self.node.push_session(r, now),
+                crate::auth::SessionChange::Seq(id, s) => self.node.push_session_seq(id, s, now),
+                crate::auth::SessionChange::End(id) => self.node.push_session_end(id, now),
+            };
+        }
+    }
+
     /// Sends the peer whatever the HA node has to say now. Frames go out under the pair
     /// lock, so that two threads transmitting never reorder them on the wire (a gap
     /// would cost a go-back-N timeout).
@@ -399,6 +414,32 @@ impl Pair {
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
             send_held(&self.sockets, self.auth.as_ref(), &mut self.latency, &h);
         }
+    }
+}
+
+/// For a held reply to an authenticated request: queues its session's sequence numbers
+/// (the request's included) after the reply's own records and returns that record's
+/// sequence number, which the reply then waits for — so a reply echoing 192 never
+/// leaves before the backup knows the request's sequence number (docs/AUTH.md "Pair
+/// mode"). `None` when nothing was queued (no session, not replicated, or unchanged
+/// since the last record, which the reply's records follow anyway).
+fn held_session_seq(
+    auth: Option<&crate::auth::SharedAuth>,
+    p: &mut Pair,
+    session: Option<u32>,
+    now: Time,
+) -> Option<u64> {
+    let (auth, id) = (auth?, session?);
+    // The gate's lock under the pair's: the allowed order (module doc of auth.rs).
+    let a = crate::auth::lock(auth);
+    if p.node.has_session(id) {
+        let seq = a.sequence_for_backup(id)?;
+        p.node.push_session_seq(id, seq, now)
+    } else {
+        // Established in this very group (its record is queued after it): the whole
+        // session now.
+        let record = a.session_for_backup(id)?;
+        p.node.push_session(record, now)
     }
 }
 
@@ -869,7 +910,8 @@ impl Core {
                 }
                 from = s.changes_end;
                 if let Some(mut h) = s.held.take() {
-                    h.seq = seq;
+                    h.seq =
+                        held_session_seq(self.auth.as_ref(), &mut p, h.session, now).unwrap_or(seq);
                     p.hold(h, now);
                 }
             }
@@ -1044,7 +1086,7 @@ impl Core {
             }
         }
         if let Some(mut h) = held {
-            h.seq = seq;
+            h.seq = held_session_seq(self.auth.as_ref(), &mut p, h.session, now).unwrap_or(seq);
             p.hold(h, now);
         }
         Ok(seq)
@@ -1122,6 +1164,9 @@ impl Core {
                 tracing::warn!(term, "a newer active exists: stepping down to backup");
                 self.serving = false;
                 self.reset_server(now);
+                if let Some(a) = &self.auth {
+                    crate::auth::lock(a).drop_sessions();
+                }
                 false
             }
             Event::Promoted {
@@ -1140,6 +1185,14 @@ impl Core {
                     complete,
                     now,
                 );
+                // The replicated PA sessions, before the first request is served.
+                if let Some(a) = &self.auth {
+                    let sessions = self
+                        .lock_pair()
+                        .map(|p| p.node.sessions(now))
+                        .unwrap_or_default();
+                    crate::auth::lock(a).adopt_sessions(&sessions);
+                }
                 self.serving = true;
                 true
             }

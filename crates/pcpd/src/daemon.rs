@@ -158,6 +158,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             );
             pair.sockets = sockets.clone();
             pair.auth = auth.clone();
+            if let Some(a) = &auth {
+                crate::auth::lock(a).replicate = ha.replicate_sessions;
+            }
             if let Some(path) = &ha.state_file {
                 let term = crate::core::read_term(path).map_err(StartError::State)?;
                 tracing::info!(term, path = %path.display(), "HA term from the state file");
@@ -279,9 +282,17 @@ async fn serve_socket(
         if queued > 0 {
             ctx.serve(&mut jobs[..queued], &sessions[..queued]).await;
         }
+        // PA session changes and the sequence numbers of the sessions just served, for
+        // the backup (docs/AUTH.md "Pair mode"); taken before the pair lock (the
+        // gate's lock is never held while taking it).
+        let sessions_out = match &auth {
+            Some(a) => crate::auth::lock(a).take_replication(&sessions[..queued]),
+            None => Vec::new(),
+        };
         // Records queued for the backup go out now, from this task: no wake-up of the
         // replication thread on a request's path.
         if let Some(mut p) = shared.lock_pair() {
+            p.push_sessions(sessions_out);
             p.transmit();
             shared.after_ha(&mut p);
         }

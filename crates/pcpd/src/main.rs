@@ -82,6 +82,7 @@ fn main() -> ExitCode {
             ack_timeout_ms: 250,
             state_file: None,
             preinstall: true,
+            replicate_sessions: true,
         });
         ha.listen = listen;
         ha.peer = peer;

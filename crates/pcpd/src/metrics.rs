@@ -236,6 +236,13 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
             "Checkpointed mappings held for a takeover.",
         );
         let _ = writeln!(out, "pcp_ha_stored_mappings {}", ha.stored);
+        header(
+            &mut out,
+            "pcp_ha_sessions",
+            "gauge",
+            "PCP authentication sessions replicated (held for a takeover, or kept for the backup).",
+        );
+        let _ = writeln!(out, "pcp_ha_sessions {}", ha.sessions);
     }
 
     let mut merged = core.latency.clone();

@@ -486,16 +486,22 @@ fn identity_is_the_subscriber_across_addresses() {
     assert!(subs.to_string().contains("\"acme\""), "{subs}");
 }
 
-/// Pair mode (docs/AUTH.md): a checkpointed MAP's reply is held until the backup holds
-/// the mapping and tagged when it is finally sent, so it verifies at the client with
-/// option 192; PA sessions are not replicated, so after a failover the successor
-/// answers the client's next tagged request UNKNOWN_SESSION_ID, the client
-/// authenticates with it and carries on with its (replicated) mapping.
+/// Pair mode (docs/AUTH.md "Pair mode"): a checkpointed MAP's reply is held until the
+/// backup holds the mapping and tagged when it is finally sent, so it verifies at the
+/// client with option 192. The PA session and the mapping's subscriber are
+/// replicated: after `kill -9` of the active, the successor accepts the client's next
+/// tagged renewal without a new authentication (its reply verifies: the successor's
+/// sequence numbers are past the old active's), refuses a replay of the request the
+/// old active served, and charges the adopted mapping to alice's subscriber (a
+/// quota of one: her next mapping is refused).
 #[test]
-fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
+fn pair_mode_keeps_sessions_and_identities_across_a_failover() {
     let dir = TempDir::new();
     let (auth, ca) = auth_files(&dir, "required", 600);
-    let plan = PairPlan::new(&auth, HaTiming::default());
+    let config = auth
+        + "[tiers.default]\n[tiers.gold]\nmapping_quota = 1\n\
+           [[subscribers.entries]]\nid = \"acme\"\nidentities = [\"alice\"]\ntier = \"gold\"\n";
+    let plan = PairPlan::new(&config, HaTiming::default());
     let mut a = plan.start(PCPD, Node::A, "active");
     let b = plan.start(PCPD, Node::B, "backup");
     wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
@@ -504,7 +510,9 @@ fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
     wait_ha(&b, Duration::from_secs(10), "B backup and ready", |h| {
         h["role"] == "backup" && h["ready"] == true
     });
-    let client_ip = IpAddr::V4(plan.ip_a);
+    // The client talks to A from B's address: after the failover its packets reach B
+    // from the same source, as with a service address that moved.
+    let client_ip = IpAddr::V4(plan.ip_b);
     let mut p = Peer::to(&ca, a.pcp, "correct horse", client_ip);
     assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
     common::wait_for(Duration::from_secs(5), "A's SA", || {
@@ -524,6 +532,21 @@ fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
     let Body::Map(body) = resp.body else {
         panic!("not a MAP")
     };
+    // A second request, so that the first is no longer the last one accepted (the
+    // last one again, bitwise, is a retransmission and answered again, here as on a
+    // successor).
+    let m2 = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&m2).expect("the renewal's reply");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged");
+    // The backup's standby copy is charged to alice's subscriber already.
+    common::wait_for(Duration::from_secs(5), "B's copy charged to acme", || {
+        (b.mapping(17, 5000)["subscriber"] == "acme").then_some(())
+    });
+    // It holds the session for a takeover.
+    common::wait_for(Duration::from_secs(5), "B holds the session", || {
+        (b.ha()["sessions"] == 1).then_some(())
+    });
     // The backup keeps quiet, PA messages included.
     let mut q = Peer::to(&ca, b.pcp, "correct horse", client_ip);
     q.client.start(q.now());
@@ -536,6 +559,86 @@ fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
         "a backup answered a PA-Initiation"
     );
 
+    a.kill9();
+    wait_ha(&b, Duration::from_secs(10), "B takes over", |h| {
+        h["role"] == "active"
+    });
+    p.server = b.pcp;
+    // A replay of an earlier request the old active served: the session's last
+    // sequence number was replicated, so the successor drops it.
+    assert!(p.exchange(&m).is_none(), "the successor answered a replay");
+    // The last one, bitwise, is answered again as a retransmission (its answer may
+    // have been lost with the old active).
+    let r = p.exchange(&m2).expect("a retransmission is answered");
+    assert_eq!(result(&r), ResultCode::Success);
+    let now = p.now();
+    p.client
+        .verify_response(now, &r)
+        .expect("tagged afresh by B");
+    assert_eq!(
+        b.metric("pcp_auth_requests_total{outcome=\"replayed\"}"),
+        Some(1.0)
+    );
+    // The client's next tagged renewal: served, tagged, no new authentication.
+    let renew = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&renew).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged by B");
+    assert_eq!(p.client.poll_event(), None, "the session carried on");
+    assert!(
+        !b.output().contains("PCP authentication succeeded"),
+        "nobody authenticated with B"
+    );
+    assert!(b.output().contains("PA sessions adopted"), "{}", b.output());
+    let Body::Map(renewed) = Response::parse(&r).unwrap().body else {
+        panic!("not a MAP")
+    };
+    // The same mapping, kept across the failover, and still alice's subscriber's.
+    assert_eq!(renewed.external_port, body.external_port);
+    assert_eq!(b.mapping(17, 5000)["subscriber"], "acme");
+    // acme's quota of one is used by the adopted mapping.
+    let more = p.map_with(5001, true, &[]);
+    let r = p.exchange(&more).expect("an answer");
+    assert_eq!(result(&r), ResultCode::UserExQuota);
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged by B");
+}
+
+/// `[ha] replicate_sessions = false` (an HA link that cannot be trusted with keys,
+/// docs/HA.md): nothing of the session reaches the backup, so after `kill -9` of the
+/// active the successor answers the client's next tagged request UNKNOWN_SESSION_ID,
+/// the client authenticates with it and renews its (replicated) mapping.
+#[test]
+fn without_session_replication_clients_reauthenticate_after_failover() {
+    let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, "required", 600);
+    let plan = PairPlan::new(&auth, HaTiming::default());
+    let start = |node, role, ip| {
+        common::pcpd(PCPD)
+            .at(ip)
+            .config(&(plan.config(node, role) + "replicate_sessions = false\n"))
+            .start()
+    };
+    let mut a = start(Node::A, "active", plan.ip_a);
+    let b = start(Node::B, "backup", plan.ip_b);
+    wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
+        h["role"] == "active" && h["ready"] == true && h["backup_status"] == "ready"
+    });
+    wait_ha(&b, Duration::from_secs(10), "B backup and ready", |h| {
+        h["role"] == "backup" && h["ready"] == true
+    });
+    let mut p = Peer::to(&ca, a.pcp, "correct horse", IpAddr::V4(plan.ip_b));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    let m = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&m).expect("the held reply, released");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged");
+    let Body::Map(body) = Response::parse(&r).unwrap().body else {
+        panic!("not a MAP")
+    };
+    assert_eq!(a.ha()["sessions"], 0, "nothing kept for the backup");
+    assert_eq!(b.ha()["sessions"], 0);
     a.kill9();
     wait_ha(&b, Duration::from_secs(10), "B takes over", |h| {
         h["role"] == "active"
@@ -557,12 +660,9 @@ fn pair_mode_tags_held_replies_and_clients_reauthenticate_after_failover() {
     let r = p.exchange(&renew).expect("an answer");
     let now = p.now();
     p.client.verify_response(now, &r).expect("tagged by B");
-    let resp = Response::parse(&r).unwrap();
-    assert_eq!(resp.result_code, ResultCode::Success);
-    let Body::Map(renewed) = resp.body else {
+    let Body::Map(renewed) = Response::parse(&r).unwrap().body else {
         panic!("not a MAP")
     };
-    // The same mapping, kept across the failover.
     assert_eq!(renewed.external_port, body.external_port);
 }
 
