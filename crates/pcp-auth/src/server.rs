@@ -640,8 +640,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             common_in: ReplayWindow::resume(state.sequence.last_in),
             expires: Time(now.0.saturating_add(state.remaining_ms)),
         });
-        self.initiations.retain(|_, v| *v != id);
+        // The replaced session leaves its indexes; this one counts for its IP (S2).
+        self.forget(id);
+        let ip = s.client.ip();
         self.sessions.insert(id, s);
+        self.count_sa(ip, true);
         Ok(())
     }
 
@@ -652,6 +655,9 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         self.sessions.clear();
         self.initiations.clear();
         self.backend.clear();
+        self.with_sa.clear();
+        self.half_open.clear();
+        self.started.clear();
     }
 
     /// The next datagram to send.

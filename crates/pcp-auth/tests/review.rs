@@ -721,3 +721,28 @@ fn i1_tagged_requests_update_the_pa_epoch() {
     let term = g.poll_transmit().unwrap();
     assert_eq!(Response::parse(&term.payload).unwrap().epoch, 4_003);
 }
+
+/// S2 with HA: an imported session counts for its client's address (untagged requests
+/// refused in `optional` mode), and a node forgetting everything forgets that too.
+#[test]
+fn s2_imported_sessions_count_and_forget_all_clears() {
+    let t0 = Time(10_000);
+    let (_c, s, _, _) = established_pair(t0);
+    let sid = s.sessions().next().unwrap().session_id;
+    let state = s.export(sid, t0).expect("established");
+    let mut g = gate(Mode::Optional);
+    g.server.import(t0, &state).unwrap();
+    assert!(g.server.has_session_from(IP));
+    assert!(matches!(
+        through(&mut g, t0, SRC, &untagged_map(IP)),
+        Inbound::Answer(_)
+    ));
+    // Importing it again (a newer record) does not count it twice.
+    g.server.import(t0, &state).unwrap();
+    g.server.forget_all();
+    assert!(!g.server.has_session_from(IP));
+    assert!(matches!(
+        through(&mut g, t0, SRC, &untagged_map(IP)),
+        Inbound::Serve { session: None, .. }
+    ));
+}
