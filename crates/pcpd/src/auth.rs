@@ -72,6 +72,9 @@ pub struct AuthSection {
     pub session_lifetime: u32,
     /// Most PA sessions at once.
     pub max_sessions: usize,
+    /// Most sessions still authenticating (no SA yet) per source /24 (IPv4) or /56
+    /// (IPv6), so that one network cannot fill `max_sessions` (docs/AUTH.md, S4).
+    pub max_half_open_per_prefix: usize,
     /// Open a server-initiated session when answering AUTHENTICATION_REQUIRED.
     pub server_initiated: bool,
     /// RADIUS pass-through to an AAA server instead of the embedded back end.
@@ -194,6 +197,7 @@ impl Default for AuthSection {
             credentials: None,
             session_lifetime: 3600,
             max_sessions: 65_536,
+            max_half_open_per_prefix: SessionConfig::default().max_half_open_per_prefix,
             server_initiated: false,
             radius: None,
         }
@@ -208,6 +212,13 @@ impl AuthSection {
 
     /// The first problem, as (key, message), for the config loader.
     pub fn problem(&self) -> Option<(&'static str, String)> {
+        // Checked with auth off too: a reload may turn it on with these bounds.
+        if self.max_sessions == 0 {
+            return Some(("auth.max_sessions", "must be at least 1".into()));
+        }
+        if self.max_half_open_per_prefix == 0 {
+            return Some(("auth.max_half_open_per_prefix", "must be at least 1".into()));
+        }
         if !self.enabled() {
             return None;
         }
@@ -560,6 +571,7 @@ fn session_config(s: &AuthSection) -> SessionConfig {
     SessionConfig {
         session_lifetime: s.session_lifetime,
         max_sessions: s.max_sessions,
+        max_half_open_per_prefix: s.max_half_open_per_prefix,
         ..SessionConfig::default()
     }
 }

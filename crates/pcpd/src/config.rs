@@ -434,6 +434,24 @@ mod tests {
         )
         .unwrap();
         assert!(c.auth.enabled() && c.ha.is_some());
+        // The session table's bounds: defaults, set, and zero refused naming the key.
+        assert_eq!(
+            (c.auth.max_sessions, c.auth.max_half_open_per_prefix),
+            (65_536, 256)
+        );
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[auth]\nmax_sessions = 1000\nmax_half_open_per_prefix = 16\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.auth.max_sessions, c.auth.max_half_open_per_prefix),
+            (1000, 16)
+        );
+        for key in ["max_sessions", "max_half_open_per_prefix"] {
+            let (line, k, _) = err(&format!("[auth]\ndefault = \"off\"\n{key} = 0\n"));
+            assert_eq!((line, k), (3, format!("auth.{key}")));
+        }
         // RADIUS instead of the embedded files; not both.
         let c = Config::parse(
             Path::new("x.toml"),
