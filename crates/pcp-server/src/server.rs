@@ -451,10 +451,7 @@ impl Server {
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
     ) -> Reply {
-        self.undo.clear();
-        self.spent.clear();
-        self.answered = None;
-        self.admitted = false;
+        self.begin_request();
         let src_ip = src.ip().to_canonical();
         // First of all, before any lookup: a flooding host costs one hash lookup.
         if !self.guard.admit(src_ip, now) {
@@ -476,10 +473,16 @@ impl Server {
         reply: &mut [u8],
         effects: &mut Vec<Effect>,
     ) -> Reply {
+        self.begin_request();
+        self.serve_datagram(datagram, src, identity, now, reply, effects)
+    }
+
+    /// Starts the journal of a new request (see [`Journal`]).
+    fn begin_request(&mut self) {
         self.undo.clear();
         self.spent.clear();
         self.answered = None;
-        self.serve_datagram(datagram, src, identity, now, reply, effects)
+        self.admitted = false;
     }
 
     /// The journal of the request just served (see [`Journal`]).
