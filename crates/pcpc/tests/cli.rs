@@ -1,6 +1,8 @@
 //! `pcpc` end to end: the built binary against a real `pcpd` (and, for the *unknown*
 //! checkpoint state, a tiny blind-echo server in a thread), over loopback only.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::{Command, Output, Stdio};
@@ -11,20 +13,10 @@ use pcp_testkit::TempDir;
 use pcp_testkit::eap::{AuthFiles, PASSWORD, users_line};
 use pcp_testkit::pcpd::{HONOUR, Pcpd, short_lifetime_config, wait_until};
 use pcp_testkit::ports::{free_udp, fresh_ip};
+use support::{PCPC, identity_map_args};
 
-const PCPC: &str = env!("CARGO_BIN_EXE_pcpc");
-
-fn pcpc(p_ip: IpAddr, server: SocketAddr, args: &[&str]) -> Output {
-    Command::new(PCPC)
-        .arg("--server")
-        .arg(server.to_string())
-        .arg("--bind")
-        .arg(SocketAddr::new(p_ip, 0).to_string())
-        .args(["--irt-ms", "300", "--timeout", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcpc")
+fn pcpc(ip: IpAddr, server: SocketAddr, args: &[&str]) -> Output {
+    support::pcpc(ip, server, 5, args)
 }
 
 fn stdout(o: &Output) -> String {
@@ -471,24 +463,7 @@ fn identity_authenticates_against_pcpd_and_maps() {
         pcpc(
             ip,
             p.pcp,
-            &[
-                "--json",
-                "--identity",
-                "alice",
-                "--password-file",
-                password,
-                "--ca",
-                &ca_pem,
-                "--server-name",
-                "pcp.example",
-                "map",
-                "--proto",
-                "udp",
-                "--internal-port",
-                "7000",
-                "--lifetime",
-                "600",
-            ],
+            &identity_map_args(password, &ca_pem, "pcp.example", "7000"),
         )
     };
     let v = json(&map(&pw));

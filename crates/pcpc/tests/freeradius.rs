@@ -9,16 +9,18 @@
 //! Needs the `freeradius` binary: a loud SKIP without it, unless
 //! `PCPD_REQUIRE_FREERADIUS` is set (scripts/test sets it as root, after installing it).
 
-use std::net::{IpAddr, SocketAddr};
+mod support;
+
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pcp_testkit::pcpd::{Pcpd, short_lifetime_config};
 use pcp_testkit::ports::free_udp;
 use pcp_testkit::tls::Pki;
+use support::{identity_map_args, pcpc};
 
-const PCPC: &str = env!("CARGO_BIN_EXE_pcpc");
 const SECRET: &str = "radius-test-secret";
 
 fn freeradius_bin() -> Option<PathBuf> {
@@ -194,19 +196,6 @@ fn start_freeradius(bin: &Path, dir: &Path) -> FreeRadius {
     fr
 }
 
-fn pcpc(ip: IpAddr, server: SocketAddr, args: &[&str]) -> Output {
-    Command::new(PCPC)
-        .arg("--server")
-        .arg(server.to_string())
-        .arg("--bind")
-        .arg(SocketAddr::new(ip, 0).to_string())
-        .args(["--irt-ms", "300", "--timeout", "10"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcpc")
-}
-
 #[test]
 fn pcpc_authenticates_through_pcpd_to_freeradius() {
     let Some(bin) = freeradius_bin() else {
@@ -250,24 +239,8 @@ fn pcpc_authenticates_through_pcpd_to_freeradius() {
         pcpc(
             ip,
             p.pcp,
-            &[
-                "--json",
-                "--identity",
-                "alice",
-                "--password-file",
-                password,
-                "--ca",
-                &ca_pem,
-                "--server-name",
-                "aaa.example",
-                "map",
-                "--proto",
-                "udp",
-                "--internal-port",
-                port,
-                "--lifetime",
-                "600",
-            ],
+            10,
+            &identity_map_args(password, &ca_pem, "aaa.example", port),
         )
     };
     let o = map(&path("pw"), "7000");
