@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig};
 use pcp_auth::server::{Check, Server, ServerConfig};
-use pcp_proto::{Body, MapBody, Options, Request, ResultCode};
+use pcp_testkit::pcp::tcp_map_request;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -45,21 +45,7 @@ fn pair() -> (Client<ToyPeer>, Srv) {
 }
 
 fn tagged(c: &mut Client<ToyPeer>) -> Vec<u8> {
-    let req = Request {
-        lifetime: 60,
-        client_addr: IP,
-        body: Body::Map(MapBody {
-            nonce: [1; 12],
-            protocol: 6,
-            internal_port: 80,
-            external_port: 0,
-            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: Options::EMPTY,
-        pa_result_code: ResultCode::Success,
-    };
-    let mut b = vec![0u8; 1100];
-    let n = req.emit(&mut b).unwrap();
+    let (mut b, n) = tcp_map_request(IP, 80, 60);
     let n = c.protect(Time(0), &mut b, n).unwrap();
     b.truncate(n);
     b

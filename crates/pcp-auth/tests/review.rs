@@ -12,9 +12,8 @@ use pcp_auth::client::{Client, ClientConfig, ClientEvent, Ended};
 use pcp_auth::crypto::{AUTH_HMAC_SHA2_256_128, PRF_HMAC_SHA2_256};
 use pcp_auth::gate::{Gate, Inbound, Mode, Rules};
 use pcp_auth::server::{Cause, Server, ServerConfig, ServerEvent};
-use pcp_proto::{
-    AuthenticationBody, Body, MapBody, Options, PcpOption, Request, Response, ResultCode,
-};
+use pcp_proto::{AuthenticationBody, Body, Options, PcpOption, Request, Response, ResultCode};
+use pcp_testkit::pcp::tcp_map_request;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use support::{ToyPeer, ToyServer};
@@ -254,21 +253,7 @@ fn authenticate(
 }
 
 fn untagged_map(from: IpAddr) -> Vec<u8> {
-    let req = Request {
-        lifetime: 60,
-        client_addr: from,
-        body: Body::Map(MapBody {
-            nonce: [1; 12],
-            protocol: 6,
-            internal_port: 80,
-            external_port: 0,
-            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: Options::EMPTY,
-        pa_result_code: ResultCode::Success,
-    };
-    let mut b = vec![0u8; 1100];
-    let n = req.emit(&mut b).unwrap();
+    let (mut b, n) = tcp_map_request(from, 80, 60);
     b.truncate(n);
     b
 }

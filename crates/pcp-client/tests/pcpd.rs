@@ -3,9 +3,6 @@
 //! (from a response's epoch, and from a unicast ANNOUNCE) with every mapping re-created,
 //! refusals, PEER, and the blocking facade.
 
-#[path = "support/pcpd.rs"]
-mod pcpd;
-
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
@@ -15,7 +12,8 @@ use pcp_client::core::{
 };
 use pcp_client::tokio::{ClientOptions, Mapping, PcpClient};
 use pcp_proto::{Body, Options, Response, ResultCode};
-use pcpd::{HONOUR, Pcpd, config, wait_for};
+use pcp_testkit::pcpd::{HONOUR, Pcpd, short_lifetime_config, wait_until};
+use pcp_testkit::ports::{free_udp, fresh_ip};
 
 const UDP: u8 = 17;
 const TCP: u8 = 6;
@@ -53,7 +51,7 @@ async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honoured_when_the_server_honours() {
-    let p = Pcpd::start(&config(HONOUR));
+    let p = Pcpd::start(&short_lifetime_config(HONOUR));
     let client = PcpClient::connect(opts(&p)).await.unwrap();
     let mut m = client
         .map(
@@ -75,7 +73,8 @@ async fn honoured_when_the_server_honours() {
         plain.granted().await.unwrap().checkpoint,
         CheckpointState::NotRequested
     );
-    let (server_view, plain_view) = blocking(move || (p.mapping(5060), p.mapping(8080))).await;
+    let (server_view, plain_view) =
+        blocking(move || (p.find_mapping(5060), p.find_mapping(8080))).await;
     let (server_view, plain_view) = (server_view.unwrap(), plain_view.unwrap());
     assert_eq!(server_view["checkpointed"], true);
     assert_eq!(server_view["external_port"], g.external.port());
@@ -84,7 +83,7 @@ async fn honoured_when_the_server_honours() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_honoured_over_quota_or_without_backup() {
-    let p = Pcpd::start(&config(&format!(
+    let p = Pcpd::start(&short_lifetime_config(&format!(
         "{HONOUR}[tiers.default]\ncheckpoint_quota = 1\n"
     )));
     let client = PcpClient::connect(opts(&p)).await.unwrap();
@@ -112,12 +111,12 @@ async fn not_honoured_over_quota_or_without_backup() {
         b.granted().await.unwrap().checkpoint,
         CheckpointState::NotHonoured
     );
-    let view = blocking(move || p.mapping(5001)).await.unwrap();
+    let view = blocking(move || p.find_mapping(5001)).await.unwrap();
     assert_eq!(view["checkpointed"], false);
     assert_eq!(view["checkpoint_reason"], "quota");
 
     // pcpd's default: no backup, no promise.
-    let q = Pcpd::start(&config(""));
+    let q = Pcpd::start(&short_lifetime_config(""));
     let client = PcpClient::connect(opts(&q)).await.unwrap();
     let mut c = client
         .map(
@@ -131,13 +130,13 @@ async fn not_honoured_over_quota_or_without_backup() {
         c.granted().await.unwrap().checkpoint,
         CheckpointState::NotHonoured
     );
-    let view = blocking(move || q.mapping(5002)).await.unwrap();
+    let view = blocking(move || q.find_mapping(5002)).await.unwrap();
     assert_eq!(view["checkpoint_reason"], "no_backup");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flag_cleared_on_the_next_renewal_and_set_again_now() {
-    let p = std::sync::Arc::new(Pcpd::start(&config(HONOUR)));
+    let p = std::sync::Arc::new(Pcpd::start(&short_lifetime_config(HONOUR)));
     let client = PcpClient::connect(opts(&p)).await.unwrap();
     // Lifetime 4 s: renewals every 2–2.5 s.
     let mut m = client
@@ -148,7 +147,7 @@ async fn flag_cleared_on_the_next_renewal_and_set_again_now() {
     assert_eq!(g.checkpoint, CheckpointState::Honoured);
     let p2 = p.clone();
     assert_eq!(
-        blocking(move || p2.mapping(6000)).await.unwrap()["checkpointed"],
+        blocking(move || p2.find_mapping(6000)).await.unwrap()["checkpointed"],
         true
     );
 
@@ -156,7 +155,7 @@ async fn flag_cleared_on_the_next_renewal_and_set_again_now() {
     // Still checkpointed until the renewal (nothing sent now).
     let p2 = p.clone();
     assert_eq!(
-        blocking(move || p2.mapping(6000)).await.unwrap()["checkpointed"],
+        blocking(move || p2.find_mapping(6000)).await.unwrap()["checkpointed"],
         true
     );
     let e = until(&mut m, |e| matches!(e, Event::Renewed { .. })).await;
@@ -169,7 +168,7 @@ async fn flag_cleared_on_the_next_renewal_and_set_again_now() {
         "same mapping: the nonce was kept"
     );
     let p2 = p.clone();
-    let view = blocking(move || p2.mapping(6000)).await.unwrap();
+    let view = blocking(move || p2.find_mapping(6000)).await.unwrap();
     assert_eq!(view["checkpointed"], false);
     assert_eq!(view["checkpoint_requested"], false);
 
@@ -188,14 +187,14 @@ async fn flag_cleared_on_the_next_renewal_and_set_again_now() {
     assert_eq!(grant.checkpoint, CheckpointState::Honoured);
     let p2 = p.clone();
     assert_eq!(
-        blocking(move || p2.mapping(6000)).await.unwrap()["checkpointed"],
+        blocking(move || p2.find_mapping(6000)).await.unwrap()["checkpointed"],
         true
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_is_detected_and_every_mapping_recreated() {
-    let mut first = Pcpd::start(&config(HONOUR));
+    let mut first = Pcpd::start(&short_lifetime_config(HONOUR));
     let addr = first.pcp;
     let client = PcpClient::connect(opts(&first)).await.unwrap();
     let mut events = client.subscribe();
@@ -219,8 +218,8 @@ async fn server_restart_is_detected_and_every_mapping_recreated() {
         until(&mut short, |e| matches!(e, Event::Renewed { .. })).await;
     }
     let second = blocking(move || {
-        first.kill();
-        Pcpd::start_at(addr, &config(HONOUR))
+        first.kill9();
+        Pcpd::start_at(addr, &short_lifetime_config(HONOUR))
     })
     .await;
     assert!(second.mappings().is_empty());
@@ -246,8 +245,8 @@ async fn server_restart_is_detected_and_every_mapping_recreated() {
     };
     assert_eq!(grant.checkpoint, CheckpointState::Honoured);
     let ok = blocking(move || {
-        let ok = wait_for(Duration::from_secs(3), || {
-            second.mapping(7000).is_some() && second.mapping(7001).is_some()
+        let ok = wait_until(Duration::from_secs(3), || {
+            second.find_mapping(7000).is_some() && second.find_mapping(7001).is_some()
         });
         (ok, second.mappings())
     })
@@ -276,9 +275,9 @@ fn announce_bytes(epoch: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announce_to_the_listener_after_a_restart_recreates_mappings() {
-    let mut first = Pcpd::start(&config(HONOUR));
+    let mut first = Pcpd::start(&short_lifetime_config(HONOUR));
     let addr = first.pcp;
-    let listen = SocketAddr::new(IpAddr::V4(first.ip), pcpd::free_udp(first.ip));
+    let listen = SocketAddr::new(IpAddr::V4(first.ip), free_udp(first.ip));
     let mut o = opts(&first).announce_listen(listen, false);
     o.announce_spread = Duration::from_millis(200);
     let client = PcpClient::connect(o).await.unwrap();
@@ -292,8 +291,8 @@ async fn announce_to_the_listener_after_a_restart_recreates_mappings() {
     let info = client.announce().await.unwrap();
     assert!(info.epoch >= 3, "{info:?}");
     let second = blocking(move || {
-        first.kill();
-        Pcpd::start_at(addr, &config(HONOUR))
+        first.kill9();
+        Pcpd::start_at(addr, &short_lifetime_config(HONOUR))
     })
     .await;
     // A forged ANNOUNCE from another address is ignored.
@@ -301,7 +300,10 @@ async fn announce_to_the_listener_after_a_restart_recreates_mappings() {
     stranger.send_to(&announce_bytes(0), listen).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = blocking(move || {
-        assert!(second.mapping(7100).is_none(), "nothing re-created yet");
+        assert!(
+            second.find_mapping(7100).is_none(),
+            "nothing re-created yet"
+        );
         second
     })
     .await;
@@ -324,13 +326,13 @@ async fn announce_to_the_listener_after_a_restart_recreates_mappings() {
         "{e:?}"
     );
     until(&mut a, |e| matches!(e, Event::Granted { .. })).await;
-    let found = blocking(move || second.mapping(7100)).await;
+    let found = blocking(move || second.find_mapping(7100)).await;
     assert!(found.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_peer_and_delete() {
-    let p = std::sync::Arc::new(Pcpd::start(&config(HONOUR)));
+    let p = std::sync::Arc::new(Pcpd::start(&short_lifetime_config(HONOUR)));
     let client = PcpClient::connect(opts(&p)).await.unwrap();
     // THIRD_PARTY is not allowed by default: NOT_AUTHORIZED, a long-lifetime error.
     let mut tp = client
@@ -355,7 +357,7 @@ async fn refusals_peer_and_delete() {
     let g = peer.granted().await.unwrap();
     assert_eq!(g.checkpoint, CheckpointState::Honoured);
     let p2 = p.clone();
-    let v = blocking(move || p2.mapping(5004)).await.unwrap();
+    let v = blocking(move || p2.find_mapping(5004)).await.unwrap();
     assert_eq!(v["opcode"], "peer");
     assert_eq!(v["remote_port"], 3478);
     assert_eq!(v["description"], "call to 198.51.100.20");
@@ -363,7 +365,7 @@ async fn refusals_peer_and_delete() {
     // A PEER cannot be deleted (RFC 6887 §12.1): the client only stops renewing it.
     assert!(!peer.delete().await.unwrap());
     let p2 = p.clone();
-    assert!(blocking(move || p2.mapping(5004)).await.is_some());
+    assert!(blocking(move || p2.find_mapping(5004)).await.is_some());
     // A MAP can: confirmed, and gone from the server.
     let mut map = client
         .map(
@@ -376,12 +378,12 @@ async fn refusals_peer_and_delete() {
     map.granted().await.unwrap();
     assert!(map.delete().await.unwrap());
     let p2 = p.clone();
-    assert!(blocking(move || p2.mapping(5005)).await.is_none());
+    assert!(blocking(move || p2.find_mapping(5005)).await.is_none());
 }
 
 #[test]
 fn blocking_facade_maps_and_deletes() {
-    let p = Pcpd::start(&config(HONOUR));
+    let p = Pcpd::start(&short_lifetime_config(HONOUR));
     let client = pcp_client::blocking::PcpClient::connect(opts(&p)).unwrap();
     let mut m = client
         .map(
@@ -392,15 +394,18 @@ fn blocking_facade_maps_and_deletes() {
         .unwrap();
     let g = m.granted(Some(T)).unwrap();
     assert_eq!(g.checkpoint, CheckpointState::Honoured);
-    assert_eq!(p.mapping(2222).unwrap()["external_port"], g.external.port());
+    assert_eq!(
+        p.find_mapping(2222).unwrap()["external_port"],
+        g.external.port()
+    );
     let (list, epoch, _) = client.status().unwrap();
     assert_eq!(list.len(), 1);
     assert!(epoch.is_some());
     assert!(m.delete().unwrap());
-    assert!(p.mapping(2222).is_none());
+    assert!(p.find_mapping(2222).is_none());
     // No server there: announce times out.
-    let ip = pcpd::fresh_ip();
-    let nobody = SocketAddr::new(IpAddr::V4(ip), pcpd::free_udp(ip));
+    let ip = fresh_ip();
+    let nobody = SocketAddr::new(IpAddr::V4(ip), free_udp(ip));
     let c = pcp_client::blocking::PcpClient::connect(
         ClientOptions::new(nobody).bind(SocketAddr::new(IpAddr::V4(ip), 0)),
     )

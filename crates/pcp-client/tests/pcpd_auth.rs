@@ -5,9 +5,6 @@
 //! server after the PA MRD, and the async client through a
 //! re-authentication and a pcpd restart that loses the session.
 
-#[path = "support/pcpd.rs"]
-mod pcpd;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,8 +15,10 @@ use pcp_client::core::{
 };
 use pcp_client::tokio::ClientOptions;
 use pcp_proto::ResultCode;
-use pcpd::{Pcpd, config, wait_for};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use pcp_testkit::TempDir;
+use pcp_testkit::eap::{AuthFiles, PASSWORD, users_line};
+use pcp_testkit::pcpd::{Pcpd, short_lifetime_config, wait_until};
+use pcp_testkit::ports::fresh_ip;
 
 const UDP: u8 = 17;
 const T: Duration = Duration::from_secs(30);
@@ -27,31 +26,19 @@ const T: Duration = Duration::from_secs(30);
 /// A directory with the CA, pcpd's certificate for `pcp.example`, its key and alice's
 /// credentials; removed on drop.
 struct Files {
-    dir: PathBuf,
+    dir: TempDir,
+    auth: AuthFiles,
 }
 
 impl Files {
     fn new() -> Files {
-        let dir = std::env::temp_dir().join(format!(
-            "pcp-client-auth-{}-{}",
-            std::process::id(),
-            pcpd::fresh_ip()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["pcp.example".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem() + &ca.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        let hash = pcp_eap::hash_password(b"correct horse").unwrap();
-        std::fs::write(dir.join("users"), format!("alice:{hash}\n")).unwrap();
-        Files { dir }
+        let dir = TempDir::new();
+        let auth = AuthFiles::write(
+            &dir.0,
+            "pcp.example",
+            &users_line("alice", PASSWORD.as_bytes()),
+        );
+        Files { dir, auth }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -60,18 +47,10 @@ impl Files {
 
     /// pcpd's configuration: authentication required for everyone.
     fn config(&self, session_lifetime: u32) -> String {
-        config(&format!(
-            "[auth]\ndefault = \"required\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {session_lifetime}\n",
-            self.path("cert.pem").display(),
-            self.path("key.pem").display(),
-            self.path("users").display()
+        short_lifetime_config(&format!(
+            "{}session_lifetime = {session_lifetime}\n",
+            self.auth.section("required")
         ))
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -110,16 +89,16 @@ fn blocking_client_authenticates_and_tags_every_request() {
         .unwrap();
     let g = m.granted(Some(T)).expect("a tagged MAP is served");
     assert_ne!(g.external.port(), 0);
-    let view = p.mapping(6000).expect("the mapping is on the server");
+    let view = p.find_mapping(6000).expect("the mapping is on the server");
     assert_eq!(view["subscriber"], "identity:alice", "{view}");
     // A delete is tagged too.
     assert!(m.delete().unwrap(), "delete confirmed");
-    assert!(wait_for(T, || p.mapping(6000).is_none()));
+    assert!(wait_until(T, || p.find_mapping(6000).is_none()));
     // Dropping the client ends its session at the server (SESSION_TERMINATED).
     assert!(!p.output().contains("ByClient"));
     drop(client);
     assert!(
-        wait_for(T, || p.output().contains("ByClient")),
+        wait_until(T, || p.output().contains("ByClient")),
         "{}",
         p.output()
     );
@@ -236,7 +215,7 @@ async fn async_client_reauthenticates_and_recovers_from_a_pcpd_restart() {
     // pcpd restarts: its sessions and mappings are gone. The next renewal is answered
     // UNKNOWN_SESSION_ID; the client authenticates again and re-creates the mapping.
     let at = p.pcp;
-    p.kill();
+    p.kill9();
     let p = tokio::task::spawn_blocking(move || Pcpd::start_at(at, &config))
         .await
         .unwrap();
@@ -278,7 +257,7 @@ async fn async_client_reauthenticates_and_recovers_from_a_pcpd_restart() {
         }
         assert!(Instant::now() < deadline, "{seen:?}");
     }
-    let view = tokio::task::spawn_blocking(move || p.mapping(7000))
+    let view = tokio::task::spawn_blocking(move || p.find_mapping(7000))
         .await
         .unwrap();
     assert_eq!(view.expect("re-created")["subscriber"], "identity:alice");
@@ -289,7 +268,7 @@ async fn async_client_reauthenticates_and_recovers_from_a_pcpd_restart() {
 async fn connect_gives_up_after_the_pa_mrd() {
     use pcp_client::tokio::PcpClient;
     let f = Files::new();
-    let ip = pcpd::fresh_ip();
+    let ip = fresh_ip();
     let silent = std::net::UdpSocket::bind((ip, 0)).unwrap();
     let server = silent.local_addr().unwrap();
     let a = auth(&f.path("ca.pem"), b"pw").retransmit(pcp_auth::RetransmitConfig {

@@ -18,11 +18,11 @@ use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::server::{Check, Server, ServerConfig, ServerEvent};
 use pcp_eap::radius::server::{Outcome, RadiusServer, RadiusServerConfig};
 use pcp_eap::radius::{self, RadiusAuthenticator, RadiusClient, RadiusConfig, RadiusError};
-use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsPeer, hash_password};
-use pcp_proto::{Body, MapBody, Options, Request, ResultCode};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use pcp_eap::{Embedded, TtlsPeer};
+use pcp_testkit::eap::{embedded, ttls_peer};
+use pcp_testkit::pcp::tcp_map_request;
+use pcp_testkit::tls::Pki;
+use rustls::pki_types::CertificateDer;
 
 const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 const CLIENT: SocketAddr = SocketAddr::new(CLIENT_IP, 5350);
@@ -101,25 +101,11 @@ fn fake_radius(
     addr
 }
 
+/// A CA and a large certificate for `aaa.example` (several EAP-TTLS fragments, each
+/// several EAP-Message attributes), and the embedded back end with alice.
 fn pki() -> (CertificateDer<'static>, Embedded) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut names = vec!["aaa.example".to_string()];
-    names.extend((0..40).map(|i| format!("filler-{i}.aaa.example")));
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let h = hash_password(b"correct horse").unwrap();
-    let backend = Embedded::new(
-        vec![cert.der().clone(), ca.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        Credentials::parse(&format!("alice:{h}\n"), "test").unwrap(),
-    )
-    .unwrap();
-    (ca.der().clone(), backend)
+    let pki = Pki::large("aaa.example", 40, "aaa.example");
+    (pki.ca.clone(), embedded(&pki))
 }
 
 type Srv = Server<RadiusAuthenticator, Box<dyn FnMut() -> RadiusAuthenticator>>;
@@ -167,16 +153,7 @@ fn run_with(
         timeout_ms: p.radius_timeout_ms.unwrap_or(300),
         tries: 3,
     });
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    let peer = TtlsPeer::new(PeerConfig {
-        outer_identity: "anonymous".into(),
-        username: "alice".into(),
-        password: password.as_bytes().to_vec(),
-        server_name: ServerName::try_from("aaa.example").unwrap(),
-        roots,
-    })
-    .unwrap();
+    let peer = ttls_peer(ca, "aaa.example", "alice", password.as_bytes());
     let mut ccfg = ClientConfig::new(CLIENT_IP);
     if let Some(irt) = p.irt {
         ccfg.retransmit.irt = irt;
@@ -271,21 +248,7 @@ fn run_with(
 }
 
 fn tagged_map_checks(r: &mut Run) -> Check {
-    let req = Request {
-        lifetime: 3600,
-        client_addr: CLIENT_IP,
-        body: Body::Map(MapBody {
-            nonce: [1; 12],
-            protocol: 6,
-            internal_port: 22,
-            external_port: 0,
-            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: Options::EMPTY,
-        pa_result_code: ResultCode::Success,
-    };
-    let mut buf = vec![0u8; 1100];
-    let n = req.emit(&mut buf).unwrap();
+    let (mut buf, n) = tcp_map_request(CLIENT_IP, 22, 3600);
     let n = r.client.protect(Time(0), &mut buf, n).unwrap();
     r.server.check_request(CLIENT_IP, &buf[..n])
 }

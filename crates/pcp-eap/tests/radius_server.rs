@@ -13,12 +13,12 @@ use pcp_eap::radius::server::{
     Dropped, Outcome, RadiusServer, RadiusServerConfig, Rejected, Reply,
 };
 use pcp_eap::radius::{self, AccessRequest, Answer};
-use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsPeer, hash_password};
+use pcp_eap::{Embedded, TtlsPeer};
+use pcp_testkit::eap::{embedded, ttls_peer};
+use pcp_testkit::tls::Pki;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 const SECRET: &[u8] = b"front-end-secret";
 const NAS: &str = "127.0.0.1:40000";
@@ -28,38 +28,13 @@ fn nas_addr() -> SocketAddr {
 }
 
 fn pki() -> (CertificateDer<'static>, Embedded) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
     // Several EAP-TTLS fragments, each several EAP-Message attributes.
-    let mut names = vec!["aaa.example".to_string()];
-    names.extend((0..40).map(|i| format!("filler-{i}.aaa.example")));
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let h = hash_password(b"correct horse").unwrap();
-    let backend = Embedded::new(
-        vec![cert.der().clone(), ca.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        Credentials::parse(&format!("alice:{h}\n"), "test").unwrap(),
-    )
-    .unwrap();
-    (ca.der().clone(), backend)
+    let pki = Pki::large("aaa.example", 40, "aaa.example");
+    (pki.ca.clone(), embedded(&pki))
 }
 
 fn peer(ca: &CertificateDer<'static>, password: &str) -> TtlsPeer {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    TtlsPeer::new(PeerConfig {
-        outer_identity: "anonymous".into(),
-        username: "alice".into(),
-        password: password.as_bytes().to_vec(),
-        server_name: ServerName::try_from("aaa.example").unwrap(),
-        roots,
-    })
-    .unwrap()
+    ttls_peer(ca, "aaa.example", "alice", password.as_bytes())
 }
 
 fn server(backend: Embedded, max_sessions: usize) -> RadiusServer {

@@ -8,66 +8,26 @@ use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent, Failure};
 use pcp_auth::eap::{AuthStep, EapAuthenticator, EapPeer, PeerStep};
 use pcp_auth::server::{Cause, Check, Server, ServerConfig, ServerEvent};
-use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsAuthenticator, TtlsPeer, hash_password};
-use pcp_proto::{Body, MAX_MESSAGE_LEN, MapBody, Options, Request, ResultCode};
+use pcp_eap::{Embedded, TtlsAuthenticator, TtlsPeer};
+use pcp_proto::MAX_MESSAGE_LEN;
+use pcp_testkit::eap::{embedded, ttls_peer, users_line};
+use pcp_testkit::pcp::tcp_map_request;
+use pcp_testkit::tls::Pki;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 const CLIENT: SocketAddr = SocketAddr::new(CLIENT_IP, 5350);
 
-struct Pki {
-    ca: CertificateDer<'static>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-/// A CA and a server certificate for `name` (and 60 filler names) signed by it.
+/// A CA and a server certificate for `name` (and 60 filler names, so that the server's
+/// certificate flight needs several EAP-TTLS fragments, as a real chain does).
 fn make_pki(name: &str) -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    // Enough extra names that the server's certificate flight needs several EAP-TTLS
-    // fragments, as a real chain does.
-    let mut names = vec![name.to_string()];
-    names.extend((0..60).map(|i| format!("filler-{i}.pcp.example")));
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    Pki {
-        ca: ca.der().clone(),
-        chain: vec![cert.der().clone(), ca.der().clone()],
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
-
-fn credentials() -> Credentials {
-    let h = hash_password(b"correct horse").unwrap();
-    Credentials::parse(&format!("alice:{h}\n"), "test").unwrap()
+    Pki::large(name, 60, "pcp.example")
 }
 
 fn peer(ca: &CertificateDer<'static>, name: &str, password: &str) -> TtlsPeer {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    TtlsPeer::new(PeerConfig {
-        outer_identity: "anonymous".into(),
-        username: "alice".into(),
-        password: password.as_bytes().to_vec(),
-        server_name: ServerName::try_from(name.to_string()).unwrap(),
-        roots,
-    })
-    .unwrap()
+    ttls_peer(ca, name, "alice", password.as_bytes())
 }
 
 /// Runs EAP between the two until one side ends; returns the authenticator's last step
@@ -108,7 +68,7 @@ fn eap(auth: &mut TtlsAuthenticator, peer: &mut TtlsPeer) -> (AuthStep, PeerStep
 #[test]
 fn eap_ttls_pap_derives_the_same_msk_on_both_sides() {
     let pki = make_pki("pcp.example");
-    let backend = Embedded::new(pki.chain.clone(), pki.key.clone_key(), credentials()).unwrap();
+    let backend = embedded(&pki);
     let mut auth = backend.authenticator();
     let mut p = peer(&pki.ca, "pcp.example", "correct horse");
     let (end, peer_end, requests) = eap(&mut auth, &mut p);
@@ -135,7 +95,7 @@ fn eap_ttls_pap_derives_the_same_msk_on_both_sides() {
 #[test]
 fn wrong_password_unknown_user_and_untrusted_or_misnamed_server_fail() {
     let pki = make_pki("pcp.example");
-    let backend = Embedded::new(pki.chain.clone(), pki.key.clone_key(), credentials()).unwrap();
+    let backend = embedded(&pki);
     let (end, peer_end, _) = eap(
         &mut backend.authenticator(),
         &mut peer(&pki.ca, "pcp.example", "nope"),
@@ -167,11 +127,7 @@ fn embedded_backend_loads_pem_files_and_names_bad_ones() {
     let creds = dir.join("users");
     std::fs::write(&cert, &pki.cert_pem).unwrap();
     std::fs::write(&key, &pki.key_pem).unwrap();
-    std::fs::write(
-        &creds,
-        format!("alice:{}\n", hash_password(b"correct horse").unwrap()),
-    )
-    .unwrap();
+    std::fs::write(&creds, users_line("alice", b"correct horse")).unwrap();
     let backend = Embedded::load(&cert, &key, &creds).unwrap();
     let (end, _, _) = eap(
         &mut backend.authenticator(),
@@ -199,7 +155,7 @@ fn pcp_session(
     password: &str,
 ) -> (Vec<ClientEvent>, Vec<ServerEvent>, Client<TtlsPeer>, Srv) {
     let pki = make_pki("pcp.example");
-    let backend = Embedded::new(pki.chain.clone(), pki.key.clone_key(), credentials()).unwrap();
+    let backend = embedded(&pki);
     let mut client = Client::with_rng(
         ClientConfig::new(CLIENT_IP),
         peer(&pki.ca, "pcp.example", password),
@@ -263,21 +219,7 @@ fn pcp_session(
 }
 
 fn tagged_map(client: &mut Client<TtlsPeer>, server: &mut Srv) -> Check {
-    let req = Request {
-        lifetime: 3600,
-        client_addr: CLIENT_IP,
-        body: Body::Map(MapBody {
-            nonce: [1; 12],
-            protocol: 6,
-            internal_port: 22,
-            external_port: 0,
-            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: Options::EMPTY,
-        pa_result_code: ResultCode::Success,
-    };
-    let mut buf = vec![0u8; 1100];
-    let n = req.emit(&mut buf).unwrap();
+    let (mut buf, n) = tcp_map_request(CLIENT_IP, 22, 3600);
     let n = client.protect(Time(0), &mut buf, n).unwrap();
     server.check_request(CLIENT_IP, &buf[..n])
 }

@@ -3,37 +3,16 @@
 //! fuzz target runs; checks the committed seeds are the ones built here; and runs a
 //! seeded random sweep so the session itself is exercised on every `cargo test`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pcp_ha::wire::{
     self, Header, Kind, MappingRecord, Record, SequenceRecord, SessionRecord, Subscriber, Writer,
 };
 use pcp_server::{MappingKey, Origin};
+use pcp_testkit::corpus::{XorShift, failing, files, fuzz_dir};
 
 fn dir(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(sub)
-}
-
-fn files(sub: &str) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir(sub)) else {
-        return Vec::new();
-    };
-    let mut out: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .filter(|p| {
-            !p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    fuzz_dir(env!("CARGO_MANIFEST_DIR"), sub)
 }
 
 fn frame(kind: Kind, term: u64, stream: u64, body: impl FnOnce(&mut Writer<'_>)) -> Vec<u8> {
@@ -260,15 +239,11 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn corpus_and_regressions_replay_cleanly() {
-    let inputs: Vec<PathBuf> = [files("corpus/decode"), files("regressions")].concat();
+    let inputs: Vec<PathBuf> = [files(&dir("corpus/decode")), files(&dir("regressions"))].concat();
     assert!(inputs.len() >= 7, "the seed corpus is committed");
-    let mut bad = Vec::new();
-    for path in inputs {
-        let data = std::fs::read(&path).expect("readable input");
-        if std::panic::catch_unwind(|| pcp_ha::fuzzing::run(&data)).is_err() {
-            bad.push(format!("{}: {}", path.display(), hex(&data)));
-        }
-    }
+    let bad = failing(&inputs, |data| {
+        pcp_ha::fuzzing::run(data);
+    });
     assert!(
         bad.is_empty(),
         "inputs break an invariant:\n{}",
@@ -310,14 +285,12 @@ fn write_seed_corpus() {
 #[test]
 fn seeded_random_sessions() {
     // Random mutations of the seeds (xorshift: reproducible, no extra dependency).
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rng = XorShift::new();
     let seeds = seeds();
     for i in 0..600 {
         let mut data = seeds[i % seeds.len()].1.clone();
         for _ in 0..1 + i % 6 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let at = (x >> 8) as usize % data.len();
             data[at] ^= x as u8;
         }

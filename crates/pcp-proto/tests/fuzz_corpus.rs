@@ -16,28 +16,10 @@ use pcp_proto::{
     AuthenticationBody, AuthenticationTag, Body, Filter, MAX_MESSAGE_LEN, MapBody, Options,
     PaAuthenticationTag, PcpOption, PeerBody, PortSet, Request, Response, ResultCode, protocol,
 };
+use pcp_testkit::corpus::{self, files, hex};
 
 fn fuzz_dir(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(sub)
-}
-
-/// The non-hidden files of `dir`, sorted by name; none if the directory does not exist.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<PathBuf> = entries
-        .map(|e| e.expect("read_dir entry").path())
-        .filter(|p| p.is_file())
-        // Hidden files (a `.gitkeep`, an editor's swap file) are not inputs.
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| !n.starts_with('.'))
-        })
-        .collect();
-    out.sort();
-    out
+    corpus::fuzz_dir(env!("CARGO_MANIFEST_DIR"), sub)
 }
 
 /// Runs the invariants over each input; returns the names of those that panicked.
@@ -47,10 +29,6 @@ fn failing<'a>(inputs: impl IntoIterator<Item = (String, &'a [u8])>) -> Vec<Stri
         .filter(|(_, data)| panic::catch_unwind(|| check_invariants(data)).is_err())
         .map(|(name, data)| format!("{name} ({} octets): {}", data.len(), hex(data)))
         .collect()
-}
-
-fn hex(data: &[u8]) -> String {
-    data.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn replay(dir: &Path) -> (usize, Vec<String>) {

@@ -3,52 +3,37 @@
 //! fuzz target runs; plus a seeded random sweep so the session itself is exercised on
 //! every `cargo test`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-fn files(sub: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(sub);
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .filter(|p| {
-            !p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'))
-        })
-        .collect();
-    out.sort();
-    out
+use pcp_testkit::corpus::{XorShift, failing, files, fuzz_dir};
+
+fn inputs(sub: &str) -> Vec<PathBuf> {
+    files(&fuzz_dir(env!("CARGO_MANIFEST_DIR"), sub))
 }
 
 #[test]
 fn corpus_and_regressions_replay_cleanly() {
-    let inputs: Vec<PathBuf> = [files("corpus/handle"), files("regressions")].concat();
+    let inputs: Vec<PathBuf> = [inputs("corpus/handle"), inputs("regressions")].concat();
     assert!(
         !inputs.is_empty(),
         "the seed corpus is committed; it must not be empty"
     );
-    for path in inputs {
-        let data = std::fs::read(&path).expect("readable input");
-        let outcome = std::panic::catch_unwind(|| pcp_server::fuzzing::run(&data));
-        assert!(outcome.is_ok(), "{} breaks an invariant", path.display());
-    }
+    let bad = failing(&inputs, pcp_server::fuzzing::run);
+    assert!(
+        bad.is_empty(),
+        "inputs break an invariant:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
 fn seeded_random_sessions() {
-    // A small xorshift so this test needs no extra dependency and is reproducible.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    // A small xorshift so this test is reproducible.
+    let mut x = XorShift::new();
     for _ in 0..300 {
         let mut data = vec![0u8; 400];
         for b in &mut data {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
+            *b = x.next_u64() as u8;
         }
         pcp_server::fuzzing::run(&data);
     }

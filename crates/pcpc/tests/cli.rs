@@ -1,8 +1,7 @@
 //! `pcpc` end to end: the built binary against a real `pcpd` (and, for the *unknown*
 //! checkpoint state, a tiny blind-echo server in a thread), over loopback only.
 
-#[path = "../../pcp-client/tests/support/pcpd.rs"]
-mod pcpd;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -10,21 +9,14 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use pcp_proto::{Body, Request, Response, ResultCode};
-use pcpd::{HONOUR, Pcpd, config, wait_for};
+use pcp_testkit::TempDir;
+use pcp_testkit::eap::{AuthFiles, PASSWORD, users_line};
+use pcp_testkit::pcpd::{HONOUR, Pcpd, short_lifetime_config, wait_until};
+use pcp_testkit::ports::{free_udp, fresh_ip};
+use support::{PCPC, identity_map_args};
 
-const PCPC: &str = env!("CARGO_BIN_EXE_pcpc");
-
-fn pcpc(p_ip: IpAddr, server: SocketAddr, args: &[&str]) -> Output {
-    Command::new(PCPC)
-        .arg("--server")
-        .arg(server.to_string())
-        .arg("--bind")
-        .arg(SocketAddr::new(p_ip, 0).to_string())
-        .args(["--irt-ms", "300", "--timeout", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcpc")
+fn pcpc(ip: IpAddr, server: SocketAddr, args: &[&str]) -> Output {
+    support::pcpc(ip, server, 5, args)
 }
 
 fn stdout(o: &Output) -> String {
@@ -43,7 +35,7 @@ fn json(o: &Output) -> serde_json::Value {
 
 #[test]
 fn map_json_honoured_then_delete_with_the_nonce() {
-    let p = Pcpd::start(&config(HONOUR));
+    let p = Pcpd::start(&short_lifetime_config(HONOUR));
     let ip = IpAddr::V4(p.ip);
     let o = pcpc(
         ip,
@@ -66,7 +58,7 @@ fn map_json_honoured_then_delete_with_the_nonce() {
     assert_eq!(v["checkpoint"], "honoured");
     assert_eq!(v["lifetime"], 600);
     assert_eq!(v["opcode"], "map");
-    let m = p.mapping(5060).expect("on the server");
+    let m = p.find_mapping(5060).expect("on the server");
     assert_eq!(m["checkpointed"], true);
     assert_eq!(m["external_port"], v["external_port"]);
     assert_eq!(m["description"], "sip");
@@ -88,7 +80,7 @@ fn map_json_honoured_then_delete_with_the_nonce() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("NOT_AUTHORIZED"), "{}", stderr(&o));
-    assert!(p.mapping(5060).is_some());
+    assert!(p.find_mapping(5060).is_some());
     // The right one deletes it.
     let o = pcpc(
         ip,
@@ -105,12 +97,12 @@ fn map_json_honoured_then_delete_with_the_nonce() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("deleted udp internal port 5060"));
-    assert!(p.mapping(5060).is_none());
+    assert!(p.find_mapping(5060).is_none());
 }
 
 #[test]
 fn human_output_says_not_honoured_over_quota() {
-    let p = Pcpd::start(&config(&format!(
+    let p = Pcpd::start(&short_lifetime_config(&format!(
         "{HONOUR}[tiers.default]\ncheckpoint_quota = 0\n"
     )));
     let o = pcpc(
@@ -133,12 +125,12 @@ fn human_output_says_not_honoured_over_quota() {
     );
     assert!(out.contains("checkpoint  not honoured"), "{out}");
     assert!(out.contains("(PCP)"), "{out}");
-    assert_eq!(p.mapping(8443).unwrap()["checkpoint_reason"], "quota");
+    assert_eq!(p.find_mapping(8443).unwrap()["checkpoint_reason"], "quota");
 }
 
 #[test]
 fn keep_renews_prints_events_and_deletes_on_interrupt() {
-    let p = Pcpd::start(&config(HONOUR));
+    let p = Pcpd::start(&short_lifetime_config(HONOUR));
     let mut child = Command::new(PCPC)
         .args(["--server", &p.pcp.to_string()])
         .args(["--bind", &SocketAddr::new(IpAddr::V4(p.ip), 0).to_string()])
@@ -157,7 +149,7 @@ fn keep_renews_prints_events_and_deletes_on_interrupt() {
     let renewed: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(renewed["event"], "renewed", "{renewed}");
     assert_eq!(renewed["grant"]["checkpoint"], "honoured");
-    assert_eq!(p.mapping(7000).unwrap()["checkpointed"], true);
+    assert_eq!(p.find_mapping(7000).unwrap()["checkpointed"], true);
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -166,17 +158,17 @@ fn keep_renews_prints_events_and_deletes_on_interrupt() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(child.wait().unwrap().success());
     assert!(rest.iter().any(|l| l.contains("\"deleted\"")), "{rest:?}");
-    assert!(p.mapping(7000).is_none(), "deleted on interrupt");
+    assert!(p.find_mapping(7000).is_none(), "deleted on interrupt");
 }
 
 #[test]
 fn announce_prints_the_epoch_and_no_server_fails_with_advice() {
-    let p = Pcpd::start(&config(""));
+    let p = Pcpd::start(&short_lifetime_config(""));
     let o = pcpc(IpAddr::V4(p.ip), p.pcp, &["announce"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains(": epoch "), "{}", stdout(&o));
-    let ip = pcpd::fresh_ip();
-    let nobody = SocketAddr::new(IpAddr::V4(ip), pcpd::free_udp(ip));
+    let ip = fresh_ip();
+    let nobody = SocketAddr::new(IpAddr::V4(ip), free_udp(ip));
     let o = Command::new(PCPC)
         .args([
             "--server",
@@ -238,7 +230,7 @@ fn blind_echo_server(sock: UdpSocket, n: usize) {
 
 #[test]
 fn blind_echo_server_gives_checkpoint_unknown() {
-    let ip = pcpd::fresh_ip();
+    let ip = fresh_ip();
     let sock = UdpSocket::bind((ip, 0)).unwrap();
     let server = sock.local_addr().unwrap();
     blind_echo_server(sock, 1);
@@ -327,7 +319,7 @@ fn explain_shows_the_deciding_rule() {
 
 #[test]
 fn run_keeps_the_policy_flows_checkpointed_as_decided() {
-    let p = Pcpd::start(&config(HONOUR));
+    let p = Pcpd::start(&short_lifetime_config(HONOUR));
     let dir = std::env::temp_dir().join(format!("pcpc-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("policy.toml");
@@ -376,18 +368,21 @@ lifetime = 600
         .spawn()
         .unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || p.mappings().len() == 2),
+        wait_until(Duration::from_secs(5), || p.mappings().len() == 2),
         "{:?}",
         p.mappings()
     );
-    assert_eq!(p.mapping(5060).unwrap()["checkpointed"], true);
-    let backup = p.mapping(873).unwrap();
+    assert_eq!(p.find_mapping(5060).unwrap()["checkpointed"], true);
+    let backup = p.find_mapping(873).unwrap();
     assert_eq!(backup["checkpointed"], false);
     assert_eq!(
         backup["checkpoint_requested"], false,
         "the user's never wins"
     );
-    assert_eq!(p.mapping(5060).unwrap()["description"], "voip udp/5060");
+    assert_eq!(
+        p.find_mapping(5060).unwrap()["description"],
+        "voip udp/5060"
+    );
     let out = child.wait_with_output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success());
@@ -451,61 +446,29 @@ fn identity_flags_are_checked_and_bad_files_named() {
 /// password fails; without --identity the server says AUTHENTICATION_REQUIRED.
 #[test]
 fn identity_authenticates_against_pcpd_and_maps() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let dir = std::env::temp_dir().join(format!("pcpc-eap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    let dir = TempDir::new();
+    let files = AuthFiles::write(
+        &dir.0,
+        "pcp.example",
+        &users_line("alice", PASSWORD.as_bytes()),
+    );
+    let path = |n: &str| dir.path_str(n);
     std::fs::write(path("pw"), "correct horse\n").unwrap();
     std::fs::write(path("bad"), "wrong\n").unwrap();
-    let hash = pcp_eap::hash_password(b"correct horse").unwrap();
-    std::fs::write(path("users"), format!("alice:{hash}\n")).unwrap();
-    let auth = format!(
-        "[auth]\ndefault = \"required\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\n",
-        path("cert.pem"),
-        path("key.pem"),
-        path("users")
-    );
-    let p = Pcpd::start(&config(&auth));
+    let auth = files.section("required");
+    let p = Pcpd::start(&short_lifetime_config(&auth));
     let ip = IpAddr::V4(p.ip);
     let (pw, bad, ca_pem) = (path("pw"), path("bad"), path("ca.pem"));
     let map = |password: &str| {
         pcpc(
             ip,
             p.pcp,
-            &[
-                "--json",
-                "--identity",
-                "alice",
-                "--password-file",
-                password,
-                "--ca",
-                &ca_pem,
-                "--server-name",
-                "pcp.example",
-                "map",
-                "--proto",
-                "udp",
-                "--internal-port",
-                "7000",
-                "--lifetime",
-                "600",
-            ],
+            &identity_map_args(password, &ca_pem, "pcp.example", "7000"),
         )
     };
     let v = json(&map(&pw));
     assert_eq!(v["lifetime"], 600);
-    assert!(p.mapping(7000).is_some(), "not on the server");
+    assert!(p.find_mapping(7000).is_some(), "not on the server");
     let o = map(&bad);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("authentication"), "{}", stderr(&o));
@@ -520,5 +483,4 @@ fn identity_authenticates_against_pcpd_and_maps() {
         "{}",
         stderr(&o)
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

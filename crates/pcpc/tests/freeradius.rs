@@ -9,17 +9,18 @@
 //! Needs the `freeradius` binary: a loud SKIP without it, unless
 //! `PCPD_REQUIRE_FREERADIUS` is set (scripts/test sets it as root, after installing it).
 
-#[path = "../../pcp-client/tests/support/pcpd.rs"]
-mod pcpd;
+mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pcpd::{Pcpd, config};
+use pcp_testkit::pcpd::{Pcpd, short_lifetime_config};
+use pcp_testkit::ports::free_udp;
+use pcp_testkit::tls::Pki;
+use support::{identity_map_args, pcpc};
 
-const PCPC: &str = env!("CARGO_BIN_EXE_pcpc");
 const SECRET: &str = "radius-test-secret";
 
 fn freeradius_bin() -> Option<PathBuf> {
@@ -195,19 +196,6 @@ fn start_freeradius(bin: &Path, dir: &Path) -> FreeRadius {
     fr
 }
 
-fn pcpc(ip: IpAddr, server: SocketAddr, args: &[&str]) -> Output {
-    Command::new(PCPC)
-        .arg("--server")
-        .arg(server.to_string())
-        .arg("--bind")
-        .arg(SocketAddr::new(ip, 0).to_string())
-        .args(["--irt-ms", "300", "--timeout", "10"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcpc")
-}
-
 #[test]
 fn pcpc_authenticates_through_pcpd_to_freeradius() {
     let Some(bin) = freeradius_bin() else {
@@ -220,31 +208,21 @@ fn pcpc_authenticates_through_pcpd_to_freeradius() {
         );
         return;
     };
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let dir = std::env::temp_dir().join(format!("pcpc-freeradius-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
     // Enough names that the server's TLS flight spans several EAP-TTLS fragments:
     // FreeRADIUS keeps its default fragment_size (1024), and only the Framed-MTU pcpd
     // sends keeps each EAP packet small enough for PCP.
-    let mut names = vec!["aaa.example".to_string()];
-    names.extend((0..60).map(|i| format!("filler-{i}.aaa.example")));
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
+    let pki = Pki::large("aaa.example", 60, "aaa.example");
     let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    std::fs::write(path("server.pem"), cert.pem()).unwrap();
-    std::fs::write(path("server.key"), key.serialize_pem()).unwrap();
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("server.pem"), &pki.cert_pem).unwrap();
+    std::fs::write(path("server.key"), &pki.key_pem).unwrap();
+    std::fs::write(path("ca.pem"), &pki.ca_pem).unwrap();
     std::fs::write(path("pw"), "correct horse\n").unwrap();
     std::fs::write(path("bad"), "wrong\n").unwrap();
     std::fs::write(path("secret"), format!("{SECRET}\n")).unwrap();
-    let port = pcpd::free_udp(std::net::Ipv4Addr::LOCALHOST);
+    let port = free_udp(std::net::Ipv4Addr::LOCALHOST);
     write_raddb(&dir, port);
     let t0 = Instant::now();
     let fr = start_freeradius(&bin, &dir);
@@ -254,31 +232,15 @@ fn pcpc_authenticates_through_pcpd_to_freeradius() {
         "[auth]\ndefault = \"required\"\n[auth.radius]\nserver = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\ntimeout_ms = 1000\ntries = 3\n",
         path("secret")
     );
-    let p = Pcpd::start(&config(&auth));
+    let p = Pcpd::start(&short_lifetime_config(&auth));
     let ip = IpAddr::V4(p.ip);
     let ca_pem = path("ca.pem");
     let map = |password: &str, port: &str| {
         pcpc(
             ip,
             p.pcp,
-            &[
-                "--json",
-                "--identity",
-                "alice",
-                "--password-file",
-                password,
-                "--ca",
-                &ca_pem,
-                "--server-name",
-                "aaa.example",
-                "map",
-                "--proto",
-                "udp",
-                "--internal-port",
-                port,
-                "--lifetime",
-                "600",
-            ],
+            10,
+            &identity_map_args(password, &ca_pem, "aaa.example", port),
         )
     };
     let o = map(&path("pw"), "7000");
@@ -289,7 +251,7 @@ fn pcpc_authenticates_through_pcpd_to_freeradius() {
         p.output(),
         fr.log()
     );
-    let m = p.mapping(7000).expect("the mapping is on the server");
+    let m = p.find_mapping(7000).expect("the mapping is on the server");
     // FreeRADIUS returned the inner User-Name: the subscriber is alice, not the
     // outer "anonymous".
     assert_eq!(m["subscriber"], "identity:alice", "{m}");
@@ -297,7 +259,7 @@ fn pcpc_authenticates_through_pcpd_to_freeradius() {
     let o = map(&path("bad"), "7001");
     eprintln!("wrong password refused after {:?}", t0.elapsed());
     assert_eq!(o.status.code(), Some(1));
-    assert!(p.mapping(7001).is_none());
+    assert!(p.find_mapping(7001).is_none());
     assert!(fr.log().contains("Login incorrect"), "{}", fr.log());
     drop(fr);
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,9 +23,11 @@
 //! re-run as the ignored `stun_responder` test). With `-d` miniupnpd logs to stderr.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use pcp_testkit::netns::{cannot_run, is_root, run, tool};
 
 const PCPC: &str = env!("CARGO_BIN_EXE_pcpc");
 const LAN_HOST: &str = "10.77.0.2";
@@ -33,46 +35,14 @@ const LAN_GW: &str = "10.77.0.1";
 const WAN_GW: &str = "198.51.100.1";
 const WAN_STUN: &str = "198.51.100.2";
 
-fn tool(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 /// Why the test cannot run here, if it cannot.
 fn missing() -> Option<String> {
-    if !is_root() {
-        return Some("not root (network namespaces and nftables need root)".into());
-    }
-    for t in ["miniupnpd", "nft", "ip"] {
-        if tool(t).is_none() {
-            return Some(format!(
-                "{t} is not installed (apt-get install -y miniupnpd-nftables nftables iproute2)"
-            ));
-        }
-    }
-    None
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let why = cannot_run(&["miniupnpd", "nft", "ip"])?;
+    Some(if is_root() {
+        format!("{why} (apt-get install -y miniupnpd-nftables nftables iproute2)")
+    } else {
+        why
+    })
 }
 
 /// Namespaces, links, processes and files of one run; all removed on drop.

@@ -2,8 +2,6 @@
 //! `[auth] default = "required"`, a client authenticated with EAP-TTLS/PAP (pcp-auth +
 //! pcp-eap over loopback UDP), and the admin and read-only tokens.
 
-#[path = "../../pcpd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -12,27 +10,13 @@ use std::time::{Duration, Instant};
 
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent};
-use pcp_eap::rustls::RootCertStore;
-use pcp_eap::rustls::pki_types::ServerName;
-use pcp_eap::{PeerConfig, TtlsPeer, hash_password};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use pcp_testkit::eap::{AuthFiles, ttls_peer, users_line};
 use support::{pcpctl, start};
 
 #[test]
 fn auth_sessions_and_terminate() {
-    let dir = common::TempDir::new();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (c, k, u) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("users"));
-    std::fs::write(&c, cert.pem() + &ca.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    std::fs::write(&u, format!("alice:{}\n", hash_password(b"pw").unwrap())).unwrap();
+    let dir = pcp_testkit::TempDir::new();
+    let files = AuthFiles::write(&dir.0, "pcp.example", &users_line("alice", b"pw"));
     let token = |name: &str, t: &str| {
         let p = dir.join(name);
         std::fs::write(&p, format!("{t}\n")).unwrap();
@@ -42,10 +26,8 @@ fn auth_sessions_and_terminate() {
     let admin = token("admin.token", "pcpctl-auth-admin-0123456789");
     let read = token("read.token", "pcpctl-auth-read-0123456789");
     let d = start(Some(&format!(
-        "[pcpd]\nadmin_token_file = \"{admin}\"\nadmin_read_token_file = \"{read}\"\n\n[auth]\ndefault = \"required\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = 900\n",
-        c.display(),
-        k.display(),
-        u.display()
+        "[pcpd]\nadmin_token_file = \"{admin}\"\nadmin_read_token_file = \"{read}\"\n\n{}session_lifetime = 900\n",
+        files.section("required")
     )));
 
     let (code, out, err) = pcpctl(&d, &["--token-file", &read, "auth", "sessions"]);
@@ -57,16 +39,7 @@ fn auth_sessions_and_terminate() {
     let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
-    let peer = TtlsPeer::new(PeerConfig {
-        outer_identity: "anonymous".into(),
-        username: "alice".into(),
-        password: b"pw".to_vec(),
-        server_name: ServerName::try_from("pcp.example").unwrap(),
-        roots,
-    })
-    .unwrap();
+    let peer = ttls_peer(&files.ca_der, "pcp.example", "alice", b"pw");
     let mut client = Client::new(ClientConfig::new(ip), peer);
     let origin = Instant::now();
     let now = || Time(origin.elapsed().as_millis() as u64);
@@ -89,7 +62,7 @@ fn auth_sessions_and_terminate() {
         matches!(event, ClientEvent::Established { .. }),
         "{event:?}"
     );
-    let id = common::wait_for(Duration::from_secs(5), "the session established", || {
+    let id = pcp_testkit::wait_for(Duration::from_secs(5), "the session established", || {
         let (_, out, _) = pcpctl(&d, &["--token-file", &read, "auth", "sessions", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
         let s = v.as_array()?.first()?.clone();

@@ -2,14 +2,12 @@
 //! `support` for where pcpd comes from). The process helpers are pcpd's own test
 //! helpers, shared by path.
 
-#[path = "../../pcpd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Map, honour_config, metric};
+use pcp_testkit::{Map, honour_config, metric};
 use support::{PCPCTL, pcpctl, start};
 
 const DENY_ALL: &str = "[[policy]]\nname = \"no-checkpoints\"\naction = \"deny\"\n";
@@ -204,10 +202,10 @@ fn subscribers_status_and_metrics() {
 #[test]
 fn unreachable_admin_api_is_a_clear_error_and_exit_1() {
     // A port that was free a moment ago, on an address nothing else uses.
-    let ip = common::fresh_ip();
-    let admin = format!("{ip}:{}", common::free_port(ip, false));
+    let ip = pcp_testkit::fresh_ip();
+    let admin = format!("{ip}:{}", pcp_testkit::free_port(ip, false));
     for cmd in ["status", "mappings", "reload", "metrics"] {
-        let (status, out, err) = common::run(
+        let (status, out, err) = pcp_testkit::run(
             Path::new(PCPCTL),
             &["--admin", &admin, cmd],
             Duration::from_secs(20),
@@ -223,9 +221,10 @@ fn unreachable_admin_api_is_a_clear_error_and_exit_1() {
 
 #[test]
 fn bad_usage_exits_2() {
-    let (status, _, err) = common::run(Path::new(PCPCTL), &["frobnicate"], Duration::from_secs(20));
+    let (status, _, err) =
+        pcp_testkit::run(Path::new(PCPCTL), &["frobnicate"], Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{err}");
-    let (status, _, err) = common::run(
+    let (status, _, err) = pcp_testkit::run(
         Path::new(PCPCTL),
         &["--timeout", "0", "status"],
         Duration::from_secs(20),
@@ -236,7 +235,7 @@ fn bad_usage_exits_2() {
 #[test]
 fn token_file_authenticates_and_read_only_tokens_cannot_change_anything() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = common::TempDir::new();
+    let dir = pcp_testkit::TempDir::new();
     let write = |name: &str, token: &str| {
         let p = dir.join(name);
         std::fs::write(&p, format!("{token}\n")).unwrap();

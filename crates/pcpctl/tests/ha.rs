@@ -1,15 +1,14 @@
 //! `pcpctl ha`, `pcpctl promote` and `pcpctl switchover` against a real pair of `pcpd`
 //! processes (see `support` for where pcpd comes from).
 
-#[path = "../../pcpd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::time::Duration;
 
-use common::{HaTiming, Map, Node, PairPlan, Pcpd, wait_ha};
 use pcp_proto::ResultCode;
-use support::{pcpctl, pcpd_bin, start};
+use pcp_testkit::pcpd_bin;
+use pcp_testkit::{HaTiming, Map, Node, PairPlan, Pcpd, wait_ha};
+use support::{pcpctl, start};
 
 const SERVER_CONFIG: &str = "\
 [pool]
@@ -107,11 +106,11 @@ fn switchover_hands_over_and_refusals_exit_1_with_pcpds_reason() {
     let (code, out, err) = pcpctl(&a, &["switchover"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "handing over to the backup\n");
-    common::wait_for(Duration::from_secs(5), "roles swapped", || {
+    pcp_testkit::wait_for(Duration::from_secs(5), "roles swapped", || {
         (ha_json(&a)["role"] == "backup" && ha_json(&b)["role"] == "active").then_some(())
     });
     // The mapping is on B, same endpoint; B answers for it.
-    let r = common::PcpClient::new(c.ip(), b.pcp).map(Map::udp(5060));
+    let r = pcp_testkit::PcpClient::new(c.ip(), b.pcp).map(Map::udp(5060));
     assert_eq!(r.result, ResultCode::Success);
     assert_eq!(r.external, made.external);
     wait_ha(&a, Duration::from_secs(10), "A holds B's copy", |h| {

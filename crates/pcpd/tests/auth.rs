@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use common::{HaTiming, Node, PairPlan, Pcpd, TempDir, wait_ha};
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent, Ended, Failure};
-use pcp_eap::{PeerConfig, TtlsPeer, hash_password};
+use pcp_eap::TtlsPeer;
 use pcp_proto::{Body, MapBody, Options, PcpOption, Request, Response, ResultCode};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, ServerName};
+use pcp_testkit::eap::{AuthFiles, PASSWORD, ttls_peer, users_line};
+use pcp_testkit::tls::Pki;
+use rustls::pki_types::CertificateDer;
 
 const PCPD: &str = env!("CARGO_BIN_EXE_pcpd");
 
@@ -49,29 +49,13 @@ fn setup_config(mode: &str, lifetime: u32, extra: &str) -> Setup {
 /// A CA, a server certificate for `pcp.example`, alice's credentials in `dir`, and the
 /// `[auth]` section that uses them.
 fn auth_files(dir: &TempDir, mode: &str, lifetime: u32) -> (String, CertificateDer<'static>) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (c, k, u) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("users"));
-    std::fs::write(&c, cert.pem() + &ca.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    std::fs::write(
-        &u,
-        format!("alice:{}\n", hash_password(b"correct horse").unwrap()),
-    )
-    .unwrap();
-    let config = format!(
-        "[auth]\ndefault = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\ncredentials = \"{}\"\nsession_lifetime = {lifetime}\n",
-        c.display(),
-        k.display(),
-        u.display()
+    let files = AuthFiles::write(
+        &dir.0,
+        "pcp.example",
+        &users_line("alice", PASSWORD.as_bytes()),
     );
-    (config, ca.der().clone())
+    let config = format!("{}session_lifetime = {lifetime}\n", files.section(mode));
+    (config, files.ca_der)
 }
 
 struct Peer {
@@ -108,16 +92,7 @@ impl Peer {
         let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone()).unwrap();
-        let peer = TtlsPeer::new(PeerConfig {
-            outer_identity: "anonymous".into(),
-            username: user.into(),
-            password: password.as_bytes().to_vec(),
-            server_name: ServerName::try_from("pcp.example").unwrap(),
-            roots,
-        })
-        .unwrap();
+        let peer = ttls_peer(ca, "pcp.example", user, password.as_bytes());
         Peer {
             sock,
             server,
@@ -324,18 +299,7 @@ fn pcp_client_library_authenticates_then_maps() {
         let mut o = ClientOptions::new(s.pcpd.pcp);
         o.bind = Some(SocketAddr::new(ip, 0));
         o.authentication = Some(Authentication::new(move || {
-            let mut roots = RootCertStore::empty();
-            roots.add(ca.clone()).unwrap();
-            Box::new(
-                TtlsPeer::new(PeerConfig {
-                    outer_identity: "anonymous".into(),
-                    username: "alice".into(),
-                    password: password.as_bytes().to_vec(),
-                    server_name: ServerName::try_from("pcp.example").unwrap(),
-                    roots,
-                })
-                .unwrap(),
-            )
+            Box::new(ttls_peer(&ca, "pcp.example", "alice", password.as_bytes()))
         }));
         o
     };
@@ -669,17 +633,9 @@ fn without_session_replication_clients_reauthenticate_after_failover() {
 /// A new CA and server certificate for `pcp.example` written over `dir`'s, returning
 /// the CA.
 fn new_certificate(dir: &TempDir) -> CertificateDer<'static> {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["pcp.example".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem() + &ca.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    ca.der().clone()
+    let pki = Pki::for_name("pcp.example");
+    pki.write_server(&dir.join("cert.pem"), &dir.join("key.pem"));
+    pki.ca
 }
 
 /// `POST /reload`: (status, body).
@@ -698,7 +654,7 @@ fn reload_of_auth_keeps_valid_sessions_and_refuses_a_broken_file() {
     let (auth, ca) = auth_files(&dir, "required", 600);
     let users = dir.join("users");
     let alice = std::fs::read_to_string(&users).unwrap();
-    let bob = format!("bob:{}\n", hash_password(b"hunter2").unwrap());
+    let bob = users_line("bob", b"hunter2");
     std::fs::write(&users, format!("{alice}{bob}")).unwrap();
     let pcpd = common::pcpd(PCPD).config(&auth).start();
     let s = Setup {

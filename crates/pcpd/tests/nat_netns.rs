@@ -25,13 +25,11 @@
 //!
 //! Root only (a loud SKIP otherwise). Needs `ip`, `nft`, `sysctl`.
 
-#[path = "common/netns.rs"]
-mod netns;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use netns::{Lab, Session, cannot_run, poll, sibling_bin};
+use pcp_testkit::netns::{self, Lab, Session, cannot_run};
+use pcp_testkit::{pcpc_bin, poll};
 
 const PCPD: &str = env!("CARGO_BIN_EXE_pcpd");
 const LAN_HOST: &str = "10.0.0.2";
@@ -153,7 +151,7 @@ fn logs(dir: &std::path::Path) -> String {
 /// `pcpc --json …` in the LAN namespace: the parsed `granted` line, or the output.
 fn pcpc(lab: &Lab, lan: &str, args: &[&str]) -> Result<serde_json::Value, String> {
     let mut all = vec![
-        sibling_bin("pcpc").to_str().unwrap(),
+        pcpc_bin().to_str().unwrap(),
         "--json",
         "--server",
         "10.0.0.1:5351",
@@ -443,11 +441,11 @@ fn failover(preinstall: bool) {
     .unwrap();
     // A kept, unprotected mapping: its client re-creates it when told of the loss.
     let keep_log = std::fs::File::create(dir.join("keep.out")).unwrap();
-    let pcpc_bin = sibling_bin("pcpc").to_str().unwrap().to_string();
+    let pcpc_path = pcpc_bin().to_str().unwrap().to_string();
     lab.spawn(
         &lan,
         &[
-            &pcpc_bin,
+            &pcpc_path,
             "--json",
             "--server",
             "10.0.0.1:5351",

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use common::TempDir;
 use pcp_auth::Time;
 use pcp_auth::client::{Client, ClientConfig, ClientEvent};
+use pcp_eap::Embedded;
 use pcp_eap::radius::server::{self, RadiusServer, RadiusServerConfig};
-use pcp_eap::rustls::RootCertStore;
-use pcp_eap::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use pcp_eap::{Credentials, Embedded, PeerConfig, TtlsPeer, hash_password};
+use pcp_eap::rustls::pki_types::CertificateDer;
 use pcp_proto::Response;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use pcp_testkit::eap::{PASSWORD, embedded, ttls_peer};
+use pcp_testkit::tls::Pki;
 
 const PCPD: &str = env!("CARGO_BIN_EXE_pcpd");
 const SECRET: &[u8] = b"aaa-shared-secret";
@@ -87,22 +87,8 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
 
 /// The AAA side's certificate (for `aaa.example`) and alice's credentials.
 fn pki() -> (CertificateDer<'static>, Embedded) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["aaa.example".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let h = hash_password(b"correct horse").unwrap();
-    let backend = Embedded::new(
-        vec![cert.der().clone(), ca.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        Credentials::parse(&format!("alice:{h}\n"), "test").unwrap(),
-    )
-    .unwrap();
-    (ca.der().clone(), backend)
+    let pki = Pki::for_name("aaa.example");
+    (pki.ca.clone(), embedded(&pki))
 }
 
 /// What one client's authentication looked like.
@@ -120,16 +106,7 @@ fn authenticate(ca: &CertificateDer<'static>, ip: IpAddr, server: SocketAddr) ->
     let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    let peer = TtlsPeer::new(PeerConfig {
-        outer_identity: "anonymous".into(),
-        username: "alice".into(),
-        password: b"correct horse".to_vec(),
-        server_name: ServerName::try_from("aaa.example").unwrap(),
-        roots,
-    })
-    .unwrap();
+    let peer = ttls_peer(ca, "aaa.example", "alice", PASSWORD.as_bytes());
     let mut cfg = ClientConfig::new(ip);
     cfg.retransmit.irt = Duration::from_millis(300);
     let mut client = Client::new(cfg, peer);

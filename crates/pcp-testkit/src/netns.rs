@@ -4,14 +4,12 @@
 //! connection) that the test binary runs inside the namespaces as child processes
 //! (`<test binary> netns_helper --exact --ignored` with `PCP_NETNS_HELPER` set), so
 //! that no running process ever changes its own namespace.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 /// Set in a helper child: what it is to do (see [`helper_main`]).
 pub const HELPER_ENV: &str = "PCP_NETNS_HELPER";
@@ -24,16 +22,21 @@ pub fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// Where the system tool `name` is installed (`/usr/sbin`, `/usr/bin`, `/sbin`, `/bin`).
+pub fn tool(name: &str) -> Option<PathBuf> {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
 /// Why a root-only namespace test cannot run here (`None`: it can).
 pub fn cannot_run(tools: &[&str]) -> Option<String> {
     if !is_root() {
         return Some("not root (network namespaces and nftables need root)".into());
     }
     for t in tools {
-        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-            .iter()
-            .any(|d| Path::new(d).join(t).exists());
-        if !found {
+        if tool(t).is_none() {
             return Some(format!("{t} is not installed"));
         }
     }
@@ -337,67 +340,4 @@ pub fn helper_main() {
         }
         other => panic!("unknown helper mode {other}"),
     }
-}
-
-/// Polls `f` every `step` until it gives a value or `limit` passes.
-pub fn poll<T>(limit: Duration, step: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(step);
-    }
-}
-
-/// Another binary of the workspace (`pcpc`), from the directory `pcpd` was built into
-/// (`cargo test --workspace` builds both); built with `cargo build -p <package>` when
-/// missing or older than its package's sources.
-pub fn sibling_bin(name: &str) -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_BIN_EXE_pcpd"))
-            .parent()
-            .expect("pcpd's directory");
-        let bin = dir.join(name);
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        let sources = newest(&root.join("crates").join(name));
-        let fresh = matches!((built, sources), (Some(b), Some(s)) if b >= s);
-        if !fresh {
-            let target_dir = dir.parent().expect("target directory");
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.current_dir(&root)
-                .args(["build", "--quiet", "-p", name, "--bin", name])
-                .arg("--target-dir")
-                .arg(target_dir);
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let out = cmd.output().expect("run cargo build");
-            assert!(
-                out.status.success(),
-                "cargo build -p {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        bin
-    })
-}
-
-fn newest(path: &Path) -> Option<SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    let own = meta.modified().ok();
-    if !meta.is_dir() {
-        return own;
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|e| newest(&e.path()))
-        .chain(own)
-        .max()
 }
