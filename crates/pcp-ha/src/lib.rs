@@ -18,6 +18,7 @@
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod node;
+pub mod seal;
 pub mod wire;
 
 pub use node::{Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role};
