@@ -43,13 +43,19 @@ fn start(plan: &PairPlan, node: Node, role: &str, key: &std::path::Path) -> Pcpd
         Node::A => plan.ip_a,
         Node::B => plan.ip_b,
     };
-    let text = format!("{}key_file = \"{}\"\n", plan.config(node, role), key.display());
+    let text = format!(
+        "{}key_file = \"{}\"\n",
+        plan.config(node, role),
+        key.display()
+    );
     common::pcpd(PCPD).at(ip).config(&text).start()
 }
 
 fn rejected(d: &Pcpd, reason: &str) -> f64 {
-    d.metric(&format!("pcp_ha_frames_rejected_total{{reason=\"{reason}\"}}"))
-        .unwrap_or_else(|| panic!("{}: no {reason} reject metric", d.pcp))
+    d.metric(&format!(
+        "pcp_ha_frames_rejected_total{{reason=\"{reason}\"}}"
+    ))
+    .unwrap_or_else(|| panic!("{}: no {reason} reject metric", d.pcp))
 }
 
 fn ready_pair(plan: &PairPlan, ka: &std::path::Path, kb: &std::path::Path) -> (Pcpd, Pcpd) {
@@ -80,7 +86,9 @@ fn a_keyed_pair_replicates_and_a_checkpoint_survives_kill_9() {
         h["stored"].as_u64() >= Some(1)
     });
     a.kill9();
-    wait_ha(&b, Duration::from_secs(5), "B takes over", |h| h["role"] == "active");
+    wait_ha(&b, Duration::from_secs(5), "B takes over", |h| {
+        h["role"] == "active"
+    });
     let m = b.mapping(17, 4000);
     assert_eq!(m["external_address"], ext.ip().to_string(), "{m}");
     assert_eq!(m["external_port"], ext.port(), "{m}");
@@ -97,11 +105,16 @@ fn a_pair_with_different_keys_does_not_peer() {
     let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
     let a = start(&plan, Node::A, "active", &ka);
     let b = start(&plan, Node::B, "backup", &kb);
-    wait_ha(&a, Duration::from_secs(10), "A active", |h| h["role"] == "active");
+    wait_ha(&a, Duration::from_secs(10), "A active", |h| {
+        h["role"] == "active"
+    });
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let (ha, hb) = (a.ha(), b.ha());
-        assert_ne!(ha["backup_status"], "ready", "A peered with a wrong key: {ha}");
+        assert_ne!(
+            ha["backup_status"], "ready",
+            "A peered with a wrong key: {ha}"
+        );
         assert!(
             !(hb["role"] == "backup" && hb["ready"] == true),
             "B ready with a wrong key: {hb}"
@@ -138,7 +151,13 @@ fn a_keyed_backup_ignores_forged_plain_frames() {
     let mut buf = vec![0u8; wire::MAX_FRAME];
     for kind in [Kind::Data, Kind::Beat, Kind::Handover] {
         let mut w = Writer::new(&mut buf);
-        let h = Header { kind, flags: 0, term: term + 10, sender: 7, stream: 7 };
+        let h = Header {
+            kind,
+            flags: 0,
+            term: term + 10,
+            sender: 7,
+            stream: 7,
+        };
         wire::write_header(&mut w, &h).expect("header");
         if kind == Kind::Data {
             let at = wire::write_data_prefix(&mut w, 1).expect("prefix");
@@ -168,7 +187,11 @@ fn a_world_readable_or_short_key_file_is_refused_naming_it() {
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
     let cfg = dir.join("pcpd.toml");
-    let text = format!("{}key_file = \"{}\"\n", plan.config(Node::A, "active"), k.display());
+    let text = format!(
+        "{}key_file = \"{}\"\n",
+        plan.config(Node::A, "active"),
+        k.display()
+    );
     std::fs::write(&cfg, text).expect("config");
     let out = std::process::Command::new(PCPD)
         .arg("--config")
@@ -178,7 +201,10 @@ fn a_world_readable_or_short_key_file_is_refused_naming_it() {
         .expect("run pcpd");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("ha.key_file") && err.contains("ha.key") && err.contains("644"), "{err}");
+    assert!(
+        err.contains("ha.key_file") && err.contains("ha.key") && err.contains("644"),
+        "{err}"
+    );
     std::fs::write(&k, "c2hvcnQ=\n").expect("short key");
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let out = std::process::Command::new(PCPD)
@@ -189,5 +215,8 @@ fn a_world_readable_or_short_key_file_is_refused_naming_it() {
         .expect("run pcpd");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("ha.key_file") && err.contains("5 octets"), "{err}");
+    assert!(
+        err.contains("ha.key_file") && err.contains("5 octets"),
+        "{err}"
+    );
 }
