@@ -165,7 +165,7 @@ impl LinkKey {
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
     let text = text.as_bytes();
-    if text.len() % 2 != 0 || !text.iter().all(u8::is_ascii_hexdigit) {
+    if !text.len().is_multiple_of(2) || !text.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     text.chunks(2)
@@ -500,18 +500,11 @@ mod tests {
         let frames: Vec<_> = (0..3000u32).map(|i| sealed(&s, &i.to_be_bytes())).collect();
         // Out of order within the window: 10, then 0..10 backwards, then 11.
         assert!(open(&mut o, &frames[10]).is_ok());
-        for i in (0..10).rev() {
-            assert!(
-                open(&mut o, &frames[i]).is_ok(),
-                "fresh frame {i} behind the newest"
-            );
+        for (i, f) in frames[..10].iter().enumerate().rev() {
+            assert!(open(&mut o, f).is_ok(), "fresh frame {i} behind the newest");
         }
-        for i in 0..=10 {
-            assert_eq!(
-                open(&mut o, &frames[i]),
-                Err(Reject::Replay),
-                "replay of {i}"
-            );
+        for (i, f) in frames[..=10].iter().enumerate() {
+            assert_eq!(open(&mut o, f), Err(Reject::Replay), "replay of {i}");
         }
         assert!(open(&mut o, &frames[11]).is_ok());
         // A jump, then the far side of the window.
