@@ -220,3 +220,27 @@ fn a_world_readable_or_short_key_file_is_refused_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn a_keyed_node_and_a_plain_one_do_not_peer_and_say_why() {
+    let dir = TempDir::new();
+    let k = key_file(&dir, "ha.key", &key(5));
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let a = start(&plan, Node::A, "active", &k);
+    let b = plan.start(PCPD, Node::B, "backup");
+    wait_ha(
+        &a,
+        Duration::from_secs(10),
+        "A refuses B's plain frames",
+        |h| h["role"] == "active" && h["frames_rejected"]["unkeyed"].as_u64() > Some(0),
+    );
+    wait_ha(
+        &b,
+        Duration::from_secs(10),
+        "B refuses A's sealed frames",
+        |h| h["frames_rejected"]["keyed"].as_u64() > Some(0),
+    );
+    assert_ne!(a.ha()["backup_status"], "ready");
+    assert!(a.output().contains("the peer has none"), "{}", a.output());
+    assert!(b.output().contains("this node has none"), "{}", b.output());
+}
