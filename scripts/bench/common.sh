@@ -89,7 +89,7 @@ machine() {
   lscpu | head -20
 }
 
-# ha_section LISTEN PEER ROLE: the [ha] table of one node.
+# ha_section LISTEN PEER ROLE: the [ha] table of one node (HA_KEY_FILE: sealed link).
 ha_section() {
   cat <<TOML
 
@@ -100,6 +100,7 @@ role = "$3"
 heartbeat_ms = ${HEARTBEAT_MS:-100}
 detection_ms = ${DETECTION_MS:-500}
 ack_timeout_ms = ${ACK_TIMEOUT_MS:-250}
+${HA_KEY_FILE:+key_file = \"$HA_KEY_FILE\"}
 TOML
 }
 

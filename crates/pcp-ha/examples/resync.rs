@@ -14,6 +14,9 @@
 //!   tables that grow as the copy arrives and a data plane batch per mapping (pcpd
 //!   before the tables were pre-sized), and pre-sized with a batch per 4096 (pcpd now).
 //!
+//! With `RESYNC_KEYED=1` instead: the backup node alone, with plain frames and with
+//! frames sealed and opened by the link layer (`[ha] key_file`), interleaved.
+//!
 //! Reports records/s per stage and, in brackets, its ratio to `decode` of the same
 //! round; once by wall time and once by the thread's CPU time (which a loaded machine
 //! inflates less: it leaves out the time other processes had the CPU).
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use pcp_dataplane::memory::MemoryDataPlane;
 use pcp_dataplane::{DataPlane, Op};
+use pcp_ha::seal::{LinkKey, Opener, Sealer};
 use pcp_ha::wire::{self, Kind, MAX_FRAME, Reader};
 use pcp_ha::{Event, HaConfig, HaNode, Replica};
 use pcp_server::config::TierConfig;
@@ -165,6 +169,28 @@ fn node_only(frames: &[Vec<u8>], n: usize) -> usize {
     stored
 }
 
+/// As [`node_only`], every frame sealed by the active's link layer and opened by the
+/// backup's first (`[ha] key_file`): both ends' crypto on one CPU.
+fn node_keyed(frames: &[Vec<u8>], n: usize) -> usize {
+    let now = Time(1);
+    let key =
+        LinkKey::from_octets(&std::array::from_fn::<u8, 32, _>(|i| i as u8 * 13 + 5)).expect("key");
+    let sealer = Sealer::new(&key).expect("randomness");
+    let mut opener = Opener::new(&key, [0; pcp_ha::seal::SALT_LEN]);
+    let mut buf = vec![0u8; MAX_FRAME + pcp_ha::seal::OVERHEAD];
+    let mut b = HaNode::new(cfg(false, n), false, 3, now);
+    for f in frames {
+        buf[..f.len()].copy_from_slice(f);
+        let sealed = sealer.seal(&mut buf, f.len()).expect("seal");
+        let plain = opener.open(&mut buf[..sealed]).expect("open");
+        b.handle_frame(&buf[..plain], now);
+        while b.poll_event().is_some() {}
+    }
+    let stored = b.status(now).stored;
+    std::thread::spawn(move || drop(b));
+    stored
+}
+
 /// As pcpd's core task: every replica change through the server core, its data plane
 /// operations applied as one batch per `batch` changes; with `presize`, the core and
 /// data plane sized for the copy up front (as pcpd does from its checkpoint capacity).
@@ -270,10 +296,39 @@ fn main() {
             let s = match stage.as_str() {
                 "decode" => decode(&frames),
                 "node" => node_only(&frames, n),
+                "keyed" => node_keyed(&frames, n),
                 "grown" => standby(&frames, n, false, 1),
                 _ => standby(&frames, n, true, 4096),
             };
             println!("{stage}: {s} records");
+        }
+        return;
+    }
+    if std::env::var_os("RESYNC_KEYED").is_some() {
+        // The link's cost: plain and keyed backup node, interleaved A/B/B/A per round
+        // so that a noisy neighbour weighs on both alike.
+        for round in 1..=rounds {
+            let mut plain = (0.0, 0.0);
+            let mut keyed = (0.0, 0.0);
+            for keyed_turn in [false, true, true, false] {
+                let (w, c) = if keyed_turn {
+                    timed(|| node_keyed(&frames, n))
+                } else {
+                    timed(|| node_only(&frames, n))
+                };
+                let acc = if keyed_turn { &mut keyed } else { &mut plain };
+                acc.0 += w / 2.0;
+                acc.1 += c / 2.0;
+            }
+            println!(
+                "round {round}: node plain {:.0} rec/s, keyed {:.0} ({:.3}) wall | plain {:.0}, keyed {:.0} ({:.3}) cpu",
+                plain.0,
+                keyed.0,
+                keyed.0 / plain.0,
+                plain.1,
+                keyed.1,
+                keyed.1 / plain.1
+            );
         }
         return;
     }

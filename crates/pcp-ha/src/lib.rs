@@ -13,11 +13,16 @@
 //! (go-back-N). A backup that is new or lost the thread gets a paced full copy first
 //! and is *ready* only once it is complete. Every frame carries the sender's term: a
 //! node that hears a higher term steps down; a promotion takes a new term.
+//!
+//! With a pre-shared key the shell seals and opens every frame with [`seal`]
+//! (authenticated encryption, replay window) around the node; without one the frames
+//! are exactly those of [`wire`].
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod node;
+pub mod seal;
 pub mod wire;
 
 pub use node::{Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role};

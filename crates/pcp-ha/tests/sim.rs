@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use pcp_ha::seal::{LinkKey, Opener, Reject, Sealer};
 use pcp_ha::{Event, HaConfig, HaNode, Role};
 use pcp_proto::{Body, MapBody, OptionCode, Options, PcpOption, Request, Response, ResultCode};
 use pcp_server::config::TierConfig;
@@ -52,7 +53,27 @@ struct Held {
     client: usize,
 }
 
+/// Seeds `4k+2` and `4k+3` (both modes) seal every frame with a pre-shared key, so the
+/// link layer sees the loss, duplication, reordering and restarts too.
+fn keyed(seed: u64) -> Option<LinkKey> {
+    (seed % 4 >= 2).then(|| {
+        LinkKey::from_octets(&std::array::from_fn::<u8, 32, _>(|i| i as u8 * 7 + 1)).unwrap()
+    })
+}
+
+/// A node's link layer for one incarnation (a restart draws a new salt: the
+/// incarnation, unique here as a random salt is in pcpd).
+fn link(key: &LinkKey, incarnation: u64) -> (Sealer, Opener) {
+    let mut salt = [0u8; pcp_ha::seal::SALT_LEN];
+    salt[..8].copy_from_slice(&incarnation.to_be_bytes());
+    let sealer = Sealer::with_salt(key, salt);
+    let opener = Opener::new(key, salt);
+    (sealer, opener)
+}
+
 struct Node {
+    /// The link layer, on keyed seeds.
+    link: Option<(Sealer, Opener)>,
     /// Standby: mirrored mappings waiting for a stale holder of their endpoint to go.
     pending: Vec<pcp_server::Mapping>,
     ha: HaNode,
@@ -93,6 +114,7 @@ struct Sim {
     terms_seen: BTreeMap<u64, u64>,
     cfg: HaConfig,
     trace: Vec<String>,
+    key: Option<LinkKey>,
 }
 
 impl Sim {
@@ -104,7 +126,9 @@ impl Sim {
             ..HaConfig::default()
         };
         let now = Time(0);
+        let key = keyed(seed);
         let node = |active: bool, inc: u64| Node {
+            link: key.as_ref().map(|k| link(k, inc)),
             pending: Vec::new(),
             ha: HaNode::new(cfg, active, inc, now),
             server: Server::new(server_config(), now, inc).unwrap(),
@@ -150,6 +174,7 @@ impl Sim {
             terms_seen: BTreeMap::new(),
             cfg,
             trace: Vec::new(),
+            key,
         }
     }
 
@@ -166,8 +191,15 @@ impl Sim {
     }
 
     fn send_frames(&mut self, from: usize) {
-        let mut buf = vec![0u8; pcp_ha::wire::MAX_FRAME];
-        while let Some(n) = self.nodes[from].ha.poll_transmit(self.now, &mut buf) {
+        let mut buf = vec![0u8; pcp_ha::wire::MAX_FRAME + pcp_ha::seal::OVERHEAD];
+        while let Some(n) = self.nodes[from]
+            .ha
+            .poll_transmit(self.now, &mut buf[..pcp_ha::wire::MAX_FRAME])
+        {
+            let n = match &self.nodes[from].link {
+                Some((sealer, _)) => sealer.seal(&mut buf, n).expect("sealed"),
+                None => n,
+            };
             let frame = buf[..n].to_vec();
             if !self.nodes[from].alive {
                 continue;
@@ -495,6 +527,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.incarnations += 1000;
         node.ha = HaNode::new(self.cfg, node.start_active, node.incarnations, now);
+        node.link = self.key.as_ref().map(|k| link(k, node.incarnations));
         node.server = Server::new(server_config(), now, node.incarnations).unwrap();
         node.alive = true;
         node.restart_at = None;
@@ -539,9 +572,19 @@ impl Sim {
                 true
             }
         });
-        for (to, frame) in due {
+        for (to, mut frame) in due {
             if self.nodes[to].alive {
-                self.nodes[to].ha.handle_frame(&frame, now);
+                let n = match &mut self.nodes[to].link {
+                    Some((_, opener)) => match opener.open(&mut frame) {
+                        Ok(n) => n,
+                        // Duplicates, and frames of the peer's incarnation before a
+                        // restart: refused by the link layer, as they should be.
+                        Err(Reject::Replay) => continue,
+                        Err(e) => panic!("t={}: frame refused: {e:?}", now.0),
+                    },
+                    None => frame.len(),
+                };
+                self.nodes[to].ha.handle_frame(&frame[..n], now);
                 self.process_events(to);
             }
         }

@@ -173,6 +173,29 @@ pub struct Ha {
     /// Mappings adopted at the last takeover.
     #[serde(default)]
     pub adopted: u64,
+    /// The replication link is authenticated and encrypted (older pcpd: absent).
+    #[serde(default)]
+    pub link_keyed: bool,
+    /// Replication frames refused by the link layer, by reason (older pcpd: absent).
+    #[serde(default)]
+    pub frames_rejected: FramesRejected,
+}
+
+/// Replication frames refused before the HA node saw them.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub struct FramesRejected {
+    /// Failed authentication.
+    #[serde(default)]
+    pub auth: u64,
+    /// Replayed.
+    #[serde(default)]
+    pub replay: u64,
+    /// Plain frames at a node with a key.
+    #[serde(default)]
+    pub unkeyed: u64,
+    /// Protected frames at a node without a key.
+    #[serde(default)]
+    pub keyed: u64,
 }
 
 /// The answer of a mutating `POST` (`/reload`, `/ha/promote`, `/ha/switchover`), both

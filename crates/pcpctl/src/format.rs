@@ -220,6 +220,17 @@ pub fn ha(h: &Ha) -> String {
         ("ack timeouts", h.ack_timeouts.to_string()),
         ("backup", h.backup_status.clone()),
         ("adopted", h.adopted.to_string()),
+        (
+            "link",
+            format!(
+                "{} (rejected: auth {}, replay {}, unkeyed {}, keyed {})",
+                if h.link_keyed { "keyed" } else { "plain" },
+                h.frames_rejected.auth,
+                h.frames_rejected.replay,
+                h.frames_rejected.unkeyed,
+                h.frames_rejected.keyed
+            ),
+        ),
     ];
     let mut out = String::new();
     for (k, v) in rows {
@@ -367,6 +378,11 @@ mod tests {
             sessions: 2,
             backup_status: "ready".into(),
             adopted: 7,
+            link_keyed: true,
+            frames_rejected: crate::api::FramesRejected {
+                auth: 3,
+                ..Default::default()
+            },
         };
         let text = ha(&h);
         for line in [
@@ -378,6 +394,7 @@ mod tests {
             "sessions:      2",
             "held:          1",
             "released:      40",
+            "link:          keyed (rejected: auth 3, replay 0, unkeyed 0, keyed 0)",
             "backup:        ready",
             "adopted:       7",
         ] {

@@ -355,6 +355,10 @@ pub struct HaView {
     /// Backup: replicated changes not yet applied to the standby core (a takeover
     /// applies them first).
     pub standby_backlog: usize,
+    /// The replication link is authenticated and encrypted (`[ha] key_file`).
+    pub link_keyed: bool,
+    /// Replication frames refused before the HA node saw them, by reason.
+    pub frames_rejected: crate::core::LinkRejects,
 }
 
 /// The pair-mode status of `core` (and its pair state, locked after the core).
@@ -380,6 +384,8 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
             backup_status,
             adopted: 0,
             standby_backlog: 0,
+            link_keyed: false,
+            frames_rejected: crate::core::LinkRejects::default(),
         },
         Some(p) => {
             let st = p.node.status(p.now());
@@ -404,6 +410,8 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 backup_status,
                 adopted: p.adopted,
                 standby_backlog: p.backlog(),
+                link_keyed: p.link.is_some(),
+                frames_rejected: p.rejected,
             }
         }
     }

@@ -108,9 +108,45 @@ pub struct HaSection {
     /// Replicate established PCP authentication sessions (RFC 7652: identity,
     /// transport key, sequence numbers) so that their clients need not authenticate
     /// again after a failover. The keys cross the replication link in clear: turn
-    /// this off when that link is not a trusted, dedicated network (docs/HA.md).
+    /// this off when that link is neither protected by `key_file` nor a trusted,
+    /// dedicated network (docs/HA.md).
     #[serde(default = "default_preinstall")]
     pub replicate_sessions: bool,
+    /// File holding the pre-shared key that authenticates and encrypts every
+    /// replication frame (one line: at least 32 random octets, hex or base64; readable
+    /// by its owner only). Both nodes use the same key; without it frames are plain.
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+/// Reads and checks the replication link's key file (`[ha] key_file`). `config` is
+/// the configuration file and line naming it, for the error; `None` when it came from
+/// `--ha-key-file`.
+pub fn read_key_file(
+    path: &Path,
+    config: Option<(&Path, usize)>,
+) -> Result<pcp_ha::seal::LinkKey, ConfigFileError> {
+    let (cfg_path, line) = config.unwrap_or((Path::new("--ha-key-file"), 0));
+    let invalid = |message: String| ConfigFileError::Invalid {
+        path: cfg_path.to_path_buf(),
+        line,
+        key: "ha.key_file".into(),
+        message: format!("{}: {message}", path.display()),
+    };
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| invalid(e.to_string()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(invalid(format!(
+            "mode {:03o}: readable or writable by group or others; chmod 600 it",
+            mode & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    if text.trim().lines().count() > 1 {
+        return Err(invalid("more than one line".into()));
+    }
+    pcp_ha::seal::LinkKey::parse(&text).map_err(|e| invalid(e.to_string()))
 }
 
 fn default_preinstall() -> bool {
@@ -325,6 +361,9 @@ impl Config {
                 "ha.detection_ms".into(),
                 format!("must exceed twice ha.heartbeat_ms ({} ms)", ha.heartbeat_ms),
             ));
+        }
+        if let Some(key_file) = file.ha.as_ref().and_then(|h| h.key_file.as_deref()) {
+            read_key_file(key_file, Some((path, line_of_key(text, "ha.key_file"))))?;
         }
         if let Some((key, message)) = file.auth.problem() {
             return Err(invalid(line_of_key(text, key), key.into(), message));

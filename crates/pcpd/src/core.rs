@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pcp_dataplane::{DataPlane, DataPlaneError, Op};
+use pcp_ha::seal::{LinkKey, Opener, Reject, Sealer};
 use pcp_ha::{Event, HaNode};
 use pcp_proto::{OptionCode, ResultCode};
 use pcp_server::{BackupStatus, Change, Effect, Reply, Server, Time};
@@ -121,7 +122,34 @@ pub struct BeaconCell {
     pub beacon: Mutex<Option<pcp_ha::Beacon>>,
     /// When a frame last went to the peer from the pair (milliseconds of shared time).
     pub last_sent: AtomicU64,
+    /// Seals the beacon when the link has a key (the pair's own sealer: one counter).
+    pub sealer: std::sync::OnceLock<Arc<Sealer>>,
 }
+
+/// The replication link's key material in use (see [`pcp_ha::seal`]).
+#[derive(Debug)]
+pub struct Link {
+    /// This process's sending side, shared with the beacon thread.
+    pub sealer: Arc<Sealer>,
+    /// The peer's boots as seen from here.
+    pub opener: Opener,
+}
+
+/// Replication frames refused before the HA node saw them (docs/HA.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkRejects {
+    /// Failed authentication.
+    pub auth: u64,
+    /// Replayed.
+    pub replay: u64,
+    /// Plain frames at a node with a key.
+    pub unkeyed: u64,
+    /// Protected frames at a node without a key.
+    pub keyed: u64,
+}
+
+/// At most one warning about refused frames per this long.
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Pair mode state, behind its own lock (see the module doc).
 pub struct Pair {
@@ -165,6 +193,12 @@ pub struct Pair {
     state_file: Option<(std::path::PathBuf, u64)>,
     /// Shared with the beacon thread.
     pub beacon: Arc<BeaconCell>,
+    /// The replication link's protection (`[ha] key_file`), `None` for plain frames.
+    pub link: Option<Link>,
+    /// Frames refused by the link layer, by reason.
+    pub rejected: LinkRejects,
+    /// When a refused frame was last logged (rate limit).
+    reject_logged: Option<Instant>,
 }
 
 impl Pair {
@@ -191,6 +225,48 @@ impl Pair {
             promoted_at: None,
             state_file: None,
             beacon: Arc::default(),
+            link: None,
+            rejected: LinkRejects::default(),
+            reject_logged: None,
+        }
+    }
+
+    /// Seals and opens every replication frame with `key` (docs/HA.md "Replication
+    /// link security"). `None` if the system gives no randomness for the salt.
+    pub fn set_link_key(&mut self, key: &LinkKey) -> Option<()> {
+        let sealer = Arc::new(Sealer::new(key)?);
+        let opener = Opener::new(key, sealer.salt());
+        self.beacon.sealer.set(sealer.clone()).ok()?;
+        self.link = Some(Link { sealer, opener });
+        Some(())
+    }
+
+    fn refuse(&mut self, why: Reject) {
+        let n = match why {
+            Reject::Auth => &mut self.rejected.auth,
+            Reject::Replay => &mut self.rejected.replay,
+            Reject::Unkeyed => &mut self.rejected.unkeyed,
+            Reject::Keyed => &mut self.rejected.keyed,
+        };
+        *n += 1;
+        if self
+            .reject_logged
+            .is_some_and(|t| t.elapsed() < REJECT_LOG_EVERY)
+        {
+            return;
+        }
+        self.reject_logged = Some(Instant::now());
+        let peer = self.peer;
+        let r = self.rejected;
+        match why {
+            Reject::Unkeyed => tracing::warn!(%peer, ?r,
+                "replication frame without protection refused: this node has [ha] key_file, the peer has none; the pair does not peer until both use the same key"),
+            Reject::Keyed => tracing::warn!(%peer, ?r,
+                "protected replication frame refused: the peer has [ha] key_file, this node has none; the pair does not peer until both use the same key"),
+            Reject::Auth => tracing::warn!(%peer, ?r,
+                "replication frame failed authentication (another key, corrupted or forged): dropped; check that both nodes use the same [ha] key_file"),
+            Reject::Replay => tracing::warn!(%peer, ?r,
+                "replayed replication frame dropped"),
         }
     }
 
@@ -251,7 +327,16 @@ impl Pair {
     }
 
     /// Handles a replication frame from the peer.
-    pub fn frame(&mut self, frame: &[u8]) {
+    pub fn frame(&mut self, frame: &mut [u8]) {
+        let opened = match &mut self.link {
+            Some(link) => link.opener.open(frame),
+            None if pcp_ha::seal::is_sealed(frame) => Err(Reject::Keyed),
+            None => Ok(frame.len()),
+        };
+        let frame = match opened {
+            Ok(n) => &frame[..n],
+            Err(why) => return self.refuse(why),
+        };
         let now = self.now();
         let t = Instant::now();
         self.node.handle_frame(frame, now);
@@ -322,8 +407,18 @@ impl Pair {
     pub fn transmit(&mut self) {
         let now = self.now();
         let mut buf = std::mem::take(&mut self.frame_buf);
-        buf.resize(pcp_ha::wire::MAX_FRAME, 0);
-        while let Some(n) = self.node.poll_transmit(now, &mut buf) {
+        buf.resize(pcp_ha::wire::MAX_FRAME + pcp_ha::seal::OVERHEAD, 0);
+        while let Some(n) = self
+            .node
+            .poll_transmit(now, &mut buf[..pcp_ha::wire::MAX_FRAME])
+        {
+            let n = match &self.link {
+                Some(link) => match link.sealer.seal(&mut buf, n) {
+                    Some(n) => n,
+                    None => continue,
+                },
+                None => n,
+            };
             if let Some(sock) = &self.socket {
                 match sock.send_to(&buf[..n], self.peer) {
                     Ok(_) => self.beacon.last_sent.store(now.0, Ordering::Relaxed),

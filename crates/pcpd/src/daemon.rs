@@ -44,6 +44,12 @@ pub enum StartError {
     /// The authentication back end could not start (certificate, key, credentials).
     #[error("[auth]: {0}")]
     Auth(#[from] crate::auth::BuildError),
+    /// The replication link's key file is unusable.
+    #[error("{0}")]
+    LinkKey(#[from] crate::config::ConfigFileError),
+    /// No randomness for the replication link's salt.
+    #[error("[ha] key_file: the system gives no randomness for the link's salt")]
+    Random,
 }
 
 /// The longest the expiry task sleeps, so that a new earlier expiry is never missed by
@@ -124,6 +130,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .collect();
     let ha = match &config.ha {
         Some(ha) => {
+            let ha_key = match &ha.key_file {
+                Some(path) => Some(crate::config::read_key_file(
+                    path,
+                    config.path.as_deref().map(|p| (p, 0)),
+                )?),
+                None => None,
+            };
             let sock = UdpSocket::bind(ha.listen)
                 .await
                 .map_err(|source| StartError::Bind {
@@ -158,6 +171,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             );
             pair.sockets = sockets.clone();
             pair.auth = auth.clone();
+            if let Some(key) = &ha_key {
+                pair.set_link_key(key).ok_or(StartError::Random)?;
+                tracing::info!("replication link authenticated and encrypted ([ha] key_file)");
+            }
             if let Some(a) = &auth {
                 crate::auth::lock(a).replicate = ha.replicate_sessions;
             }
@@ -563,9 +580,17 @@ fn spawn_beacon(sock: std::net::UdpSocket, pair: &crate::core::Pair) {
                 let beacon = *cell.beacon.lock().unwrap_or_else(|p| p.into_inner());
                 let Some(beacon) = beacon else { continue };
                 let t = pcp_server::Time(now.saturating_duration_since(origin).as_millis() as u64);
-                if let Some(n) = beacon.write(t, &mut buf)
-                    && sock.send_to(&buf[..n], peer).is_ok()
-                {
+                let Some(n) = beacon.write(t, &mut buf) else {
+                    continue;
+                };
+                let n = match cell.sealer.get() {
+                    Some(sealer) => match sealer.seal(&mut buf, n) {
+                        Some(n) => n,
+                        None => continue,
+                    },
+                    None => n,
+                };
+                if sock.send_to(&buf[..n], peer).is_ok() {
                     sent = Some(now);
                     tracing::debug!(quiet_ms = since.as_millis() as u64, "beacon sent");
                 }
@@ -603,7 +628,7 @@ async fn replicate(sock: UdpSocket, drain: std::net::UdpSocket, shared: Shared) 
                 let mut drained = false;
                 for _ in 0..DRAIN {
                     match drain.recv_from(&mut buf) {
-                        Ok((n, from)) if from.ip() == peer.ip() => p.frame(&buf[..n]),
+                        Ok((n, from)) if from.ip() == peer.ip() => p.frame(&mut buf[..n]),
                         Ok((_, from)) => {
                             tracing::warn!(%from, "replication frame from an unknown address dropped");
                         }
@@ -630,7 +655,7 @@ async fn replicate(sock: UdpSocket, drain: std::net::UdpSocket, shared: Shared) 
                 Ok((n, from)) => {
                     if from.ip() == peer.ip() {
                         if let Some(mut p) = shared.lock_pair() {
-                            p.frame(&buf[..n]);
+                            p.frame(&mut buf[..n]);
                             // The acknowledgement (backup) goes out before the core
                             // task is woken: on a shared CPU the woken task may run
                             // first, and its mirroring must not delay the ack the

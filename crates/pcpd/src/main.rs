@@ -49,6 +49,9 @@ struct Args {
     /// Pair mode: the role this node starts in.
     #[arg(long, value_enum, requires_all = ["ha_listen", "ha_peer"])]
     ha_role: Option<config::HaRole>,
+    /// Pair mode: the replication link's pre-shared key file; replaces `[ha] key_file`.
+    #[arg(long, value_name = "FILE")]
+    ha_key_file: Option<PathBuf>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -83,11 +86,25 @@ fn main() -> ExitCode {
             state_file: None,
             preinstall: true,
             replicate_sessions: true,
+            key_file: None,
         });
         ha.listen = listen;
         ha.peer = peer;
         ha.role = role;
         cfg.ha = Some(ha);
+    }
+    if let Some(path) = args.ha_key_file {
+        let Some(ha) = &mut cfg.ha else {
+            eprintln!(
+                "pcpd: --ha-key-file needs pair mode ([ha] or --ha-listen/--ha-peer/--ha-role)"
+            );
+            return ExitCode::from(2);
+        };
+        if let Err(e) = config::read_key_file(&path, None) {
+            eprintln!("pcpd: {e}");
+            return ExitCode::from(2);
+        }
+        ha.key_file = Some(path);
     }
     hugepages::enable(cfg.daemon.huge_pages);
     if args.check {

@@ -231,6 +231,24 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
         let _ = writeln!(out, "pcp_ha_ack_timeouts_total {}", ha.ack_timeouts);
         header(
             &mut out,
+            "pcp_ha_frames_rejected_total",
+            "counter",
+            "Replication frames dropped by the link layer ([ha] key_file), by reason.",
+        );
+        let r = ha.frames_rejected;
+        for (reason, n) in [
+            ("auth", r.auth),
+            ("replay", r.replay),
+            ("unkeyed", r.unkeyed),
+            ("keyed", r.keyed),
+        ] {
+            let _ = writeln!(
+                out,
+                "pcp_ha_frames_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        header(
+            &mut out,
             "pcp_ha_stored_mappings",
             "gauge",
             "Checkpointed mappings held for a takeover.",
