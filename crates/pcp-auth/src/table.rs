@@ -1,0 +1,216 @@
+//! The server's session table with an index of each session's next deadline, so a timer
+//! tick costs what is due, not how many sessions there are (an ISP's server holds tens
+//! of thousands, and pcpd runs the timers under the lock its request path takes).
+//!
+//! Keeping the index right must not depend on every caller remembering to: a session
+//! can only be changed through [`Table::get_mut`], which marks it, and marked sessions
+//! are re-indexed by [`Table::settle`]. Reading the index ([`Table::next`],
+//! [`Table::due`]) takes marked sessions into account, so a missed `settle` costs time,
+//! never a timer.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use crate::Time;
+use crate::retransmit::RetransmitConfig;
+
+/// Something with timers: when they must next run.
+pub(crate) trait Timed {
+    /// When the timers must next run (`None`: never). Reads only the value itself and
+    /// `cfg`.
+    fn deadline(&self, cfg: &RetransmitConfig) -> Option<Time>;
+}
+
+struct Entry<S> {
+    s: S,
+    /// The deadline `index` holds for it.
+    at: Option<Time>,
+}
+
+/// Sessions by ID, indexed by deadline.
+pub(crate) struct Table<S> {
+    entries: HashMap<u32, Entry<S>>,
+    index: BTreeSet<(Time, u32)>,
+    /// Changed since their deadline was last indexed.
+    dirty: HashSet<u32>,
+    cfg: RetransmitConfig,
+}
+
+impl<S: Timed> Table<S> {
+    pub fn new(cfg: RetransmitConfig) -> Table<S> {
+        Table {
+            entries: HashMap::new(),
+            index: BTreeSet::new(),
+            dirty: HashSet::new(),
+            cfg,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn contains_key(&self, id: &u32) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    pub fn get(&self, id: &u32) -> Option<&S> {
+        self.entries.get(id).map(|e| &e.s)
+    }
+
+    /// The session, to change: its deadline is indexed again at the next
+    /// [`Table::settle`].
+    pub fn get_mut(&mut self, id: &u32) -> Option<&mut S> {
+        let e = self.entries.get_mut(id)?;
+        self.dirty.insert(*id);
+        Some(&mut e.s)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u32, &S)> + '_ {
+        self.entries.iter().map(|(id, e)| (id, &e.s))
+    }
+
+    /// Puts `s` in (replacing a session with the same ID), indexed.
+    pub fn insert(&mut self, id: u32, s: S) {
+        self.remove(&id);
+        let at = s.deadline(&self.cfg);
+        if let Some(t) = at {
+            self.index.insert((t, id));
+        }
+        self.entries.insert(id, Entry { s, at });
+    }
+
+    /// Takes a session out of the table and the index.
+    pub fn remove(&mut self, id: &u32) -> Option<S> {
+        let e = self.entries.remove(id)?;
+        if let Some(t) = e.at {
+            self.index.remove(&(t, *id));
+        }
+        self.dirty.remove(id);
+        Some(e.s)
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.index.clear();
+        self.dirty.clear();
+    }
+
+    /// Indexes the deadlines of the sessions changed since the last call.
+    pub fn settle(&mut self) {
+        for id in self.dirty.drain() {
+            let Some(e) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            let at = e.s.deadline(&self.cfg);
+            if at == e.at {
+                continue;
+            }
+            if let Some(t) = e.at {
+                self.index.remove(&(t, id));
+            }
+            if let Some(t) = at {
+                self.index.insert((t, id));
+            }
+            e.at = at;
+        }
+    }
+
+    /// New retransmission settings: every deadline may move (O(n log n), a reload).
+    pub fn set_config(&mut self, cfg: RetransmitConfig) {
+        self.cfg = cfg;
+        self.dirty.extend(self.entries.keys().copied());
+        // Entries whose deadline does not change keep theirs; the rest move.
+        self.settle();
+    }
+
+    /// The earliest deadline of any session.
+    pub fn next(&self) -> Option<Time> {
+        // Sessions changed and not settled yet have a stale entry (or none): their
+        // current deadline counts instead. `dirty` is empty after every public call of
+        // the server, so this is the first entry of the index.
+        let indexed = self
+            .index
+            .iter()
+            .find(|(_, id)| !self.dirty.contains(id))
+            .map(|&(t, _)| t);
+        let fresh = self
+            .dirty
+            .iter()
+            .filter_map(|id| self.entries.get(id)?.s.deadline(&self.cfg))
+            .min();
+        indexed.into_iter().chain(fresh).min()
+    }
+
+    /// The sessions whose deadline is `now` or earlier, earliest first.
+    pub fn due(&mut self, now: Time) -> Vec<u32> {
+        self.settle();
+        self.index
+            .range(..=(now, u32::MAX))
+            .map(|&(_, id)| id)
+            .collect()
+    }
+
+    /// Sessions changed since the last [`Table::settle`] (tests: the server settles
+    /// before it returns).
+    pub fn unsettled(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// The brute-force answer to [`Table::next`], for tests and the benchmark baseline.
+    pub fn scan_next(&self) -> Option<Time> {
+        self.entries
+            .values()
+            .filter_map(|e| e.s.deadline(&self.cfg))
+            .min()
+    }
+
+    /// The brute-force answer to [`Table::due`]: every session looked at.
+    pub fn scan_due(&self, now: Time) -> Vec<u32> {
+        let mut due: Vec<(Time, u32)> = self
+            .entries
+            .iter()
+            .filter_map(|(&id, e)| e.s.deadline(&self.cfg).map(|t| (t, id)))
+            .filter(|&(t, _)| t <= now)
+            .collect();
+        due.sort_unstable();
+        due.into_iter().map(|(_, id)| id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct At(Option<Time>);
+    impl Timed for At {
+        fn deadline(&self, _: &RetransmitConfig) -> Option<Time> {
+            self.0
+        }
+    }
+
+    /// The index follows inserts, changes (settled or not), removals and clears.
+    #[test]
+    fn index_follows_every_change() {
+        let mut t = Table::new(RetransmitConfig::default());
+        t.insert(1, At(Some(Time(50))));
+        t.insert(2, At(Some(Time(10))));
+        t.insert(3, At(None));
+        assert_eq!(t.next(), Some(Time(10)));
+        t.get_mut(&2).unwrap().0 = Some(Time(70));
+        // Not settled: still right.
+        assert_eq!(t.next(), Some(Time(50)));
+        assert_eq!(t.due(Time(60)), vec![1]);
+        assert_eq!(t.unsettled(), 0);
+        t.get_mut(&3).unwrap().0 = Some(Time(5));
+        assert_eq!(t.next(), Some(Time(5)));
+        t.insert(3, At(Some(Time(80))));
+        assert_eq!(t.next(), Some(Time(50)));
+        t.remove(&1);
+        assert_eq!(t.due(Time(75)), vec![2]);
+        assert_eq!(t.scan_due(Time(75)), vec![2]);
+        assert_eq!(t.next(), t.scan_next());
+        t.clear();
+        assert_eq!(t.next(), None);
+        assert!(t.due(Time(u64::MAX)).is_empty());
+    }
+}
