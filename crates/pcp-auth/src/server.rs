@@ -1325,12 +1325,16 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
 
     /// Starts a re-authentication of an established session (RFC 7652 §3.4).
     pub fn reauthenticate(&mut self, now: Time, session_id: u32) {
+        if self
+            .sessions
+            .get(&session_id)
+            .is_none_or(|s| s.phase != Phase::Established)
+        {
+            return;
+        }
         let Some(s) = self.sessions.get_mut(&session_id) else {
             return;
         };
-        if s.phase != Phase::Established {
-            return;
-        }
         s.auth = (self.new_authenticator)();
         s.waiting = false;
         self.reauth_request(now, session_id);
