@@ -8,7 +8,7 @@
 //! [`Table::due`]) takes marked sessions into account, so a missed `settle` costs time,
 //! never a timer.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::Time;
 use crate::retransmit::RetransmitConfig;
@@ -24,14 +24,19 @@ struct Entry<S> {
     s: S,
     /// The deadline `index` holds for it.
     at: Option<Time>,
+    /// Changed since `at` was computed (and listed in `Table::dirty`).
+    dirty: bool,
 }
 
 /// Sessions by ID, indexed by deadline.
 pub(crate) struct Table<S> {
     entries: HashMap<u32, Entry<S>>,
     index: BTreeSet<(Time, u32)>,
-    /// Changed since their deadline was last indexed.
-    dirty: HashSet<u32>,
+    /// Sessions changed since their deadline was last indexed: each at most once while
+    /// its entry is marked, plus IDs of sessions removed meanwhile (skipped). A `Vec`,
+    /// not a set: draining a hash set costs its capacity, which one busy moment
+    /// would leave large for every tick after.
+    dirty: Vec<u32>,
     cfg: RetransmitConfig,
 }
 
@@ -40,7 +45,7 @@ impl<S: Timed> Table<S> {
         Table {
             entries: HashMap::new(),
             index: BTreeSet::new(),
-            dirty: HashSet::new(),
+            dirty: Vec::new(),
             cfg,
         }
     }
@@ -61,7 +66,10 @@ impl<S: Timed> Table<S> {
     /// [`Table::settle`].
     pub fn get_mut(&mut self, id: &u32) -> Option<&mut S> {
         let e = self.entries.get_mut(id)?;
-        self.dirty.insert(*id);
+        if !e.dirty {
+            e.dirty = true;
+            self.dirty.push(*id);
+        }
         Some(&mut e.s)
     }
 
@@ -76,7 +84,14 @@ impl<S: Timed> Table<S> {
         if let Some(t) = at {
             self.index.insert((t, id));
         }
-        self.entries.insert(id, Entry { s, at });
+        self.entries.insert(
+            id,
+            Entry {
+                s,
+                at,
+                dirty: false,
+            },
+        );
     }
 
     /// Takes a session out of the table and the index.
@@ -85,7 +100,6 @@ impl<S: Timed> Table<S> {
         if let Some(t) = e.at {
             self.index.remove(&(t, *id));
         }
-        self.dirty.remove(id);
         Some(e.s)
     }
 
@@ -97,10 +111,11 @@ impl<S: Timed> Table<S> {
 
     /// Indexes the deadlines of the sessions changed since the last call.
     pub fn settle(&mut self) {
-        for id in self.dirty.drain() {
-            let Some(e) = self.entries.get_mut(&id) else {
+        for id in self.dirty.drain(..) {
+            let Some(e) = self.entries.get_mut(&id).filter(|e| e.dirty) else {
                 continue;
             };
+            e.dirty = false;
             let at = e.s.deadline(&self.cfg);
             if at == e.at {
                 continue;
@@ -118,9 +133,14 @@ impl<S: Timed> Table<S> {
     /// New retransmission settings: every deadline may move (O(n log n), a reload).
     pub fn set_config(&mut self, cfg: RetransmitConfig) {
         self.cfg = cfg;
-        self.dirty.extend(self.entries.keys().copied());
-        // Entries whose deadline does not change keep theirs; the rest move.
         self.settle();
+        self.index.clear();
+        for (&id, e) in &mut self.entries {
+            e.at = e.s.deadline(&cfg);
+            if let Some(t) = e.at {
+                self.index.insert((t, id));
+            }
+        }
     }
 
     /// The earliest deadline of any session.
@@ -131,12 +151,13 @@ impl<S: Timed> Table<S> {
         let indexed = self
             .index
             .iter()
-            .find(|(_, id)| !self.dirty.contains(id))
+            .find(|(_, id)| self.entries.get(id).is_some_and(|e| !e.dirty))
             .map(|&(t, _)| t);
         let fresh = self
             .dirty
             .iter()
-            .filter_map(|id| self.entries.get(id)?.s.deadline(&self.cfg))
+            .filter_map(|id| self.entries.get(id).filter(|e| e.dirty))
+            .filter_map(|e| e.s.deadline(&self.cfg))
             .min();
         indexed.into_iter().chain(fresh).min()
     }
@@ -153,7 +174,7 @@ impl<S: Timed> Table<S> {
     /// Sessions changed since the last [`Table::settle`] (tests: the server settles
     /// before it returns).
     pub fn unsettled(&self) -> usize {
-        self.dirty.len()
+        self.entries.values().filter(|e| e.dirty).count()
     }
 
     /// The brute-force answer to [`Table::next`], for tests and the benchmark baseline.
