@@ -1487,12 +1487,6 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// §6.5). Nothing changes unless the tag verifies; then its sequence number is
     /// recorded.
     pub fn check_request(&mut self, src: IpAddr, datagram: &[u8]) -> Check {
-        let c = self.check(src, datagram);
-        self.sessions.settle();
-        c
-    }
-
-    fn check(&mut self, src: IpAddr, datagram: &[u8]) -> Check {
         // Not framed far enough to hold a tag: untagged (the core judges the framing).
         let at = match tag::locate(datagram) {
             Ok(at) if at.code == pcp_proto::OptionCode::AuthenticationTag => at,
@@ -1504,31 +1498,35 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         if Opcode::from_bits(datagram[1]) == Opcode::Authentication {
             return Check::Untagged;
         }
-        let Some(s) = self.sessions.get_mut(&at.session_id) else {
-            return Check::UnknownSession;
-        };
-        // A session this server is terminating serves nothing more (§3.3): the client
-        // that missed SESSION_TERMINATED learns it this way.
-        if s.phase == Phase::Terminating {
-            return Check::UnknownSession;
-        }
-        let verdict = match Session::<A>::verify_common(s.sa.as_mut(), s.client, src, datagram, &at)
-        {
-            Ok(v) => v,
-            Err(why) => {
-                s.refused += 1;
-                return Check::Discard(why);
-            }
-        };
-        s.accepted += 1;
-        let Some(identity) = s.identity.as_ref() else {
-            return Check::Discard(Discard::NoKey);
-        };
-        Check::Authenticated {
-            session_id: at.session_id,
-            identity: identity.clone(),
-            retransmission: verdict == SeqVerdict::Retransmission,
-        }
+        // The replay window and the counters are all this changes, and no deadline
+        // reads them: no re-indexing on the request path.
+        let id = at.session_id;
+        self.sessions
+            .get_untimed(&id, |s| {
+                // A session this server is terminating serves nothing more (§3.3): the
+                // client that missed SESSION_TERMINATED learns it this way.
+                if s.phase == Phase::Terminating {
+                    return Check::UnknownSession;
+                }
+                let verdict =
+                    match Session::<A>::verify_common(s.sa.as_mut(), s.client, src, datagram, &at) {
+                        Ok(v) => v,
+                        Err(why) => {
+                            s.refused += 1;
+                            return Check::Discard(why);
+                        }
+                    };
+                s.accepted += 1;
+                let Some(identity) = s.identity.as_ref() else {
+                    return Check::Discard(Discard::NoKey);
+                };
+                Check::Authenticated {
+                    session_id: id,
+                    identity: identity.clone(),
+                    retransmission: verdict == SeqVerdict::Retransmission,
+                }
+            })
+            .unwrap_or(Check::UnknownSession)
     }
 
     /// Tags the response in `buf[..len]` for `session_id` with the next common sequence

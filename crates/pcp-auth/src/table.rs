@@ -73,6 +73,23 @@ impl<S: Timed> Table<S> {
         Some(&mut e.s)
     }
 
+    /// Changes a session in a way its deadline does not depend on (the request path:
+    /// replay window, counters), without re-indexing it. Debug builds check that the
+    /// deadline did not move.
+    pub fn get_untimed<R>(&mut self, id: &u32, f: impl FnOnce(&mut S) -> R) -> Option<R> {
+        let e = self.entries.get_mut(id)?;
+        #[cfg(debug_assertions)]
+        let before = e.s.deadline(&self.cfg);
+        let r = f(&mut e.s);
+        #[cfg(debug_assertions)]
+        assert_eq!(
+            before,
+            e.s.deadline(&self.cfg),
+            "get_untimed moved session {id}'s deadline: use get_mut"
+        );
+        Some(r)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&u32, &S)> + '_ {
         self.entries.iter().map(|(id, e)| (id, &e.s))
     }
@@ -145,6 +162,9 @@ impl<S: Timed> Table<S> {
 
     /// The earliest deadline of any session.
     pub fn next(&self) -> Option<Time> {
+        if self.dirty.is_empty() {
+            return self.index.first().map(|&(t, _)| t);
+        }
         // Sessions changed and not settled yet have a stale entry (or none): their
         // current deadline counts instead. `dirty` is empty after every public call of
         // the server, so this is the first entry of the index.
@@ -233,5 +253,16 @@ mod tests {
         t.clear();
         assert_eq!(t.next(), None);
         assert!(t.due(Time(u64::MAX)).is_empty());
+    }
+
+    /// The request path's untimed access refuses (in debug builds) to move a deadline.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "use get_mut")]
+    fn untimed_change_of_a_deadline_is_caught() {
+        let mut t = Table::new(RetransmitConfig::default());
+        t.insert(1, At(Some(Time(50))));
+        assert_eq!(t.get_untimed(&1, |a| a.0.is_some()), Some(true));
+        t.get_untimed(&1, |a| a.0 = Some(Time(60)));
     }
 }
