@@ -1498,11 +1498,9 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         if Opcode::from_bits(datagram[1]) == Opcode::Authentication {
             return Check::Untagged;
         }
-        // The replay window and the counters are all this changes, and no deadline
-        // reads them: no re-indexing on the request path.
         let id = at.session_id;
         self.sessions
-            .get_untimed(&id, |s| {
+            .update(&id, |s| {
                 // A session this server is terminating serves nothing more (§3.3): the
                 // client that missed SESSION_TERMINATED learns it this way.
                 if s.phase == Phase::Terminating {
@@ -1537,29 +1535,18 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         buf: &mut [u8],
         len: usize,
     ) -> Result<usize, ProtectError> {
-        let n = self.protect(session_id, buf, len);
         // Crossing REAUTH_THRESHOLD makes the session due at once.
-        self.sessions.settle();
-        n
-    }
-
-    fn protect(
-        &mut self,
-        session_id: u32,
-        buf: &mut [u8],
-        len: usize,
-    ) -> Result<usize, ProtectError> {
-        let sa = self
-            .sessions
-            .get_mut(&session_id)
-            .and_then(|s| s.sa.as_mut())
-            .ok_or(ProtectError::NoSession)?;
-        if sa.common_out == u32::MAX {
-            return Err(ProtectError::SequenceExhausted);
-        }
-        let n = tag::seal(buf, len, &sa.key, (session_id, sa.common_out))?;
-        sa.common_out += 1;
-        Ok(n)
+        self.sessions
+            .update(&session_id, |s| {
+                let sa = s.sa.as_mut().ok_or(ProtectError::NoSession)?;
+                if sa.common_out == u32::MAX {
+                    return Err(ProtectError::SequenceExhausted);
+                }
+                let n = tag::seal(buf, len, &sa.key, (session_id, sa.common_out))?;
+                sa.common_out += 1;
+                Ok(n)
+            })
+            .unwrap_or(Err(ProtectError::NoSession))
     }
 }
 

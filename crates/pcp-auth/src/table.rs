@@ -3,10 +3,10 @@
 //! of thousands, and pcpd runs the timers under the lock its request path takes).
 //!
 //! Keeping the index right must not depend on every caller remembering to: a session
-//! can only be changed through [`Table::get_mut`], which marks it, and marked sessions
-//! are re-indexed by [`Table::settle`]. Reading the index ([`Table::next`],
-//! [`Table::due`]) takes marked sessions into account, so a missed `settle` costs time,
-//! never a timer.
+//! can only be changed through [`Table::get_mut`], which marks it for
+//! [`Table::settle`] to re-index, or [`Table::update`], which re-indexes it at once.
+//! Reading the index ([`Table::next`], [`Table::due`]) takes marked sessions into
+//! account, so a missed `settle` costs time, never a timer.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -73,20 +73,22 @@ impl<S: Timed> Table<S> {
         Some(&mut e.s)
     }
 
-    /// Changes a session in a way its deadline does not depend on (the request path:
-    /// replay window, counters), without re-indexing it. Debug builds check that the
-    /// deadline did not move.
-    pub fn get_untimed<R>(&mut self, id: &u32, f: impl FnOnce(&mut S) -> R) -> Option<R> {
+    /// Changes a session with `f` and indexes its deadline at once: one lookup, for
+    /// the request path (a deadline computed and compared, the index touched only when
+    /// it moved).
+    pub fn update<R>(&mut self, id: &u32, f: impl FnOnce(&mut S) -> R) -> Option<R> {
         let e = self.entries.get_mut(id)?;
-        #[cfg(debug_assertions)]
-        let before = e.s.deadline(&self.cfg);
         let r = f(&mut e.s);
-        #[cfg(debug_assertions)]
-        assert_eq!(
-            before,
-            e.s.deadline(&self.cfg),
-            "get_untimed moved session {id}'s deadline: use get_mut"
-        );
+        let at = e.s.deadline(&self.cfg);
+        if at != e.at {
+            if let Some(t) = e.at {
+                self.index.remove(&(t, *id));
+            }
+            if let Some(t) = at {
+                self.index.insert((t, *id));
+            }
+            e.at = at;
+        }
         Some(r)
     }
 
@@ -255,14 +257,19 @@ mod tests {
         assert!(t.due(Time(u64::MAX)).is_empty());
     }
 
-    /// The request path's untimed access refuses (in debug builds) to move a deadline.
+    /// `update` indexes at once, also when the session is marked from before.
     #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "use get_mut")]
-    fn untimed_change_of_a_deadline_is_caught() {
+    fn update_indexes_at_once() {
         let mut t = Table::new(RetransmitConfig::default());
         t.insert(1, At(Some(Time(50))));
-        assert_eq!(t.get_untimed(&1, |a| a.0.is_some()), Some(true));
-        t.get_untimed(&1, |a| a.0 = Some(Time(60)));
+        t.insert(2, At(Some(Time(40))));
+        assert_eq!(t.update(&1, |a| a.0 = Some(Time(30))), Some(()));
+        assert_eq!(t.next(), Some(Time(30)));
+        t.get_mut(&2).unwrap().0 = Some(Time(90));
+        t.update(&2, |a| a.0 = Some(Time(20)));
+        assert_eq!(t.next(), Some(Time(20)));
+        t.settle();
+        assert_eq!(t.due(Time(25)), vec![2]);
+        assert_eq!(t.update(&3, |_| ()), None);
     }
 }
