@@ -1506,14 +1506,19 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
                 if s.phase == Phase::Terminating {
                     return Check::UnknownSession;
                 }
-                let verdict =
-                    match Session::<A>::verify_common(s.sa.as_mut(), s.client, src, datagram, &at) {
-                        Ok(v) => v,
-                        Err(why) => {
-                            s.refused += 1;
-                            return Check::Discard(why);
-                        }
-                    };
+                let verdict = match Session::<A>::verify_common(
+                    s.sa.as_mut(),
+                    s.client,
+                    src,
+                    datagram,
+                    &at,
+                ) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        s.refused += 1;
+                        return Check::Discard(why);
+                    }
+                };
                 s.accepted += 1;
                 let Some(identity) = s.identity.as_ref() else {
                     return Check::Discard(Discard::NoKey);

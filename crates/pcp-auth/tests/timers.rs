@@ -176,8 +176,9 @@ fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
                     rng.random_range(0..1_500)
                 };
                 now = Time(now.0 + d);
-                let (due, rest): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut net).into_iter().partition(|m| m.0 <= now);
+                let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut net)
+                    .into_iter()
+                    .partition(|m| m.0 <= now);
                 net = rest;
                 for (_, to_server, i, m) in due {
                     if to_server {
