@@ -476,8 +476,11 @@ pub struct Server<A, F> {
     cfg: ServerConfig,
     new_authenticator: F,
     out: Outbox,
-    /// Every method that changes sessions ends with `sessions.settle()`, so the
-    /// deadline index is exact between calls.
+    /// By ID, with their deadlines indexed. Every public method that changes sessions
+    /// through `get_mut` ends with `sessions.settle()` (the request path re-indexes in
+    /// place with `update`), so the index is exact between calls; only
+    /// `authenticator_mut` leaves its session marked until the next call, which
+    /// `poll_timeout` reads right meanwhile.
     sessions: Table<Session<A>>,
     /// Sessions whose PA-Initiation is not answered by a PA-Client yet, by client
     /// address and nonce, so a retransmitted PA-Initiation finds its session.
