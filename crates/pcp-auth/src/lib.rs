@@ -23,6 +23,7 @@ mod pa;
 pub mod replay;
 pub mod retransmit;
 pub mod server;
+mod table;
 pub mod tag;
 mod time;
 

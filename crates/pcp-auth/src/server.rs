@@ -20,6 +20,7 @@ use crate::eap::{AuthStep, EapAuthenticator};
 use crate::pa::{Link, Side, build};
 use crate::replay::{REAUTH_THRESHOLD, ReplayWindow, SeqVerdict};
 use crate::retransmit::{Retransmit, RetransmitConfig};
+use crate::table::{Table, Timed};
 use crate::{Time, tag};
 
 /// Server settings.
@@ -320,6 +321,26 @@ struct Session<A> {
     refused: u64,
 }
 
+impl<A> Timed for Session<A> {
+    /// The earliest of: the next retransmission or giving up on the outstanding PA
+    /// message, the SA's expiry (or, without an SA, the end of the half-open
+    /// exchange), and at once when an established session's sequence space is nearly
+    /// used up (re-authentication, RFC 7652 §3.4).
+    fn deadline(&self, cfg: &RetransmitConfig) -> Option<Time> {
+        let exhausted = self.link.out_seq >= REAUTH_THRESHOLD
+            || self
+                .sa
+                .as_ref()
+                .is_some_and(|sa| sa.common_out >= REAUTH_THRESHOLD);
+        if self.phase == Phase::Established && exhausted {
+            return Some(Time(0));
+        }
+        let r = self.link.retransmit.as_ref().map(|r| r.deadline(cfg));
+        let e = self.sa.as_ref().map_or(self.deadline, |sa| sa.expires);
+        Some(r.map_or(e, |r| r.min(e)))
+    }
+}
+
 impl<A> Session<A> {
     /// The Epoch Time for a PA-Server sent at `now`.
     fn epoch_at(&self, now: Time) -> u32 {
@@ -455,7 +476,12 @@ pub struct Server<A, F> {
     cfg: ServerConfig,
     new_authenticator: F,
     out: Outbox,
-    sessions: HashMap<u32, Session<A>>,
+    /// By ID, with their deadlines indexed. Every public method that changes sessions
+    /// through `get_mut` ends with `sessions.settle()` (the request path re-indexes in
+    /// place with `update`), so the index is exact between calls; only
+    /// `authenticator_mut` leaves its session marked until the next call, which
+    /// `poll_timeout` reads right meanwhile.
+    sessions: Table<Session<A>>,
     /// Sessions whose PA-Initiation is not answered by a PA-Client yet, by client
     /// address and nonce, so a retransmitted PA-Initiation finds its session.
     initiations: HashMap<(SocketAddr, u32), u32>,
@@ -492,6 +518,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
 
     /// A server with the given random generator (deterministic tests).
     pub fn with_rng(cfg: ServerConfig, new_authenticator: F, rng: StdRng) -> Server<A, F> {
+        let retransmit = cfg.retransmit;
         Server {
             out: Outbox {
                 transmits: VecDeque::new(),
@@ -500,7 +527,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             },
             cfg,
             new_authenticator,
-            sessions: HashMap::new(),
+            sessions: Table::new(retransmit),
             initiations: HashMap::new(),
             events: VecDeque::new(),
             backend: VecDeque::new(),
@@ -557,6 +584,10 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// keeps the lifetime it was granted.
     pub fn set_config(&mut self, cfg: ServerConfig) {
         self.out.retransmit = cfg.retransmit;
+        if cfg.retransmit != self.cfg.retransmit {
+            // The MRD moves the give-up time of every exchange under way.
+            self.sessions.set_config(cfg.retransmit);
+        }
         self.cfg = cfg;
     }
 
@@ -719,6 +750,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         count(&mut self.half_open, prefix_of(client.ip()), true);
         self.started.insert(client.ip(), (id, now));
         self.open(now, id, None);
+        self.sessions.settle();
         Some(id)
     }
 
@@ -786,6 +818,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// the session's PA-Server messages carry it from now on, advancing with `now`
     /// (RFC 7652 §3.3 "an appropriate Epoch Time").
     pub fn handle_at_epoch(&mut self, now: Time, src: SocketAddr, epoch: u32, datagram: &[u8]) {
+        self.pa_message(now, src, epoch, datagram);
+        self.sessions.settle();
+    }
+
+    fn pa_message(&mut self, now: Time, src: SocketAddr, epoch: u32, datagram: &[u8]) {
         let req = match Request::parse(datagram) {
             Ok(req) => req,
             Err(e) => {
@@ -961,6 +998,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         if let Some(s) = self.sessions.get_mut(&session_id) {
             s.epoch_offset = epoch_offset(now, epoch);
         }
+        self.sessions.settle();
     }
 
     /// An RFC 6887 error answer to the PA-Client in `datagram` (a copy of it).
@@ -1079,6 +1117,11 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
     /// step with the session's authenticator (which discards an answer it no longer
     /// waits for). Nothing happens for a session that is gone or not waiting.
     pub fn resume(&mut self, now: Time, session_id: u32, f: impl FnOnce(&mut A) -> AuthStep) {
+        self.resume_step(now, session_id, f);
+        self.sessions.settle();
+    }
+
+    fn resume_step(&mut self, now: Time, session_id: u32, f: impl FnOnce(&mut A) -> AuthStep) {
         let Some(s) = self.sessions.get_mut(&session_id) else {
             return;
         };
@@ -1285,15 +1328,20 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
 
     /// Starts a re-authentication of an established session (RFC 7652 §3.4).
     pub fn reauthenticate(&mut self, now: Time, session_id: u32) {
+        if self
+            .sessions
+            .get(&session_id)
+            .is_none_or(|s| s.phase != Phase::Established)
+        {
+            return;
+        }
         let Some(s) = self.sessions.get_mut(&session_id) else {
             return;
         };
-        if s.phase != Phase::Established {
-            return;
-        }
         s.auth = (self.new_authenticator)();
         s.waiting = false;
         self.reauth_request(now, session_id);
+        self.sessions.settle();
     }
 
     /// Ends a session: SESSION_TERMINATED to the client, retransmitted until it answers
@@ -1313,6 +1361,7 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             key.as_ref(),
             true,
         );
+        self.sessions.settle();
     }
 
     /// Sends a final failure PA-Server and drops the session (§3.1.3: terminated "immediately").
@@ -1353,71 +1402,86 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         }
     }
 
-    /// When [`Server::handle_timeout`] must run next.
+    /// When [`Server::handle_timeout`] must run next. O(1) in the number of sessions
+    /// (their deadlines are indexed).
     pub fn poll_timeout(&self) -> Option<Time> {
-        let cfg = &self.cfg.retransmit;
-        self.sessions
-            .values()
-            .map(|s| {
-                let r = s.link.retransmit.as_ref().map(|r| r.deadline(cfg));
-                let e = s.sa.as_ref().map_or(s.deadline, |sa| sa.expires);
-                r.map_or(e, |r| r.min(e))
-            })
-            .min()
+        self.sessions.next()
     }
 
     /// Runs the timers: retransmissions, giving up, expiry, and re-authentication when a
-    /// sequence space is nearly used up.
+    /// sequence space is nearly used up. Visits only the sessions whose deadline has
+    /// passed (O(log n) plus their number).
     pub fn handle_timeout(&mut self, now: Time) {
+        for id in self.sessions.due(now) {
+            self.run_timers(now, id);
+        }
+        self.sessions.settle();
+    }
+
+    /// [`Server::poll_timeout`] by looking at every session: the reference the deadline
+    /// index is tested and benchmarked against. Not for use.
+    #[doc(hidden)]
+    pub fn poll_timeout_scan(&self) -> Option<Time> {
+        self.sessions.scan_next()
+    }
+
+    /// [`Server::handle_timeout`] finding the due sessions by looking at every session
+    /// (as before the index), then running them in the same order. Not for use.
+    #[doc(hidden)]
+    pub fn handle_timeout_scan(&mut self, now: Time) {
+        for id in self.sessions.scan_due(now) {
+            self.run_timers(now, id);
+        }
+        self.sessions.settle();
+    }
+
+    /// Sessions changed but not re-indexed (tests: none between calls).
+    #[doc(hidden)]
+    pub fn unsettled_timers(&self) -> usize {
+        self.sessions.unsettled()
+    }
+
+    /// The timers of one session whose deadline has passed.
+    fn run_timers(&mut self, now: Time, id: u32) {
         let cfg = self.cfg.retransmit;
-        let mut gone = Vec::new();
-        let mut reauth = Vec::new();
-        for (&id, s) in &mut self.sessions {
-            if s.sa.as_ref().is_some_and(|sa| now >= sa.expires) {
-                gone.push((id, Cause::Expired));
-                continue;
-            }
-            if s.sa.is_none() && now >= s.deadline {
-                // A half-open session the client stopped feeding (S1 in docs/AUTH.md).
-                let cause = if s.phase == Phase::Terminating {
-                    Cause::ByServer
-                } else {
-                    Cause::Timeout
-                };
-                gone.push((id, cause));
-                continue;
-            }
-            if let Some(r) = &mut s.link.retransmit {
-                if r.expired(now, &cfg) {
-                    let cause = if s.phase == Phase::Terminating {
-                        Cause::ByServer
-                    } else {
-                        Cause::Timeout
-                    };
-                    gone.push((id, cause));
-                    continue;
-                }
-                if r.due(now, &cfg, &mut self.out.rng)
-                    && let Some(m) = &s.link.last_out
-                {
-                    self.out.transmits.push_back(Transmit {
-                        dst: s.client,
-                        payload: m.clone(),
-                    });
-                }
-            }
-            let exhausted = s.link.out_seq >= REAUTH_THRESHOLD
-                || s.sa
-                    .as_ref()
-                    .is_some_and(|sa| sa.common_out >= REAUTH_THRESHOLD);
-            if s.phase == Phase::Established && exhausted {
-                reauth.push(id);
-            }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.sa.as_ref().is_some_and(|sa| now >= sa.expires) {
+            self.remove(id, Cause::Expired);
+            return;
         }
-        for (id, cause) in gone {
+        // Giving up on a termination is the server's doing; on anything else, a
+        // timeout.
+        let cause = if s.phase == Phase::Terminating {
+            Cause::ByServer
+        } else {
+            Cause::Timeout
+        };
+        if s.sa.is_none() && now >= s.deadline {
+            // A half-open session the client stopped feeding (S1 in docs/AUTH.md).
             self.remove(id, cause);
+            return;
         }
-        for id in reauth {
+        if let Some(r) = &mut s.link.retransmit {
+            if r.expired(now, &cfg) {
+                self.remove(id, cause);
+                return;
+            }
+            if r.due(now, &cfg, &mut self.out.rng)
+                && let Some(m) = &s.link.last_out
+            {
+                self.out.transmits.push_back(Transmit {
+                    dst: s.client,
+                    payload: m.clone(),
+                });
+            }
+        }
+        let exhausted = s.link.out_seq >= REAUTH_THRESHOLD
+            || s.sa
+                .as_ref()
+                .is_some_and(|sa| sa.common_out >= REAUTH_THRESHOLD);
+        if s.phase == Phase::Established && exhausted {
             self.reauthenticate(now, id);
         }
     }
@@ -1437,31 +1501,38 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         if Opcode::from_bits(datagram[1]) == Opcode::Authentication {
             return Check::Untagged;
         }
-        let Some(s) = self.sessions.get_mut(&at.session_id) else {
-            return Check::UnknownSession;
-        };
-        // A session this server is terminating serves nothing more (§3.3): the client
-        // that missed SESSION_TERMINATED learns it this way.
-        if s.phase == Phase::Terminating {
-            return Check::UnknownSession;
-        }
-        let verdict = match Session::<A>::verify_common(s.sa.as_mut(), s.client, src, datagram, &at)
-        {
-            Ok(v) => v,
-            Err(why) => {
-                s.refused += 1;
-                return Check::Discard(why);
-            }
-        };
-        s.accepted += 1;
-        let Some(identity) = s.identity.as_ref() else {
-            return Check::Discard(Discard::NoKey);
-        };
-        Check::Authenticated {
-            session_id: at.session_id,
-            identity: identity.clone(),
-            retransmission: verdict == SeqVerdict::Retransmission,
-        }
+        let id = at.session_id;
+        self.sessions
+            .update(&id, |s| {
+                // A session this server is terminating serves nothing more (§3.3): the
+                // client that missed SESSION_TERMINATED learns it this way.
+                if s.phase == Phase::Terminating {
+                    return Check::UnknownSession;
+                }
+                let verdict = match Session::<A>::verify_common(
+                    s.sa.as_mut(),
+                    s.client,
+                    src,
+                    datagram,
+                    &at,
+                ) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        s.refused += 1;
+                        return Check::Discard(why);
+                    }
+                };
+                s.accepted += 1;
+                let Some(identity) = s.identity.as_ref() else {
+                    return Check::Discard(Discard::NoKey);
+                };
+                Check::Authenticated {
+                    session_id: id,
+                    identity: identity.clone(),
+                    retransmission: verdict == SeqVerdict::Retransmission,
+                }
+            })
+            .unwrap_or(Check::UnknownSession)
     }
 
     /// Tags the response in `buf[..len]` for `session_id` with the next common sequence
@@ -1472,17 +1543,18 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         buf: &mut [u8],
         len: usize,
     ) -> Result<usize, ProtectError> {
-        let sa = self
-            .sessions
-            .get_mut(&session_id)
-            .and_then(|s| s.sa.as_mut())
-            .ok_or(ProtectError::NoSession)?;
-        if sa.common_out == u32::MAX {
-            return Err(ProtectError::SequenceExhausted);
-        }
-        let n = tag::seal(buf, len, &sa.key, (session_id, sa.common_out))?;
-        sa.common_out += 1;
-        Ok(n)
+        // Crossing REAUTH_THRESHOLD makes the session due at once.
+        self.sessions
+            .update(&session_id, |s| {
+                let sa = s.sa.as_mut().ok_or(ProtectError::NoSession)?;
+                if sa.common_out == u32::MAX {
+                    return Err(ProtectError::SequenceExhausted);
+                }
+                let n = tag::seal(buf, len, &sa.key, (session_id, sa.common_out))?;
+                sa.common_out += 1;
+                Ok(n)
+            })
+            .unwrap_or(Err(ProtectError::NoSession))
     }
 }
 

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use pcp_auth::eap::{AuthStep, EapAuthenticator};
 use pcp_auth::gate::{Gate, Mode, Rules};
-use pcp_auth::server::{Cause, Server, ServerConfig as SessionConfig, SessionState, Transmit};
+use pcp_auth::server::{
+    Cause, Server, ServerConfig as SessionConfig, ServerEvent, SessionState, Transmit,
+};
 use pcp_eap::radius::{RadiusAuthenticator, RadiusConfig, RadiusError};
 use pcp_eap::{Embedded, TtlsAuthenticator};
 use serde::Deserialize;
@@ -859,52 +861,50 @@ impl Auth {
 
     /// Logs what happened to PA sessions (and queues it for the backup in pair mode).
     pub fn log_events(&mut self) {
+        self.take_events().log();
+    }
+
+    /// What happened to PA sessions, counted (and queued for the backup in pair mode),
+    /// to be logged once the lock is released: a burst of expiries writes its log
+    /// lines while requests go on.
+    pub fn take_events(&mut self) -> EventLog {
         let now = self.now();
+        let mut out = Vec::new();
         while let Some(e) = self.gate.server.poll_event() {
             if self.replicate {
                 match &e {
-                    pcp_auth::server::ServerEvent::Established { session_id, .. }
-                    | pcp_auth::server::ServerEvent::Reauthenticated { session_id, .. } => {
+                    ServerEvent::Established { session_id, .. }
+                    | ServerEvent::Reauthenticated { session_id, .. } => {
                         if let Some(st) = self.gate.server.export(*session_id, now) {
                             self.changes.push(SessionChange::Up(session_record(&st)));
                         }
                     }
-                    pcp_auth::server::ServerEvent::Ended { session_id, .. } => {
+                    ServerEvent::Ended { session_id, .. } => {
                         self.changes.push(SessionChange::End(*session_id));
                     }
                 }
             }
-            match e {
-                pcp_auth::server::ServerEvent::Established {
-                    session_id,
-                    client,
-                    identity,
-                    lifetime,
-                } => {
+            match &e {
+                ServerEvent::Established { session_id, .. } => {
                     self.stats.established += 1;
-                    self.live.insert(session_id);
-                    tracing::info!(session_id, %client, %identity, lifetime, "PCP authentication succeeded")
+                    self.live.insert(*session_id);
                 }
-                pcp_auth::server::ServerEvent::Reauthenticated {
-                    session_id,
-                    identity,
-                } => {
-                    tracing::info!(session_id, %identity, "PCP re-authentication succeeded")
-                }
-                pcp_auth::server::ServerEvent::Ended { session_id, cause } => {
+                ServerEvent::Reauthenticated { .. } => {}
+                ServerEvent::Ended { session_id, cause } => {
                     if let Some(r) = self.radius.as_mut() {
-                        r.pool.forget(session_id);
+                        r.pool.forget(*session_id);
                     }
-                    let by = if self.live.remove(&session_id) {
+                    let by = if self.live.remove(session_id) {
                         &mut self.stats.ended
                     } else {
                         &mut self.stats.failed
                     };
-                    *by.entry(cause_name(cause)).or_default() += 1;
-                    tracing::info!(session_id, ?cause, "PCP authentication session ended")
+                    *by.entry(cause_name(*cause)).or_default() += 1;
                 }
             }
+            out.push(e);
         }
+        EventLog(out)
     }
 
     /// Pair mode: the session changes for the backup since the last call, then the
@@ -996,6 +996,38 @@ impl Auth {
     }
 }
 
+/// PA session events taken under the gate's lock ([`Auth::take_events`]), to log after
+/// releasing it.
+#[must_use = "the events are logged by EventLog::log"]
+pub struct EventLog(Vec<ServerEvent>);
+
+impl EventLog {
+    /// Writes one log line per event.
+    pub fn log(self) {
+        for e in self.0 {
+            match e {
+                ServerEvent::Established {
+                    session_id,
+                    client,
+                    identity,
+                    lifetime,
+                } => {
+                    tracing::info!(session_id, %client, %identity, lifetime, "PCP authentication succeeded")
+                }
+                ServerEvent::Reauthenticated {
+                    session_id,
+                    identity,
+                } => {
+                    tracing::info!(session_id, %identity, "PCP re-authentication succeeded")
+                }
+                ServerEvent::Ended { session_id, cause } => {
+                    tracing::info!(session_id, ?cause, "PCP authentication session ended")
+                }
+            }
+        }
+    }
+}
+
 /// Puts a prepared `[auth]` in force (start or reload) and starts the RADIUS receiver
 /// if a new AAA server needs one. Returns what changed beyond the settings, for the log.
 pub fn apply(cell: &SharedAuth, p: Prepared) -> String {
@@ -1011,12 +1043,13 @@ pub fn apply(cell: &SharedAuth, p: Prepared) -> String {
 /// reload or an operator's command), without waiting for the timer task: non-blocking
 /// sends, a loss is covered by the retransmission.
 pub fn flush(cell: &SharedAuth) {
-    let (out, radius_out, sockets) = {
+    let (out, radius_out, sockets, events) = {
         let mut a = lock(cell);
-        a.log_events();
         let r = a.backend_requests();
-        (a.transmits(), r, a.sockets.clone())
+        let events = a.take_events();
+        (a.transmits(), r, a.sockets.clone(), events)
     };
+    events.log();
     for (sock, d) in radius_out {
         let _ = sock.try_send(&d);
     }
@@ -1093,7 +1126,7 @@ async fn radius_receiver(auth: SharedAuth, sock: Arc<UdpSocket>) {
                 continue;
             }
         };
-        let (out, radius_out, sockets) = {
+        let (out, radius_out, sockets, events) = {
             let mut a = lock(&auth);
             let mine = a
                 .radius
@@ -1103,10 +1136,11 @@ async fn radius_receiver(auth: SharedAuth, sock: Arc<UdpSocket>) {
                 return;
             }
             a.radius_datagram(&sock, &buf[..n]);
-            a.log_events();
             let r = a.backend_requests();
-            (a.transmits(), r, a.sockets.clone())
+            let events = a.take_events();
+            (a.transmits(), r, a.sockets.clone(), events)
         };
+        events.log();
         send_radius(radius_out).await;
         send_all(&sockets, out).await;
     }
@@ -1248,16 +1282,19 @@ pub async fn send_all(sockets: &[Arc<UdpSocket>], out: Vec<(Option<usize>, Trans
     }
 }
 
-/// Runs the PA sessions' timers (retransmissions, expiry, re-authentication).
+/// Runs the PA sessions' timers (retransmissions, expiry, re-authentication). Each
+/// wake costs the gate's lock for the timers that are due (the server indexes its
+/// sessions' deadlines), not for every session; logging and sending happen after the
+/// lock is released.
 pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
     loop {
-        let (out, radius_out, wake) = {
+        let (out, radius_out, events, wake) = {
             let mut a = lock(&auth);
             let now = a.now();
             a.gate.server.handle_timeout(now);
             let (mut radius_out, radius_next) = a.radius_timeout();
             radius_out.extend(a.backend_requests());
-            a.log_events();
+            let events = a.take_events();
             let out = a.transmits();
             let next = [a.gate.server.poll_timeout().map(|t| t.0), radius_next]
                 .into_iter()
@@ -1269,9 +1306,11 @@ pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
             (
                 out,
                 radius_out,
+                events,
                 Instant::now() + wait.max(Duration::from_millis(5)),
             )
         };
+        events.log();
         send_radius(radius_out).await;
         send_all(&sockets, out).await;
         tokio::time::sleep_until(wake.into()).await;
