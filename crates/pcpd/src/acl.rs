@@ -108,6 +108,17 @@ impl SocketAcl {
         false
     }
 
+    /// The length of the longest prefix of the list that holds `host` (`None`: not a
+    /// client of this address). Not counted: a lookup, not a datagram.
+    pub fn match_len(&self, host: IpAddr) -> Option<u8> {
+        let host = host.to_canonical();
+        self.allow
+            .iter()
+            .filter(|p| p.contains(&host))
+            .map(IpNet::prefix_len)
+            .max()
+    }
+
     /// Datagrams refused so far.
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
@@ -159,5 +170,11 @@ mod tests {
         assert!(!a.admits("127.0.0.8".parse().unwrap()));
         let b = SocketAcl::new(&s, "127.0.0.3:5351".parse().unwrap());
         assert!(b.admits("127.0.0.8".parse().unwrap()));
+        // The most specific list names the address a host talks to (the takeover's
+        // ANNOUNCE leaves from it); a lookup is not a refusal.
+        assert_eq!(a.match_len("127.0.0.7".parse().unwrap()), Some(32));
+        assert_eq!(b.match_len("127.0.0.7".parse().unwrap()), Some(8));
+        assert_eq!(a.match_len("127.0.0.9".parse().unwrap()), None);
+        assert_eq!(a.rejected(), 1);
     }
 }

@@ -979,6 +979,48 @@ impl Auth {
         self.changes.clear();
     }
 
+    /// The sessions with an SA of each of `hosts` that has any (RFC 7652 §3.2: an
+    /// unsolicited message to a client with a PA session must be tagged). One pass
+    /// over the sessions, and none when no host has one.
+    pub fn sessions_of(
+        &self,
+        hosts: impl Iterator<Item = std::net::IpAddr>,
+    ) -> HashMap<std::net::IpAddr, Vec<u32>> {
+        let mut out: HashMap<std::net::IpAddr, Vec<u32>> = hosts
+            .map(|h| h.to_canonical())
+            .filter(|h| self.gate.server.has_session_from(*h))
+            .map(|h| (h, Vec::new()))
+            .collect();
+        if out.is_empty() {
+            return out;
+        }
+        for s in self.gate.server.sessions() {
+            if s.common_out.is_none() {
+                continue;
+            }
+            if let Some(ids) = out.get_mut(&s.client.ip().to_canonical()) {
+                ids.push(s.session_id);
+            }
+        }
+        out.retain(|_, ids| !ids.is_empty());
+        out
+    }
+
+    /// Tags an unsolicited message (an ANNOUNCE) in `buf[..len]` for session `id` as
+    /// any response (its key, its next sequence number) and queues that sequence
+    /// number for the backup, so that a successor never reuses it (the client would
+    /// drop its message as a replay). `None`: the session cannot tag it (gone).
+    pub fn tag_unsolicited(&mut self, id: u32, buf: &mut [u8], len: usize) -> Option<usize> {
+        let n = self.gate.outbound(Some(id), buf, len)?;
+        if self.replicate
+            && let Some(s) = self.gate.server.sequence_state(id)
+        {
+            self.changes
+                .push(SessionChange::Seq(id, sequence_record(&s)));
+        }
+        Some(n)
+    }
+
     /// Remembers that `client` talks to listen socket `socket`.
     pub fn route(&mut self, client: SocketAddr, socket: usize) {
         // Bounded: forget everything when it outgrows the session table.

@@ -148,6 +148,42 @@ pub struct LinkRejects {
     pub keyed: u64,
 }
 
+/// Hosts that lost state at a takeover, by reason: their epoch starts again and they
+/// get the ANNOUNCE burst (docs/HA.md "Epoch continuity and ANNOUNCE"). A host may
+/// count under several reasons.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LostHosts {
+    /// Known to hold mappings that were not checkpointed.
+    pub unprotected: usize,
+    /// A checkpointed mapping of theirs could not be adopted (its external endpoint
+    /// not free in this node's pool, or a conflicting mapping).
+    pub adopt_failed: usize,
+    /// A replicated mapping of theirs was never installed in the standby core (its
+    /// external endpoint stayed taken until the takeover).
+    pub never_installed: usize,
+}
+
+/// The unsolicited ANNOUNCE burst to the hosts that lost state at a takeover (RFC 6887
+/// §14.1.1's schedule, as the start-up burst), each from the listen socket it talks to.
+#[derive(Debug)]
+struct Burst {
+    schedule: pcp_server::announce::AnnounceSchedule,
+    /// Host, and the index of the listen socket its copies leave from.
+    targets: Vec<(IpAddr, usize)>,
+}
+
+/// Unsolicited ANNOUNCEs sent to hosts (after takeovers), since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AnnounceStats {
+    /// Sent without a tag (the host has no PA session).
+    pub plain: u64,
+    /// Tagged for a PA session of the host (RFC 7652).
+    pub tagged: u64,
+    /// Not sent: the host has a PA session that could not tag it, or the socket
+    /// refused it.
+    pub failed: u64,
+}
+
 /// At most one warning about refused frames per this long.
 const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -169,6 +205,12 @@ pub struct Pair {
     pub adopted: usize,
     /// Failed adoptions (conflicts) at the last takeover.
     pub adopt_failures: usize,
+    /// Hosts that lost state at the last takeover, by reason.
+    pub lost_hosts: LostHosts,
+    /// Promotions of the HA node (takeovers, switchovers, `pcpctl promote`), since start.
+    pub promotions: u64,
+    /// Step-downs (a newer active was heard), since start.
+    pub demotions: u64,
     /// The PCP listen sockets (released replies go out on them).
     pub sockets: Vec<Arc<UdpSocket>>,
     /// The authentication gate, which tags released replies of authenticated requests
@@ -213,6 +255,9 @@ impl Pair {
             released: 0,
             adopted: 0,
             adopt_failures: 0,
+            lost_hosts: LostHosts::default(),
+            promotions: 0,
+            demotions: 0,
             sockets: Vec::new(),
             auth: None,
             latency: Latency::default(),
@@ -448,9 +493,11 @@ impl Pair {
                 Event::Acked(cum) => self.release(cum, now),
                 Event::Promoted { .. } => {
                     self.promoted_at = Some(Instant::now());
+                    self.promotions += 1;
                     self.queue_for_core(ev);
                 }
                 Event::Demoted { .. } => {
+                    self.demotions += 1;
                     // Nothing held will be confirmed by this stream any more; the
                     // clients retransmit to whoever serves now.
                     self.held.clear();
@@ -536,6 +583,13 @@ fn held_session_seq(
         let record = a.session_for_backup(id)?;
         p.node.push_session(record, now)
     }
+}
+
+/// The hosts whose state a mapping is: the client that asked for it, and the internal
+/// host (they differ under THIRD_PARTY).
+fn hosts_of(m: &pcp_server::Mapping) -> impl Iterator<Item = IpAddr> {
+    let (client, internal) = (m.client.to_canonical(), m.key.internal.to_canonical());
+    std::iter::once(client).chain((internal != client).then_some(internal))
 }
 
 /// Logs an HA node call that took long enough to matter for failure detection.
@@ -648,6 +702,10 @@ pub struct Core {
     /// Standby: replicated mappings whose external endpoint a stale entry still holds,
     /// installed once the copy's sweep removes it.
     pending: Vec<pcp_server::Mapping>,
+    /// The ANNOUNCE burst of the last takeover, while copies are left.
+    burst: Option<Burst>,
+    /// Unsolicited ANNOUNCEs sent.
+    pub announces: AnnounceStats,
     /// Whether the HA node serves (mirrored by the replication thread): a draining or
     /// demoted node stops answering at once.
     node_serves: Arc<AtomicBool>,
@@ -808,6 +866,8 @@ impl Core {
             acls: Vec::new(),
             auth: None,
             pending: Vec::new(),
+            burst: None,
+            announces: AnnounceStats::default(),
             node_serves: Arc::new(AtomicBool::new(false)),
             origin,
             seed,
@@ -1097,8 +1157,9 @@ impl Core {
         self.answer_of(r)
     }
 
-    /// Removes expired mappings.
+    /// Removes expired mappings, and sends the ANNOUNCE copies due.
     pub fn expire(&mut self) {
+        self.send_announces();
         let now = self.now();
         self.server.expire(now, &mut self.effects);
         self.apply_effects(now);
@@ -1258,6 +1319,8 @@ impl Core {
             Event::Demoted { term } => {
                 tracing::warn!(term, "a newer active exists: stepping down to backup");
                 self.serving = false;
+                // The new active speaks for the service address now.
+                self.burst = None;
                 self.reset_server(now);
                 if let Some(a) = &self.auth {
                     crate::auth::lock(a).drop_sessions();
@@ -1289,6 +1352,9 @@ impl Core {
                     crate::auth::lock(a).adopt_sessions(&sessions);
                 }
                 self.serving = true;
+                // The burst's first copy, once the sessions are adopted: it is tagged
+                // for them.
+                self.send_announces();
                 true
             }
         }
@@ -1375,14 +1441,26 @@ impl Core {
         // The epoch starts now for every client (any of them may have lost state),
         // except hosts whose every mapping is held here: theirs continues. In standby
         // mode the core already holds the copy; otherwise a fresh one adopts it.
+        // Hosts of a checkpointed mapping that is not installed here lost state as
+        // surely as those of an unprotected one: their epoch starts again and they are
+        // told, whatever their other mappings (the issue's "keeps the epoch continuous
+        // for hosts whose mappings were all checkpointed" means all *held here*).
+        let mut never_installed: Vec<IpAddr> = Vec::new();
+        let mut not_installed = 0;
         if mappings.is_empty() {
             self.server.epochs().set_base(now);
-            if !self.pending.is_empty() {
+            for m in std::mem::take(&mut self.pending) {
+                // One that expired meanwhile is gone on the old active too.
+                if m.expires > now {
+                    not_installed += 1;
+                    never_installed.extend(hosts_of(&m));
+                }
+            }
+            if not_installed > 0 {
                 tracing::error!(
-                    count = self.pending.len(),
-                    "replicated mappings never installed (their external endpoints stayed taken)"
+                    count = not_installed,
+                    "replicated mappings never installed (their external endpoints stayed taken): their hosts lost state"
                 );
-                self.pending.clear();
             }
         } else {
             self.reset_server(now);
@@ -1405,29 +1483,67 @@ impl Core {
             }
         }
         let mut failures = 0;
+        let mut adopt_failed: Vec<IpAddr> = Vec::new();
+        let (mut unavailable, mut exists) = (0usize, 0usize);
         for m in mappings {
-            if self.server.adopt(m, now, &mut self.effects).is_err() {
+            if let Err(e) = self.server.adopt(m, now, &mut self.effects) {
                 // Not logged one by one: the error names the mapping, and the log
                 // must not say which flows of which host are checkpointed (issue 7).
-                // The count goes to the log below and to GET /ha.
+                // The counts go to the log below, GET /ha and the metrics.
                 failures += 1;
+                match e {
+                    pcp_server::AdoptError::EndpointUnavailable(_) => unavailable += 1,
+                    pcp_server::AdoptError::Exists(_) => exists += 1,
+                }
+                adopt_failed.extend(hosts_of(m));
             }
         }
         self.apply_effects(now);
-        // Hosts known to have held unprotected mappings lost state: they are told at
-        // once, so they re-create what they lost.
-        let mut buf = [0u8; pcp_proto::HEADER_LEN];
-        for host in unprotected {
-            let n = self.server.announce(Some(*host), now, &mut buf);
-            let to = SocketAddr::new(*host, pcp_proto::CLIENT_PORT);
-            if let Some(sock) = self
-                .sockets
-                .iter()
-                .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == host.is_ipv4()))
-            {
-                let _ = sock.try_send_to(&buf[..n], to);
-            }
+        adopt_failed.sort_unstable();
+        adopt_failed.dedup();
+        never_installed.sort_unstable();
+        never_installed.dedup();
+        if failures > 0 {
+            tracing::error!(
+                failures,
+                endpoint_unavailable = unavailable,
+                exists,
+                hosts = adopt_failed.len(),
+                "checkpointed mappings not adopted (is the pool the same on both nodes?): their hosts lost state"
+            );
         }
+        // Hosts that lost state: their epoch starts again now, and they are told at
+        // once (then at doubling gaps), so they re-create what they lost.
+        let mut lost: Vec<IpAddr> = unprotected
+            .iter()
+            .chain(&adopt_failed)
+            .chain(&never_installed)
+            .map(|h| h.to_canonical())
+            .collect();
+        lost.sort_unstable();
+        lost.dedup();
+        for host in &lost {
+            self.server.epochs().reset(*host, now);
+        }
+        let targets: Vec<(IpAddr, usize)> = lost
+            .iter()
+            .filter_map(|h| Some((*h, self.announce_socket(*h)?)))
+            .collect();
+        if targets.len() < lost.len() {
+            tracing::warn!(
+                hosts = lost.len() - targets.len(),
+                "no listen socket of their address family admits some hosts that lost state: not announced"
+            );
+        }
+        self.burst = (!targets.is_empty()).then(|| Burst {
+            schedule: pcp_server::announce::AnnounceSchedule::start(now),
+            targets,
+        });
+        let lost_hosts = LostHosts {
+            unprotected: unprotected.len(),
+            adopt_failed: adopt_failed.len(),
+            never_installed: never_installed.len(),
+        };
         let base = self.server.epochs().base();
         let adopted = if mappings.is_empty() {
             self.server.checkpointed_count() as usize
@@ -1438,18 +1554,128 @@ impl Core {
         if let Some(mut p) = self.lock_pair() {
             p.node.set_epoch_base(base);
             p.adopted = adopted;
-            p.adopt_failures = failures;
+            p.adopt_failures = failures + not_installed;
+            p.lost_hosts = lost_hosts;
             promotion_ms = p.promoted_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         }
         tracing::warn!(
             term,
             adopted,
-            failures,
+            failures = failures + not_installed,
             complete,
             promotion_ms,
-            announced = unprotected.len(),
+            announced = lost.len(),
+            unprotected = lost_hosts.unprotected,
+            adopt_failed = lost_hosts.adopt_failed,
+            never_installed = lost_hosts.never_installed,
             "took over as active"
         );
+    }
+
+    /// The listen socket an ANNOUNCE to `host` leaves from: the address the host talks
+    /// to, as far as this node can tell — of the host's address family, admitting the
+    /// host, the one whose access list names it most specifically (`[[acl.listen]]`),
+    /// the first of those on a tie. A successor never saw the host's requests; the
+    /// access lists are what says which service address is whose.
+    fn announce_socket(&self, host: IpAddr) -> Option<usize> {
+        let host = host.to_canonical();
+        let mut best: Option<(usize, u8)> = None;
+        for (i, sock) in self.sockets.iter().enumerate() {
+            let Ok(local) = sock.local_addr() else {
+                continue;
+            };
+            // A dual-stack socket ([::]) reaches IPv4 hosts too.
+            let family = local.is_ipv4() == host.is_ipv4()
+                || (local.ip() == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+            if !family {
+                continue;
+            }
+            let score = match self.acls.get(i) {
+                Some(acl) => match acl.match_len(host) {
+                    Some(n) => n,
+                    None => continue,
+                },
+                None => 0,
+            };
+            if best.is_none_or(|(_, b)| score > b) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// The ANNOUNCE copy due at `now`, if any, for every host of the takeover's burst:
+    /// (listen socket index, destination, datagram, whether it is tagged). A host with PA sessions gets one
+    /// copy per session, tagged for it as a response would be (RFC 7652 §3.2: an
+    /// unsolicited message to a client with a PA session carries its tag); the others
+    /// one plain copy.
+    pub fn announce_due(&mut self, now: Time) -> Vec<(usize, SocketAddr, Vec<u8>, bool)> {
+        if !self.serves() {
+            // Stepped down or draining: whoever serves next speaks for the address.
+            self.burst = None;
+            return Vec::new();
+        }
+        let Some(burst) = self.burst.as_mut() else {
+            return Vec::new();
+        };
+        if !burst.schedule.poll(now) {
+            return Vec::new();
+        }
+        let targets = if burst.schedule.next_due().is_none() {
+            self.burst.take().map(|b| b.targets).unwrap_or_default()
+        } else {
+            burst.targets.clone()
+        };
+        let mut auth = self.auth.as_ref().filter(|a| a.on()).map(crate::auth::lock);
+        let sessions = auth
+            .as_ref()
+            .map(|a| a.sessions_of(targets.iter().map(|(h, _)| *h)))
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(targets.len());
+        let mut buf = [0u8; pcp_proto::MAX_MESSAGE_LEN];
+        for (host, socket) in targets {
+            let to = SocketAddr::new(host, pcp_proto::CLIENT_PORT);
+            let n = self.server.announce(Some(host), now, &mut buf);
+            match (sessions.get(&host), auth.as_mut()) {
+                (Some(ids), Some(a)) => {
+                    for id in ids {
+                        let mut tagged = buf;
+                        match a.tag_unsolicited(*id, &mut tagged, n) {
+                            Some(len) => out.push((socket, to, tagged[..len].to_vec(), true)),
+                            None => self.announces.failed += 1,
+                        }
+                    }
+                }
+                _ => out.push((socket, to, buf[..n].to_vec(), false)),
+            }
+        }
+        out
+    }
+
+    /// Sends the ANNOUNCE copies due now ([`Core::announce_due`]).
+    pub fn send_announces(&mut self) {
+        let now = self.now();
+        for (socket, to, datagram, tagged) in self.announce_due(now) {
+            let sent = self
+                .sockets
+                .get(socket)
+                .map(|s| s.try_send_to(&datagram, to));
+            match sent {
+                Some(Ok(_)) if tagged => self.announces.tagged += 1,
+                Some(Ok(_)) => self.announces.plain += 1,
+                // A full send buffer loses this copy; the next one follows.
+                _ => self.announces.failed += 1,
+            }
+        }
+    }
+
+    /// When the core next has timed work: an expiry, or an ANNOUNCE copy.
+    pub fn next_wake(&mut self) -> Option<Time> {
+        let burst = self.burst.as_ref().and_then(|b| b.schedule.next_due());
+        match (self.server.next_timeout(), burst) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Replies the backup did not confirm in time go out without 192, and their

@@ -694,13 +694,14 @@ async fn core_work(shared: Shared) {
     }
 }
 
-/// Removes mappings as their lifetimes end.
+/// Removes mappings as their lifetimes end, and sends the copies of a takeover's
+/// ANNOUNCE burst as they fall due.
 async fn expiry(shared: Shared) {
     loop {
         let wake = {
             let mut core = shared.lock();
             core.expire();
-            let next = core.server.next_timeout().map(|t| core.instant_of(t));
+            let next = core.next_wake().map(|t| core.instant_of(t));
             let cap = Instant::now() + EXPIRY_TICK;
             next.map_or(cap, |n| n.min(cap))
         };
