@@ -359,6 +359,14 @@ pub struct HaView {
     pub link_keyed: bool,
     /// Replication frames refused before the HA node saw them, by reason.
     pub frames_rejected: crate::core::LinkRejects,
+    /// Checkpointed mappings not adopted at the last takeover (not installable here).
+    pub adopt_failures: usize,
+    /// Hosts that lost state at the last takeover, by reason (epoch reset, ANNOUNCE).
+    pub lost_hosts: crate::core::LostHosts,
+    /// Promotions of this node (takeovers, switchovers, promote), since start.
+    pub promotions: u64,
+    /// Step-downs of this node, since start.
+    pub demotions: u64,
 }
 
 /// The pair-mode status of `core` (and its pair state, locked after the core).
@@ -386,6 +394,10 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
             standby_backlog: 0,
             link_keyed: false,
             frames_rejected: crate::core::LinkRejects::default(),
+            adopt_failures: 0,
+            lost_hosts: crate::core::LostHosts::default(),
+            promotions: 0,
+            demotions: 0,
         },
         Some(p) => {
             let st = p.node.status(p.now());
@@ -412,6 +424,10 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 standby_backlog: p.backlog(),
                 link_keyed: p.link.is_some(),
                 frames_rejected: p.rejected,
+                adopt_failures: p.adopt_failures,
+                lost_hosts: p.lost_hosts,
+                promotions: p.promotions,
+                demotions: p.demotions,
             }
         }
     }

@@ -185,6 +185,32 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
             "1 when this node serves as the active.",
         );
         let _ = writeln!(out, "pcp_ha_active {}", u8::from(ha.role == "active"));
+        header(
+            &mut out,
+            "pcp_ha_role",
+            "gauge",
+            "1 for the role this node is in (as GET /ha's role), 0 for the others.",
+        );
+        for role in ["joining", "active", "promoting", "draining", "backup"] {
+            let _ = writeln!(
+                out,
+                "pcp_ha_role{{role=\"{role}\"}} {}",
+                u8::from(ha.role == role)
+            );
+        }
+        header(
+            &mut out,
+            "pcp_ha_backup_status",
+            "gauge",
+            "1 for what the server core is told about the backup (GET /ha's backup_status).",
+        );
+        for status in ["ready", "not_ready", "none"] {
+            let _ = writeln!(
+                out,
+                "pcp_ha_backup_status{{status=\"{status}\"}} {}",
+                u8::from(ha.backup_status == status)
+            );
+        }
         header(&mut out, "pcp_ha_term", "gauge", "Current HA term.");
         let _ = writeln!(out, "pcp_ha_term {}", ha.term);
         header(
@@ -261,6 +287,76 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
             "PCP authentication sessions replicated (held for a takeover, or kept for the backup).",
         );
         let _ = writeln!(out, "pcp_ha_sessions {}", ha.sessions);
+        header(
+            &mut out,
+            "pcp_ha_link_keyed",
+            "gauge",
+            "1 when the replication link is authenticated and encrypted ([ha] key_file).",
+        );
+        let _ = writeln!(out, "pcp_ha_link_keyed {}", u8::from(ha.link_keyed));
+        header(
+            &mut out,
+            "pcp_ha_standby_backlog_records",
+            "gauge",
+            "Backup: replicated changes not yet applied to the standby core.",
+        );
+        let _ = writeln!(out, "pcp_ha_standby_backlog_records {}", ha.standby_backlog);
+        header(
+            &mut out,
+            "pcp_ha_adopted_mappings",
+            "gauge",
+            "Checkpointed mappings adopted at the last takeover.",
+        );
+        let _ = writeln!(out, "pcp_ha_adopted_mappings {}", ha.adopted);
+        header(
+            &mut out,
+            "pcp_ha_adopt_failures",
+            "gauge",
+            "Checkpointed mappings that could not be installed at the last takeover.",
+        );
+        let _ = writeln!(out, "pcp_ha_adopt_failures {}", ha.adopt_failures);
+        header(
+            &mut out,
+            "pcp_ha_lost_hosts",
+            "gauge",
+            "Hosts that lost state at the last takeover (epoch reset, ANNOUNCE), by reason.",
+        );
+        let l = ha.lost_hosts;
+        for (reason, n) in [
+            ("unprotected", l.unprotected),
+            ("adopt_failed", l.adopt_failed),
+            ("never_installed", l.never_installed),
+        ] {
+            let _ = writeln!(out, "pcp_ha_lost_hosts{{reason=\"{reason}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "pcp_ha_promotions_total",
+            "counter",
+            "Promotions of this node (takeovers, switchovers, promote).",
+        );
+        let _ = writeln!(out, "pcp_ha_promotions_total {}", ha.promotions);
+        header(
+            &mut out,
+            "pcp_ha_demotions_total",
+            "counter",
+            "Step-downs of this node (a newer active was heard).",
+        );
+        let _ = writeln!(out, "pcp_ha_demotions_total {}", ha.demotions);
+        header(
+            &mut out,
+            "pcp_ha_announces_total",
+            "counter",
+            "Unsolicited ANNOUNCEs to hosts that lost state at a takeover, by outcome.",
+        );
+        let a = core.announces;
+        for (outcome, n) in [
+            ("plain", a.plain),
+            ("tagged", a.tagged),
+            ("failed", a.failed),
+        ] {
+            let _ = writeln!(out, "pcp_ha_announces_total{{outcome=\"{outcome}\"}} {n}");
+        }
     }
 
     let mut merged = core.latency.clone();
