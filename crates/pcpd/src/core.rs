@@ -1927,6 +1927,207 @@ mod tests {
         }
     }
 
+    /// A replicated mapping of `host` at external port `port` of `ext`.
+    fn replicated_at(host: &str, port: u16, ext: &str) -> pcp_server::Mapping {
+        let host: IpAddr = host.parse().unwrap();
+        let mut m = replicated(port);
+        m.key.internal = host;
+        m.client = host;
+        m.external.addr = ext.parse().unwrap();
+        m
+    }
+
+    /// A pair-mode core at 100 s past its clock's origin (so that an epoch base of
+    /// 1 s is visibly older than a reset), listening on 127.0.0.1 and 127.0.0.2 (the
+    /// second's access list names 10.0.0.8 alone); `standby` as `[ha] preinstall`.
+    fn takeover_core(standby: bool) -> (Core, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let mut config = Config::embedded();
+        let listen: Vec<SocketAddr> = vec![
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.2:0".parse().unwrap(),
+        ];
+        config.acl.listen = vec![crate::acl::ListenAcl {
+            address: listen[1],
+            allow: vec!["10.0.0.8/32".parse().unwrap()],
+        }];
+        let server = Server::new(config.server.clone(), Time(0), 1).unwrap();
+        let ha = pcp_ha::HaConfig {
+            standby,
+            ..pcp_ha::HaConfig::default()
+        };
+        let origin = Instant::now()
+            .checked_sub(Duration::from_secs(100))
+            .unwrap();
+        let pair = Pair::new(
+            HaNode::new(ha, false, 7, Time(0)),
+            "127.0.0.1:1".parse().unwrap(),
+            Duration::from_millis(250),
+            origin,
+        );
+        let mut core = Core::new(
+            server,
+            Box::new(MemoryDataPlane::new()),
+            config.clone(),
+            origin,
+            1,
+            Some(pair),
+        );
+        {
+            let _rt = rt.enter();
+            for a in &listen {
+                let std = std::net::UdpSocket::bind(a).unwrap();
+                std.set_nonblocking(true).unwrap();
+                core.sockets
+                    .push(Arc::new(UdpSocket::from_std(std).unwrap()));
+                core.acls
+                    .push(Arc::new(crate::acl::SocketAcl::new(&config.acl, *a)));
+            }
+        }
+        // Promoted: it serves.
+        core.serving = true;
+        core.node_serves.store(true, Ordering::Release);
+        (core, rt)
+    }
+
+    /// Runs the takeover's ANNOUNCE burst to its end from `start`, each copy at the
+    /// moment it falls due; returns each copy's time and datagrams.
+    fn run_burst(
+        core: &mut Core,
+        start: Time,
+    ) -> Vec<(Time, Vec<(usize, SocketAddr, Vec<u8>, bool)>)> {
+        let mut copies = Vec::new();
+        let mut t = start;
+        while let Some(due) = core.burst.as_ref().and_then(|b| b.schedule.next_due()) {
+            assert!(copies.len() < 20, "the burst does not end");
+            t = t.max(due);
+            assert_eq!(core.next_wake(), Some(due), "the expiry task wakes for it");
+            copies.push((t, core.announce_due(t)));
+        }
+        copies
+    }
+
+    /// Issue (epoch continuity): a host whose checkpointed mapping could not be adopted
+    /// lost state just like one that held an unprotected mapping — its epoch starts
+    /// again and it gets the ANNOUNCE burst — while a host whose every mapping was
+    /// adopted keeps its epoch and is told nothing. The burst follows RFC 6887
+    /// §14.1.1 (ten copies, doubling gaps from 250 ms), and each host's copies leave
+    /// from the listen socket whose access list names it.
+    #[test]
+    fn a_failed_adoption_resets_the_hosts_epoch_and_announces_to_it() {
+        let (mut core, _rt) = takeover_core(false);
+        let now = core.now();
+        let base = Time(1_000);
+        let (kept, failed, exposed): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.7".parse().unwrap(),
+            "10.0.0.8".parse().unwrap(),
+            "10.0.0.6".parse().unwrap(),
+        );
+        let mappings = vec![
+            replicated_at("10.0.0.7", 2000, "192.0.2.1"),
+            replicated_at("10.0.0.6", 2001, "192.0.2.1"),
+            // Not in this node's pool (the nodes' pools differ): not adoptable.
+            replicated_at("10.0.0.8", 2002, "198.51.100.1"),
+            replicated_at("10.0.0.8", 2003, "192.0.2.1"),
+        ];
+        core.take_over(
+            2,
+            &mappings,
+            (&[exposed], &[kept, failed]),
+            Some(base),
+            true,
+            now,
+        );
+        assert_eq!(core.server.mapping_count(), 3);
+        assert_eq!(core.server.epochs().base_of(kept), base, "kept: continuous");
+        assert_eq!(
+            core.server.epochs().base_of(failed),
+            now,
+            "a mapping of its was not adopted: its epoch starts again"
+        );
+        assert_eq!(core.server.epochs().base_of(exposed), now);
+        {
+            let p = core.lock_pair().unwrap();
+            assert_eq!((p.adopted, p.adopt_failures), (3, 1));
+            assert_eq!(
+                p.lost_hosts,
+                LostHosts {
+                    unprotected: 1,
+                    adopt_failed: 1,
+                    never_installed: 0
+                }
+            );
+        }
+        let copies = run_burst(&mut core, now);
+        let times: Vec<u64> = copies.iter().map(|(t, _)| t.0 - now.0).collect();
+        assert_eq!(
+            times,
+            [0, 250, 750, 1750, 3750, 7750, 15750, 31750, 63750, 127750]
+        );
+        for (t, out) in &copies {
+            let mut to: Vec<(usize, SocketAddr)> = out.iter().map(|o| (o.0, o.1)).collect();
+            to.sort();
+            assert_eq!(
+                to,
+                [
+                    (0, SocketAddr::new(exposed, pcp_proto::CLIENT_PORT)),
+                    (1, SocketAddr::new(failed, pcp_proto::CLIENT_PORT)),
+                ],
+                "only the hosts that lost state, each from its own listen socket"
+            );
+            for (_, _, d, tagged) in out {
+                assert!(!tagged, "no PA session, no tag");
+                let r = Response::parse(d).unwrap();
+                assert_eq!(r.body, Body::Announce);
+                assert_eq!(
+                    u64::from(r.epoch),
+                    (t.0 - now.0) / 1000,
+                    "epoch from the takeover"
+                );
+            }
+        }
+        assert_eq!(core.next_wake(), core.server.next_timeout(), "burst over");
+    }
+
+    /// The same for a standby backup: a replicated mapping its core could never install
+    /// (pending at the takeover) means its host lost state.
+    #[test]
+    fn a_mapping_never_installed_on_the_standby_resets_the_hosts_epoch() {
+        let (mut core, _rt) = takeover_core(true);
+        let (kept, failed): (IpAddr, IpAddr) =
+            ("10.0.0.7".parse().unwrap(), "10.0.0.8".parse().unwrap());
+        let now = core.now();
+        core.mirror(
+            pcp_ha::Replica::Upsert(vec![
+                replicated_at("10.0.0.7", 2000, "192.0.2.1"),
+                replicated_at("10.0.0.8", 2001, "192.0.2.1"),
+                replicated_at("10.0.0.8", 2002, "198.51.100.1"),
+            ]),
+            now,
+        );
+        core.apply_effects(now);
+        assert_eq!(core.pending.len(), 1);
+        let base = Time(1_000);
+        core.take_over(3, &[], (&[], &[]), Some(base), true, now);
+        assert_eq!(core.server.epochs().base_of(kept), base, "kept: continuous");
+        assert_eq!(core.server.epochs().base_of(failed), now, "lost one: reset");
+        {
+            let p = core.lock_pair().unwrap();
+            assert_eq!((p.adopted, p.adopt_failures), (2, 1));
+            assert_eq!(p.lost_hosts.never_installed, 1);
+        }
+        let first = core.announce_due(now);
+        let to: Vec<(usize, SocketAddr)> = first.iter().map(|o| (o.0, o.1)).collect();
+        assert_eq!(to, [(1, SocketAddr::new(failed, pcp_proto::CLIENT_PORT))]);
+        // A step-down ends the burst: the new active speaks for the address.
+        core.serving = false;
+        assert!(core.announce_due(Time(now.0 + 300_000)).is_empty());
+        assert!(core.burst.is_none());
+    }
+
     /// A standby backup mirrors a run of replicated changes into its data plane in
     /// batches of `GROUP_OPS` operations (one netlink transaction each with
     /// nftables), not one per mapping; a non-mirror event in between ends the run, so
