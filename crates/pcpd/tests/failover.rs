@@ -1089,3 +1089,229 @@ fn restarted_node_with_a_state_file_takes_a_new_term() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ha.state"), "the error names the file: {err}");
 }
+
+/// Every `pcp_ha_*` sample of `d`'s `GET /metrics`, by its full key (name and labels).
+fn ha_metrics(d: &Pcpd) -> HashMap<String, f64> {
+    d.get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("pcp_ha_"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sample(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or_else(|| panic!("no {key} in {m:#?}"))
+}
+
+/// The one `pcp_ha_role` sample at 1, checking that the others are 0.
+fn role_metric(m: &HashMap<String, f64>) -> String {
+    let on: Vec<&str> = ["joining", "active", "promoting", "draining", "backup"]
+        .into_iter()
+        .filter(|r| sample(m, &format!("pcp_ha_role{{role=\"{r}\"}}")) == 1.0)
+        .collect();
+    assert_eq!(on.len(), 1, "exactly one role at 1: {m:#?}");
+    on[0].to_string()
+}
+
+/// The HA metrics of both nodes of a pair follow a failover and a fencing: roles,
+/// terms, readiness, the backup's store, released replies, then on the successor the
+/// promotion, the mappings adopted and the hosts that lost state (and the ANNOUNCE
+/// sent to them), and on the old active, resumed, its step-down.
+#[test]
+fn ha_metrics_follow_a_failover_on_both_nodes() {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let (a, b) = start_pair(&plan);
+    let (ma, mb) = (ha_metrics(&a), ha_metrics(&b));
+    assert_eq!(role_metric(&ma), "active");
+    assert_eq!(role_metric(&mb), "backup");
+    assert_eq!(sample(&ma, "pcp_ha_active"), 1.0);
+    assert_eq!(sample(&mb, "pcp_ha_active"), 0.0);
+    assert_eq!(sample(&ma, "pcp_ha_term"), term(&a.ha()) as f64);
+    assert_eq!(sample(&mb, "pcp_ha_ready"), 1.0);
+    assert_eq!(
+        sample(&ma, "pcp_ha_backup_status{status=\"ready\"}"),
+        1.0,
+        "{ma:#?}"
+    );
+    assert_eq!(sample(&ma, "pcp_ha_link_keyed"), 0.0);
+    assert_eq!(sample(&mb, "pcp_ha_standby_backlog_records"), 0.0);
+    assert_eq!(sample(&mb, "pcp_ha_promotions_total"), 0.0);
+
+    let made = checkpoint_some(&a, 2, 3);
+    let u_ip = fresh_ip();
+    let u_announce = announce_listener(u_ip);
+    let u = PcpClient::new(IpAddr::V4(u_ip), a.pcp);
+    assert!(u.map(Map::udp(5000)).checkpoint_echoed);
+    assert!(!u.map(Map::udp(5001).without_checkpoint()).checkpoint_echoed);
+    wait_ha(
+        &a,
+        Duration::from_secs(2),
+        "nothing left to acknowledge",
+        |h| h["lag"] == 0,
+    );
+    let ma2 = ha_metrics(&a);
+    assert!(
+        sample(&ma2, "pcp_ha_released_total")
+            >= sample(&ma, "pcp_ha_released_total") + made.len() as f64 + 1.0,
+        "every promise was released after an acknowledgement: {ma2:#?}"
+    );
+    common::wait_for(Duration::from_secs(5), "B stores the copy", || {
+        (sample(&ha_metrics(&b), "pcp_ha_stored_mappings") == made.len() as f64 + 1.0).then_some(())
+    });
+
+    a.signal("STOP");
+    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| {
+        h["role"] == "active"
+    });
+    let mut buf = [0u8; 1100];
+    u_announce
+        .recv_from(&mut buf)
+        .expect("an ANNOUNCE to the host that lost a mapping");
+    let mb2 = ha_metrics(&b);
+    assert_eq!(role_metric(&mb2), "active");
+    assert!(sample(&mb2, "pcp_ha_term") > sample(&mb, "pcp_ha_term"));
+    assert_eq!(sample(&mb2, "pcp_ha_promotions_total"), 1.0);
+    assert_eq!(
+        sample(&mb2, "pcp_ha_adopted_mappings"),
+        made.len() as f64 + 1.0
+    );
+    assert_eq!(sample(&mb2, "pcp_ha_adopt_failures"), 0.0);
+    assert_eq!(
+        sample(&mb2, "pcp_ha_lost_hosts{reason=\"unprotected\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&mb2, "pcp_ha_lost_hosts{reason=\"adopt_failed\"}"),
+        0.0
+    );
+    assert!(sample(&mb2, "pcp_ha_announces_total{outcome=\"plain\"}") >= 1.0);
+    assert_eq!(
+        sample(&mb2, "pcp_ha_announces_total{outcome=\"tagged\"}"),
+        0.0
+    );
+    common::wait_for(
+        Duration::from_secs(5),
+        "B: no peer, no ready backup",
+        || {
+            let m = ha_metrics(&b);
+            (sample(&m, "pcp_ha_peer_connected") == 0.0
+                && sample(&m, "pcp_ha_backup_status{status=\"ready\"}") == 0.0)
+                .then_some(())
+        },
+    );
+
+    a.signal("CONT");
+    wait_ha(
+        &a,
+        Duration::from_secs(10),
+        "A back as a ready backup",
+        |h| h["role"] == "backup" && h["ready"] == true,
+    );
+    let ma3 = ha_metrics(&a);
+    assert_eq!(role_metric(&ma3), "backup");
+    assert_eq!(sample(&ma3, "pcp_ha_demotions_total"), 1.0);
+    assert_eq!(sample(&ma3, "pcp_ha_term"), sample(&mb2, "pcp_ha_term"));
+    assert_eq!(sample(&ma3, "pcp_ha_ready"), 1.0);
+    common::wait_for(
+        Duration::from_secs(5),
+        "B sees a ready backup again",
+        || {
+            let m = ha_metrics(&b);
+            (sample(&m, "pcp_ha_backup_status{status=\"ready\"}") == 1.0
+                && sample(&m, "pcp_ha_peer_connected") == 1.0)
+                .then_some(())
+        },
+    );
+}
+
+/// Issue (takeover ANNOUNCE): a host that lost state at a takeover gets the RFC 6887
+/// §14.1.1 burst — several copies at growing gaps, not one datagram that a single loss
+/// defeats — from the service address it talks to. Each node listens on two
+/// addresses, the second (its service address for the host, `[[acl.listen]]`) the
+/// only one whose access list names the host: every copy must come from B's.
+#[test]
+fn takeover_announce_is_a_burst_from_the_hosts_service_address() {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let h = fresh_ip();
+    let service = |node: Node| {
+        let ip = fresh_ip();
+        let addr = SocketAddr::new(IpAddr::V4(ip), free_port(ip, true));
+        let role = if node == Node::A { "active" } else { "backup" };
+        let own = match node {
+            Node::A => plan.ip_a,
+            Node::B => plan.ip_b,
+        };
+        let text = format!(
+            "{}\n[[acl.listen]]\naddress = \"{addr}\"\nallow = [\"{h}/32\"]\n",
+            plan.config(node, role)
+        );
+        let d = common::pcpd(PCPD)
+            .at(own)
+            .config(&text)
+            .args(["--listen".to_string(), addr.to_string()])
+            .start();
+        (d, addr)
+    };
+    let (mut a, a_service) = service(Node::A);
+    let (b, b_service) = service(Node::B);
+    wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
+        h["role"] == "active" && h["backup_status"] == "ready"
+    });
+    wait_ha(&b, Duration::from_secs(10), "B backup and ready", |h| {
+        h["role"] == "backup" && h["ready"] == true
+    });
+    let listener = announce_listener(h);
+    let c = PcpClient::new(IpAddr::V4(h), a_service);
+    assert!(c.map(Map::udp(5000)).checkpoint_echoed);
+    assert!(!c.map(Map::udp(5001).without_checkpoint()).checkpoint_echoed);
+    wait_ha(
+        &a,
+        Duration::from_secs(2),
+        "nothing left to acknowledge",
+        |h| h["lag"] == 0,
+    );
+
+    a.kill9();
+    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| {
+        h["role"] == "active"
+    });
+    // Copies at 0, 250, 750, 1750 and 3750 ms (the second up to 250 ms late: the
+    // expiry task's tick); 4.5 s sees five.
+    let mut copies: Vec<(Instant, SocketAddr, u32)> = Vec::new();
+    let until = Instant::now() + Duration::from_millis(4500);
+    let mut buf = [0u8; 1100];
+    listener
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    while Instant::now() < until {
+        if let Ok((n, from)) = listener.recv_from(&mut buf) {
+            let r = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
+            assert_eq!(r.body, pcp_proto::Body::Announce);
+            copies.push((Instant::now(), from, r.epoch));
+        }
+    }
+    assert!(copies.len() >= 4, "a burst, not one datagram: {copies:?}");
+    for (_, from, epoch) in &copies {
+        assert_eq!(
+            *from, b_service,
+            "from B's service address for the host (not its first listen address {})",
+            b.pcp
+        );
+        assert!(*epoch <= 5, "the host's epoch starts again: {epoch}");
+    }
+    let gaps: Vec<Duration> = copies.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(200)),
+        "copies are spaced: {gaps:?}"
+    );
+    assert!(
+        gaps[2] > gaps[0] + gaps[0] / 2
+            && gaps
+                .windows(2)
+                .all(|w| w[1] + Duration::from_millis(100) > w[0]),
+        "the gaps grow: {gaps:?}"
+    );
+}
