@@ -630,6 +630,93 @@ fn without_session_replication_clients_reauthenticate_after_failover() {
     assert_eq!(renewed.external_port, body.external_port);
 }
 
+/// RFC 7652 §3.2 at a takeover: a host with a PA session that lost an unprotected
+/// mapping gets the successor's unsolicited ANNOUNCE tagged for its (replicated)
+/// session, each copy with a sequence number of its own, so that the client — which
+/// drops untagged messages while it has a session — verifies and acts on it.
+/// Verified with the client side of `pcp-auth` (key, session, replay window).
+#[test]
+fn takeover_announce_is_tagged_for_the_hosts_pa_session() {
+    let dir = TempDir::new();
+    let (auth, ca) = auth_files(&dir, "required", 600);
+    let plan = PairPlan::new(&auth, HaTiming::default());
+    let mut a = plan.start(PCPD, Node::A, "active");
+    let b = plan.start(PCPD, Node::B, "backup");
+    wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
+        h["role"] == "active" && h["ready"] == true && h["backup_status"] == "ready"
+    });
+    wait_ha(&b, Duration::from_secs(10), "B backup and ready", |h| {
+        h["role"] == "backup" && h["ready"] == true
+    });
+    let host = common::fresh_ip();
+    let listener = UdpSocket::bind((host, pcp_proto::CLIENT_PORT)).expect("bind 5350");
+    listener
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut p = Peer::to(&ca, a.pcp, "correct horse", IpAddr::V4(host));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "A's SA", || {
+        a.output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
+    let m = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
+    let r = p.exchange(&m).expect("the held reply, released");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged");
+    assert!(Response::parse(&r).unwrap().options.checkpoint_required());
+    // An unprotected mapping: the host now has something to lose.
+    let m = p.map_with(5001, true, &[]);
+    let r = p.exchange(&m).expect("an answer");
+    let now = p.now();
+    p.client.verify_response(now, &r).expect("tagged");
+    assert!(!Response::parse(&r).unwrap().options.checkpoint_required());
+    common::wait_for(Duration::from_secs(5), "B holds the session", || {
+        (b.ha()["sessions"] == 1).then_some(())
+    });
+    wait_ha(
+        &a,
+        Duration::from_secs(2),
+        "nothing left to acknowledge",
+        |h| h["lag"] == 0,
+    );
+
+    a.kill9();
+    wait_ha(&b, Duration::from_secs(10), "B takes over", |h| {
+        h["role"] == "active"
+    });
+    let mut copies = Vec::new();
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut buf = [0u8; 1100];
+    while Instant::now() < until {
+        if let Ok((n, from)) = listener.recv_from(&mut buf) {
+            assert_eq!(from, b.pcp, "from the successor's PCP address");
+            copies.push(buf[..n].to_vec());
+        }
+    }
+    assert!(
+        copies.len() >= 2,
+        "the burst's first copies: {}",
+        copies.len()
+    );
+    for d in &copies {
+        let now = p.now();
+        p.client
+            .verify_response(now, d)
+            .expect("tagged for the client's session, not a replay");
+        let r = Response::parse(d).unwrap();
+        assert_eq!(r.body, Body::Announce);
+        assert!(r.epoch <= 2, "the host's epoch starts again: {}", r.epoch);
+    }
+    assert_eq!(p.client.poll_event(), None, "the session carried on");
+    assert!(b.metric("pcp_ha_announces_total{outcome=\"tagged\"}") >= Some(copies.len() as f64));
+    assert_eq!(
+        b.metric("pcp_ha_announces_total{outcome=\"plain\"}"),
+        Some(0.0),
+        "nothing untagged to a host with a PA session"
+    );
+}
+
 /// A new CA and server certificate for `pcp.example` written over `dir`'s, returning
 /// the CA.
 fn new_certificate(dir: &TempDir) -> CertificateDer<'static> {
