@@ -1006,6 +1006,20 @@ impl Auth {
         out
     }
 
+    /// The hosts with a session that has an SA.
+    pub fn session_hosts(&self) -> Vec<std::net::IpAddr> {
+        let mut hosts: Vec<std::net::IpAddr> = self
+            .gate
+            .server
+            .sessions()
+            .filter(|s| s.common_out.is_some())
+            .map(|s| s.client.ip().to_canonical())
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        hosts
+    }
+
     /// Tags an unsolicited message (an ANNOUNCE) in `buf[..len]` for session `id` as
     /// any response (its key, its next sequence number) and queues that sequence
     /// number for the backup, so that a successor never reuses it (the client would

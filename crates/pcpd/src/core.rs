@@ -1626,6 +1626,18 @@ impl Core {
         } else {
             burst.targets.clone()
         };
+        self.announce_to(&targets, now, true)
+    }
+
+    /// ANNOUNCE datagrams to `targets` (host, listen socket) at `now`: one per PA
+    /// session of a host that has any, tagged for it; with `plain`, one untagged for
+    /// each other host.
+    fn announce_to(
+        &mut self,
+        targets: &[(IpAddr, usize)],
+        now: Time,
+        plain: bool,
+    ) -> Vec<(usize, SocketAddr, Vec<u8>, bool)> {
         let mut auth = self.auth.as_ref().filter(|a| a.on()).map(crate::auth::lock);
         let sessions = auth
             .as_ref()
@@ -1633,7 +1645,7 @@ impl Core {
             .unwrap_or_default();
         let mut out = Vec::with_capacity(targets.len());
         let mut buf = [0u8; pcp_proto::MAX_MESSAGE_LEN];
-        for (host, socket) in targets {
+        for &(host, socket) in targets {
             let to = SocketAddr::new(host, pcp_proto::CLIENT_PORT);
             let n = self.server.announce(Some(host), now, &mut buf);
             match (sessions.get(&host), auth.as_mut()) {
@@ -1646,16 +1658,33 @@ impl Core {
                         }
                     }
                 }
-                _ => out.push((socket, to, buf[..n].to_vec(), false)),
+                _ if plain => out.push((socket, to, buf[..n].to_vec(), false)),
+                _ => {}
             }
         }
         out
     }
 
-    /// Sends the ANNOUNCE copies due now ([`Core::announce_due`]).
-    pub fn send_announces(&mut self) {
-        let now = self.now();
-        for (socket, to, datagram, tagged) in self.announce_due(now) {
+    /// A copy of the start-up ANNOUNCE burst for the hosts with PA sessions: the
+    /// multicast copy carries no tag (it is for everyone), and a client with a session
+    /// drops untagged messages (RFC 7652 §3.2), so each gets a unicast copy tagged for
+    /// its session.
+    pub fn send_session_announces(&mut self, now: Time) {
+        let hosts = match self.auth.as_ref().filter(|a| a.on()) {
+            Some(a) => crate::auth::lock(a).session_hosts(),
+            None => return,
+        };
+        let targets: Vec<(IpAddr, usize)> = hosts
+            .into_iter()
+            .filter_map(|h| Some((h, self.announce_socket(h)?)))
+            .collect();
+        let out = self.announce_to(&targets, now, false);
+        self.send(out);
+    }
+
+    /// Sends ANNOUNCE datagrams, counting them.
+    fn send(&mut self, out: Vec<(usize, SocketAddr, Vec<u8>, bool)>) {
+        for (socket, to, datagram, tagged) in out {
             let sent = self
                 .sockets
                 .get(socket)
@@ -1667,6 +1696,13 @@ impl Core {
                 _ => self.announces.failed += 1,
             }
         }
+    }
+
+    /// Sends the ANNOUNCE copies due now ([`Core::announce_due`]).
+    pub fn send_announces(&mut self) {
+        let now = self.now();
+        let out = self.announce_due(now);
+        self.send(out);
     }
 
     /// When the core next has timed work: an expiry, or an ANNOUNCE copy.

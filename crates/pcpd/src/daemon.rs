@@ -720,9 +720,16 @@ async fn announce_start(sockets: Vec<Arc<UdpSocket>>, shared: Shared) {
         let at = shared.lock().instant_of(due);
         tokio::time::sleep_until(at.into()).await;
         let n = {
-            let core = shared.lock();
-            schedule.poll(core.now());
-            core.server.announce(None, core.now(), &mut buf)
+            let mut core = shared.lock();
+            let now = core.now();
+            schedule.poll(now);
+            // A node that does not serve (a pair's backup) keeps quiet: the active
+            // speaks for the address, and its clients' epoch is the active's.
+            if !core.serves() {
+                continue;
+            }
+            core.send_session_announces(now);
+            core.server.announce(None, now, &mut buf)
         };
         for sock in &sockets {
             let to: SocketAddr = match sock.local_addr() {

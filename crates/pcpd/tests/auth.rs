@@ -717,6 +717,41 @@ fn takeover_announce_is_tagged_for_the_hosts_pa_session() {
     );
 }
 
+/// The start-up ANNOUNCE burst (`announce_multicast`) is multicast, hence untagged,
+/// and a client with a PA session drops untagged messages (RFC 7652 §3.2): a host
+/// that has a session while the burst lasts gets its copies unicast, tagged for its
+/// session. Verified with the client side of `pcp-auth`.
+#[test]
+fn startup_announce_burst_reaches_a_pa_session_tagged() {
+    let s = setup_config("required", 600, "\n[pcpd]\nannounce_multicast = true\n");
+    let host = common::fresh_ip();
+    let listener = UdpSocket::bind((host, pcp_proto::CLIENT_PORT)).expect("bind 5350");
+    listener
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut p = Peer::new_at(&s, "correct horse", IpAddr::V4(host));
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    // Copies at 0.25, 0.75, 1.75, 3.75, 7.75 s … after the start: one falls after
+    // the session is up.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 1100];
+    let got = loop {
+        assert!(
+            Instant::now() < until,
+            "no ANNOUNCE for the PA session's host"
+        );
+        if let Ok((n, from)) = listener.recv_from(&mut buf) {
+            assert_eq!(from, s.pcpd.pcp, "from pcpd's PCP address");
+            break buf[..n].to_vec();
+        }
+    };
+    let now = p.now();
+    p.client
+        .verify_response(now, &got)
+        .expect("tagged for the client's session");
+    assert_eq!(Response::parse(&got).unwrap().body, Body::Announce);
+}
+
 /// A new CA and server certificate for `pcp.example` written over `dir`'s, returning
 /// the CA.
 fn new_certificate(dir: &TempDir) -> CertificateDer<'static> {
