@@ -172,6 +172,19 @@ struct Burst {
     targets: Vec<(IpAddr, usize)>,
 }
 
+/// An unsolicited ANNOUNCE to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsolicited {
+    /// The index of the listen socket it leaves from.
+    pub socket: usize,
+    /// Where it goes (the host's port 5350).
+    pub to: SocketAddr,
+    /// The message.
+    pub datagram: Vec<u8>,
+    /// Whether it carries an AUTHENTICATION_TAG.
+    pub tagged: bool,
+}
+
 /// Unsolicited ANNOUNCEs sent to hosts (after takeovers), since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AnnounceStats {
@@ -1604,12 +1617,11 @@ impl Core {
         best.map(|(i, _)| i)
     }
 
-    /// The ANNOUNCE copy due at `now`, if any, for every host of the takeover's burst:
-    /// (listen socket index, destination, datagram, whether it is tagged). A host with PA sessions gets one
-    /// copy per session, tagged for it as a response would be (RFC 7652 §3.2: an
-    /// unsolicited message to a client with a PA session carries its tag); the others
-    /// one plain copy.
-    pub fn announce_due(&mut self, now: Time) -> Vec<(usize, SocketAddr, Vec<u8>, bool)> {
+    /// The ANNOUNCE copy due at `now`, if any, for every host of the takeover's burst.
+    /// A host with PA sessions gets one copy per session, tagged for it as a response
+    /// would be (RFC 7652 §3.2: an unsolicited message to a client with a PA session
+    /// carries its tag); the others one plain copy.
+    pub fn announce_due(&mut self, now: Time) -> Vec<Unsolicited> {
         if !self.serves() {
             // Stepped down or draining: whoever serves next speaks for the address.
             self.burst = None;
@@ -1637,7 +1649,7 @@ impl Core {
         targets: &[(IpAddr, usize)],
         now: Time,
         plain: bool,
-    ) -> Vec<(usize, SocketAddr, Vec<u8>, bool)> {
+    ) -> Vec<Unsolicited> {
         let mut auth = self.auth.as_ref().filter(|a| a.on()).map(crate::auth::lock);
         let sessions = auth
             .as_ref()
@@ -1653,12 +1665,22 @@ impl Core {
                     for id in ids {
                         let mut tagged = buf;
                         match a.tag_unsolicited(*id, &mut tagged, n) {
-                            Some(len) => out.push((socket, to, tagged[..len].to_vec(), true)),
+                            Some(len) => out.push(Unsolicited {
+                                socket,
+                                to,
+                                datagram: tagged[..len].to_vec(),
+                                tagged: true,
+                            }),
                             None => self.announces.failed += 1,
                         }
                     }
                 }
-                _ if plain => out.push((socket, to, buf[..n].to_vec(), false)),
+                _ if plain => out.push(Unsolicited {
+                    socket,
+                    to,
+                    datagram: buf[..n].to_vec(),
+                    tagged: false,
+                }),
                 _ => {}
             }
         }
@@ -1683,14 +1705,14 @@ impl Core {
     }
 
     /// Sends ANNOUNCE datagrams, counting them.
-    fn send(&mut self, out: Vec<(usize, SocketAddr, Vec<u8>, bool)>) {
-        for (socket, to, datagram, tagged) in out {
+    fn send(&mut self, out: Vec<Unsolicited>) {
+        for u in out {
             let sent = self
                 .sockets
-                .get(socket)
-                .map(|s| s.try_send_to(&datagram, to));
+                .get(u.socket)
+                .map(|s| s.try_send_to(&u.datagram, u.to));
             match sent {
-                Some(Ok(_)) if tagged => self.announces.tagged += 1,
+                Some(Ok(_)) if u.tagged => self.announces.tagged += 1,
                 Some(Ok(_)) => self.announces.plain += 1,
                 // A full send buffer loses this copy; the next one follows.
                 _ => self.announces.failed += 1,
@@ -2031,10 +2053,7 @@ mod tests {
 
     /// Runs the takeover's ANNOUNCE burst to its end from `start`, each copy at the
     /// moment it falls due; returns each copy's time and datagrams.
-    fn run_burst(
-        core: &mut Core,
-        start: Time,
-    ) -> Vec<(Time, Vec<(usize, SocketAddr, Vec<u8>, bool)>)> {
+    fn run_burst(core: &mut Core, start: Time) -> Vec<(Time, Vec<Unsolicited>)> {
         let mut copies = Vec::new();
         let mut t = start;
         while let Some(due) = core.burst.as_ref().and_then(|b| b.schedule.next_due()) {
@@ -2104,7 +2123,7 @@ mod tests {
             [0, 250, 750, 1750, 3750, 7750, 15750, 31750, 63750, 127750]
         );
         for (t, out) in &copies {
-            let mut to: Vec<(usize, SocketAddr)> = out.iter().map(|o| (o.0, o.1)).collect();
+            let mut to: Vec<(usize, SocketAddr)> = out.iter().map(|o| (o.socket, o.to)).collect();
             to.sort();
             assert_eq!(
                 to,
@@ -2114,9 +2133,9 @@ mod tests {
                 ],
                 "only the hosts that lost state, each from its own listen socket"
             );
-            for (_, _, d, tagged) in out {
-                assert!(!tagged, "no PA session, no tag");
-                let r = Response::parse(d).unwrap();
+            for u in out {
+                assert!(!u.tagged, "no PA session, no tag");
+                let r = Response::parse(&u.datagram).unwrap();
                 assert_eq!(r.body, Body::Announce);
                 assert_eq!(
                     u64::from(r.epoch),
@@ -2156,7 +2175,7 @@ mod tests {
             assert_eq!(p.lost_hosts.never_installed, 1);
         }
         let first = core.announce_due(now);
-        let to: Vec<(usize, SocketAddr)> = first.iter().map(|o| (o.0, o.1)).collect();
+        let to: Vec<(usize, SocketAddr)> = first.iter().map(|o| (o.socket, o.to)).collect();
         assert_eq!(to, [(1, SocketAddr::new(failed, pcp_proto::CLIENT_PORT))]);
         // A step-down ends the burst: the new active speaks for the address.
         core.serving = false;
