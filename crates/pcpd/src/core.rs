@@ -1592,24 +1592,25 @@ impl Core {
     /// access lists are what says which service address is whose.
     fn announce_socket(&self, host: IpAddr) -> Option<usize> {
         let host = host.to_canonical();
-        let mut best: Option<(usize, u8)> = None;
+        let mut best: Option<(usize, (u8, bool))> = None;
         for (i, sock) in self.sockets.iter().enumerate() {
             let Ok(local) = sock.local_addr() else {
                 continue;
             };
-            // A dual-stack socket ([::]) reaches IPv4 hosts too.
-            let family = local.is_ipv4() == host.is_ipv4()
-                || (local.ip() == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-            if !family {
+            // A dual-stack socket ([::]) reaches IPv4 hosts too, but one of the
+            // host's own family is preferred on a tie.
+            let same = local.is_ipv4() == host.is_ipv4();
+            if !same && local.ip() != IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
                 continue;
             }
-            let score = match self.acls.get(i) {
+            let specific = match self.acls.get(i) {
                 Some(acl) => match acl.match_len(host) {
                     Some(n) => n,
                     None => continue,
                 },
                 None => 0,
             };
+            let score = (specific, same);
             if best.is_none_or(|(_, b)| score > b) {
                 best = Some((i, score));
             }
