@@ -32,7 +32,9 @@ pub struct DaemonSection {
     pub log: String,
     /// At start (a state loss for every client), multicast unsolicited ANNOUNCE to
     /// 224.0.0.1:5350 / [ff02::1]:5350 from each listen socket (RFC 6887 §14.1.1).
-    /// Off by default: only useful where the clients share the served link.
+    /// Off by default: only useful where the clients share the served link. A node
+    /// that does not serve (a pair's backup) sends none; hosts with PA sessions get
+    /// tagged unicast copies.
     pub announce_multicast: bool,
     /// Runtime threads: 1 runs everything on one thread; more (default 2) use a
     /// multi-threaded runtime.
