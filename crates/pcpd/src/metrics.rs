@@ -176,6 +176,21 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
         core.dataplane_failures
     );
 
+    header(
+        &mut out,
+        "pcp_announces_total",
+        "counter",
+        "Unsolicited unicast ANNOUNCEs (to hosts that lost state at a takeover; tagged start-up copies for PA sessions), by outcome.",
+    );
+    let a = core.announces;
+    for (outcome, n) in [
+        ("plain", a.plain),
+        ("tagged", a.tagged),
+        ("failed", a.failed),
+    ] {
+        let _ = writeln!(out, "pcp_announces_total{{outcome=\"{outcome}\"}} {n}");
+    }
+
     let ha = crate::admin::ha_view(core, pair);
     if ha.enabled {
         header(
@@ -343,20 +358,6 @@ pub fn render(core: &Core, pair: Option<&Pair>) -> String {
             "Step-downs of this node (a newer active was heard).",
         );
         let _ = writeln!(out, "pcp_ha_demotions_total {}", ha.demotions);
-        header(
-            &mut out,
-            "pcp_ha_announces_total",
-            "counter",
-            "Unsolicited ANNOUNCEs to hosts that lost state at a takeover, by outcome.",
-        );
-        let a = core.announces;
-        for (outcome, n) in [
-            ("plain", a.plain),
-            ("tagged", a.tagged),
-            ("failed", a.failed),
-        ] {
-            let _ = writeln!(out, "pcp_ha_announces_total{{outcome=\"{outcome}\"}} {n}");
-        }
     }
 
     let mut merged = core.latency.clone();

@@ -709,9 +709,9 @@ fn takeover_announce_is_tagged_for_the_hosts_pa_session() {
         assert!(r.epoch <= 2, "the host's epoch starts again: {}", r.epoch);
     }
     assert_eq!(p.client.poll_event(), None, "the session carried on");
-    assert!(b.metric("pcp_ha_announces_total{outcome=\"tagged\"}") >= Some(copies.len() as f64));
+    assert!(b.metric("pcp_announces_total{outcome=\"tagged\"}") >= Some(copies.len() as f64));
     assert_eq!(
-        b.metric("pcp_ha_announces_total{outcome=\"plain\"}"),
+        b.metric("pcp_announces_total{outcome=\"plain\"}"),
         Some(0.0),
         "nothing untagged to a host with a PA session"
     );
@@ -750,6 +750,7 @@ fn startup_announce_burst_reaches_a_pa_session_tagged() {
         .verify_response(now, &got)
         .expect("tagged for the client's session");
     assert_eq!(Response::parse(&got).unwrap().body, Body::Announce);
+    assert!(s.pcpd.metric("pcp_announces_total{outcome=\"tagged\"}") >= Some(1.0));
 }
 
 /// A new CA and server certificate for `pcp.example` written over `dir`'s, returning
