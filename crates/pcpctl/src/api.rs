@@ -179,6 +179,32 @@ pub struct Ha {
     /// Replication frames refused by the link layer, by reason (older pcpd: absent).
     #[serde(default)]
     pub frames_rejected: FramesRejected,
+    /// Checkpointed mappings not installed at the last takeover (older pcpd: absent).
+    #[serde(default)]
+    pub adopt_failures: u64,
+    /// Hosts that lost state at the last takeover, by reason (older pcpd: absent).
+    #[serde(default)]
+    pub lost_hosts: LostHosts,
+    /// Promotions of the node since start (older pcpd: absent).
+    #[serde(default)]
+    pub promotions: u64,
+    /// Step-downs of the node since start (older pcpd: absent).
+    #[serde(default)]
+    pub demotions: u64,
+}
+
+/// Hosts that lost state at a takeover (new epoch, ANNOUNCE), by reason.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub struct LostHosts {
+    /// Held mappings that were not checkpointed.
+    #[serde(default)]
+    pub unprotected: u64,
+    /// A checkpointed mapping could not be adopted.
+    #[serde(default)]
+    pub adopt_failed: u64,
+    /// A replicated mapping was never installed on the standby.
+    #[serde(default)]
+    pub never_installed: u64,
 }
 
 /// Replication frames refused before the HA node saw them.

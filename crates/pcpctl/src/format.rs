@@ -219,7 +219,21 @@ pub fn ha(h: &Ha) -> String {
         ("released", h.released_responses.to_string()),
         ("ack timeouts", h.ack_timeouts.to_string()),
         ("backup", h.backup_status.clone()),
-        ("adopted", h.adopted.to_string()),
+        (
+            "adopted",
+            format!(
+                "{} (failed {}; hosts that lost state: unprotected {}, adopt failed {}, never installed {})",
+                h.adopted,
+                h.adopt_failures,
+                h.lost_hosts.unprotected,
+                h.lost_hosts.adopt_failed,
+                h.lost_hosts.never_installed
+            ),
+        ),
+        (
+            "role changes",
+            format!("{} promotions, {} demotions", h.promotions, h.demotions),
+        ),
         (
             "link",
             format!(
@@ -383,6 +397,14 @@ mod tests {
                 auth: 3,
                 ..Default::default()
             },
+            adopt_failures: 1,
+            lost_hosts: crate::api::LostHosts {
+                unprotected: 4,
+                adopt_failed: 1,
+                never_installed: 0,
+            },
+            promotions: 2,
+            demotions: 1,
         };
         let text = ha(&h);
         for line in [
@@ -396,7 +418,8 @@ mod tests {
             "released:      40",
             "link:          keyed (rejected: auth 3, replay 0, unkeyed 0, keyed 0)",
             "backup:        ready",
-            "adopted:       7",
+            "adopted:       7 (failed 1; hosts that lost state: unprotected 4, adopt failed 1, never installed 0)",
+            "role changes:  2 promotions, 1 demotions",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
