@@ -919,8 +919,10 @@ mod tests {
             frames >= 20,
             "{frames} frames in 1 s of 20 ms heartbeats while the core was busy"
         );
+        // A thread blocked on the core would be silent for the whole 1 s stall; the
+        // margin below that absorbs scheduling delays on a loaded 2-CPU CI machine.
         assert!(
-            gap < Duration::from_millis(100),
+            gap < Duration::from_millis(400),
             "{gap:?} without a frame while the core was busy"
         );
         let role = shared.lock_pair().unwrap().node.role();
@@ -1061,8 +1063,9 @@ mod tests {
             frames >= 20,
             "{frames} frames in 1 s while the backup's core was busy"
         );
+        // As above: a blocked thread would be silent for the whole 1 s stall.
         assert!(
-            gap < Duration::from_millis(100),
+            gap < Duration::from_millis(400),
             "{gap:?} without an answer while the core was busy"
         );
         let role = shared.lock_pair().unwrap().node.role();
