@@ -640,6 +640,10 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
     let outcomes = pair.under_load(Duration::from_secs(8), Duration::from_secs(3), |p| {
         let (ok, out) = p.pcpctl(0, &["switchover"]);
         assert!(ok, "pcpctl switchover: {out}");
+        eprintln!(
+            "switchover: address on B after {:?}",
+            p.wait_vip(1, "switchover")
+        );
     });
     pair.wait_ha(1, "B active", |h| h["role"] == "active");
     pair.wait_ha(0, "A backup", |h| h["role"] == "backup");
@@ -656,6 +660,7 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
         let child = p.lab.child(i);
         child.kill().expect("kill -9 B's pcpd");
         let _ = child.wait();
+        eprintln!("kill -9: address on A after {:?}", p.wait_vip(0, "kill -9"));
     });
     pair.wait_ha(0, "A active again", |h| h["role"] == "active");
     pair.wait_vip(0, "after kill -9");
