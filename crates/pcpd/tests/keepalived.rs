@@ -377,6 +377,28 @@ impl Pair {
         self.keepalived.push(i);
     }
 
+    /// What node `n`'s notify script logged so far.
+    fn notify_log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.join(&format!("notify{n}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until node `n`'s notify script logged its `count`th MASTER line; returns it.
+    fn wait_notify_master(&self, n: usize, count: usize) -> String {
+        let line = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+            self.notify_log(n)
+                .lines()
+                .filter(|l| l.starts_with("VRRP MASTER"))
+                .nth(count - 1)
+                .map(str::to_string)
+        });
+        line.unwrap_or_else(|| {
+            panic!(
+                "node {n}: notify MASTER #{count} not logged\n{}",
+                self.logs()
+            )
+        })
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir.0)
@@ -449,7 +471,21 @@ fn keepalived_conf(n: usize, dir: &TempDir) -> String {
         .expect("docs/keepalived/keepalived.conf");
     let pcpctl = pcpctl_bin().to_str().unwrap().to_string();
     let script = std::fs::read_to_string(root.join("docs/keepalived/pcpd-notify.sh"))
-        .expect("docs/keepalived/pcpd-notify.sh")
+        .expect("docs/keepalived/pcpd-notify.sh");
+    // Its log lines go to a file the test reads instead of syslog.
+    let logger = r#"logger -t pcpd-notify -- "$*" 2>/dev/null || echo "pcpd-notify: $*" >&2"#;
+    assert!(
+        script.contains(logger),
+        "the notify script's log line changed: update this test"
+    );
+    let script = script
+        .replace(
+            logger,
+            &format!(
+                r#"echo "$*" >> {}"#,
+                dir.path_str(&format!("notify{n}.log"))
+            ),
+        )
         .replace("/usr/local/bin/pcpctl", &pcpctl);
     let notify = dir.join(&format!("pcpd-notify{n}.sh"));
     std::fs::write(&notify, script).unwrap();
@@ -539,6 +575,8 @@ fn setup(tag: &str) -> Pair {
     pair.start_keepalived(1);
     let took = pair.wait_vip(0, "pair start");
     eprintln!("service address on A after {took:?}");
+    let line = pair.wait_notify_master(0, 1);
+    assert!(line.contains("pcpd active (term 1)"), "{line}");
     pair
 }
 
@@ -649,6 +687,9 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
     pair.wait_ha(0, "A backup", |h| h["role"] == "backup");
     pair.wait_vip(1, "after the switchover");
     check(&pair, 1, &outcomes, "switchover", false);
+    // The notify script found pcpd already active: the check let VRRP follow pcpd.
+    let line = pair.wait_notify_master(1, 1);
+    assert!(line.contains("pcpd active (term 2)"), "{line}");
     let (serving, out) = pair.pcpctl(0, &["ha", "--serving"]);
     assert!(!serving, "the old active must fail the health check: {out}");
 
@@ -665,4 +706,13 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
     pair.wait_ha(0, "A active again", |h| h["role"] == "active");
     pair.wait_vip(0, "after kill -9");
     check(&pair, 0, &outcomes, "kill -9", true);
+    let line = pair.wait_notify_master(0, 2);
+    assert!(line.contains("pcpd active (term 3)"), "{line}");
+    for n in 0..2 {
+        let log = pair.notify_log(n);
+        assert!(
+            !log.contains("promote"),
+            "node {n}: pcpd decides, not VRRP:\n{log}"
+        );
+    }
 }
