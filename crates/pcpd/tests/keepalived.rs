@@ -16,6 +16,8 @@
 //!   echoed 192 is on the new active with the same external endpoint, the old active is
 //!   a backup and the service address moved with the role. Then the same with `kill -9`
 //!   of the new active: the address comes back to the first node, which took over.
+//!   At every VRRP MASTER the documented notify script finds pcpd already active (the
+//!   health check made VRRP follow pcpd) and never promotes.
 //!
 //! Root only (a loud SKIP otherwise). Needs `ip`, `sysctl` and `keepalived` (Debian
 //! package `keepalived`); with `PCPD_REQUIRE_KEEPALIVED=1` (scripts/test as root) a
