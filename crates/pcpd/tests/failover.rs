@@ -1095,10 +1095,31 @@ fn restarted_node_with_a_state_file_takes_a_new_term() {
 struct Frozen<'a>(&'a Pcpd);
 
 impl<'a> Frozen<'a> {
+    /// Sends SIGSTOP and waits until every thread of `d` is stopped: the signal is
+    /// delivered asynchronously, and on a loaded machine a thread may otherwise still
+    /// acknowledge a record after `kill` returned.
     fn stop(d: &'a Pcpd) -> Frozen<'a> {
         d.signal("STOP");
-        Frozen(d)
+        let frozen = Frozen(d);
+        let stopped =
+            pcp_testkit::wait_until(Duration::from_secs(5), || all_threads_stopped(d.pid()));
+        assert!(stopped, "pcpd {} did not stop", d.pid());
+        frozen
     }
+}
+
+/// Whether every thread of process `pid` is in state T (stopped), per /proc.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // "tid (comm) S ...": the state follows the last ')'.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        })
+    })
 }
 
 impl Drop for Frozen<'_> {
