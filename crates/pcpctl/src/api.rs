@@ -137,7 +137,7 @@ pub struct AuthSession {
 }
 
 /// `GET /ha`: pair-mode status.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct Ha {
     /// Whether pair mode is configured.
     #[serde(default)]
@@ -279,6 +279,11 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
+    /// `ha --serving`: this pcpd does not answer PCP now; its role and term.
+    NotServing {
+        /// `role ROLE (term N)`.
+        role: String,
+    },
     /// pcpd refused a command (`reload`, `promote`, `switchover`); its reason.
     Refused {
         /// The command.
@@ -318,6 +323,7 @@ impl fmt::Display for ApiError {
                 "pcpd admin API at {admin}: unexpected answer to {request}: {reason}"
             ),
             ApiError::Refused { command, reason } => write!(f, "{command} refused: {reason}"),
+            ApiError::NotServing { role } => write!(f, "not serving: {role}"),
             ApiError::Token { path, reason } => write!(f, "token file {path}: {reason}"),
         }
     }

@@ -183,6 +183,22 @@ pub fn status(s: &Status) -> String {
     out
 }
 
+/// `ha --serving`: `Ok(line)` when this pcpd answers PCP now, else `Err(role and term)`.
+/// `promoting` counts as serving: the node has taken the role and answers within
+/// moments, so the service address may start moving to it.
+pub fn serving(h: &Ha) -> Result<String, String> {
+    let what = if h.enabled {
+        format!("role {} (term {})", h.role, h.term)
+    } else {
+        "standalone (pair mode not configured)".to_string()
+    };
+    if !h.enabled || h.role == "active" || h.role == "promoting" {
+        Ok(format!("serving: {what}\n"))
+    } else {
+        Err(what)
+    }
+}
+
 /// The pair-mode status lines.
 pub fn ha(h: &Ha) -> String {
     if !h.enabled {
@@ -374,6 +390,26 @@ mod tests {
         assert_eq!(lines.next().unwrap(), "1 mapping, 1 checkpointed");
         // Columns line up: each header starts where its cells start.
         assert_eq!(header.find("EXTERNAL"), row.find("[2001:db8::1]:40000"));
+    }
+
+    #[test]
+    fn serving_only_while_answering_pcp() {
+        let mut h = Ha {
+            enabled: true,
+            role: "active".into(),
+            term: 3,
+            ..Ha::default()
+        };
+        assert_eq!(serving(&h), Ok("serving: role active (term 3)\n".into()));
+        h.role = "promoting".into();
+        assert!(serving(&h).is_ok());
+        for role in ["backup", "joining", "draining", "something-new"] {
+            h.role = role.into();
+            assert_eq!(serving(&h), Err(format!("role {role} (term 3)")));
+        }
+        h.enabled = false;
+        h.role = "standalone".into();
+        assert!(serving(&h).is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! pcpctl [--admin ADDR] reload                re-read pcpd's config file
 //! pcpctl [--admin ADDR] metrics               the Prometheus text
 //! pcpctl [--admin ADDR] ha [--json]           pair mode: role, term, readiness, lag
+//! pcpctl [--admin ADDR] ha --serving          exit 0 only if this pcpd answers PCP now
 //! pcpctl [--admin ADDR] promote               make this backup active now
 //! pcpctl [--admin ADDR] switchover            hand over from this active to its backup
 //! pcpctl [--admin ADDR] auth sessions [--json] PCP authentication (RFC 7652) sessions
@@ -17,7 +18,8 @@
 //! API asks for when it has `[pcpd] admin_token_file` (or the read-only token).
 //!
 //! Exit codes: 0 done; 1 pcpd could not be reached, answered an error, or refused the
-//! command (reload, promote, switchover, auth terminate: pcpd's reason is printed); 2 bad usage.
+//! command (reload, promote, switchover, auth terminate: pcpd's reason is printed), or
+//! (`ha --serving`) this pcpd does not answer PCP now; 2 bad usage.
 #![forbid(unsafe_code)]
 
 mod api;
@@ -81,8 +83,13 @@ enum Command {
     /// Show pair mode (HA): role, term, peer, readiness, replication lag, held replies.
     Ha {
         /// Print pcpd's JSON as received.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "serving")]
         json: bool,
+        /// Health check for keepalived (docs/HA.md "keepalived"): exit 0 only if this
+        /// pcpd answers PCP now (role active or promoting, or standalone); exit 1 when
+        /// it is a backup, joining, draining (a switchover away from it) or unreachable.
+        #[arg(long)]
+        serving: bool,
     },
     /// Promote this backup to active now, even without a complete copy (what it holds
     /// is all there is). The old active, if alive, steps down when it hears the new
@@ -194,8 +201,11 @@ fn run(cli: &Cli) -> Result<String, ApiError> {
             Ok(format!("{message}\n"))
         }
         Command::Metrics => client.get_text("/metrics"),
-        Command::Ha { json } => {
+        Command::Ha { json, serving } => {
             let (ha, body) = client.get_json::<api::Ha>("/ha")?;
+            if *serving {
+                return format::serving(&ha).map_err(|role| ApiError::NotServing { role });
+            }
             Ok(if *json { raw(body) } else { format::ha(&ha) })
         }
         Command::Promote => Ok(format!("{}\n", client.promote()?)),
@@ -242,7 +252,22 @@ mod tests {
     #[test]
     fn ha_commands_parse() {
         let cli = Cli::try_parse_from(["pcpctl", "ha", "--json"]).unwrap();
-        assert!(matches!(cli.command, Command::Ha { json: true }));
+        assert!(matches!(
+            cli.command,
+            Command::Ha {
+                json: true,
+                serving: false
+            }
+        ));
+        let cli = Cli::try_parse_from(["pcpctl", "ha", "--serving"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Ha {
+                json: false,
+                serving: true
+            }
+        ));
+        assert!(Cli::try_parse_from(["pcpctl", "ha", "--serving", "--json"]).is_err());
         let cli = Cli::try_parse_from(["pcpctl", "--admin", "127.0.0.9:1", "promote"]).unwrap();
         assert!(matches!(cli.command, Command::Promote));
         assert_eq!(cli.admin, "127.0.0.9:1");

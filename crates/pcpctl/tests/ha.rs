@@ -103,12 +103,33 @@ fn switchover_hands_over_and_refusals_exit_1_with_pcpds_reason() {
         "pcpctl: switchover refused: only an active with a ready backup can hand over\n"
     );
 
+    // The keepalived health check: only the active serves.
+    let (code, out, err) = pcpctl(&a, &["ha", "--serving"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "serving: role active (term 1)\n"),
+        "{err}"
+    );
+    let (code, out, err) = pcpctl(&b, &["ha", "--serving"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(err, "pcpctl: not serving: role backup (term 1)\n");
+
     let (code, out, err) = pcpctl(&a, &["switchover"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "handing over to the backup\n");
     pcp_testkit::wait_for(Duration::from_secs(5), "roles swapped", || {
         (ha_json(&a)["role"] == "backup" && ha_json(&b)["role"] == "active").then_some(())
     });
+    // The check follows the roles: the address would move to B.
+    let (code, _, err) = pcpctl(&a, &["ha", "--serving"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.starts_with("pcpctl: not serving: role backup"), "{err}");
+    let (code, out, err) = pcpctl(&b, &["ha", "--serving"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "serving: role active (term 2)\n"),
+        "{err}"
+    );
     // The mapping is on B, same endpoint; B answers for it.
     let r = pcp_testkit::PcpClient::new(c.ip(), b.pcp).map(Map::udp(5060));
     assert_eq!(r.result, ResultCode::Success);
@@ -145,6 +166,9 @@ fn ha_commands_on_a_standalone_pcpd() {
         "role:          standalone (pair mode not configured)\n"
     );
     assert_eq!(ha_json(&d)["role"], "standalone");
+    let (code, out, err) = pcpctl(&d, &["ha", "--serving"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "serving: standalone (pair mode not configured)\n");
     for cmd in ["promote", "switchover"] {
         let (code, out, err) = pcpctl(&d, &[cmd]);
         assert_eq!(code, Some(1), "{cmd}: {out}{err}");

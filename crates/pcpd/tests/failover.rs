@@ -1318,3 +1318,181 @@ fn takeover_announce_is_a_burst_from_the_hosts_service_address() {
     }
     assert!(gaps[2] > gaps[0], "the gaps grow: {gaps:?}");
 }
+
+/// Continues a process stopped with SIGSTOP when dropped (also on a panic), so a failed
+/// assertion never leaves a frozen pcpd behind (the node's own guard then kills it).
+struct Frozen<'a>(&'a Pcpd);
+
+impl<'a> Frozen<'a> {
+    /// Sends SIGSTOP and waits until every thread of `d` is stopped: the signal is
+    /// delivered asynchronously, and on a loaded machine a thread may otherwise still
+    /// acknowledge a record after `kill` returned.
+    fn stop(d: &'a Pcpd) -> Frozen<'a> {
+        d.signal("STOP");
+        let frozen = Frozen(d);
+        let stopped =
+            pcp_testkit::wait_until(Duration::from_secs(5), || all_threads_stopped(d.pid()));
+        assert!(stopped, "pcpd {} did not stop", d.pid());
+        frozen
+    }
+}
+
+/// Whether every thread of process `pid` is in state T (stopped), per /proc.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // "tid (comm) S ...": the state follows the last ')'.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        })
+    })
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal("CONT");
+    }
+}
+
+/// "Backup too slow", end to end: the backup is frozen (SIGSTOP) while it still counts
+/// as heard, so the active holds a checkpointed reply for it. The reply must go out
+/// SUCCESS without 192 after about `ack_timeout_ms`, withdrawn as `backup_timeout` and
+/// counted in `GET /ha` and in `pcp_ha_ack_timeouts_total`; meanwhile another client's
+/// request is answered at once, not after the held one. Once the backup runs again the
+/// pair recovers and 192 is echoed again. Then once more for a host whose mappings were
+/// all checkpointed: withdrawing the promise exposes it, so its reply waits a second
+/// time for the "host exposed" record (docs/HA.md, "Sync before respond") and goes out
+/// after at most twice `ack_timeout_ms`, still without 192.
+#[test]
+fn frozen_backup_costs_one_ack_timeout_and_blocks_nobody_else() {
+    // A detection time well above the holds, so the frozen backup still counts as heard
+    // (the reply is held rather than refused at once as `backup_not_ready`).
+    let timing = HaTiming {
+        heartbeat_ms: 100,
+        detection_ms: 6000,
+        ack_timeout_ms: 1000,
+    };
+    let ack_timeout = Duration::from_millis(timing.ack_timeout_ms);
+    let slack = Duration::from_millis(1500);
+    let plan = PairPlan::new(SERVER_CONFIG, timing);
+    let (a, b) = start_pair(&plan);
+    let held_client = PcpClient::new(IpAddr::V4(fresh_ip()), a.pcp);
+    let other_client = PcpClient::new(IpAddr::V4(fresh_ip()), a.pcp);
+    let protected_client = PcpClient::new(IpAddr::V4(fresh_ip()), a.pcp);
+    // All hosts known to the pair before the freeze, and the first two already
+    // "exposed" (holding checkpointed and unprotected mappings): a reply that changes
+    // whether a host is exposed also waits for the backup to hold that fact (the last
+    // part of this test).
+    for c in [&held_client, &other_client] {
+        let first = c.map(Map::udp(7000).without_checkpoint());
+        assert_eq!(first.result, ResultCode::Success);
+        assert!(c.map(Map::udp(7002)).checkpoint_echoed);
+    }
+    assert!(protected_client.map(Map::udp(7000)).checkpoint_echoed);
+    let timeouts = || a.ha()["ack_timeouts"].as_u64().expect("ack_timeouts");
+    let metric = || {
+        a.metric("pcp_ha_ack_timeouts_total")
+            .expect("pcp_ha_ack_timeouts_total")
+    };
+    let (timeouts_before, metric_before) = (timeouts(), metric());
+
+    let frozen = Frozen::stop(&b);
+    let sent = Instant::now();
+    held_client.send(&held_client.map_request(Map::udp(7001)));
+    std::thread::sleep(Duration::from_millis(100));
+    let other = other_client
+        .try_map(Map::udp(7001).without_checkpoint(), Duration::from_secs(5))
+        .expect("the other client is answered while a reply is held");
+    let other_at = sent.elapsed();
+    let held_raw = held_client
+        .recv_within(ack_timeout + Duration::from_secs(3))
+        .expect("the held reply goes out after the ack timeout");
+    let held_at = sent.elapsed();
+    let held = common::parse_answer(&held_raw);
+    let (h, metric_after) = (a.ha(), metric());
+    let m = a
+        .mappings()
+        .into_iter()
+        .find(|m| {
+            m["internal_address"] == held_client.ip().to_string() && m["internal_port"] == 7001
+        })
+        .expect("the mapping of the held reply");
+    drop(frozen);
+    eprintln!("other client answered after {other_at:?}, the held reply after {held_at:?}");
+
+    assert_eq!(other.result, ResultCode::Success);
+    assert!(
+        other_at < held_at,
+        "the other client was answered after the held reply ({other_at:?} vs {held_at:?})"
+    );
+    assert!(
+        other_at < ack_timeout,
+        "the other client waited for the held reply: {other_at:?}"
+    );
+    assert_eq!(held.result, ResultCode::Success, "{held:?}");
+    assert!(!held.checkpoint_echoed, "192 echoed with a frozen backup");
+    assert!(
+        held_at >= ack_timeout.mul_f64(0.9),
+        "the reply was not held for the backup: {held_at:?}"
+    );
+    assert!(
+        held_at <= ack_timeout + slack,
+        "held far beyond ack_timeout_ms: {held_at:?}"
+    );
+    assert_eq!(
+        h["ack_timeouts"].as_u64(),
+        Some(timeouts_before + 1),
+        "GET /ha counts the late reply: {h}"
+    );
+    assert_eq!(
+        metric_after,
+        metric_before + 1.0,
+        "pcp_ha_ack_timeouts_total"
+    );
+    assert_eq!(m["checkpointed"], false, "{m}");
+    assert_eq!(m["checkpoint_reason"], "backup_timeout", "{m}");
+    assert_eq!(h["role"], "active", "no takeover meanwhile: {h}");
+
+    // Recovery: the backup runs again, catches up, and 192 is honoured again.
+    wait_ha(&a, Duration::from_secs(10), "backup ready again", |h| {
+        h["backup_status"] == "ready" && h["lag"] == 0
+    });
+    let again = held_client.map(Map::udp(7001));
+    assert_eq!(again.result, ResultCode::Success);
+    assert!(
+        again.checkpoint_echoed,
+        "192 again once the backup acknowledges"
+    );
+    assert_eq!(a.ha()["role"], "active");
+    wait_ha(
+        &b,
+        Duration::from_secs(5),
+        "B holds the renewed checkpoint",
+        |h| h["role"] == "backup" && h["stored"].as_u64() >= Some(2),
+    );
+
+    // A host with only checkpointed mappings: the withdrawal exposes it, one more wait.
+    let before = timeouts();
+    let frozen = Frozen::stop(&b);
+    let sent = Instant::now();
+    let late = protected_client.try_map(Map::udp(7001), 2 * ack_timeout + Duration::from_secs(3));
+    let late_at = sent.elapsed();
+    let after = timeouts();
+    drop(frozen);
+    let late = late.expect("the reply that exposes its host goes out too");
+    eprintln!("the reply exposing its host went out after {late_at:?}");
+    assert_eq!(late.result, ResultCode::Success);
+    assert!(!late.checkpoint_echoed, "192 echoed with a frozen backup");
+    assert!(
+        late_at >= ack_timeout.mul_f64(0.9) && late_at <= 2 * ack_timeout + slack,
+        "{late_at:?}"
+    );
+    assert!(after > before, "counted: {before} -> {after}");
+    wait_ha(&a, Duration::from_secs(10), "backup ready again", |h| {
+        h["backup_status"] == "ready" && h["lag"] == 0
+    });
+    assert!(protected_client.map(Map::udp(7003)).checkpoint_echoed);
+}
