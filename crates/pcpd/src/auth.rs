@@ -330,6 +330,66 @@ pub struct Radius {
     /// The settings it was made from (a reload that keeps them keeps it).
     section: RadiusSection,
     secrets: Vec<Vec<u8>>,
+    /// Requests no AAA server could answer, asked again later (docs/AUTH.md, "An
+    /// unavailable back end"), by session.
+    retries: HashMap<u32, Retry>,
+}
+
+/// A request of a session whose back end did not answer.
+struct Retry {
+    /// The request, until it is sent again (`None` while that copy is in flight).
+    req: Option<pcp_eap::radius::AccessRequest>,
+    /// Times it was given up on so far.
+    attempts: u32,
+    /// When to send it again (ms on the gate's clock).
+    due: u64,
+}
+
+/// First wait before asking the AAA servers again, doubled after each failure up to
+/// [`RETRY_MAX_MS`]; the PA session's own limit (the MRD after its PA-Acknowledgement,
+/// S1) ends the retries.
+const RETRY_FIRST_MS: u64 = 1_000;
+const RETRY_MAX_MS: u64 = 16_000;
+
+impl Radius {
+    /// Asks again for `session` later, with exponential backoff.
+    fn defer(&mut self, session: u32, req: pcp_eap::radius::AccessRequest, now: u64) -> u64 {
+        let r = self.retries.entry(session).or_insert(Retry {
+            req: None,
+            attempts: 0,
+            due: now,
+        });
+        let wait = RETRY_FIRST_MS
+            .saturating_mul(1 << r.attempts.min(10))
+            .min(RETRY_MAX_MS);
+        r.attempts += 1;
+        r.req = Some(req);
+        r.due = now.saturating_add(wait);
+        wait
+    }
+
+    /// The session is over or answered: no retry.
+    fn settle(&mut self, session: u32) {
+        self.retries.remove(&session);
+    }
+
+    /// Retries due now, taken out for sending.
+    fn due_retries(&mut self, now: u64) -> Vec<(u32, pcp_eap::radius::AccessRequest)> {
+        self.retries
+            .iter_mut()
+            .filter(|(_, r)| r.due <= now)
+            .filter_map(|(id, r)| r.req.take().map(|q| (*id, q)))
+            .collect()
+    }
+
+    /// When the next retry is due.
+    fn next_retry(&self) -> Option<u64> {
+        self.retries
+            .values()
+            .filter(|r| r.req.is_some())
+            .map(|r| r.due)
+            .min()
+    }
 }
 
 /// Counters of PA sessions for the operator (docs/AUTH.md, "Operating").
@@ -341,8 +401,12 @@ pub struct SessionStats {
     pub failed: HashMap<&'static str, u64>,
     /// Established sessions that ended, by cause.
     pub ended: HashMap<&'static str, u64>,
-    /// Terminations pcpd started, by reason (`admin`, `user_removed`, `auth_off`).
+    /// Terminations pcpd started, by reason (`admin`, `user_removed`, `auth_off`,
+    /// `aaa_gone`).
     pub terminated: HashMap<&'static str, u64>,
+    /// Back-end requests asked again because no AAA server answered (or none could
+    /// take one more request) — never reported to the client as a failure.
+    pub backend_retries: u64,
 }
 
 /// One PA session as the admin API shows it (`GET /auth/sessions`): no key material.
@@ -664,28 +728,56 @@ impl Auth {
             _ => false,
         };
         if !keep {
-            let old = self.radius.take();
-            if let Some(old) = &old {
-                // Sessions waiting for the old AAA server's answer cannot get one.
-                let waiting: Vec<u32> = old.pool.sessions();
-                for id in &waiting {
-                    self.gate.server.resume(now, *id, fail_radius);
-                }
-                if !waiting.is_empty() {
-                    notes.push(format!(
-                        "{} authentication(s) waiting for the old AAA server failed",
-                        waiting.len()
-                    ));
+            // Requests waiting for the old AAA servers: an unbound one goes to the new
+            // servers at once; a bound one's State means nothing to them, so its session
+            // is terminated and the client starts again (docs/AUTH.md, "An unavailable
+            // back end"). Neither is a failed authentication.
+            let mut waiting = Vec::new();
+            if let Some(mut old) = self.radius.take() {
+                waiting.extend(old.pool.take_flights());
+                for (id, r) in old.retries.drain() {
+                    if let Some(req) = r.req {
+                        let bound = req
+                            .attributes
+                            .iter()
+                            .any(|(t, _)| *t == pcp_eap::radius::ATTR_STATE);
+                        waiting.push((id, req, bound));
+                    }
                 }
             }
-            drop(old);
             if let (Some(sec), Some(servers)) = (new_section, radius_servers) {
                 let secrets = servers.iter().map(|(c, _, _)| c.secret.clone()).collect();
                 self.radius = Some(Radius {
                     pool: crate::aaa::Pool::new(servers, sec.dead_time_s),
                     section: sec,
                     secrets,
+                    retries: HashMap::new(),
                 });
+            }
+            let (mut moved, mut restarted) = (0, 0);
+            for (id, req, bound) in waiting {
+                match self.radius.as_mut() {
+                    Some(r) if !bound => {
+                        r.retries.insert(
+                            id,
+                            Retry {
+                                req: Some(req),
+                                attempts: 0,
+                                due: now.0,
+                            },
+                        );
+                        moved += 1;
+                    }
+                    _ => {
+                        self.terminate(now, id, "aaa_gone");
+                        restarted += 1;
+                    }
+                }
+            }
+            if moved + restarted > 0 {
+                notes.push(format!(
+                    "{moved} authentication(s) waiting for the old AAA servers asked again, {restarted} restarted"
+                ));
             }
         }
         self.gate.server.set_authenticator(factory);
@@ -794,23 +886,48 @@ impl Auth {
             let Some(req) = req else {
                 continue;
             };
-            let Some(r) = self.radius.as_mut() else {
-                // A reload removed the AAA server while this conversation went on.
-                self.gate.server.resume(now, id, fail_radius);
-                continue;
-            };
-            match r.pool.send(id, req, now.0) {
-                Some(d) => out.push(d),
-                None => {
-                    tracing::warn!(
-                        session_id = id,
-                        "RADIUS: the conversation's AAA server is gone (reload) or has 256 requests in flight; authentication failed"
-                    );
-                    self.gate.server.resume(now, id, fail_radius);
-                }
+            if let Some(r) = self.radius.as_mut() {
+                r.settle(id);
             }
+            self.send_backend(now, id, req, &mut out);
         }
         out
+    }
+
+    /// Sends one Access-Request, or defers it (back end busy) or restarts its session
+    /// (its AAA server is gone): a back end that cannot answer now never fails the
+    /// client's authentication (docs/AUTH.md, "An unavailable back end").
+    fn send_backend(
+        &mut self,
+        now: pcp_auth::Time,
+        id: u32,
+        req: pcp_eap::radius::AccessRequest,
+        out: &mut crate::aaa::Datagrams,
+    ) {
+        let Some(r) = self.radius.as_mut() else {
+            // A reload removed the RADIUS back end while this conversation went on.
+            self.terminate(now, id, "aaa_gone");
+            return;
+        };
+        match r.pool.send(id, req, now.0) {
+            Ok(d) => out.push(d),
+            Err(crate::aaa::NotSent::Busy(req)) => {
+                let wait = r.defer(id, req, now.0);
+                self.stats.backend_retries += 1;
+                tracing::warn!(
+                    session_id = id,
+                    retry_ms = wait,
+                    "RADIUS: the AAA server has 256 requests in flight; asking again later"
+                );
+            }
+            Err(crate::aaa::NotSent::Unbound) => {
+                tracing::warn!(
+                    session_id = id,
+                    "RADIUS: the conversation's AAA server is no longer configured; the client starts again"
+                );
+                self.terminate(now, id, "aaa_gone");
+            }
+        }
     }
 
     /// A datagram from the AAA server of `sock`.
@@ -821,6 +938,7 @@ impl Auth {
         };
         match r.pool.receive(sock, datagram) {
             Ok(Some((id, answer))) => {
+                r.settle(id);
                 if let Err(e) = &answer {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
                 }
@@ -834,24 +952,31 @@ impl Auth {
         }
     }
 
-    /// RADIUS retransmissions due (datagrams to send) and sessions given up on.
+    /// RADIUS retransmissions and retries due (datagrams to send), and when to come
+    /// back. A request no AAA server answered is asked again later, with backoff,
+    /// while its PA session lasts: the client was acknowledged and waits.
     fn radius_timeout(&mut self) -> (crate::aaa::Datagrams, Option<u64>) {
         let now = self.now();
         let Some(r) = self.radius.as_mut() else {
             return (Vec::new(), None);
         };
-        let (again, failed) = r.pool.handle_timeout(now.0);
-        let next = r.pool.poll_timeout();
-        for (id, answer) in failed {
-            if let Err(e) = &answer {
-                tracing::warn!(session_id = id, error = %e, "RADIUS");
-            }
-            self.gate.server.resume(now, id, |a| match a {
-                Backend::Radius(r) => r.answer(answer),
-                _ => AuthStep::Discard,
-            });
+        let (mut out, failed) = r.pool.handle_timeout(now.0);
+        self.stats.backend_retries += failed.len() as u64;
+        for g in failed {
+            let wait = r.defer(g.session, g.req, now.0);
+            tracing::warn!(session_id = g.session, error = %g.error, retry_ms = wait, "RADIUS: no answer; asking again later (the client waits, acknowledged)");
         }
-        (again, next)
+        let due = r.due_retries(now.0);
+        for (id, req) in due {
+            self.send_backend(now, id, req, &mut out);
+        }
+        let next = self.radius.as_ref().and_then(|r| {
+            [r.pool.poll_timeout(), r.next_retry()]
+                .into_iter()
+                .flatten()
+                .min()
+        });
+        (out, next)
     }
 
     /// Now on the gate's clock.
@@ -893,6 +1018,7 @@ impl Auth {
                 ServerEvent::Ended { session_id, cause } => {
                     if let Some(r) = self.radius.as_mut() {
                         r.pool.forget(*session_id);
+                        r.settle(*session_id);
                     }
                     let by = if self.live.remove(session_id) {
                         &mut self.stats.ended
@@ -1081,16 +1207,6 @@ fn spawn_radius_receiver(cell: &SharedAuth) {
     }
 }
 
-fn fail_radius(a: &mut Backend) -> AuthStep {
-    match a {
-        Backend::Radius(r) => r.answer(Err(RadiusError::Timeout {
-            server: String::new(),
-            tries: 0,
-        })),
-        _ => AuthStep::Discard,
-    }
-}
-
 /// A UDP socket connected to the AAA server (only its answers come in).
 fn radius_socket(server: SocketAddr) -> std::io::Result<UdpSocket> {
     let local: SocketAddr = if server.is_ipv4() {
@@ -1236,7 +1352,7 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
         "# HELP pcp_auth_sessions_terminated_total Terminations pcpd started (SESSION_TERMINATED), by reason."
     );
     let _ = writeln!(out, "# TYPE pcp_auth_sessions_terminated_total counter");
-    for r in ["admin", "user_removed", "auth_off"] {
+    for r in ["admin", "user_removed", "auth_off", "aaa_gone"] {
         let n = st.terminated.get(r).copied().unwrap_or(0);
         let _ = writeln!(
             out,
@@ -1244,6 +1360,12 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
         );
     }
     if let Some(r) = &a.radius {
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_backend_retries_total AAA requests asked again later because no AAA server answered (not reported to the client as a failure)."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_backend_retries_total counter");
+        let _ = writeln!(out, "pcp_auth_backend_retries_total {}", st.backend_retries);
         let dead = r.pool.dead(a.now().0);
         let _ = writeln!(
             out,
