@@ -81,6 +81,8 @@ pub struct AuthSection {
     pub server_initiated: bool,
     /// RADIUS pass-through to an AAA server instead of the embedded back end.
     pub radius: Option<RadiusSection>,
+    /// Failed-attempt limits per identity and per source address.
+    pub attempts: crate::limit::AttemptsSection,
 }
 
 /// `[auth.radius]`: the AAA servers that run EAP-TTLS (docs/AUTH.md).
@@ -202,6 +204,7 @@ impl Default for AuthSection {
             max_half_open_per_prefix: SessionConfig::default().max_half_open_per_prefix,
             server_initiated: false,
             radius: None,
+            attempts: crate::limit::AttemptsSection::default(),
         }
     }
 }
@@ -220,6 +223,15 @@ impl AuthSection {
         }
         if self.max_half_open_per_prefix == 0 {
             return Some(("auth.max_half_open_per_prefix", "must be at least 1".into()));
+        }
+        if self.attempts.burst > 0 && self.attempts.every_s == 0 {
+            return Some((
+                "auth.attempts.every_s",
+                "must be at least 1 (or burst = 0 to turn the limit off)".into(),
+            ));
+        }
+        if self.attempts.max_tracked == 0 {
+            return Some(("auth.attempts.max_tracked", "must be at least 1".into()));
         }
         if !self.enabled() {
             return None;
@@ -293,8 +305,8 @@ impl AuthSection {
 /// The EAP authenticator of one PA conversation, of whichever back end is configured.
 #[derive(Debug)]
 pub enum Backend {
-    /// EAP-TTLS here.
-    Embedded(Box<TtlsAuthenticator>),
+    /// EAP-TTLS here, its work (TLS, Argon2) on the worker pool ([`Job`]).
+    Embedded(Offloaded),
     /// Passed through to a RADIUS server.
     Radius(RadiusAuthenticator),
     /// Authentication is off everywhere (no back end configured): the gate sends no
@@ -302,17 +314,122 @@ pub enum Backend {
     Off,
 }
 
+/// An embedded EAP-TTLS conversation. Its EAP responses are not processed under the
+/// gate's lock: [`EapAuthenticator::receive`] queues the response and answers
+/// [`AuthStep::Pending`]; [`Auth::backend_requests`] hands it to the worker pool as a
+/// [`Job`] and the result comes back through `Server::resume`, so a TLS handshake or
+/// an Argon2 verification stalls neither the receive task nor other clients.
+#[derive(Debug)]
+pub struct Offloaded {
+    backend: Embedded,
+    conv: Arc<Mutex<TtlsAuthenticator>>,
+    /// Moves with every start and response: a job's result is for this conversation
+    /// and response only if its generation is still the current one.
+    generation: u64,
+    queued: Option<Vec<u8>>,
+}
+
+impl Offloaded {
+    fn new(backend: Embedded) -> Offloaded {
+        Offloaded {
+            conv: Arc::new(Mutex::new(backend.authenticator())),
+            backend,
+            generation: 0,
+            queued: None,
+        }
+    }
+}
+
+/// One EAP response of an embedded conversation to process off the gate's lock.
+pub struct Job {
+    session: u32,
+    generation: u64,
+    conv: Arc<Mutex<TtlsAuthenticator>>,
+    packet: Vec<u8>,
+    src: std::net::IpAddr,
+    limiter: Arc<Mutex<crate::limit::Limiter>>,
+    origin: Instant,
+}
+
+/// What a [`Job`] gave.
+pub struct Done {
+    session: u32,
+    generation: u64,
+    step: AuthStep,
+    /// The identity whose password was checked (or refused unchecked).
+    identity: Option<String>,
+    /// The failed-attempt limits refused it: not a failed attempt itself.
+    refused: bool,
+    src: std::net::IpAddr,
+}
+
+impl Job {
+    /// Runs the TLS and password work (a blocking thread).
+    pub fn run(self) -> Done {
+        let mut conv = self.conv.lock().unwrap_or_else(|p| p.into_inner());
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let source_ok = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(None, self.src, now)
+            .is_ok();
+        // A source out of attempts costs no TLS work either.
+        let (step, refused) = if source_ok {
+            let (limiter, src, origin) = (self.limiter.clone(), self.src, self.origin);
+            conv.set_admission(Some(Arc::new(move |user: &str| {
+                let now = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+                limiter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(Some(user), src, now)
+                    .is_ok()
+            })));
+            let step = conv.receive(&self.packet);
+            let refused = matches!(step, AuthStep::Failure { .. })
+                && conv.attempted().is_some_and(|(_, r)| r);
+            (step, refused)
+        } else {
+            (conv.refuse(), true)
+        };
+        Done {
+            session: self.session,
+            generation: self.generation,
+            identity: conv.attempted().map(|(u, _)| u.to_string()),
+            refused,
+            step,
+            src: self.src,
+        }
+    }
+}
+
 impl EapAuthenticator for Backend {
+    fn acknowledge_pending(&self) -> bool {
+        // A local worker answers within milliseconds; RADIUS may take seconds.
+        !matches!(self, Backend::Embedded(_))
+    }
     fn start(&mut self) -> Vec<u8> {
         match self {
-            Backend::Embedded(a) => a.start(),
+            Backend::Embedded(o) => {
+                // A fresh conversation: a job of the old one may still hold its lock.
+                o.generation += 1;
+                o.queued = None;
+                let mut a = o.backend.authenticator();
+                let first = a.start();
+                o.conv = Arc::new(Mutex::new(a));
+                first
+            }
             Backend::Radius(a) => a.start(),
             Backend::Off => pcp_eap::packet::failure(0),
         }
     }
     fn receive(&mut self, packet: &[u8]) -> AuthStep {
         match self {
-            Backend::Embedded(a) => a.receive(packet),
+            Backend::Embedded(o) => {
+                o.generation += 1;
+                o.queued = Some(packet.to_vec());
+                AuthStep::Pending
+            }
             Backend::Radius(a) => a.receive(packet),
             Backend::Off => AuthStep::Failure {
                 packet: pcp_eap::packet::failure(0),
@@ -541,6 +658,12 @@ pub struct Auth {
     pub replicate: bool,
     /// Session changes not yet handed to the HA node.
     changes: Vec<SessionChange>,
+    /// Failed-attempt limits (own lock: the worker threads consult it without the
+    /// gate's).
+    pub limiter: Arc<Mutex<crate::limit::Limiter>>,
+    /// The worker pool's queue of embedded EAP work; `None` outside a runtime (the
+    /// work then runs in place).
+    jobs: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
 }
 
 /// The gate behind its lock, and whether any source can authenticate at all (read
@@ -675,8 +798,15 @@ impl Auth {
                 sockets: Vec::new(),
                 replicate: false,
                 changes: Vec::new(),
+                limiter: Arc::new(Mutex::new(crate::limit::Limiter::new(s.attempts))),
+                jobs: None,
             }),
         });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            lock(&cell).jobs = Some(tx);
+            rt.spawn(workers(cell.clone(), rx));
+        }
         apply(&cell, p);
         Ok(cell)
     }
@@ -696,7 +826,7 @@ impl Auth {
             PreparedBackend::Embedded(e) => {
                 let b = e.clone();
                 (
-                    Box::new(move || Backend::Embedded(Box::new(b.authenticator()))),
+                    Box::new(move || Backend::Embedded(Offloaded::new(b.clone()))),
                     Some(e),
                     None,
                 )
@@ -781,6 +911,7 @@ impl Auth {
             }
         }
         self.gate.server.set_authenticator(factory);
+        lock_limiter(&self.limiter).set_config(p.section.attempts);
         self.gate.server.set_config(session_config(&p.section));
         self.gate.rules = rules(&p.section);
         self.gate.initiate = p.section.server_initiated;
@@ -879,9 +1010,32 @@ impl Auth {
         let mut out = Vec::new();
         let now = self.now();
         while let Some(id) = self.gate.server.poll_backend() {
-            let req = match self.gate.server.authenticator_mut(id) {
-                Some(Backend::Radius(a)) => a.take_request(),
-                _ => None,
+            let src = self.gate.server.session(id).map(|i| i.client.ip());
+            let (req, identity) = match self.gate.server.authenticator_mut(id) {
+                Some(Backend::Radius(a)) => (a.take_request(), a.identity().map(str::to_string)),
+                Some(Backend::Embedded(o)) => {
+                    if let (Some(packet), Some(src)) = (o.queued.take(), src) {
+                        let job = Job {
+                            session: id,
+                            generation: o.generation,
+                            conv: o.conv.clone(),
+                            packet,
+                            src,
+                            limiter: self.limiter.clone(),
+                            origin: self.origin,
+                        };
+                        match &self.jobs {
+                            Some(q) => {
+                                if let Err(e) = q.send(job) {
+                                    self.apply_done(e.0.run());
+                                }
+                            }
+                            None => self.apply_done(job.run()),
+                        }
+                    }
+                    continue;
+                }
+                _ => (None, None),
             };
             let Some(req) = req else {
                 continue;
@@ -889,9 +1043,48 @@ impl Auth {
             if let Some(r) = self.radius.as_mut() {
                 r.settle(id);
             }
+            // A new conversation of a source or identity out of attempts is refused
+            // without asking the AAA server.
+            let fresh = !req
+                .attributes
+                .iter()
+                .any(|(t, _)| *t == pcp_eap::radius::ATTR_STATE);
+            if fresh
+                && let Some(src) = src
+                && lock_limiter(&self.limiter)
+                    .admit(identity.as_deref(), src, now.0)
+                    .is_err()
+            {
+                self.gate.server.resume(now, id, |a| match a {
+                    Backend::Radius(r) => r.answer(Err(RadiusError::BadResponse {
+                        server: String::new(),
+                        reason: "refused by auth.attempts",
+                    })),
+                    _ => AuthStep::Discard,
+                });
+                continue;
+            }
             self.send_backend(now, id, req, &mut out);
         }
         out
+    }
+
+    /// Puts the result of an embedded conversation's [`Job`] in force, and counts a
+    /// failed attempt (or forgives the identity's failures after a success).
+    fn apply_done(&mut self, d: Done) {
+        let now = self.now();
+        match &d.step {
+            AuthStep::Failure { .. } if !d.refused => {
+                lock_limiter(&self.limiter).failed(d.identity.as_deref(), d.src, now.0)
+            }
+            AuthStep::Success { identity, .. } => lock_limiter(&self.limiter).succeeded(identity),
+            _ => {}
+        }
+        let generation = d.generation;
+        self.gate.server.resume(now, d.session, |b| match b {
+            Backend::Embedded(o) if o.generation == generation => d.step,
+            _ => AuthStep::Discard,
+        });
     }
 
     /// Sends one Access-Request, or defers it (back end busy) or restarts its session
@@ -942,10 +1135,21 @@ impl Auth {
                 if let Err(e) = &answer {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
                 }
+                let src = self.gate.server.session(id).map(|i| i.client.ip());
+                let mut failed = None;
                 self.gate.server.resume(now, id, |a| match a {
-                    Backend::Radius(r) => r.answer(answer),
+                    Backend::Radius(r) => {
+                        let step = r.answer(answer);
+                        if matches!(step, AuthStep::Failure { .. }) {
+                            failed = Some(r.identity().map(str::to_string));
+                        }
+                        step
+                    }
                     _ => AuthStep::Discard,
                 });
+                if let (Some(identity), Some(src)) = (failed, src) {
+                    lock_limiter(&self.limiter).failed(identity.as_deref(), src, now.0);
+                }
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "RADIUS"),
@@ -982,11 +1186,6 @@ impl Auth {
     /// Now on the gate's clock.
     pub fn now(&self) -> pcp_auth::Time {
         pcp_auth::Time(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
-    }
-
-    /// Logs what happened to PA sessions (and queues it for the backup in pair mode).
-    pub fn log_events(&mut self) {
-        self.take_events().log();
     }
 
     /// What happened to PA sessions, counted (and queued for the backup in pair mode),
@@ -1191,6 +1390,43 @@ pub fn flush(cell: &SharedAuth) {
     }
 }
 
+/// Locks the failed-attempt limits.
+fn lock_limiter(l: &Mutex<crate::limit::Limiter>) -> MutexGuard<'_, crate::limit::Limiter> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the embedded back end's [`Job`]s on blocking threads, at most one per core
+/// at a time (Argon2 is memory-hard: unbounded parallelism would only trade CPU for
+/// RAM), and puts each result in force under the gate's lock; logging and sending
+/// happen after it is released.
+async fn workers(cell: SharedAuth, mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let permits = Arc::new(tokio::sync::Semaphore::new(n));
+    while let Some(job) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let cell = cell.clone();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || job.run()).await;
+            drop(permit);
+            let Ok(done) = done else {
+                return;
+            };
+            let (out, radius_out, sockets, events) = {
+                let mut a = lock(&cell);
+                a.apply_done(done);
+                let r = a.backend_requests();
+                let events = a.take_events();
+                (a.transmits(), r, a.sockets.clone(), events)
+            };
+            events.log();
+            send_radius(radius_out).await;
+            send_all(&sockets, out).await;
+        });
+    }
+}
+
 /// Starts the tasks receiving the AAA servers' answers, where none runs.
 fn spawn_radius_receiver(cell: &SharedAuth) {
     let mut a = lock(cell);
@@ -1358,6 +1594,23 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
             out,
             "pcp_auth_sessions_terminated_total{{reason=\"{r}\"}} {n}"
         );
+    }
+    {
+        let l = lock_limiter(&a.limiter);
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_attempts_failed_total Failed authentication attempts counted against [auth.attempts]."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_attempts_failed_total counter");
+        let _ = writeln!(out, "pcp_auth_attempts_failed_total {}", l.failed);
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_attempts_refused_total Attempts refused unchecked by [auth.attempts], by the limit that refused them."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_attempts_refused_total counter");
+        for (by, n) in [("identity", l.refused_identity), ("source", l.refused_source)] {
+            let _ = writeln!(out, "pcp_auth_attempts_refused_total{{by=\"{by}\"}} {n}");
+        }
     }
     if let Some(r) = &a.radius {
         let _ = writeln!(
