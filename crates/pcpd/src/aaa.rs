@@ -136,7 +136,12 @@ impl Pool {
     }
 
     /// Sends `req` of `session`: the socket and datagram, or why it cannot go now.
-    pub fn send(&mut self, session: u32, req: AccessRequest, now: u64) -> Result<Datagram, NotSent> {
+    pub fn send(
+        &mut self,
+        session: u32,
+        req: AccessRequest,
+        now: u64,
+    ) -> Result<Datagram, NotSent> {
         let bound = req.attributes.iter().any(|(t, _)| *t == ATTR_STATE);
         let n = self.servers.len();
         let server = if bound {

@@ -1608,7 +1608,10 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
             "# HELP pcp_auth_attempts_refused_total Attempts refused unchecked by [auth.attempts], by the limit that refused them."
         );
         let _ = writeln!(out, "# TYPE pcp_auth_attempts_refused_total counter");
-        for (by, n) in [("identity", l.refused_identity), ("source", l.refused_source)] {
+        for (by, n) in [
+            ("identity", l.refused_identity),
+            ("source", l.refused_source),
+        ] {
             let _ = writeln!(out, "pcp_auth_attempts_refused_total{{by=\"{by}\"}} {n}");
         }
     }

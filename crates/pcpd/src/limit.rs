@@ -83,10 +83,7 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 
     fn take(&mut self, k: &K, now: u64, cfg: &AttemptsSection) {
         let full = u64::from(cfg.burst) * 1000;
-        let level = self
-            .map
-            .get(k)
-            .map_or(full, |b| Self::level(b, now, cfg));
+        let level = self.map.get(k).map_or(full, |b| Self::level(b, now, cfg));
         self.map.insert(
             k.clone(),
             Bucket {
