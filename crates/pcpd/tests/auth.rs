@@ -344,6 +344,71 @@ fn expired_session_gets_unknown_session_id_and_the_client_recovers() {
     assert_eq!(result(&p.exchange(&fresh).unwrap()), ResultCode::Success);
 }
 
+/// `server_initiated = true` (RFC 7652 §3.1.2) through the real pcpd: a client that
+/// has not started a session sends an untagged MAP, gets AUTHENTICATION_REQUIRED and
+/// pcpd's own PA-Server (session ID chosen by pcpd, sequence number 0); it answers,
+/// authenticates in that session and its tagged MAP is served. Its retried untagged
+/// MAP meanwhile opens no second session (S4).
+#[test]
+fn server_initiated_session_through_pcpd() {
+    let s = setup_config("required", 600, "server_initiated = true\n");
+    let mut p = Peer::new(&s, "correct horse");
+    let untagged = p.map(5100, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 2048];
+    let (mut required, mut first_pa) = (0, None);
+    let mut last_untagged = Instant::now();
+    p.sock.send_to(&untagged, p.server).unwrap();
+    let event = loop {
+        assert!(Instant::now() < deadline, "no outcome\n{}", s.pcpd.output());
+        if let Some(e) = p.client.poll_event() {
+            break e;
+        }
+        if let Ok((n, _)) = p.sock.recv_from(&mut buf) {
+            let m = &buf[..n];
+            match m.get(1).map(|b| b & 0x7f) {
+                Some(1) => {
+                    assert_eq!(result(m), ResultCode::AuthenticationRequired);
+                    required += 1;
+                }
+                Some(3) => {
+                    let r = Response::parse(m).unwrap();
+                    if let Body::Authentication(a) = r.body {
+                        first_pa.get_or_insert(a.session_id);
+                    }
+                    let now = p.now();
+                    p.client.handle(now, m);
+                }
+                _ => {}
+            }
+        }
+        // The application retries its request meanwhile.
+        if last_untagged.elapsed() > Duration::from_millis(700) && !p.client.is_established() {
+            p.sock.send_to(&untagged, p.server).unwrap();
+            last_untagged = Instant::now();
+        }
+        while let Some(m) = p.client.poll_transmit() {
+            p.sock.send_to(&m, p.server).unwrap();
+        }
+        let now = p.now();
+        p.client.handle_timeout(now);
+    };
+    let ClientEvent::Established { session_id, .. } = event else {
+        panic!("{event:?}\n{}", s.pcpd.output());
+    };
+    assert!(required >= 1, "no AUTHENTICATION_REQUIRED");
+    assert_eq!(first_pa, Some(session_id), "not pcpd's session");
+    let sessions = s.pcpd.get_json("/auth/sessions");
+    let list = sessions.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{sessions}");
+    assert_eq!(list[0]["identity"], "alice");
+    assert_eq!(list[0]["session_id"], session_id);
+    let tagged = p.map(5100, true);
+    let r = p.exchange(&tagged).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    assert!(s.pcpd.find_mapping(5100).is_some());
+}
+
 /// A man in the middle adds a PRF to pcpd's unprotected first PA-Server (RFC 7652 §8:
 /// the algorithm lists travel before any key); the client's confirmation repeats what
 /// it saw, pcpd notices, says DOWNGRADE_ATTACK_DETECTED and keeps no session.
