@@ -1694,3 +1694,140 @@ pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
         tokio::time::sleep_until(wake.into()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_auth::client::{Client, ClientConfig, ClientEvent};
+    use pcp_testkit::eap::{AuthFiles, PASSWORD, ttls_peer, users_line};
+
+    /// The embedded back end's EAP work runs on the worker pool, not in the call that
+    /// holds the gate's lock: right after the gate took the client's EAP response the
+    /// session waits for its back end and nothing is answered yet (no
+    /// PA-Acknowledgement either); the worker's answer comes later, with the lock
+    /// free meanwhile, and the exchange completes. A conversation restarted while its
+    /// job runs ignores the stale result (generation check).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_eap_work_runs_off_the_gate_lock() {
+        let dir = pcp_testkit::TempDir::new();
+        let files = AuthFiles::write(
+            &dir.0,
+            "pcp.example",
+            &users_line("alice", PASSWORD.as_bytes()),
+        );
+        let section = AuthSection {
+            default: AuthMode::Required,
+            certificate: Some(files.cert.clone()),
+            key: Some(files.key.clone()),
+            credentials: Some(files.users.clone()),
+            ..AuthSection::default()
+        };
+        let cell = Auth::build(&section).unwrap();
+        let server = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        lock(&cell).sockets = vec![server.clone()];
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = sock.local_addr().unwrap();
+        let peer = ttls_peer(&files.ca_der, "pcp.example", "alice", PASSWORD.as_bytes());
+        let mut client = Client::new(ClientConfig::new(me.ip()), peer);
+        let origin = Instant::now();
+        let now = || pcp_auth::Time(origin.elapsed().as_millis() as u64);
+        client.start(now());
+        let (mut offloaded, mut buf) = (0, [0u8; 2048]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let event = loop {
+            assert!(Instant::now() < deadline, "no outcome");
+            if let Some(e) = client.poll_event() {
+                break e;
+            }
+            while let Some(mut m) = client.poll_transmit() {
+                let n = m.len();
+                m.resize(1100, 0);
+                let (out, waiting) = {
+                    let mut a = lock(&cell);
+                    let t = a.now();
+                    a.gate.inbound(t, me, 0, &mut m, n);
+                    assert!(a.backend_requests().is_empty());
+                    let waiting: Vec<u32> = a
+                        .gate
+                        .server
+                        .sessions()
+                        .filter(|s| s.waiting_backend)
+                        .map(|s| s.session_id)
+                        .collect();
+                    (a.transmits(), waiting)
+                };
+                if !waiting.is_empty() {
+                    assert!(out.is_empty(), "answered under the lock: {out:?}");
+                    offloaded += 1;
+                }
+                send_all(std::slice::from_ref(&server), out).await;
+            }
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(20), sock.recv_from(&mut buf)).await
+            {
+                client.handle(now(), &buf[..n]);
+            }
+            client.handle_timeout(now());
+        };
+        assert!(
+            matches!(event, ClientEvent::Established { .. }),
+            "{event:?}"
+        );
+        assert!(
+            offloaded >= 2,
+            "EAP responses processed in place: {offloaded}"
+        );
+
+        // A result for an older generation of a conversation is ignored; one for the
+        // current generation is applied. A second client gets as far as its first EAP
+        // response, which is queued but not handed to the pool here.
+        let peer = ttls_peer(&files.ca_der, "pcp.example", "alice", PASSWORD.as_bytes());
+        let mut second = Client::new(ClientConfig::new(me.ip()), peer);
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        second.start(now());
+        let mut id = None;
+        for _ in 0..2 {
+            let mut m = second.poll_transmit().expect("a PA-Client");
+            let n = m.len();
+            m.resize(1100, 0);
+            let mut a = lock(&cell);
+            let t = a.now();
+            a.gate.inbound(t, other, 0, &mut m, n);
+            for t in a.transmits() {
+                second.handle(now(), &t.1.payload);
+            }
+            id = a
+                .gate
+                .server
+                .sessions()
+                .find(|s| s.client == other && s.waiting_backend)
+                .map(|s| s.session_id);
+        }
+        let id = id.expect("the second client's session waits for its back end");
+        let mut a = lock(&cell);
+        let generation = match a.gate.server.authenticator_mut(id) {
+            Some(Backend::Embedded(o)) => o.generation,
+            _ => panic!("not the embedded back end"),
+        };
+        let failed = |generation| Done {
+            session: id,
+            generation,
+            step: AuthStep::Failure {
+                packet: pcp_eap::packet::failure(0),
+            },
+            identity: None,
+            refused: false,
+            src: other.ip(),
+        };
+        a.apply_done(failed(generation - 1));
+        assert!(
+            a.gate.server.session(id).is_some_and(|s| s.waiting_backend),
+            "a stale result was applied"
+        );
+        a.apply_done(failed(generation));
+        assert!(
+            a.gate.server.session(id).is_none(),
+            "the result was not applied"
+        );
+    }
+}
