@@ -460,3 +460,80 @@ fn the_longest_auth_prefix_wins() {
         s.pcpd.get("/metrics")
     );
 }
+
+/// The `pcpc` binary against pcpd with RADIUS pass-through to an AAA server (the
+/// embedded EAP-TTLS server behind `pcp-eap`'s RADIUS front end, in a thread) that
+/// drops the first requests: pcpd does not answer AUTHENTICATION_FAILED for a back end
+/// that did not answer, it asks again with backoff while pcpc waits (acknowledged),
+/// and once the AAA server answers the same pcpc run authenticates and maps.
+#[test]
+fn pcpc_authenticates_once_the_aaa_server_answers() {
+    use pcp_eap::Embedded;
+    use pcp_eap::radius::server::{Outcome, RadiusServer, RadiusServerConfig};
+    use std::sync::atomic::AtomicUsize;
+
+    const SECRET: &[u8] = b"aaa-secret";
+    let dir = TempDir::new();
+    let files = AuthFiles::write(
+        &dir.0,
+        "aaa.example",
+        &users_line("alice", PASSWORD.as_bytes()),
+    );
+    std::fs::write(dir.path_str("pw"), format!("{PASSWORD}\n")).unwrap();
+    std::fs::write(dir.path_str("secret"), SECRET).unwrap();
+    let backend = Embedded::load(&files.cert, &files.key, &files.users).unwrap();
+    let aaa_ip = fresh_ip();
+    let aaa = UdpSocket::bind((aaa_ip, 0)).unwrap();
+    aaa.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let aaa_addr = aaa.local_addr().unwrap();
+    let (seen, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (n, st) = (seen.clone(), stop.clone());
+    let server = std::thread::spawn(move || {
+        let mut radius = RadiusServer::new(RadiusServerConfig::new(SECRET.to_vec()), backend);
+        let origin = Instant::now();
+        let mut buf = [0u8; 4096];
+        while !st.load(Ordering::SeqCst) {
+            let Ok((len, from)) = aaa.recv_from(&mut buf) else {
+                continue;
+            };
+            // Down for the first four requests (two given-up rounds of two tries).
+            if n.fetch_add(1, Ordering::SeqCst) < 4 {
+                continue;
+            }
+            let now = origin.elapsed().as_millis() as u64;
+            if let Outcome::Reply { reply, .. } = radius.handle(now, from, &buf[..len]) {
+                let _ = aaa.send_to(&reply, from);
+            }
+        }
+    });
+    let config = format!(
+        "[auth]\ndefault = \"required\"\n[auth.radius]\nserver = \"{aaa_addr}\"\nsecret_file = \"{}\"\ntimeout_ms = 200\ntries = 2\n",
+        dir.path_str("secret")
+    );
+    let p = Pcpd::start(&short_lifetime_config(&config));
+    let ip = IpAddr::V4(p.ip);
+    let (pw, ca) = (dir.path_str("pw"), dir.path_str("ca.pem"));
+    let o = support::pcpc(
+        ip,
+        p.pcp,
+        30,
+        &identity_map_args(&pw, &ca, "aaa.example", "7700"),
+    );
+    stop.store(true, Ordering::SeqCst);
+    server.join().unwrap();
+    assert!(o.status.success(), "{}\n{}", stderr(&o), p.output());
+    assert!(
+        seen.load(Ordering::SeqCst) > 4,
+        "the AAA server was not asked again"
+    );
+    assert!(p.metric("pcp_auth_backend_retries_total").unwrap_or(0.0) >= 2.0);
+    assert_eq!(
+        p.metric("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(0.0)
+    );
+    assert!(p.find_mapping(7700).is_some());
+}
