@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pcp_proto::{Body, Options, PcpOption, Request, Response};
+use pcp_proto::{Body, Options, PcpOption, Request, Response, ResultCode};
 use pcp_testkit::TempDir;
 use pcp_testkit::eap::{AuthFiles, PASSWORD, users_line};
 use pcp_testkit::pcpd::{Pcpd, short_lifetime_config, wait_until};
@@ -346,16 +346,26 @@ fn pcpc_keep_outlives_an_expired_session() {
         "",
     );
     let ip = IpAddr::V4(s.pcpd.ip);
-    let start = Instant::now();
+    // From 1 s to 5 s after the first session is established, no PA message either way:
+    // re-authentication is due at 80 % of 4 s, the SA ends at 4 s.
+    let mut established: Option<Instant> = None;
     let proxy = Proxy::start(
         ip,
         s.pcpd.pcp,
-        Box::new(move |_, m| {
+        Box::new(move |dir, m| {
             let pa = m.get(1).is_some_and(|b| b & 0x7f == 3);
-            // From 2 s to 6 s: no PA message either way (re-authentication is due at
-            // 80 % of 4 s, the SA ends at 4 s).
-            let t = start.elapsed();
-            if pa && t > Duration::from_secs(2) && t < Duration::from_secs(6) {
+            if dir == Dir::Down
+                && established.is_none()
+                && Response::parse(m)
+                    .is_ok_and(|r| r.result_code == ResultCode::AuthenticationSucceeded)
+            {
+                established = Some(Instant::now());
+            }
+            let blocked = established.is_some_and(|t| {
+                let t = t.elapsed();
+                t > Duration::from_secs(1) && t < Duration::from_secs(5)
+            });
+            if pa && blocked {
                 Vec::new()
             } else {
                 vec![m.to_vec()]
