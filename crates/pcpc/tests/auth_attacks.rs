@@ -463,9 +463,8 @@ fn the_longest_auth_prefix_wins() {
     );
     assert!(s.pcpd.find_mapping(7600).is_some());
     assert!(s.pcpd.find_mapping(7601).is_none());
-    assert_eq!(
-        s.requests("authentication_required"),
-        1.0,
+    assert!(
+        s.requests("authentication_required") >= 1.0,
         "{}",
         s.pcpd.get("/metrics")
     );
