@@ -33,6 +33,8 @@ struct Aaa {
     delay_next_ms: Arc<AtomicU64>,
     /// While set, requests are counted and dropped (a back end that is down).
     mute: Arc<AtomicBool>,
+    /// Requests answered at most; later ones are counted and dropped.
+    answer_limit: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -59,11 +61,13 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
     let delay_next_ms = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mute = Arc::new(AtomicBool::new(false));
-    let (r, d, st, m) = (
+    let answer_limit = Arc::new(AtomicUsize::new(usize::MAX));
+    let (r, d, st, m, lim) = (
         requests.clone(),
         delay_next_ms.clone(),
         stop.clone(),
         mute.clone(),
+        answer_limit.clone(),
     );
     std::thread::spawn(move || {
         let mut aaa =
@@ -74,8 +78,8 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 continue;
             };
-            r.fetch_add(1, Ordering::SeqCst);
-            if m.load(Ordering::SeqCst) {
+            let seen = r.fetch_add(1, Ordering::SeqCst) + 1;
+            if m.load(Ordering::SeqCst) || seen > lim.load(Ordering::SeqCst) {
                 continue;
             }
             let Some(aaa) = aaa.as_mut() else {
@@ -93,6 +97,7 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
         requests,
         delay_next_ms,
         mute,
+        answer_limit,
         stop,
     }
 }
@@ -325,4 +330,63 @@ fn an_aaa_server_down_at_first_then_up_the_client_authenticates() {
         pcpd.metric("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
         Some(1.0)
     );
+}
+
+/// A reload that replaces the AAA server while a conversation is bound to the old one
+/// (its State means nothing to the new one) restarts that conversation: the client
+/// gets SESSION_TERMINATED, not AUTHENTICATION_FAILED, and authenticates again with
+/// the new server (docs/AUTH.md, "An unavailable back end").
+#[test]
+fn a_reload_restarts_a_conversation_bound_to_a_removed_aaa_server() {
+    let dir = TempDir::new();
+    let ip = IpAddr::V4(common::fresh_ip());
+    let (ca, backend) = pki();
+    let old = fake_aaa(ip, Some(backend.clone()));
+    // It answers the first request (an Access-Challenge: the conversation is bound to
+    // it), then falls silent.
+    old.answer_limit.store(1, Ordering::SeqCst);
+    let new = fake_aaa(ip, Some(backend));
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = |aaa: &Aaa| {
+        format!(
+            "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"{}\"]\nsecret_file = \"{}\"\ntimeout_ms = 200\ntries = 2\n",
+            aaa.addr,
+            secret.display()
+        )
+    };
+    let pcpd = common::pcpd(PCPD).config(&config(&old)).start();
+    let client_ip = IpAddr::V4(pcpd.ip);
+    let first = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            common::wait_for(Duration::from_secs(15), "the bound request", || {
+                (old.requests.load(Ordering::SeqCst) >= 2).then_some(())
+            });
+            pcpd.rewrite_config(&config(&new));
+            let (status, body) = pcpd.post("/reload");
+            assert_eq!(status, 200, "{body}");
+        });
+        authenticate(&ca, client_ip, pcpd.pcp)
+    });
+    assert_eq!(
+        first.event,
+        ClientEvent::Ended(pcp_auth::client::Ended::ByServer),
+        "{}",
+        pcpd.output()
+    );
+    assert_eq!(
+        pcpd.metric("pcp_auth_sessions_terminated_total{reason=\"aaa_gone\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        pcpd.metric("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(0.0)
+    );
+    let again = authenticate(&ca, client_ip, pcpd.pcp);
+    assert!(
+        matches!(again.event, ClientEvent::Established { .. }),
+        "{:?}",
+        again.event
+    );
+    assert!(new.requests.load(Ordering::SeqCst) >= 1);
 }
