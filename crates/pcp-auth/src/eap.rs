@@ -68,6 +68,13 @@ pub trait EapAuthenticator {
     fn start(&mut self) -> Vec<u8>;
     /// Processes one EAP response.
     fn receive(&mut self, packet: &[u8]) -> AuthStep;
+    /// Whether the session answers [`AuthStep::Pending`] with a PA-Acknowledgement. A
+    /// back end that answers within a fraction of the client's retransmission time (a
+    /// local worker thread) says no: the answer itself follows at once, and an
+    /// acknowledgement would double the PA messages of the exchange.
+    fn acknowledge_pending(&self) -> bool {
+        true
+    }
 }
 
 impl<P: EapPeer + ?Sized> EapPeer for Box<P> {

@@ -1209,6 +1209,9 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
             AuthStep::Discard => {}
             AuthStep::Pending => {
                 self.backend.push_back(id);
+                if !s.auth.acknowledge_pending() {
+                    return;
+                }
                 // §3.1.3: the answer cannot be sent at once (the back end, e.g. a
                 // RADIUS server, takes its time): acknowledge the client's message
                 // so it stops retransmitting (docs/AUTH.md, "PA-Acknowledgements").

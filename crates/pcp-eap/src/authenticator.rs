@@ -97,9 +97,14 @@ impl Embedded {
             conn: None,
             out: Outgoing::default(),
             inc: Incoming::default(),
+            admission: None,
+            attempted: None,
         }
     }
 }
+
+/// Whether an identity may have its password checked now (a failed-attempt limit).
+pub type Admission = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// One EAP-TTLS/PAP conversation, authenticator side.
 pub struct TtlsAuthenticator {
@@ -109,6 +114,10 @@ pub struct TtlsAuthenticator {
     conn: Option<ServerConnection>,
     out: Outgoing,
     inc: Incoming,
+    /// Asked before a password is checked; a refusal fails the attempt unchecked.
+    admission: Option<Admission>,
+    /// The inner User-Name of the last attempt, and whether admission refused it.
+    attempted: Option<(String, bool)>,
 }
 
 impl std::fmt::Debug for TtlsAuthenticator {
@@ -120,6 +129,24 @@ impl std::fmt::Debug for TtlsAuthenticator {
 }
 
 impl TtlsAuthenticator {
+    /// Sets the check made before each password verification (the caller's
+    /// failed-attempt limits).
+    pub fn set_admission(&mut self, admission: Option<Admission>) {
+        self.admission = admission;
+    }
+
+    /// The inner identity of the last password check or refusal, and whether the
+    /// admission check refused it (then its password was not checked).
+    pub fn attempted(&self) -> Option<(&str, bool)> {
+        self.attempted.as_ref().map(|(u, r)| (u.as_str(), *r))
+    }
+
+    /// Fails the conversation now (EAP-Failure for the outstanding request), e.g.
+    /// because its source may not try again yet.
+    pub fn refuse(&mut self) -> AuthStep {
+        self.fail()
+    }
+
     fn request(&mut self, typ: u8, data: &[u8]) -> AuthStep {
         self.id = self.id.wrapping_add(1);
         AuthStep::Request(
@@ -196,6 +223,11 @@ impl TtlsAuthenticator {
         let Ok(user) = std::str::from_utf8(user) else {
             return self.fail();
         };
+        let admitted = self.admission.as_ref().is_none_or(|f| f(user));
+        self.attempted = Some((user.to_string(), !admitted));
+        if !admitted {
+            return self.fail();
+        }
         if !self.credentials.verify(user, &pw[..end]) {
             return self.fail();
         }
@@ -231,6 +263,7 @@ impl TtlsAuthenticator {
 impl EapAuthenticator for TtlsAuthenticator {
     fn start(&mut self) -> Vec<u8> {
         self.conn = None;
+        self.attempted = None;
         self.out = Outgoing::default();
         self.inc = Incoming::default();
         match self.request(packet::TYPE_IDENTITY, &[]) {

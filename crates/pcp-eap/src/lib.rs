@@ -17,7 +17,7 @@ pub mod radius;
 mod tls;
 pub mod ttls;
 
-pub use authenticator::{BackendError, Embedded, TtlsAuthenticator};
+pub use authenticator::{Admission, BackendError, Embedded, TtlsAuthenticator};
 pub use credentials::{Credentials, CredentialsError, hash_password};
 pub use peer::{PeerConfig, TtlsPeer};
 /// The rustls this crate is built on (trust anchors, server names, PEM parsing).

@@ -16,6 +16,11 @@
 //! - With every server dead, the one dead the longest is tried anyway: pcpd never
 //!   refuses without asking.
 //! - Any verified answer marks its server alive again.
+//! - A request no server answered, or one that cannot be sent now (256 identifiers in
+//!   flight), is handed back to the caller ([`GivenUp`], [`NotSent::Busy`]), which
+//!   asks again later: a back end that is down is not a refused credential
+//!   (docs/AUTH.md, "An unavailable back end"). A bound conversation stays bound, so
+//!   its retry goes to the server that holds its State.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +29,9 @@ use std::sync::Arc;
 use pcp_eap::radius::{
     ACCESS_CHALLENGE, ATTR_STATE, AccessRequest, Outcome, RadiusClient, RadiusConfig,
 };
+
+/// The datagram for one AAA server, with the socket to send it on.
+pub type Datagram = (Arc<UdpSocket>, Vec<u8>);
 use tokio::net::UdpSocket;
 
 /// One AAA server.
@@ -70,8 +78,29 @@ pub struct Pool {
 /// Datagrams to send, each with the socket of its AAA server.
 pub type Datagrams = Vec<(Arc<UdpSocket>, Vec<u8>)>;
 
-/// What [`Pool::handle_timeout`] gives: datagrams to send, sessions given up on.
-pub type Timeouts = (Datagrams, Vec<Outcome>);
+/// What [`Pool::handle_timeout`] gives: datagrams to send, requests given up on.
+pub type Timeouts = (Datagrams, Vec<GivenUp>);
+
+/// A request no AAA server answered after every try and failover.
+#[derive(Debug)]
+pub struct GivenUp {
+    /// Its session.
+    pub session: u32,
+    /// The request, to ask again later.
+    pub req: AccessRequest,
+    /// Why (for the log).
+    pub error: pcp_eap::radius::RadiusError,
+}
+
+/// Why [`Pool::send`] sent nothing.
+#[derive(Debug)]
+pub enum NotSent {
+    /// The server has 256 requests in flight: the request, to send later.
+    Busy(AccessRequest),
+    /// The conversation is bound to a server no longer configured (a reload): its
+    /// State means nothing to the others, the conversation must start again.
+    Unbound,
+}
 
 impl Pool {
     /// Servers from their settings (same order) and sockets; `dead_time_s` as configured.
@@ -106,28 +135,31 @@ impl Pool {
             .or_else(|| untried().min_by_key(|&i| self.servers[i].dead_until))
     }
 
-    /// Sends `req` of `session`: the socket and datagram, or `None` when it cannot go
-    /// (its conversation is bound to a server no longer configured, or 256 requests
-    /// are in flight to that server): fail the session.
+    /// Sends `req` of `session`: the socket and datagram, or why it cannot go now.
     pub fn send(
         &mut self,
         session: u32,
         req: AccessRequest,
         now: u64,
-    ) -> Option<(Arc<UdpSocket>, Vec<u8>)> {
+    ) -> Result<Datagram, NotSent> {
         let bound = req.attributes.iter().any(|(t, _)| *t == ATTR_STATE);
         let n = self.servers.len();
         let server = if bound {
-            *self.bound.get(&session)?
+            *self.bound.get(&session).ok_or(NotSent::Unbound)?
         } else {
             self.bound.remove(&session);
-            self.pick(now, &vec![false; n])?
+            match self.pick(now, &vec![false; n]) {
+                Some(i) => i,
+                None => return Err(NotSent::Busy(req)),
+            }
         };
-        let d = self
+        let Some(d) = self
             .servers
-            .get_mut(server)?
-            .client
-            .send(session, &req, now)?;
+            .get_mut(server)
+            .and_then(|s| s.client.send(session, &req, now))
+        else {
+            return Err(NotSent::Busy(req));
+        };
         let mut tried = vec![false; n];
         tried[server] = true;
         self.flight.insert(
@@ -139,7 +171,17 @@ impl Pool {
                 bound,
             },
         );
-        Some((self.servers[server].sock.clone(), d))
+        Ok((self.servers[server].sock.clone(), d))
+    }
+
+    /// Takes every request in flight (a reload replaces the servers): each with its
+    /// session and whether it is bound to its server.
+    pub fn take_flights(&mut self) -> Vec<(u32, AccessRequest, bool)> {
+        self.bound.clear();
+        self.flight
+            .drain()
+            .map(|(id, f)| (id, f.req, f.bound))
+            .collect()
     }
 
     /// A datagram that came in on `sock`: the session it answers and the answer, or
@@ -192,9 +234,20 @@ impl Pool {
                 match self.fail_over(session, now) {
                     Some(d) => out.push(d),
                     None => {
-                        self.flight.remove(&session);
-                        self.bound.remove(&session);
-                        failed.push((session, answer));
+                        // The binding stays: the retry goes to the server holding the
+                        // conversation's State.
+                        if let Some(f) = self.flight.remove(&session) {
+                            failed.push(GivenUp {
+                                session,
+                                req: f.req,
+                                error: answer.err().unwrap_or(
+                                    pcp_eap::radius::RadiusError::Timeout {
+                                        server: self.servers[i].addr.to_string(),
+                                        tries: 0,
+                                    },
+                                ),
+                            });
+                        }
                     }
                 }
             }
@@ -228,11 +281,6 @@ impl Pool {
             .iter()
             .filter_map(|s| s.client.poll_timeout())
             .min()
-    }
-
-    /// The sessions with a request in flight.
-    pub fn sessions(&self) -> Vec<u32> {
-        self.flight.keys().copied().collect()
     }
 
     /// A session ended: forget its binding.
@@ -341,21 +389,48 @@ mod tests {
         let (s, _) = p.send(1, request(true), 300).unwrap();
         assert_eq!(index(&p, &s), 1);
         p.handle_timeout(400);
-        let (out, failed) = p.handle_timeout(500);
+        let (out, mut failed) = p.handle_timeout(500);
         assert!(out.is_empty());
         assert_eq!(failed.len(), 1);
-        assert_eq!(failed[0].0, 1);
+        assert_eq!(failed[0].session, 1);
+        // Still bound: the retry goes to the server that holds the State.
+        let (s, _) = p.send(1, failed.pop().unwrap().req, 600).unwrap();
+        assert_eq!(index(&p, &s), 1);
+        p.forget(1);
         // After the dead time server 0 is asked again.
         let (s, _) = p.send(3, request(false), 200 + 10_000).unwrap();
         assert_eq!(index(&p, &s), 0);
         p.forget(3);
         // A State whose server is unknown (binding forgotten) cannot be sent.
-        assert!(p.send(4, request(true), 20_000).is_none());
+        assert!(matches!(
+            p.send(4, request(true), 20_000),
+            Err(NotSent::Unbound)
+        ));
         // Every server dead: the one dead the longest.
         let mut q = pool(2);
         q.servers[0].dead_until = Some(5_000);
         q.servers[1].dead_until = Some(4_000);
         let (s, _) = q.send(9, request(false), 1_000).unwrap();
         assert_eq!(index(&q, &s), 1);
+    }
+
+    /// A server with 256 requests in flight takes no more: the request comes back
+    /// (to be asked again later), it does not fail its session.
+    #[tokio::test]
+    async fn a_full_identifier_space_hands_the_request_back() {
+        let mut p = pool(1);
+        for session in 0..256 {
+            p.send(session, request(false), 0).unwrap();
+        }
+        let Err(NotSent::Busy(req)) = p.send(256, request(false), 0) else {
+            panic!("the 257th request was sent or refused for good");
+        };
+        assert_eq!(req, request(false));
+        p.forget(0);
+        // Once one answer is in (here: a request no longer in flight), it goes.
+        let (s, d) = p.send(0, request(false), 0).unwrap();
+        let answer = challenge(&d);
+        assert!(p.receive(&s, &answer).unwrap().is_some());
+        assert!(p.send(256, req, 0).is_ok());
     }
 }

@@ -81,6 +81,8 @@ pub struct AuthSection {
     pub server_initiated: bool,
     /// RADIUS pass-through to an AAA server instead of the embedded back end.
     pub radius: Option<RadiusSection>,
+    /// Failed-attempt limits per identity and per source address.
+    pub attempts: crate::limit::AttemptsSection,
 }
 
 /// `[auth.radius]`: the AAA servers that run EAP-TTLS (docs/AUTH.md).
@@ -202,6 +204,7 @@ impl Default for AuthSection {
             max_half_open_per_prefix: SessionConfig::default().max_half_open_per_prefix,
             server_initiated: false,
             radius: None,
+            attempts: crate::limit::AttemptsSection::default(),
         }
     }
 }
@@ -220,6 +223,15 @@ impl AuthSection {
         }
         if self.max_half_open_per_prefix == 0 {
             return Some(("auth.max_half_open_per_prefix", "must be at least 1".into()));
+        }
+        if self.attempts.burst > 0 && self.attempts.every_s == 0 {
+            return Some((
+                "auth.attempts.every_s",
+                "must be at least 1 (or burst = 0 to turn the limit off)".into(),
+            ));
+        }
+        if self.attempts.max_tracked == 0 {
+            return Some(("auth.attempts.max_tracked", "must be at least 1".into()));
         }
         if !self.enabled() {
             return None;
@@ -293,8 +305,8 @@ impl AuthSection {
 /// The EAP authenticator of one PA conversation, of whichever back end is configured.
 #[derive(Debug)]
 pub enum Backend {
-    /// EAP-TTLS here.
-    Embedded(Box<TtlsAuthenticator>),
+    /// EAP-TTLS here, its work (TLS, Argon2) on the worker pool ([`Job`]).
+    Embedded(Offloaded),
     /// Passed through to a RADIUS server.
     Radius(RadiusAuthenticator),
     /// Authentication is off everywhere (no back end configured): the gate sends no
@@ -302,17 +314,122 @@ pub enum Backend {
     Off,
 }
 
+/// An embedded EAP-TTLS conversation. Its EAP responses are not processed under the
+/// gate's lock: [`EapAuthenticator::receive`] queues the response and answers
+/// [`AuthStep::Pending`]; [`Auth::backend_requests`] hands it to the worker pool as a
+/// [`Job`] and the result comes back through `Server::resume`, so a TLS handshake or
+/// an Argon2 verification stalls neither the receive task nor other clients.
+#[derive(Debug)]
+pub struct Offloaded {
+    backend: Embedded,
+    conv: Arc<Mutex<TtlsAuthenticator>>,
+    /// Moves with every start and response: a job's result is for this conversation
+    /// and response only if its generation is still the current one.
+    generation: u64,
+    queued: Option<Vec<u8>>,
+}
+
+impl Offloaded {
+    fn new(backend: Embedded) -> Offloaded {
+        Offloaded {
+            conv: Arc::new(Mutex::new(backend.authenticator())),
+            backend,
+            generation: 0,
+            queued: None,
+        }
+    }
+}
+
+/// One EAP response of an embedded conversation to process off the gate's lock.
+pub struct Job {
+    session: u32,
+    generation: u64,
+    conv: Arc<Mutex<TtlsAuthenticator>>,
+    packet: Vec<u8>,
+    src: std::net::IpAddr,
+    limiter: Arc<Mutex<crate::limit::Limiter>>,
+    origin: Instant,
+}
+
+/// What a [`Job`] gave.
+pub struct Done {
+    session: u32,
+    generation: u64,
+    step: AuthStep,
+    /// The identity whose password was checked (or refused unchecked).
+    identity: Option<String>,
+    /// The failed-attempt limits refused it: not a failed attempt itself.
+    refused: bool,
+    src: std::net::IpAddr,
+}
+
+impl Job {
+    /// Runs the TLS and password work (a blocking thread).
+    pub fn run(self) -> Done {
+        let mut conv = self.conv.lock().unwrap_or_else(|p| p.into_inner());
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let source_ok = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(None, self.src, now)
+            .is_ok();
+        // A source out of attempts costs no TLS work either.
+        let (step, refused) = if source_ok {
+            let (limiter, src, origin) = (self.limiter.clone(), self.src, self.origin);
+            conv.set_admission(Some(Arc::new(move |user: &str| {
+                let now = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+                limiter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(Some(user), src, now)
+                    .is_ok()
+            })));
+            let step = conv.receive(&self.packet);
+            let refused = matches!(step, AuthStep::Failure { .. })
+                && conv.attempted().is_some_and(|(_, r)| r);
+            (step, refused)
+        } else {
+            (conv.refuse(), true)
+        };
+        Done {
+            session: self.session,
+            generation: self.generation,
+            identity: conv.attempted().map(|(u, _)| u.to_string()),
+            refused,
+            step,
+            src: self.src,
+        }
+    }
+}
+
 impl EapAuthenticator for Backend {
+    fn acknowledge_pending(&self) -> bool {
+        // A local worker answers within milliseconds; RADIUS may take seconds.
+        !matches!(self, Backend::Embedded(_))
+    }
     fn start(&mut self) -> Vec<u8> {
         match self {
-            Backend::Embedded(a) => a.start(),
+            Backend::Embedded(o) => {
+                // A fresh conversation: a job of the old one may still hold its lock.
+                o.generation += 1;
+                o.queued = None;
+                let mut a = o.backend.authenticator();
+                let first = a.start();
+                o.conv = Arc::new(Mutex::new(a));
+                first
+            }
             Backend::Radius(a) => a.start(),
             Backend::Off => pcp_eap::packet::failure(0),
         }
     }
     fn receive(&mut self, packet: &[u8]) -> AuthStep {
         match self {
-            Backend::Embedded(a) => a.receive(packet),
+            Backend::Embedded(o) => {
+                o.generation += 1;
+                o.queued = Some(packet.to_vec());
+                AuthStep::Pending
+            }
             Backend::Radius(a) => a.receive(packet),
             Backend::Off => AuthStep::Failure {
                 packet: pcp_eap::packet::failure(0),
@@ -330,6 +447,66 @@ pub struct Radius {
     /// The settings it was made from (a reload that keeps them keeps it).
     section: RadiusSection,
     secrets: Vec<Vec<u8>>,
+    /// Requests no AAA server could answer, asked again later (docs/AUTH.md, "An
+    /// unavailable back end"), by session.
+    retries: HashMap<u32, Retry>,
+}
+
+/// A request of a session whose back end did not answer.
+struct Retry {
+    /// The request, until it is sent again (`None` while that copy is in flight).
+    req: Option<pcp_eap::radius::AccessRequest>,
+    /// Times it was given up on so far.
+    attempts: u32,
+    /// When to send it again (ms on the gate's clock).
+    due: u64,
+}
+
+/// First wait before asking the AAA servers again, doubled after each failure up to
+/// [`RETRY_MAX_MS`]; the PA session's own limit (the MRD after its PA-Acknowledgement,
+/// S1) ends the retries.
+const RETRY_FIRST_MS: u64 = 1_000;
+const RETRY_MAX_MS: u64 = 16_000;
+
+impl Radius {
+    /// Asks again for `session` later, with exponential backoff.
+    fn defer(&mut self, session: u32, req: pcp_eap::radius::AccessRequest, now: u64) -> u64 {
+        let r = self.retries.entry(session).or_insert(Retry {
+            req: None,
+            attempts: 0,
+            due: now,
+        });
+        let wait = RETRY_FIRST_MS
+            .saturating_mul(1 << r.attempts.min(10))
+            .min(RETRY_MAX_MS);
+        r.attempts += 1;
+        r.req = Some(req);
+        r.due = now.saturating_add(wait);
+        wait
+    }
+
+    /// The session is over or answered: no retry.
+    fn settle(&mut self, session: u32) {
+        self.retries.remove(&session);
+    }
+
+    /// Retries due now, taken out for sending.
+    fn due_retries(&mut self, now: u64) -> Vec<(u32, pcp_eap::radius::AccessRequest)> {
+        self.retries
+            .iter_mut()
+            .filter(|(_, r)| r.due <= now)
+            .filter_map(|(id, r)| r.req.take().map(|q| (*id, q)))
+            .collect()
+    }
+
+    /// When the next retry is due.
+    fn next_retry(&self) -> Option<u64> {
+        self.retries
+            .values()
+            .filter(|r| r.req.is_some())
+            .map(|r| r.due)
+            .min()
+    }
 }
 
 /// Counters of PA sessions for the operator (docs/AUTH.md, "Operating").
@@ -341,8 +518,12 @@ pub struct SessionStats {
     pub failed: HashMap<&'static str, u64>,
     /// Established sessions that ended, by cause.
     pub ended: HashMap<&'static str, u64>,
-    /// Terminations pcpd started, by reason (`admin`, `user_removed`, `auth_off`).
+    /// Terminations pcpd started, by reason (`admin`, `user_removed`, `auth_off`,
+    /// `aaa_gone`).
     pub terminated: HashMap<&'static str, u64>,
+    /// Back-end requests asked again because no AAA server answered (or none could
+    /// take one more request) — never reported to the client as a failure.
+    pub backend_retries: u64,
 }
 
 /// One PA session as the admin API shows it (`GET /auth/sessions`): no key material.
@@ -477,6 +658,12 @@ pub struct Auth {
     pub replicate: bool,
     /// Session changes not yet handed to the HA node.
     changes: Vec<SessionChange>,
+    /// Failed-attempt limits (own lock: the worker threads consult it without the
+    /// gate's).
+    pub limiter: Arc<Mutex<crate::limit::Limiter>>,
+    /// The worker pool's queue of embedded EAP work; `None` outside a runtime (the
+    /// work then runs in place).
+    jobs: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
 }
 
 /// The gate behind its lock, and whether any source can authenticate at all (read
@@ -611,8 +798,15 @@ impl Auth {
                 sockets: Vec::new(),
                 replicate: false,
                 changes: Vec::new(),
+                limiter: Arc::new(Mutex::new(crate::limit::Limiter::new(s.attempts))),
+                jobs: None,
             }),
         });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            lock(&cell).jobs = Some(tx);
+            rt.spawn(workers(cell.clone(), rx));
+        }
         apply(&cell, p);
         Ok(cell)
     }
@@ -632,7 +826,7 @@ impl Auth {
             PreparedBackend::Embedded(e) => {
                 let b = e.clone();
                 (
-                    Box::new(move || Backend::Embedded(Box::new(b.authenticator()))),
+                    Box::new(move || Backend::Embedded(Offloaded::new(b.clone()))),
                     Some(e),
                     None,
                 )
@@ -664,31 +858,60 @@ impl Auth {
             _ => false,
         };
         if !keep {
-            let old = self.radius.take();
-            if let Some(old) = &old {
-                // Sessions waiting for the old AAA server's answer cannot get one.
-                let waiting: Vec<u32> = old.pool.sessions();
-                for id in &waiting {
-                    self.gate.server.resume(now, *id, fail_radius);
-                }
-                if !waiting.is_empty() {
-                    notes.push(format!(
-                        "{} authentication(s) waiting for the old AAA server failed",
-                        waiting.len()
-                    ));
+            // Requests waiting for the old AAA servers: an unbound one goes to the new
+            // servers at once; a bound one's State means nothing to them, so its session
+            // is terminated and the client starts again (docs/AUTH.md, "An unavailable
+            // back end"). Neither is a failed authentication.
+            let mut waiting = Vec::new();
+            if let Some(mut old) = self.radius.take() {
+                waiting.extend(old.pool.take_flights());
+                for (id, r) in old.retries.drain() {
+                    if let Some(req) = r.req {
+                        let bound = req
+                            .attributes
+                            .iter()
+                            .any(|(t, _)| *t == pcp_eap::radius::ATTR_STATE);
+                        waiting.push((id, req, bound));
+                    }
                 }
             }
-            drop(old);
             if let (Some(sec), Some(servers)) = (new_section, radius_servers) {
                 let secrets = servers.iter().map(|(c, _, _)| c.secret.clone()).collect();
                 self.radius = Some(Radius {
                     pool: crate::aaa::Pool::new(servers, sec.dead_time_s),
                     section: sec,
                     secrets,
+                    retries: HashMap::new(),
                 });
+            }
+            let (mut moved, mut restarted) = (0, 0);
+            for (id, req, bound) in waiting {
+                match self.radius.as_mut() {
+                    Some(r) if !bound => {
+                        r.retries.insert(
+                            id,
+                            Retry {
+                                req: Some(req),
+                                attempts: 0,
+                                due: now.0,
+                            },
+                        );
+                        moved += 1;
+                    }
+                    _ => {
+                        self.terminate(now, id, "aaa_gone");
+                        restarted += 1;
+                    }
+                }
+            }
+            if moved + restarted > 0 {
+                notes.push(format!(
+                    "{moved} authentication(s) waiting for the old AAA servers asked again, {restarted} restarted"
+                ));
             }
         }
         self.gate.server.set_authenticator(factory);
+        lock_limiter(&self.limiter).set_config(p.section.attempts);
         self.gate.server.set_config(session_config(&p.section));
         self.gate.rules = rules(&p.section);
         self.gate.initiate = p.section.server_initiated;
@@ -787,30 +1010,117 @@ impl Auth {
         let mut out = Vec::new();
         let now = self.now();
         while let Some(id) = self.gate.server.poll_backend() {
-            let req = match self.gate.server.authenticator_mut(id) {
-                Some(Backend::Radius(a)) => a.take_request(),
-                _ => None,
+            let src = self.gate.server.session(id).map(|i| i.client.ip());
+            let (req, identity) = match self.gate.server.authenticator_mut(id) {
+                Some(Backend::Radius(a)) => (a.take_request(), a.identity().map(str::to_string)),
+                Some(Backend::Embedded(o)) => {
+                    if let (Some(packet), Some(src)) = (o.queued.take(), src) {
+                        let job = Job {
+                            session: id,
+                            generation: o.generation,
+                            conv: o.conv.clone(),
+                            packet,
+                            src,
+                            limiter: self.limiter.clone(),
+                            origin: self.origin,
+                        };
+                        match &self.jobs {
+                            Some(q) => {
+                                if let Err(e) = q.send(job) {
+                                    self.apply_done(e.0.run());
+                                }
+                            }
+                            None => self.apply_done(job.run()),
+                        }
+                    }
+                    continue;
+                }
+                _ => (None, None),
             };
             let Some(req) = req else {
                 continue;
             };
-            let Some(r) = self.radius.as_mut() else {
-                // A reload removed the AAA server while this conversation went on.
-                self.gate.server.resume(now, id, fail_radius);
-                continue;
-            };
-            match r.pool.send(id, req, now.0) {
-                Some(d) => out.push(d),
-                None => {
-                    tracing::warn!(
-                        session_id = id,
-                        "RADIUS: the conversation's AAA server is gone (reload) or has 256 requests in flight; authentication failed"
-                    );
-                    self.gate.server.resume(now, id, fail_radius);
-                }
+            if let Some(r) = self.radius.as_mut() {
+                r.settle(id);
             }
+            // A new conversation of a source or identity out of attempts is refused
+            // without asking the AAA server.
+            let fresh = !req
+                .attributes
+                .iter()
+                .any(|(t, _)| *t == pcp_eap::radius::ATTR_STATE);
+            if fresh
+                && let Some(src) = src
+                && lock_limiter(&self.limiter)
+                    .admit(identity.as_deref(), src, now.0)
+                    .is_err()
+            {
+                self.gate.server.resume(now, id, |a| match a {
+                    Backend::Radius(r) => r.answer(Err(RadiusError::BadResponse {
+                        server: String::new(),
+                        reason: "refused by auth.attempts",
+                    })),
+                    _ => AuthStep::Discard,
+                });
+                continue;
+            }
+            self.send_backend(now, id, req, &mut out);
         }
         out
+    }
+
+    /// Puts the result of an embedded conversation's [`Job`] in force, and counts a
+    /// failed attempt (or forgives the identity's failures after a success).
+    fn apply_done(&mut self, d: Done) {
+        let now = self.now();
+        match &d.step {
+            AuthStep::Failure { .. } if !d.refused => {
+                lock_limiter(&self.limiter).failed(d.identity.as_deref(), d.src, now.0)
+            }
+            AuthStep::Success { identity, .. } => lock_limiter(&self.limiter).succeeded(identity),
+            _ => {}
+        }
+        let generation = d.generation;
+        self.gate.server.resume(now, d.session, |b| match b {
+            Backend::Embedded(o) if o.generation == generation => d.step,
+            _ => AuthStep::Discard,
+        });
+    }
+
+    /// Sends one Access-Request, or defers it (back end busy) or restarts its session
+    /// (its AAA server is gone): a back end that cannot answer now never fails the
+    /// client's authentication (docs/AUTH.md, "An unavailable back end").
+    fn send_backend(
+        &mut self,
+        now: pcp_auth::Time,
+        id: u32,
+        req: pcp_eap::radius::AccessRequest,
+        out: &mut crate::aaa::Datagrams,
+    ) {
+        let Some(r) = self.radius.as_mut() else {
+            // A reload removed the RADIUS back end while this conversation went on.
+            self.terminate(now, id, "aaa_gone");
+            return;
+        };
+        match r.pool.send(id, req, now.0) {
+            Ok(d) => out.push(d),
+            Err(crate::aaa::NotSent::Busy(req)) => {
+                let wait = r.defer(id, req, now.0);
+                self.stats.backend_retries += 1;
+                tracing::warn!(
+                    session_id = id,
+                    retry_ms = wait,
+                    "RADIUS: the AAA server has 256 requests in flight; asking again later"
+                );
+            }
+            Err(crate::aaa::NotSent::Unbound) => {
+                tracing::warn!(
+                    session_id = id,
+                    "RADIUS: the conversation's AAA server is no longer configured; the client starts again"
+                );
+                self.terminate(now, id, "aaa_gone");
+            }
+        }
     }
 
     /// A datagram from the AAA server of `sock`.
@@ -821,47 +1131,61 @@ impl Auth {
         };
         match r.pool.receive(sock, datagram) {
             Ok(Some((id, answer))) => {
+                r.settle(id);
                 if let Err(e) = &answer {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
                 }
+                let src = self.gate.server.session(id).map(|i| i.client.ip());
+                let mut failed = None;
                 self.gate.server.resume(now, id, |a| match a {
-                    Backend::Radius(r) => r.answer(answer),
+                    Backend::Radius(r) => {
+                        let step = r.answer(answer);
+                        if matches!(step, AuthStep::Failure { .. }) {
+                            failed = Some(r.identity().map(str::to_string));
+                        }
+                        step
+                    }
                     _ => AuthStep::Discard,
                 });
+                if let (Some(identity), Some(src)) = (failed, src) {
+                    lock_limiter(&self.limiter).failed(identity.as_deref(), src, now.0);
+                }
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "RADIUS"),
         }
     }
 
-    /// RADIUS retransmissions due (datagrams to send) and sessions given up on.
+    /// RADIUS retransmissions and retries due (datagrams to send), and when to come
+    /// back. A request no AAA server answered is asked again later, with backoff,
+    /// while its PA session lasts: the client was acknowledged and waits.
     fn radius_timeout(&mut self) -> (crate::aaa::Datagrams, Option<u64>) {
         let now = self.now();
         let Some(r) = self.radius.as_mut() else {
             return (Vec::new(), None);
         };
-        let (again, failed) = r.pool.handle_timeout(now.0);
-        let next = r.pool.poll_timeout();
-        for (id, answer) in failed {
-            if let Err(e) = &answer {
-                tracing::warn!(session_id = id, error = %e, "RADIUS");
-            }
-            self.gate.server.resume(now, id, |a| match a {
-                Backend::Radius(r) => r.answer(answer),
-                _ => AuthStep::Discard,
-            });
+        let (mut out, failed) = r.pool.handle_timeout(now.0);
+        self.stats.backend_retries += failed.len() as u64;
+        for g in failed {
+            let wait = r.defer(g.session, g.req, now.0);
+            tracing::warn!(session_id = g.session, error = %g.error, retry_ms = wait, "RADIUS: no answer; asking again later (the client waits, acknowledged)");
         }
-        (again, next)
+        let due = r.due_retries(now.0);
+        for (id, req) in due {
+            self.send_backend(now, id, req, &mut out);
+        }
+        let next = self.radius.as_ref().and_then(|r| {
+            [r.pool.poll_timeout(), r.next_retry()]
+                .into_iter()
+                .flatten()
+                .min()
+        });
+        (out, next)
     }
 
     /// Now on the gate's clock.
     pub fn now(&self) -> pcp_auth::Time {
         pcp_auth::Time(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
-    }
-
-    /// Logs what happened to PA sessions (and queues it for the backup in pair mode).
-    pub fn log_events(&mut self) {
-        self.take_events().log();
     }
 
     /// What happened to PA sessions, counted (and queued for the backup in pair mode),
@@ -893,6 +1217,7 @@ impl Auth {
                 ServerEvent::Ended { session_id, cause } => {
                     if let Some(r) = self.radius.as_mut() {
                         r.pool.forget(*session_id);
+                        r.settle(*session_id);
                     }
                     let by = if self.live.remove(session_id) {
                         &mut self.stats.ended
@@ -1121,6 +1446,43 @@ pub fn flush(cell: &SharedAuth) {
     }
 }
 
+/// Locks the failed-attempt limits.
+fn lock_limiter(l: &Mutex<crate::limit::Limiter>) -> MutexGuard<'_, crate::limit::Limiter> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the embedded back end's [`Job`]s on blocking threads, at most one per core
+/// at a time (Argon2 is memory-hard: unbounded parallelism would only trade CPU for
+/// RAM), and puts each result in force under the gate's lock; logging and sending
+/// happen after it is released.
+async fn workers(cell: SharedAuth, mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let permits = Arc::new(tokio::sync::Semaphore::new(n));
+    while let Some(job) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let cell = cell.clone();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || job.run()).await;
+            drop(permit);
+            let Ok(done) = done else {
+                return;
+            };
+            let (out, radius_out, sockets, events) = {
+                let mut a = lock(&cell);
+                a.apply_done(done);
+                let r = a.backend_requests();
+                let events = a.take_events();
+                (a.transmits(), r, a.sockets.clone(), events)
+            };
+            events.log();
+            send_radius(radius_out).await;
+            send_all(&sockets, out).await;
+        });
+    }
+}
+
 /// Starts the tasks receiving the AAA servers' answers, where none runs.
 fn spawn_radius_receiver(cell: &SharedAuth) {
     let mut a = lock(cell);
@@ -1134,16 +1496,6 @@ fn spawn_radius_receiver(cell: &SharedAuth) {
     for s in r.pool.servers.iter_mut().filter(|s| s.receiver.is_none()) {
         let task = rt.spawn(radius_receiver(cell.clone(), s.sock.clone()));
         s.receiver = Some(task.abort_handle());
-    }
-}
-
-fn fail_radius(a: &mut Backend) -> AuthStep {
-    match a {
-        Backend::Radius(r) => r.answer(Err(RadiusError::Timeout {
-            server: String::new(),
-            tries: 0,
-        })),
-        _ => AuthStep::Discard,
     }
 }
 
@@ -1292,14 +1644,40 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
         "# HELP pcp_auth_sessions_terminated_total Terminations pcpd started (SESSION_TERMINATED), by reason."
     );
     let _ = writeln!(out, "# TYPE pcp_auth_sessions_terminated_total counter");
-    for r in ["admin", "user_removed", "auth_off"] {
+    for r in ["admin", "user_removed", "auth_off", "aaa_gone"] {
         let n = st.terminated.get(r).copied().unwrap_or(0);
         let _ = writeln!(
             out,
             "pcp_auth_sessions_terminated_total{{reason=\"{r}\"}} {n}"
         );
     }
+    {
+        let l = lock_limiter(&a.limiter);
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_attempts_failed_total Failed authentication attempts counted against [auth.attempts]."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_attempts_failed_total counter");
+        let _ = writeln!(out, "pcp_auth_attempts_failed_total {}", l.failed);
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_attempts_refused_total Attempts refused unchecked by [auth.attempts], by the limit that refused them."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_attempts_refused_total counter");
+        for (by, n) in [
+            ("identity", l.refused_identity),
+            ("source", l.refused_source),
+        ] {
+            let _ = writeln!(out, "pcp_auth_attempts_refused_total{{by=\"{by}\"}} {n}");
+        }
+    }
     if let Some(r) = &a.radius {
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_backend_retries_total AAA requests asked again later because no AAA server answered (not reported to the client as a failure)."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_backend_retries_total counter");
+        let _ = writeln!(out, "pcp_auth_backend_retries_total {}", st.backend_retries);
         let dead = r.pool.dead(a.now().0);
         let _ = writeln!(
             out,
@@ -1370,5 +1748,142 @@ pub async fn timers(auth: SharedAuth, sockets: Vec<Arc<UdpSocket>>) {
         send_radius(radius_out).await;
         send_all(&sockets, out).await;
         tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_auth::client::{Client, ClientConfig, ClientEvent};
+    use pcp_testkit::eap::{AuthFiles, PASSWORD, ttls_peer, users_line};
+
+    /// The embedded back end's EAP work runs on the worker pool, not in the call that
+    /// holds the gate's lock: right after the gate took the client's EAP response the
+    /// session waits for its back end and nothing is answered yet (no
+    /// PA-Acknowledgement either); the worker's answer comes later, with the lock
+    /// free meanwhile, and the exchange completes. A conversation restarted while its
+    /// job runs ignores the stale result (generation check).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_eap_work_runs_off_the_gate_lock() {
+        let dir = pcp_testkit::TempDir::new();
+        let files = AuthFiles::write(
+            &dir.0,
+            "pcp.example",
+            &users_line("alice", PASSWORD.as_bytes()),
+        );
+        let section = AuthSection {
+            default: AuthMode::Required,
+            certificate: Some(files.cert.clone()),
+            key: Some(files.key.clone()),
+            credentials: Some(files.users.clone()),
+            ..AuthSection::default()
+        };
+        let cell = Auth::build(&section).unwrap();
+        let server = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        lock(&cell).sockets = vec![server.clone()];
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = sock.local_addr().unwrap();
+        let peer = ttls_peer(&files.ca_der, "pcp.example", "alice", PASSWORD.as_bytes());
+        let mut client = Client::new(ClientConfig::new(me.ip()), peer);
+        let origin = Instant::now();
+        let now = || pcp_auth::Time(origin.elapsed().as_millis() as u64);
+        client.start(now());
+        let (mut offloaded, mut buf) = (0, [0u8; 2048]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let event = loop {
+            assert!(Instant::now() < deadline, "no outcome");
+            if let Some(e) = client.poll_event() {
+                break e;
+            }
+            while let Some(mut m) = client.poll_transmit() {
+                let n = m.len();
+                m.resize(1100, 0);
+                let (out, waiting) = {
+                    let mut a = lock(&cell);
+                    let t = a.now();
+                    a.gate.inbound(t, me, 0, &mut m, n);
+                    assert!(a.backend_requests().is_empty());
+                    let waiting: Vec<u32> = a
+                        .gate
+                        .server
+                        .sessions()
+                        .filter(|s| s.waiting_backend)
+                        .map(|s| s.session_id)
+                        .collect();
+                    (a.transmits(), waiting)
+                };
+                if !waiting.is_empty() {
+                    assert!(out.is_empty(), "answered under the lock: {out:?}");
+                    offloaded += 1;
+                }
+                send_all(std::slice::from_ref(&server), out).await;
+            }
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(20), sock.recv_from(&mut buf)).await
+            {
+                client.handle(now(), &buf[..n]);
+            }
+            client.handle_timeout(now());
+        };
+        assert!(
+            matches!(event, ClientEvent::Established { .. }),
+            "{event:?}"
+        );
+        assert!(
+            offloaded >= 2,
+            "EAP responses processed in place: {offloaded}"
+        );
+
+        // A result for an older generation of a conversation is ignored; one for the
+        // current generation is applied. A second client gets as far as its first EAP
+        // response, which is queued but not handed to the pool here.
+        let peer = ttls_peer(&files.ca_der, "pcp.example", "alice", PASSWORD.as_bytes());
+        let mut second = Client::new(ClientConfig::new(me.ip()), peer);
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        second.start(now());
+        let mut id = None;
+        for _ in 0..2 {
+            let mut m = second.poll_transmit().expect("a PA-Client");
+            let n = m.len();
+            m.resize(1100, 0);
+            let mut a = lock(&cell);
+            let t = a.now();
+            a.gate.inbound(t, other, 0, &mut m, n);
+            for t in a.transmits() {
+                second.handle(now(), &t.1.payload);
+            }
+            id = a
+                .gate
+                .server
+                .sessions()
+                .find(|s| s.client == other && s.waiting_backend)
+                .map(|s| s.session_id);
+        }
+        let id = id.expect("the second client's session waits for its back end");
+        let mut a = lock(&cell);
+        let generation = match a.gate.server.authenticator_mut(id) {
+            Some(Backend::Embedded(o)) => o.generation,
+            _ => panic!("not the embedded back end"),
+        };
+        let failed = |generation| Done {
+            session: id,
+            generation,
+            step: AuthStep::Failure {
+                packet: pcp_eap::packet::failure(0),
+            },
+            identity: None,
+            refused: false,
+            src: other.ip(),
+        };
+        a.apply_done(failed(generation - 1));
+        assert!(
+            a.gate.server.session(id).is_some_and(|s| s.waiting_backend),
+            "a stale result was applied"
+        );
+        a.apply_done(failed(generation));
+        assert!(
+            a.gate.server.session(id).is_none(),
+            "the result was not applied"
+        );
     }
 }

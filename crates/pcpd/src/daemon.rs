@@ -386,7 +386,10 @@ impl Serve<'_> {
             }
             core.epoch_for(src.ip())
         };
-        let (verdict, out) = {
+        // Under the gate's lock only the gate's own bookkeeping: EAP work of the
+        // embedded back end goes to the worker pool, RADIUS requests and the log lines
+        // leave after the lock is released.
+        let (verdict, out, radius_out, events) = {
             let mut a = crate::auth::lock(auth);
             let now = a.now();
             if job.datagram.get(1).is_some_and(|b| b & 0x7f == 3) {
@@ -394,14 +397,15 @@ impl Serve<'_> {
             }
             let v = a.gate.inbound(now, src, epoch, &mut job.datagram, n);
             let radius_out = a.backend_requests();
-            a.log_events();
-            // Non-blocking: a full socket buffer is a loss the RADIUS retransmission
-            // covers.
-            for (sock, d) in radius_out {
-                let _ = sock.try_send(&d);
-            }
-            (v, a.transmits())
+            let events = a.take_events();
+            (v, a.transmits(), radius_out, events)
         };
+        events.log();
+        // Non-blocking: a full socket buffer is a loss the RADIUS retransmission
+        // covers.
+        for (sock, d) in radius_out {
+            let _ = sock.try_send(&d);
+        }
         crate::auth::send_all(self.sockets, out).await;
         match verdict {
             Inbound::Serve {

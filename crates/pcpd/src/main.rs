@@ -15,6 +15,7 @@ mod config;
 mod core;
 mod daemon;
 mod hugepages;
+mod limit;
 mod metrics;
 
 use std::net::SocketAddr;

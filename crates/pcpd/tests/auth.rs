@@ -344,6 +344,71 @@ fn expired_session_gets_unknown_session_id_and_the_client_recovers() {
     assert_eq!(result(&p.exchange(&fresh).unwrap()), ResultCode::Success);
 }
 
+/// `server_initiated = true` (RFC 7652 §3.1.2) through the real pcpd: a client that
+/// has not started a session sends an untagged MAP, gets AUTHENTICATION_REQUIRED and
+/// pcpd's own PA-Server (session ID chosen by pcpd, sequence number 0); it answers,
+/// authenticates in that session and its tagged MAP is served. Its retried untagged
+/// MAP meanwhile opens no second session (S4).
+#[test]
+fn server_initiated_session_through_pcpd() {
+    let s = setup_config("required", 600, "server_initiated = true\n");
+    let mut p = Peer::new(&s, "correct horse");
+    let untagged = p.map(5100, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 2048];
+    let (mut required, mut first_pa) = (0, None);
+    let mut last_untagged = Instant::now();
+    p.sock.send_to(&untagged, p.server).unwrap();
+    let event = loop {
+        assert!(Instant::now() < deadline, "no outcome\n{}", s.pcpd.output());
+        if let Some(e) = p.client.poll_event() {
+            break e;
+        }
+        if let Ok((n, _)) = p.sock.recv_from(&mut buf) {
+            let m = &buf[..n];
+            match m.get(1).map(|b| b & 0x7f) {
+                Some(1) => {
+                    assert_eq!(result(m), ResultCode::AuthenticationRequired);
+                    required += 1;
+                }
+                Some(3) => {
+                    let r = Response::parse(m).unwrap();
+                    if let Body::Authentication(a) = r.body {
+                        first_pa.get_or_insert(a.session_id);
+                    }
+                    let now = p.now();
+                    p.client.handle(now, m);
+                }
+                _ => {}
+            }
+        }
+        // The application retries its request meanwhile.
+        if last_untagged.elapsed() > Duration::from_millis(700) && !p.client.is_established() {
+            p.sock.send_to(&untagged, p.server).unwrap();
+            last_untagged = Instant::now();
+        }
+        while let Some(m) = p.client.poll_transmit() {
+            p.sock.send_to(&m, p.server).unwrap();
+        }
+        let now = p.now();
+        p.client.handle_timeout(now);
+    };
+    let ClientEvent::Established { session_id, .. } = event else {
+        panic!("{event:?}\n{}", s.pcpd.output());
+    };
+    assert!(required >= 1, "no AUTHENTICATION_REQUIRED");
+    assert_eq!(first_pa, Some(session_id), "not pcpd's session");
+    let sessions = s.pcpd.get_json("/auth/sessions");
+    let list = sessions.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{sessions}");
+    assert_eq!(list[0]["identity"], "alice");
+    assert_eq!(list[0]["session_id"], session_id);
+    let tagged = p.map(5100, true);
+    let r = p.exchange(&tagged).expect("an answer");
+    assert_eq!(result(&r), ResultCode::Success);
+    assert!(s.pcpd.find_mapping(5100).is_some());
+}
+
 /// A man in the middle adds a PRF to pcpd's unprotected first PA-Server (RFC 7652 §8:
 /// the algorithm lists travel before any key); the client's confirmation repeats what
 /// it saw, pcpd notices, says DOWNGRADE_ATTACK_DETECTED and keeps no session.
@@ -1001,4 +1066,87 @@ fn admin_api_lists_and_terminates_sessions() {
         Some(1.0)
     );
     assert_eq!(m("pcp_auth_sessions{state=\"established\"}"), Some(0.0));
+}
+
+/// One slow login stalls nobody else (docs/AUTH.md, "EAP work off the gate's lock"):
+/// user `slow` has a deliberately expensive Argon2 hash (128 MiB, 6 passes; it never
+/// verifies). While pcpd checks it, another client's untagged MAPs (`optional` mode:
+/// they pass the gate and its lock too) keep being answered. Were the check done in
+/// the receive task or under the gate's lock, no answer could come while it runs: the
+/// longest silence would be about as long as the check itself.
+#[test]
+fn a_slow_password_check_does_not_stall_other_clients() {
+    let dir = TempDir::new();
+    let users = format!(
+        "{}slow:$argon2id$v=19$m=131072,t=6,p=1$c2FsdHNhbHRzYWx0${}\n",
+        users_line("alice", PASSWORD.as_bytes()),
+        "A".repeat(43)
+    );
+    let files = AuthFiles::write(&dir.0, "pcp.example", &users);
+    let pcpd = common::pcpd(PCPD)
+        .config(&files.section("optional"))
+        .start();
+    let (ca, server) = (files.ca_der.clone(), pcpd.pcp);
+    let o = pcpd.ip.octets();
+    let other = IpAddr::V4([o[0], o[1], o[2], o[3] ^ 1].into());
+    let slow_ip = IpAddr::V4(pcpd.ip);
+    let login = std::thread::spawn(move || {
+        let mut p = Peer::user(&ca, server, "slow", "anything", slow_ip);
+        let started = Instant::now();
+        let e = p.authenticate();
+        (e, started, Instant::now())
+    });
+    // The other client asks every 20 ms and notes when answers come.
+    let sock = UdpSocket::bind(SocketAddr::new(other, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let req = Request {
+        lifetime: 600,
+        client_addr: other,
+        body: Body::Map(MapBody {
+            nonce: [9; 12],
+            protocol: 17,
+            internal_port: 5900,
+            external_port: 0,
+            external_addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        }),
+        options: Options::from_list(&[]),
+        pa_result_code: ResultCode::Success,
+    };
+    let mut msg = vec![0u8; 1100];
+    let n = req.emit(&mut msg).unwrap();
+    msg.truncate(n);
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !login.is_finished() {
+        sock.send_to(&msg, server).unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            assert_eq!(result(&buf[..n]), ResultCode::Success);
+            answers.push(Instant::now());
+        }
+    }
+    let (event, started, ended) = login.join().unwrap();
+    assert_eq!(
+        event,
+        ClientEvent::Failed(Failure::AuthenticationFailed),
+        "{}",
+        pcpd.output()
+    );
+    let took = ended - started;
+    // The longest silence towards the other client while the login ran.
+    let mut marks: Vec<Instant> = answers
+        .into_iter()
+        .filter(|t| *t > started && *t < ended)
+        .collect();
+    marks.insert(0, started);
+    marks.push(ended);
+    let silence = marks
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        silence < took / 2,
+        "the other client got no answer for {silence:?} of a {took:?} login"
+    );
 }

@@ -31,6 +31,10 @@ struct Aaa {
     requests: Arc<AtomicUsize>,
     /// Milliseconds to wait before answering the next request (once).
     delay_next_ms: Arc<AtomicU64>,
+    /// While set, requests are counted and dropped (a back end that is down).
+    mute: Arc<AtomicBool>,
+    /// Requests answered at most; later ones are counted and dropped.
+    answer_limit: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -56,7 +60,15 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
     let requests = Arc::new(AtomicUsize::new(0));
     let delay_next_ms = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let (r, d, st) = (requests.clone(), delay_next_ms.clone(), stop.clone());
+    let mute = Arc::new(AtomicBool::new(false));
+    let answer_limit = Arc::new(AtomicUsize::new(usize::MAX));
+    let (r, d, st, m, lim) = (
+        requests.clone(),
+        delay_next_ms.clone(),
+        stop.clone(),
+        mute.clone(),
+        answer_limit.clone(),
+    );
     std::thread::spawn(move || {
         let mut aaa =
             backend.map(|b| RadiusServer::new(RadiusServerConfig::new(SECRET.to_vec()), b));
@@ -66,7 +78,10 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 continue;
             };
-            r.fetch_add(1, Ordering::SeqCst);
+            let seen = r.fetch_add(1, Ordering::SeqCst) + 1;
+            if m.load(Ordering::SeqCst) || seen > lim.load(Ordering::SeqCst) {
+                continue;
+            }
             let Some(aaa) = aaa.as_mut() else {
                 continue;
             };
@@ -81,6 +96,8 @@ fn fake_aaa(ip: IpAddr, backend: Option<Embedded>) -> Aaa {
         addr,
         requests,
         delay_next_ms,
+        mute,
+        answer_limit,
         stop,
     }
 }
@@ -103,10 +120,15 @@ struct Outcome {
 
 /// Alice authenticates from `ip` against pcpd at `server`, with a 300 ms IRT.
 fn authenticate(ca: &CertificateDer<'static>, ip: IpAddr, server: SocketAddr) -> Outcome {
+    let peer = ttls_peer(ca, "aaa.example", "alice", PASSWORD.as_bytes());
+    authenticate_with(peer, ip, server)
+}
+
+/// One authentication from `ip` with `peer`, with a 300 ms IRT.
+fn authenticate_with(peer: pcp_eap::TtlsPeer, ip: IpAddr, server: SocketAddr) -> Outcome {
     let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
-    let peer = ttls_peer(ca, "aaa.example", "alice", PASSWORD.as_bytes());
     let mut cfg = ClientConfig::new(ip);
     cfg.retransmit.irt = Duration::from_millis(300);
     let mut client = Client::new(cfg, peer);
@@ -244,32 +266,127 @@ fn failover_past_a_dead_aaa_server_and_pa_acknowledgements_meanwhile() {
     );
 }
 
-/// With every AAA server dead the authentication fails (AUTHENTICATION_FAILED) with
-/// an error naming the servers; no server is skipped without being asked.
+/// A back end that is down is not a wrong password (docs/AUTH.md, "An unavailable
+/// back end"): with the only AAA server silent, pcpd does not answer
+/// AUTHENTICATION_FAILED; it keeps the acknowledged client waiting and asks the AAA
+/// server again with backoff. Once the server answers, the same client authenticates,
+/// without a restart of anything. A genuine refusal (wrong password) is still
+/// AUTHENTICATION_FAILED at once.
 #[test]
-fn all_aaa_servers_dead_fails_the_authentication() {
+fn an_aaa_server_down_at_first_then_up_the_client_authenticates() {
     let dir = TempDir::new();
     let ip = IpAddr::V4(common::fresh_ip());
-    let (ca, _) = pki();
-    let (a, b) = (dead_aaa(ip), dead_aaa(ip));
+    let (ca, backend) = pki();
+    let aaa = fake_aaa(ip, Some(backend));
+    aaa.mute.store(true, Ordering::SeqCst);
     let secret = dir.join("secret");
     std::fs::write(&secret, SECRET).unwrap();
     let config = format!(
-        "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"{}\", \"{}\"]\nsecret_file = \"{}\"\ntimeout_ms = 150\ntries = 2\n",
-        a.addr,
-        b.addr,
+        "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"{}\"]\nsecret_file = \"{}\"\ntimeout_ms = 150\ntries = 2\n",
+        aaa.addr,
         secret.display()
     );
     let pcpd = common::pcpd(PCPD).config(&config).start();
-    let out = authenticate(&ca, IpAddr::V4(pcpd.ip), pcpd.pcp);
-    assert!(
-        matches!(out.event, ClientEvent::Failed(_)),
-        "{:?}",
-        out.event
-    );
-    assert_eq!(a.requests.load(Ordering::SeqCst), 2);
-    assert_eq!(b.requests.load(Ordering::SeqCst), 2);
-    common::wait_for(Duration::from_secs(2), "the timeout logged", || {
-        pcpd.output().contains("did not answer").then_some(())
+    // The AAA server comes up once pcpd has given up on it twice (2 tries each).
+    let (requests, mute) = (aaa.requests.clone(), aaa.mute.clone());
+    let waker = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while requests.load(Ordering::SeqCst) < 4 && t0.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        mute.store(false, Ordering::SeqCst);
     });
+    let out = authenticate(&ca, IpAddr::V4(pcpd.ip), pcpd.pcp);
+    waker.join().unwrap();
+    assert!(
+        matches!(out.event, ClientEvent::Established { .. }),
+        "{:?}\n{}",
+        out.event,
+        pcpd.output()
+    );
+    assert!(out.acks >= 1, "the waiting client was not acknowledged");
+    assert!(
+        aaa.requests.load(Ordering::SeqCst) >= 4,
+        "the AAA server was not asked while down"
+    );
+    let retries = pcpd.metric("pcp_auth_backend_retries_total").unwrap_or(0.0);
+    assert!(retries >= 2.0, "retries counted: {retries}");
+    assert_eq!(
+        pcpd.metric("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(0.0)
+    );
+    // A wrong password is refused at once, and counted as such.
+    let peer = ttls_peer(&ca, "aaa.example", "alice", b"wrong");
+    let failed = authenticate_with(peer, IpAddr::V4(pcpd.ip), pcpd.pcp);
+    assert!(
+        matches!(
+            failed.event,
+            ClientEvent::Failed(pcp_auth::client::Failure::AuthenticationFailed)
+        ),
+        "{:?}",
+        failed.event
+    );
+    assert_eq!(
+        pcpd.metric("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(1.0)
+    );
+}
+
+/// A reload that replaces the AAA server while a conversation is bound to the old one
+/// (its State means nothing to the new one) restarts that conversation: the client
+/// gets SESSION_TERMINATED, not AUTHENTICATION_FAILED, and authenticates again with
+/// the new server (docs/AUTH.md, "An unavailable back end").
+#[test]
+fn a_reload_restarts_a_conversation_bound_to_a_removed_aaa_server() {
+    let dir = TempDir::new();
+    let ip = IpAddr::V4(common::fresh_ip());
+    let (ca, backend) = pki();
+    let old = fake_aaa(ip, Some(backend.clone()));
+    // It answers the first request (an Access-Challenge: the conversation is bound to
+    // it), then falls silent.
+    old.answer_limit.store(1, Ordering::SeqCst);
+    let new = fake_aaa(ip, Some(backend));
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = |aaa: &Aaa| {
+        format!(
+            "[auth]\ndefault = \"required\"\n[auth.radius]\nservers = [\"{}\"]\nsecret_file = \"{}\"\ntimeout_ms = 200\ntries = 2\n",
+            aaa.addr,
+            secret.display()
+        )
+    };
+    let pcpd = common::pcpd(PCPD).config(&config(&old)).start();
+    let client_ip = IpAddr::V4(pcpd.ip);
+    let first = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            common::wait_for(Duration::from_secs(15), "the bound request", || {
+                (old.requests.load(Ordering::SeqCst) >= 2).then_some(())
+            });
+            pcpd.rewrite_config(&config(&new));
+            let (status, body) = pcpd.post("/reload");
+            assert_eq!(status, 200, "{body}");
+        });
+        authenticate(&ca, client_ip, pcpd.pcp)
+    });
+    assert_eq!(
+        first.event,
+        ClientEvent::Ended(pcp_auth::client::Ended::ByServer),
+        "{}",
+        pcpd.output()
+    );
+    assert_eq!(
+        pcpd.metric("pcp_auth_sessions_terminated_total{reason=\"aaa_gone\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        pcpd.metric("pcp_auth_sessions_failed_total{cause=\"authentication_failed\"}"),
+        Some(0.0)
+    );
+    let again = authenticate(&ca, client_ip, pcpd.pcp);
+    assert!(
+        matches!(again.event, ClientEvent::Established { .. }),
+        "{:?}",
+        again.event
+    );
+    assert!(new.requests.load(Ordering::SeqCst) >= 1);
 }

@@ -226,6 +226,12 @@ impl RadiusAuthenticator {
         self.outgoing.take()
     }
 
+    /// The identity of the client's EAP-Response/Identity (the outer identity, which
+    /// may be anonymous), once it came.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+
     /// Whether it waits for the back end's answer.
     pub fn waiting(&self) -> bool {
         self.waiting
