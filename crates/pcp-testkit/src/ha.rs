@@ -133,3 +133,16 @@ pub fn wait_ha(
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Waits until the active `a` has nothing left for its backup to acknowledge, kills it
+/// with SIGKILL and waits (up to `limit`) until `b` is active; returns `b`'s `GET /ha`.
+pub fn kill_settled_active(a: &mut Pcpd, b: &Pcpd, limit: Duration) -> serde_json::Value {
+    wait_ha(
+        a,
+        Duration::from_secs(2),
+        "nothing left to acknowledge",
+        |h| h["lag"] == 0,
+    );
+    a.kill9();
+    wait_ha(b, limit, "B takes over", |h| h["role"] == "active")
+}

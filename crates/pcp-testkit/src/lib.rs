@@ -24,7 +24,7 @@ pub mod tls;
 
 pub use admin::{http, metric, try_http};
 pub use bins::{pcpc_bin, pcpd_bin, workspace_root};
-pub use ha::{HaTiming, Node, PairPlan, role, wait_ha};
+pub use ha::{HaTiming, Node, PairPlan, kill_settled_active, role, wait_ha};
 pub use pcp::{Answer, Map, PcpClient, parse_answer};
 pub use pcpd::{Builder, Pcpd, honour_config, pcpd, poll, wait_for, wait_until};
 pub use ports::{free_port, fresh_ip};

@@ -543,12 +543,7 @@ fn pair_mode_keeps_sessions_and_identities_across_a_failover() {
     // from the same source, as with a service address that moved.
     let client_ip = IpAddr::V4(plan.ip_b);
     let mut p = Peer::to(&ca, a.pcp, "correct horse", client_ip);
-    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
-    common::wait_for(Duration::from_secs(5), "A's SA", || {
-        a.output()
-            .contains("PCP authentication succeeded")
-            .then_some(())
-    });
+    authenticate_at(&mut p, &a);
     let m = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
     let r = p.exchange(&m).expect("the held reply, released");
     let now = p.now();
@@ -679,12 +674,7 @@ fn without_session_replication_clients_reauthenticate_after_failover() {
     let now = p.now();
     assert!(p.client.verify_response(now, &r).is_err());
     assert_eq!(p.client.poll_event(), Some(ClientEvent::Ended(Ended::Lost)));
-    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
-    common::wait_for(Duration::from_secs(5), "B's SA", || {
-        b.output()
-            .contains("PCP authentication succeeded")
-            .then_some(())
-    });
+    authenticate_at(&mut p, &b);
     let renew = p.map_with(5000, true, &[]);
     let r = p.exchange(&renew).expect("an answer");
     let now = p.now();
@@ -719,12 +709,7 @@ fn takeover_announce_is_tagged_for_the_hosts_pa_session() {
         .set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     let mut p = Peer::to(&ca, a.pcp, "correct horse", IpAddr::V4(host));
-    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
-    common::wait_for(Duration::from_secs(5), "A's SA", || {
-        a.output()
-            .contains("PCP authentication succeeded")
-            .then_some(())
-    });
+    authenticate_at(&mut p, &a);
     let m = p.map_with(5000, true, &[PcpOption::CheckpointRequired]);
     let r = p.exchange(&m).expect("the held reply, released");
     let now = p.now();
@@ -739,17 +724,7 @@ fn takeover_announce_is_tagged_for_the_hosts_pa_session() {
     common::wait_for(Duration::from_secs(5), "B holds the session", || {
         (b.ha()["sessions"] == 1).then_some(())
     });
-    wait_ha(
-        &a,
-        Duration::from_secs(2),
-        "nothing left to acknowledge",
-        |h| h["lag"] == 0,
-    );
-
-    a.kill9();
-    wait_ha(&b, Duration::from_secs(10), "B takes over", |h| {
-        h["role"] == "active"
-    });
+    common::kill_settled_active(&mut a, &b, Duration::from_secs(10));
     let mut copies = Vec::new();
     let until = Instant::now() + Duration::from_millis(1500);
     let mut buf = [0u8; 1100];
@@ -956,13 +931,7 @@ fn reload_turns_auth_on_and_off() {
     let m = p.map(5001, false);
     let r = p.exchange(&m).expect("an answer");
     assert_eq!(result(&r), ResultCode::AuthenticationRequired);
-    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
-    common::wait_for(Duration::from_secs(5), "the server's SA", || {
-        s.pcpd
-            .output()
-            .contains("PCP authentication succeeded")
-            .then_some(())
-    });
+    authenticate_at(&mut p, &s.pcpd);
     let m = p.map(5001, true);
     let r = p.exchange(&m).expect("an answer");
     assert_eq!(result(&r), ResultCode::Success);
@@ -988,13 +957,7 @@ fn admin_api_lists_and_terminates_sessions() {
         wrong.authenticate(),
         ClientEvent::Failed(Failure::AuthenticationFailed)
     );
-    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
-    common::wait_for(Duration::from_secs(5), "the server's SA", || {
-        s.pcpd
-            .output()
-            .contains("PCP authentication succeeded")
-            .then_some(())
-    });
+    authenticate_at(&mut p, &s.pcpd);
     let first = p.map(5000, true);
     assert_eq!(result(&p.exchange(&first).unwrap()), ResultCode::Success);
     let second = p.map(5001, true);
@@ -1149,4 +1112,15 @@ fn a_slow_password_check_does_not_stall_other_clients() {
         silence < took / 2,
         "the other client got no answer for {silence:?} of a {took:?} login"
     );
+}
+
+/// Authenticates `p` and waits until `d` installed the security association (it does
+/// when the client's confirmation arrives, after the client considers itself done).
+fn authenticate_at(p: &mut Peer, d: &Pcpd) {
+    assert!(matches!(p.authenticate(), ClientEvent::Established { .. }));
+    common::wait_for(Duration::from_secs(5), "the server's SA", || {
+        d.output()
+            .contains("PCP authentication succeeded")
+            .then_some(())
+    });
 }

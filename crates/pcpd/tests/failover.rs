@@ -714,17 +714,7 @@ fn takeover_keeps_the_epoch_of_protected_hosts_and_announces_to_the_others() {
     let c1 = Instant::now();
     // The host record saying that U holds an unprotected mapping is replicated after
     // the (unheld) answer: let the backup acknowledge it.
-    wait_ha(
-        &a,
-        Duration::from_secs(2),
-        "nothing left to acknowledge",
-        |h| h["lag"] == 0,
-    );
-
-    a.kill9();
-    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| {
-        h["role"] == "active"
-    });
+    common::kill_settled_active(&mut a, &b, TAKEOVER_LIMIT);
 
     let mut buf = [0u8; 1100];
     let (n, from) = u_announce
@@ -1267,17 +1257,7 @@ fn takeover_announce_is_a_burst_from_the_hosts_service_address() {
     let c = PcpClient::new(IpAddr::V4(h), a_service);
     assert!(c.map(Map::udp(5000)).checkpoint_echoed);
     assert!(!c.map(Map::udp(5001).without_checkpoint()).checkpoint_echoed);
-    wait_ha(
-        &a,
-        Duration::from_secs(2),
-        "nothing left to acknowledge",
-        |h| h["lag"] == 0,
-    );
-
-    a.kill9();
-    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| {
-        h["role"] == "active"
-    });
+    common::kill_settled_active(&mut a, &b, TAKEOVER_LIMIT);
     // Copies at 0, 250, 750, 1750 and 3750 ms (the second up to 250 ms late: the
     // expiry task's tick); 4.5 s sees five.
     let mut copies: Vec<(Instant, SocketAddr, u32)> = Vec::new();
