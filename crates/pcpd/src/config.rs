@@ -119,6 +119,11 @@ pub struct HaSection {
     /// by its owner only). Both nodes use the same key; without it frames are plain.
     #[serde(default)]
     pub key_file: Option<std::path::PathBuf>,
+    /// File pcpd rewrites (atomically) on every role change for keepalived's
+    /// `track_file`: `0` while this node serves PCP (active or promoting), `1`
+    /// otherwise and after a clean stop (docs/HA.md, "keepalived").
+    #[serde(default)]
+    pub serving_file: Option<std::path::PathBuf>,
 }
 
 /// Reads and checks the replication link's key file (`[ha] key_file`). `config` is

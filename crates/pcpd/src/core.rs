@@ -742,6 +742,8 @@ pub struct Shared {
     /// Wakes the core task (HA work queued).
     pub kick_core: Arc<tokio::sync::Notify>,
     node_serves: Arc<AtomicBool>,
+    /// Whether this node serves, for the serving file's writer (`[ha] serving_file`).
+    pub serving_tx: Arc<tokio::sync::watch::Sender<crate::serving_file::State>>,
 }
 
 impl Shared {
@@ -755,6 +757,7 @@ impl Shared {
             kick_ha: Arc::new(tokio::sync::Notify::new()),
             kick_core: Arc::new(tokio::sync::Notify::new()),
             node_serves,
+            serving_tx: Arc::new(tokio::sync::watch::Sender::new(Some(false))),
         }
     }
 
@@ -779,8 +782,11 @@ impl Shared {
     /// queued work for it. Call after every HA operation, with the pair lock held.
     pub fn after_ha(&self, pair: &mut Pair) {
         pair.persist_term();
-        self.node_serves
-            .store(pair.node.serves(), Ordering::Release);
+        let serves = pair.node.serves();
+        // Only a role change touches the watch (the request path calls this too).
+        if self.node_serves.swap(serves, Ordering::AcqRel) != serves {
+            crate::serving_file::publish(&self.serving_tx, serves);
+        }
         if pair.core_work() {
             self.kick_core.notify_one();
         }

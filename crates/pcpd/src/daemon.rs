@@ -196,6 +196,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     core.acls = acls.clone();
     core.auth = auth.clone();
     let shared = Shared::new(core);
+    // The serving file says "not serving" before the HA node can change its role.
+    let serving_writer = config_serving_file(&shared).and_then(|path| {
+        let rx = shared.serving_tx.subscribe();
+        match crate::serving_file::spawn(path, rx, tokio::runtime::Handle::current()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the serving file's writer");
+                None
+            }
+        }
+    });
 
     for (i, (sock, acl)) in sockets.iter().zip(&acls).enumerate() {
         tracing::info!(
@@ -243,10 +254,25 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
     signals.run(shared.clone()).await;
     tracing::info!("pcpd stopping");
+    // keepalived drops the address before anything else stops.
+    shared.serving_tx.send_replace(None);
+    if let Some(t) = serving_writer {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     if let Err(e) = shared.lock().dataplane.shutdown() {
         tracing::error!(error = %e, "data plane shutdown");
     }
     Ok(())
+}
+
+/// `[ha] serving_file`, if set.
+fn config_serving_file(shared: &Shared) -> Option<std::path::PathBuf> {
+    shared
+        .lock()
+        .config
+        .ha
+        .as_ref()
+        .and_then(|h| h.serving_file.clone())
 }
 
 /// Receives, serves and answers datagrams on one socket: the access list first, then

@@ -17,6 +17,7 @@ mod daemon;
 mod hugepages;
 mod limit;
 mod metrics;
+mod serving_file;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,10 @@ struct Args {
     /// Pair mode: the replication link's pre-shared key file; replaces `[ha] key_file`.
     #[arg(long, value_name = "FILE")]
     ha_key_file: Option<PathBuf>,
+    /// Pair mode: the file keepalived's `track_file` reads (0: this node serves PCP,
+    /// 1: it does not); replaces `[ha] serving_file`.
+    #[arg(long, value_name = "FILE")]
+    ha_serving_file: Option<PathBuf>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
             preinstall: true,
             replicate_sessions: true,
             key_file: None,
+            serving_file: None,
         });
         ha.listen = listen;
         ha.peer = peer;
@@ -106,6 +112,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         ha.key_file = Some(path);
+    }
+    if let Some(path) = args.ha_serving_file {
+        let Some(ha) = &mut cfg.ha else {
+            eprintln!(
+                "pcpd: --ha-serving-file needs pair mode ([ha] or --ha-listen/--ha-peer/--ha-role)"
+            );
+            return ExitCode::from(2);
+        };
+        ha.serving_file = Some(path);
     }
     hugepages::enable(cfg.daemon.huge_pages);
     if args.check {

@@ -1,0 +1,218 @@
+//! `[ha] serving_file`: pcpd pushes whether it serves PCP to keepalived's
+//! `track_file` (docs/HA.md, "keepalived") instead of being polled for it.
+//!
+//! The file holds `0` while this node serves PCP (HA role active, or promoting itself:
+//! what `pcpctl ha --serving` passes on) and `1` otherwise (joining, backup, draining,
+//! stopping). keepalived's `track_file` with `weight 0` reads a non-zero value as FAULT,
+//! so the service address can only be on the node that serves.
+//!
+//! Role changes are observed under the pair lock (`Shared::after_ha`), on the request
+//! path and the replication thread: they only publish the new value on a watch channel.
+//! A thread of its own does the file IO, so a slow disk never delays a reply or a
+//! heartbeat.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// What the watch channel carries: `Some(serving)` while pcpd runs, `None` once it
+/// stops (the file then says "not serving" for good).
+pub type State = Option<bool>;
+
+/// How often the writer rewrites the file even without a change, so that a file
+/// someone removed or edited comes back (keepalived reads a missing file as 0, which
+/// would count as serving).
+const REASSERT: Duration = Duration::from_secs(2);
+
+/// The file's content for a state.
+fn content(state: State) -> &'static str {
+    if state == Some(true) { "0\n" } else { "1\n" }
+}
+
+/// Writes the state atomically: a temporary file in the same directory, renamed over
+/// `path`. keepalived watches the directory (inotify) and reads the file on the rename
+/// (`IN_MOVED_TO`); a reader never sees a truncated or empty file, which it would read
+/// as 0 (serving).
+pub fn write(path: &Path, state: State) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the serving file has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(content(state).as_bytes())?;
+    // No fsync: the file lives in /run (tmpfs) and only matters while the system runs.
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// Whether the file already says what `state` means.
+fn says(path: &Path, state: State) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|c| c == content(state))
+}
+
+/// Starts the writer thread: it writes the current state at once, then on every
+/// change, and re-asserts it every [`REASSERT`]. It ends after writing the stopped
+/// state (`None`) or when the sender is dropped (the file then says "not serving").
+pub fn spawn(
+    path: PathBuf,
+    mut rx: watch::Receiver<State>,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("pcpd-serving-file".into())
+        .spawn(move || {
+            let mut written: Option<State> = None;
+            loop {
+                let state = *rx.borrow_and_update();
+                if written != Some(state) || !says(&path, state) {
+                    match write(&path, state) {
+                        Ok(()) => {
+                            if written.is_some_and(|w| w != state) || written.is_none() {
+                                tracing::info!(
+                                    path = %path.display(),
+                                    serving = state == Some(true),
+                                    "serving file written"
+                                );
+                            }
+                            written = Some(state);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, path = %path.display(), "cannot write the serving file");
+                            written = None;
+                        }
+                    }
+                }
+                if state.is_none() {
+                    return;
+                }
+                let changed = rt.block_on(async {
+                    tokio::time::timeout(REASSERT, rx.changed()).await
+                });
+                if let Ok(Err(_)) = changed {
+                    // The sender is gone: pcpd is stopping.
+                    if let Err(e) = write(&path, None) {
+                        tracing::error!(error = %e, path = %path.display(), "cannot write the serving file");
+                    }
+                    return;
+                }
+            }
+        })
+}
+
+/// Publishes a new serving state; cheap, never blocks on IO. Leaves a stopped state
+/// alone.
+pub fn publish(tx: &watch::Sender<State>, serving: bool) {
+    tx.send_if_modified(|s| match s {
+        Some(v) if *v != serving => {
+            *v = serving;
+            true
+        }
+        _ => false,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn dir() -> pcp_testkit::TempDir {
+        pcp_testkit::TempDir::new()
+    }
+
+    fn wait_for(path: &Path, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = std::fs::read_to_string(path).unwrap_or_default();
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {got:?}, want {want:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn writes_zero_only_while_serving_and_leaves_no_temporary_file() {
+        let d = dir();
+        let path = d.join("serving");
+        write(&path, Some(true)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n");
+        write(&path, Some(false)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+        write(&path, None).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+        let names: Vec<_> = std::fs::read_dir(&d.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("serving")]);
+    }
+
+    /// A reader racing the writer sees a whole value every time: never an empty or
+    /// partial file (keepalived would read those as 0, serving).
+    #[test]
+    fn readers_never_see_a_torn_file() {
+        let d = dir();
+        let path = d.join("serving");
+        write(&path, Some(false)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let c = std::fs::read_to_string(&path).expect("the file always exists");
+                    assert!(c == "0\n" || c == "1\n", "torn read: {c:?}");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for i in 0..2000 {
+            write(&path, Some(i % 2 == 0)).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    }
+
+    #[test]
+    fn the_writer_follows_every_transition_and_says_not_serving_when_stopped() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let d = dir();
+        let path = d.join("serving");
+        // A stale "serving" from a crashed run is overwritten at once.
+        std::fs::write(&path, "0\n").unwrap();
+        let (tx, rx) = watch::channel(Some(false));
+        let handle = rt.handle().clone();
+        let writer = spawn(path.clone(), rx, handle).unwrap();
+        wait_for(&path, "1\n");
+        publish(&tx, true);
+        wait_for(&path, "0\n");
+        publish(&tx, false);
+        wait_for(&path, "1\n");
+        publish(&tx, true);
+        wait_for(&path, "0\n");
+        // Removed behind pcpd's back: re-asserted.
+        std::fs::remove_file(&path).unwrap();
+        wait_for(&path, "0\n");
+        // Stopping: "not serving" for good, even if a late role change is published.
+        tx.send_replace(None);
+        publish(&tx, true);
+        writer.join().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+    }
+}
