@@ -929,6 +929,45 @@ mod tests {
         (gap.max(last.elapsed()), frames)
     }
 
+    /// `[ha] serving_file`: the HA node's promotion reaches the file while the core
+    /// lock is held all along (the file IO is off the core's and the replication
+    /// thread's path), and a stop turns it back to "not serving".
+    #[test]
+    fn the_serving_file_follows_the_role_without_the_core_lock() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let dir = pcp_testkit::TempDir::new();
+        let path = dir.join("serving");
+        // A peer that never answers: the node started active takes over after its join
+        // time.
+        let silent = StdUdp::bind("127.0.0.1:0").unwrap();
+        let (shared, _) = pair_core(true, silent.local_addr().unwrap());
+        let busy = shared.lock();
+        let writer = crate::serving_file::spawn(
+            path.clone(),
+            shared.serving_tx.subscribe(),
+            rt.handle().clone(),
+        )
+        .unwrap();
+        let read = || std::fs::read_to_string(&path).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read() != "0\n" {
+            assert!(Instant::now() < deadline, "serving file: {:?}", read());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            shared.lock_pair().unwrap().node.role(),
+            pcp_ha::Role::Active
+        );
+        drop(busy);
+        shared.serving_tx.send_replace(None);
+        writer.join().unwrap();
+        assert_eq!(read(), "1\n");
+    }
+
     /// Issue #4: a core busy for longer than the detection time (a hash table growing
     /// near a million mappings) must not silence the active's heartbeats, or the
     /// backup takes over from a live active.
