@@ -2,13 +2,13 @@
 # keepalived notify script for a pcpd pair (see docs/HA.md, "keepalived").
 #
 # keepalived calls it as: pcpd-notify.sh TYPE NAME STATE [PRIORITY]
-#   STATE MASTER              the service address is now on this node. The health check
-#                             (`pcpctl ha --serving`) lets a node become MASTER only
-#                             while its pcpd is active, so normally there is nothing to
-#                             do. If pcpd is a backup (it stepped down since the last
-#                             check) whose active is still heard, nothing is done either:
-#                             pcpd decides roles, and the next check gives the address
-#                             back. Only a backup that no longer hears any active is
+#   STATE MASTER              the service address is now on this node. The serving
+#                             file (pcpd's `[ha] serving_file`, keepalived's track_file)
+#                             lets a node become MASTER only while its pcpd is active,
+#                             so normally there is nothing to do. If pcpd is a backup
+#                             (it stepped down a moment ago) whose active is still
+#                             heard, nothing is done either: pcpd decides roles, and its
+#                             file gives the address back. Only a backup that no longer hears any active is
 #                             promoted (`pcpctl promote`): what it holds is all there is,
 #                             and pcpd would serve by itself after its join time anyway.
 #   STATE BACKUP, FAULT, STOP log only. pcpd has no "demote" on purpose: a node steps
@@ -53,7 +53,7 @@ promote() {
 on_master() {
   local status role peer
   if ! status=$("$PCPCTL" --admin "$ADMIN" --timeout 2 ha --json 2>&1); then
-    # The health check will put this node in FAULT and the address moves on.
+    # The liveness check will put this node in FAULT and the address moves on.
     log "VRRP MASTER for $type $name: pcpd does not answer: $status"
     return 1
   fi
@@ -64,14 +64,14 @@ on_master() {
       log "VRRP MASTER for $type $name: pcpd $role (term $(field term "$status"))"
       ;;
     draining)
-      # A planned switchover away from this node: the check fails next and the
-      # address follows the backup that takes over.
+      # A planned switchover away from this node: its file says 1 and the address
+      # follows the backup that takes over.
       log "VRRP MASTER for $type $name: pcpd is draining (switchover); not promoting"
       ;;
     backup | joining)
       if [ "$peer" = true ]; then
         # A live active exists: promoting would make it drop its state. pcpd decides;
-        # the health check moves the address to the node that serves.
+        # the serving files move the address to the node that serves.
         log "VRRP MASTER for $type $name: pcpd is $role and its active is alive; not promoting"
       else
         promote

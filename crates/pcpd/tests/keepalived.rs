@@ -38,8 +38,9 @@ const CLIENT: &str = "192.0.2.100";
 const VIP: &str = "192.0.2.53";
 const NODE_IP: [&str; 2] = ["192.0.2.11", "192.0.2.12"];
 const HA_IP: [&str; 2] = ["10.255.0.1", "10.255.0.2"];
-/// Load threads in the client namespace, each with its own internal ports.
-const THREADS: u16 = 4;
+/// Load threads in the client namespace (concurrent hosts' worth of requests, so that
+/// many cross each handover), each with its own internal ports.
+const THREADS: u16 = 16;
 const PORTS_PER_THREAD: u16 = 30;
 const FIRST_PORT: u16 = 20_000;
 /// RFC 6887 §8.1.1: initial retransmission time 3 s, each further one doubles, with a
@@ -285,6 +286,48 @@ impl Pair {
         );
     }
 
+    /// Node `n`'s serving file (`[ha] serving_file`, keepalived's track_file).
+    fn serving_path(&self, n: usize) -> PathBuf {
+        self.dir.join(&format!("serving{n}"))
+    }
+
+    /// What node `n`'s serving file says.
+    fn serving_file(&self, n: usize) -> String {
+        std::fs::read_to_string(self.serving_path(n)).unwrap_or_default()
+    }
+
+    /// Watches the service address move to node `to`: returns when node `to`'s serving
+    /// file first said 0 and when the address was on `to` only, both after `t0`.
+    fn watch_move(&self, to: usize, t0: Instant, what: &str) -> (Duration, Duration) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut serving = None;
+        loop {
+            if serving.is_none() && self.serving_file(to) == "0\n" {
+                serving = Some(t0.elapsed());
+            }
+            if self.holds_vip(to) && !self.holds_vip(1 - to) {
+                let moved = t0.elapsed();
+                let serving = serving.unwrap_or_else(|| {
+                    panic!(
+                        "{what}: the address moved to node {to} before its file said 0 \
+                         ({:?})\n{}",
+                        self.serving_file(to),
+                        self.logs()
+                    )
+                });
+                return (serving, moved);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the service address is not (only) on node {to}; serving files {:?} {:?}\n{}",
+                self.serving_file(0),
+                self.serving_file(1),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Whether node `n` holds the service address on eth0.
     fn holds_vip(&self, n: usize) -> bool {
         let out = self
@@ -314,9 +357,11 @@ impl Pair {
              [pool]\naddresses = [\"198.51.100.1\"]\n\
              [tiers.default]\nmapping_quota = 4096\ncheckpoint_quota = 4096\n\
              checkpoint_rate = 100000.0\ncheckpoint_burst = 100000\n\
-             [ha]\nlisten = \"{}:5400\"\npeer = \"{}:5400\"\nrole = \"{role}\"\n",
+             [ha]\nlisten = \"{}:5400\"\npeer = \"{}:5400\"\nrole = \"{role}\"\n\
+             serving_file = \"{}\"\n",
             HA_IP[n],
-            HA_IP[1 - n]
+            HA_IP[1 - n],
+            self.serving_path(n).display()
         );
         let path = self.dir.join(&format!("pcpd{n}.toml"));
         std::fs::write(&path, config).unwrap();
@@ -511,6 +556,7 @@ fn keepalived_conf(n: usize, dir: &TempDir) -> String {
         }
         out += &line
             .replace("/usr/local/bin/pcpctl", &pcpctl)
+            .replace("/run/pcpd/serving", &dir.path_str(&format!("serving{n}")))
             .replace("/etc/keepalived/pcpd-notify.sh", notify.to_str().unwrap());
         out.push('\n');
     }
@@ -518,13 +564,17 @@ fn keepalived_conf(n: usize, dir: &TempDir) -> String {
         assert_eq!(marks, 4, "the example's B: marks changed: update this test");
     }
     for must in [
-        "ha --serving",
+        "track_file pcpd_serving",
+        "/run/pcpd/serving",
+        "weight 0",
+        "--timeout 0.8 status",
+        "fall 2",
         "version 3",
         "interface eth0",
         "unicast_src_ip",
     ] {
         assert!(
-            out.contains(must),
+            example.contains(must),
             "the example lost {must:?}: update this test"
         );
     }
@@ -668,6 +718,49 @@ fn check(pair: &Pair, n: usize, outcomes: &[Outcome], what: &str, renewed_by_suc
     );
 }
 
+/// Loose bound on how long after the new active's serving file says 0 the address is
+/// on it: keepalived reads the file at once (inotify) and VRRP hands over in at most
+/// its master-down time (3 x 0.2 s + skew); after a kill -9 the dead node's liveness
+/// check must fail twice first (`fall 2`, 1 s apart). Generous for a loaded CI machine.
+const MOVE_BUDGET: Duration = Duration::from_millis(2500);
+
+/// A planned switchover from node `from` under load; checks the promises and that the
+/// address followed the role.
+fn switchover(pair: &mut Pair, from: usize, term: u64, master: usize) {
+    let to = 1 - from;
+    pair.wait_ha(from, "the active's backup ready", |h| {
+        h["backup_status"] == "ready"
+    });
+    pair.wait_ha(to, "the backup's copy complete", |h| h["ready"] == true);
+    let what = format!("switchover {from}->{to}");
+    let outcomes = pair.under_load(Duration::from_secs(7), Duration::from_secs(3), |p| {
+        let t0 = Instant::now();
+        let (ok, out) = p.pcpctl(from, &["switchover"]);
+        assert!(ok, "pcpctl switchover: {out}");
+        let (serving, moved) = p.watch_move(to, t0, &what);
+        eprintln!(
+            "{what}: node {to}'s file said 0 after {serving:?}, address there after \
+             {moved:?} ({:?} later)",
+            moved - serving
+        );
+        assert!(
+            moved - serving < MOVE_BUDGET,
+            "{what}: the address took {:?} after the new active's file said 0",
+            moved - serving
+        );
+    });
+    pair.wait_ha(to, "the new active", |h| h["role"] == "active");
+    pair.wait_ha(from, "the old active a backup", |h| h["role"] == "backup");
+    assert_eq!(pair.serving_file(from), "1\n", "{what}: the old active's file");
+    pair.wait_vip(to, &format!("after {what}"));
+    check(pair, to, &outcomes, &what, false);
+    // The notify script found pcpd already active: the file made VRRP follow pcpd.
+    let line = pair.wait_notify_master(to, master);
+    assert!(line.contains(&format!("pcpd active (term {term})")), "{line}");
+    let (serving, out) = pair.pcpctl(from, &["ha", "--serving"]);
+    assert!(!serving, "the old active must not pass ha --serving: {out}");
+}
+
 #[test]
 fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
     let test = "switchover_and_kill_9_move_the_service_address_within_one_retransmission";
@@ -675,41 +768,40 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
         return;
     }
     let mut pair = setup("kad");
+    assert_eq!(pair.serving_file(0), "0\n");
+    assert_eq!(pair.serving_file(1), "1\n");
 
-    // Planned switchover under load.
-    let outcomes = pair.under_load(Duration::from_secs(8), Duration::from_secs(3), |p| {
-        let (ok, out) = p.pcpctl(0, &["switchover"]);
-        assert!(ok, "pcpctl switchover: {out}");
+    // Planned switchovers under load, there and back.
+    switchover(&mut pair, 0, 2, 1);
+    switchover(&mut pair, 1, 3, 2);
+
+    // Unplanned: kill -9 of the active (A) once B holds a full copy again. A's file
+    // stays "0" (nobody rewrites it): its liveness check takes the address away.
+    pair.wait_ha(1, "B's copy complete", |h| h["ready"] == true);
+    pair.wait_ha(0, "A's backup ready", |h| h["backup_status"] == "ready");
+    let outcomes = pair.under_load(Duration::from_secs(7), Duration::from_secs(3), |p| {
+        let i = p.pcpd[0].take().expect("A's pcpd");
+        let child = p.lab.child(i);
+        let t0 = Instant::now();
+        child.kill().expect("kill -9 A's pcpd");
+        let _ = child.wait();
+        let (serving, moved) = p.watch_move(1, t0, "kill -9");
         eprintln!(
-            "switchover: address on B after {:?}",
-            p.wait_vip(1, "switchover")
+            "kill -9: B took over (its file said 0) after {serving:?}, address on B after \
+             {moved:?} ({:?} after the takeover)",
+            moved - serving
+        );
+        assert!(
+            moved - serving < MOVE_BUDGET,
+            "kill -9: the address took {:?} after B took over",
+            moved - serving
         );
     });
-    pair.wait_ha(1, "B active", |h| h["role"] == "active");
-    pair.wait_ha(0, "A backup", |h| h["role"] == "backup");
-    pair.wait_vip(1, "after the switchover");
-    check(&pair, 1, &outcomes, "switchover", false);
-    // The notify script found pcpd already active: the check let VRRP follow pcpd.
-    let line = pair.wait_notify_master(1, 1);
-    assert!(line.contains("pcpd active (term 2)"), "{line}");
-    let (serving, out) = pair.pcpctl(0, &["ha", "--serving"]);
-    assert!(!serving, "the old active must fail the health check: {out}");
-
-    // Unplanned: kill -9 of the new active once the old one holds a full copy again.
-    pair.wait_ha(0, "A's copy complete", |h| h["ready"] == true);
-    pair.wait_ha(1, "B's backup ready", |h| h["backup_status"] == "ready");
-    let outcomes = pair.under_load(Duration::from_secs(8), Duration::from_secs(3), |p| {
-        let i = p.pcpd[1].take().expect("B's pcpd");
-        let child = p.lab.child(i);
-        child.kill().expect("kill -9 B's pcpd");
-        let _ = child.wait();
-        eprintln!("kill -9: address on A after {:?}", p.wait_vip(0, "kill -9"));
-    });
-    pair.wait_ha(0, "A active again", |h| h["role"] == "active");
-    pair.wait_vip(0, "after kill -9");
-    check(&pair, 0, &outcomes, "kill -9", true);
-    let line = pair.wait_notify_master(0, 2);
-    assert!(line.contains("pcpd active (term 3)"), "{line}");
+    pair.wait_ha(1, "B active again", |h| h["role"] == "active");
+    pair.wait_vip(1, "after kill -9");
+    check(&pair, 1, &outcomes, "kill -9", true);
+    let line = pair.wait_notify_master(1, 2);
+    assert!(line.contains("pcpd active (term 4)"), "{line}");
     for n in 0..2 {
         let log = pair.notify_log(n);
         assert!(
@@ -717,4 +809,25 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
             "node {n}: pcpd decides, not VRRP:\n{log}"
         );
     }
+
+    // A clean stop says "not serving" at once: the address leaves B (A is dead, so
+    // nobody holds it).
+    let i = pair.pcpd[1].take().expect("B's pcpd");
+    let pid = pair.lab.child(i).id();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM")
+        .success();
+    assert!(ok, "kill -TERM B's pcpd");
+    let _ = pair.lab.child(i).wait();
+    assert_eq!(pair.serving_file(1), "1\n", "B's file after a clean stop");
+    let gone = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        (!pair.holds_vip(0) && !pair.holds_vip(1)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the address stayed after pcpd stopped\n{}",
+        pair.logs()
+    );
 }
