@@ -9,15 +9,19 @@
 //!  service address (VRRP virtual IP) 192.0.2.53, on whichever node keepalived chose
 //! ```
 //!
-//! - `switchover_and_kill_9_move_the_service_address_within_one_retransmission`: under
-//!   checkpointed load from the client namespace (requests retransmitted at RFC 6887
-//!   timing: 3 s, then 6 s), `pcpctl switchover` on the active. Every request is
-//!   answered by at most its first retransmission, every mapping whose last answer
-//!   echoed 192 is on the new active with the same external endpoint, the old active is
-//!   a backup and the service address moved with the role. Then the same with `kill -9`
-//!   of the new active: the address comes back to the first node, which took over.
+//! - `switchover_and_kill_9_move_the_service_address_within_one_retransmission`: both
+//!   pcpd push their role into `[ha] serving_file`, keepalived's `track_file`. Under
+//!   checkpointed load from the client namespace (16 hosts, requests retransmitted at
+//!   RFC 6887 timing: 3 s, then 6 s), `pcpctl switchover` on the active, then back.
+//!   Every request is answered by at most its first retransmission, every mapping whose
+//!   last answer echoed 192 is on the new active with the same external endpoint, the
+//!   old active is a backup whose file says 1, and the service address moved with the
+//!   role within a loose budget of the new active's file saying 0 (measured times are
+//!   printed). Then `kill -9` of the active: its file stays 0, its liveness check takes
+//!   the address away and the survivor gets it within the budget of its takeover. Last,
+//!   SIGTERM of the survivor: its file says 1 and the address leaves it.
 //!   At every VRRP MASTER the documented notify script finds pcpd already active (the
-//!   health check made VRRP follow pcpd) and never promotes.
+//!   file made VRRP follow pcpd) and never promotes.
 //!
 //! Root only (a loud SKIP otherwise). Needs `ip`, `sysctl` and `keepalived` (Debian
 //! package `keepalived`); with `PCPD_REQUIRE_KEEPALIVED=1` (scripts/test as root) a
