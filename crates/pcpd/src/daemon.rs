@@ -196,6 +196,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     core.acls = acls.clone();
     core.auth = auth.clone();
     let shared = Shared::new(core);
+    // Held until the process ends: keepalived's liveness check (docs/HA.md).
+    let _running = config_serving_file(&shared).and_then(|path| {
+        match crate::serving_file::lock(&path, Duration::from_secs(2)) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // keepalived's check fails: this node never holds the address.
+                tracing::error!(error = %e, path = %crate::serving_file::lock_path(&path).display(), "cannot lock the serving file's lock");
+                None
+            }
+        }
+    });
     // The serving file says "not serving" before the HA node can change its role.
     let serving_writer = config_serving_file(&shared).and_then(|path| {
         let rx = shared.serving_tx.subscribe();

@@ -50,6 +50,42 @@ pub fn write(path: &Path, state: State) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The lock file next to the serving file (`serving` -> `serving.lock`).
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Takes the exclusive lock (flock) on [`lock_path`] and returns the open file: the lock
+/// lasts as long as the file stays open, that is, until this process ends, however it
+/// ends. A crashed pcpd cannot rewrite its serving file, but the kernel releases its
+/// lock at once, so keepalived's check `flock --nonblock --conflict-exit-code 0 LOCK
+/// /bin/false` passes exactly while pcpd runs. Waits up to `wait` for whoever holds it
+/// (a check takes it for an instant).
+pub fn lock(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(path))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(
+                    "another process holds the serving file's lock (a second pcpd?)",
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 /// Whether the file already says what `state` means.
 fn says(path: &Path, state: State) -> bool {
     std::fs::read_to_string(path).is_ok_and(|c| c == content(state))
@@ -183,6 +219,25 @@ mod tests {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
+    }
+
+    /// The lock is held exactly while its holder keeps it open: another open file
+    /// description (keepalived's `flock` check) cannot take it before, can after.
+    #[test]
+    fn the_lock_is_held_until_released() {
+        let d = dir();
+        let path = d.join("serving");
+        let held = lock(&path, Duration::ZERO).unwrap();
+        let other = std::fs::File::open(lock_path(&path)).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        assert!(lock(&path, Duration::from_millis(50)).is_err());
+        drop(held);
+        other.try_lock().expect("free once its holder is gone");
+        other.unlock().unwrap();
+        assert_eq!(lock_path(&path), d.join("serving.lock"));
     }
 
     #[test]

@@ -572,7 +572,8 @@ fn keepalived_conf(n: usize, dir: &TempDir) -> String {
         "/run/pcpd/serving",
         "weight 0",
         "--timeout 0.8 status",
-        "fall 2",
+        "flock --nonblock --conflict-exit-code 0 /run/pcpd/serving.lock",
+        "fall 3",
         "version 3",
         "interface eth0",
         "unicast_src_ip",
@@ -724,8 +725,8 @@ fn check(pair: &Pair, n: usize, outcomes: &[Outcome], what: &str, renewed_by_suc
 
 /// Loose bound on how long after the new active's serving file says 0 the address is
 /// on it: keepalived reads the file at once (inotify) and VRRP hands over in at most
-/// its master-down time (3 x 0.2 s + skew); after a kill -9 the dead node's liveness
-/// check must fail twice first (`fall 2`, 1 s apart). Generous for a loaded CI machine.
+/// its master-down time (3 x 0.2 s + skew); after a kill -9 the dead node's `flock`
+/// check must fail first (within 1 s). Generous for a loaded CI machine.
 const MOVE_BUDGET: Duration = Duration::from_millis(2500);
 
 /// A planned switchover from node `from` under load; checks the promises and that the
@@ -780,7 +781,7 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
     switchover(&mut pair, 1, 3, 2);
 
     // Unplanned: kill -9 of the active (A) once B holds a full copy again. A's file
-    // stays "0" (nobody rewrites it): its liveness check takes the address away.
+    // stays "0" (nobody rewrites it): its lock check takes the address away.
     pair.wait_ha(1, "B's copy complete", |h| h["ready"] == true);
     pair.wait_ha(0, "A's backup ready", |h| h["backup_status"] == "ready");
     let outcomes = pair.under_load(Duration::from_secs(7), Duration::from_secs(3), |p| {
@@ -801,6 +802,7 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
             moved - serving
         );
     });
+    assert_eq!(pair.serving_file(0), "0\n", "a killed pcpd's file is stale");
     pair.wait_ha(1, "B active again", |h| h["role"] == "active");
     pair.wait_vip(1, "after kill -9");
     check(&pair, 1, &outcomes, "kill -9", true);
