@@ -756,12 +756,19 @@ fn switchover(pair: &mut Pair, from: usize, term: u64, master: usize) {
     });
     pair.wait_ha(to, "the new active", |h| h["role"] == "active");
     pair.wait_ha(from, "the old active a backup", |h| h["role"] == "backup");
-    assert_eq!(pair.serving_file(from), "1\n", "{what}: the old active's file");
+    assert_eq!(
+        pair.serving_file(from),
+        "1\n",
+        "{what}: the old active's file"
+    );
     pair.wait_vip(to, &format!("after {what}"));
     check(pair, to, &outcomes, &what, false);
     // The notify script found pcpd already active: the file made VRRP follow pcpd.
     let line = pair.wait_notify_master(to, master);
-    assert!(line.contains(&format!("pcpd active (term {term})")), "{line}");
+    assert!(
+        line.contains(&format!("pcpd active (term {term})")),
+        "{line}"
+    );
     let (serving, out) = pair.pcpctl(from, &["ha", "--serving"]);
     assert!(!serving, "the old active must not pass ha --serving: {out}");
 }
