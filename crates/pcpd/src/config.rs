@@ -642,6 +642,20 @@ mod tests {
     }
 
     #[test]
+    fn ha_serving_file_is_optional() {
+        let ha =
+            "[ha]\nlisten = \"10.255.0.1:5400\"\npeer = \"10.255.0.2:5400\"\nrole = \"active\"\n";
+        let c = Config::parse(Path::new("t.toml"), ha).unwrap();
+        assert_eq!(c.ha.unwrap().serving_file, None);
+        let text = format!("{ha}serving_file = \"/run/pcpd/serving\"\n");
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(
+            c.ha.unwrap().serving_file.as_deref(),
+            Some(Path::new("/run/pcpd/serving"))
+        );
+    }
+
+    #[test]
     fn security_keys_are_checked_with_their_line() {
         let (line, key, _) = err("[limits]
 host_rate = -1.0
