@@ -103,22 +103,28 @@ pub fn spawn(
         .name("pcpd-serving-file".into())
         .spawn(move || {
             let mut written: Option<State> = None;
+            // Log a failing write once, not at every re-assert.
+            let mut failing = false;
             loop {
                 let state = *rx.borrow_and_update();
-                if written != Some(state) || !says(&path, state) {
+                let changed = written != Some(state);
+                if changed || !says(&path, state) {
                     match write(&path, state) {
                         Ok(()) => {
-                            if written.is_some_and(|w| w != state) || written.is_none() {
-                                tracing::info!(
-                                    path = %path.display(),
-                                    serving = state == Some(true),
-                                    "serving file written"
-                                );
+                            let serving = state == Some(true);
+                            if changed {
+                                tracing::info!(path = %path.display(), serving, "serving file written");
+                            } else {
+                                tracing::warn!(path = %path.display(), serving, "serving file was changed or removed: rewritten");
                             }
                             written = Some(state);
+                            failing = false;
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, path = %path.display(), "cannot write the serving file");
+                            if !failing {
+                                tracing::error!(error = %e, path = %path.display(), "cannot write the serving file (keepalived reads a missing file as serving)");
+                            }
+                            failing = true;
                             written = None;
                         }
                     }
