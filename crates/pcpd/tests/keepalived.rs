@@ -18,8 +18,9 @@
 //!   old active is a backup whose file says 1, and the service address moved with the
 //!   role within a loose budget of the new active's file saying 0 (measured times are
 //!   printed). Then `kill -9` of the active: its file stays 0, its liveness check takes
-//!   the address away and the survivor gets it within the budget of its takeover. Last,
-//!   SIGTERM of the survivor: its file says 1 and the address leaves it.
+//!   the address away and the survivor gets it within the budget of its takeover. Then
+//!   SIGSTOP of the survivor: its answering check takes the address away, SIGCONT gives
+//!   it back. Last, SIGTERM of the survivor: its file says 1 and the address leaves it.
 //!   At every VRRP MASTER the documented notify script finds pcpd already active (the
 //!   file made VRRP follow pcpd) and never promotes.
 //!
@@ -311,14 +312,16 @@ impl Pair {
             }
             if self.holds_vip(to) && !self.holds_vip(1 - to) {
                 let moved = t0.elapsed();
-                let serving = serving.unwrap_or_else(|| {
-                    panic!(
-                        "{what}: the address moved to node {to} before its file said 0 \
-                         ({:?})\n{}",
-                        self.serving_file(to),
-                        self.logs()
-                    )
-                });
+                // The file may have flipped between this round's two looks.
+                let serving = serving
+                    .or_else(|| (self.serving_file(to) == "0\n").then_some(moved))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "{what}: the address moved to node {to} while its file said {:?}\n{}",
+                            self.serving_file(to),
+                            self.logs()
+                        )
+                    });
                 return (serving, moved);
             }
             assert!(
@@ -823,16 +826,39 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
         );
     }
 
-    // A clean stop says "not serving" at once: the address leaves B (A is dead, so
-    // nobody holds it).
+    // A frozen pcpd keeps its lock and its file says 0: the answering check (`pcpctl
+    // status`, fall 3) takes the address away (A is dead, so nobody holds it), and
+    // gives it back once pcpd answers again.
+    let i = pair.pcpd[1].expect("B's pcpd");
+    let pid = pair.lab.child(i).id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} B's pcpd");
+    };
+    let t0 = Instant::now();
+    signal("-STOP");
+    let gone = poll(Duration::from_secs(15), Duration::from_millis(20), || {
+        (!pair.holds_vip(1)).then_some(())
+    });
+    let frozen = t0.elapsed();
+    signal("-CONT");
+    assert!(
+        gone.is_some(),
+        "the address stayed on a frozen pcpd\n{}",
+        pair.logs()
+    );
+    assert_eq!(pair.serving_file(1), "0\n", "B's file while frozen");
+    eprintln!("SIGSTOP: address left the frozen pcpd after {frozen:?}");
+    let back = pair.wait_vip(1, "after SIGCONT");
+    eprintln!("SIGCONT: address back after {back:?}");
+
+    // A clean stop says "not serving" at once: the address leaves B.
     let i = pair.pcpd[1].take().expect("B's pcpd");
-    let pid = pair.lab.child(i).id();
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill -TERM")
-        .success();
-    assert!(ok, "kill -TERM B's pcpd");
+    signal("-TERM");
     let _ = pair.lab.child(i).wait();
     assert_eq!(pair.serving_file(1), "1\n", "B's file after a clean stop");
     let gone = poll(Duration::from_secs(10), Duration::from_millis(20), || {
