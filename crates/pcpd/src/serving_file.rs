@@ -64,11 +64,17 @@ pub fn lock_path(path: &Path) -> PathBuf {
 /// /bin/false` passes exactly while pcpd runs. Waits up to `wait` for whoever holds it
 /// (a check takes it for an instant).
 pub fn lock(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_path(path))?;
+    // Read-only when it exists: keepalived's check (root) may have created it first,
+    // and an flock needs no write access.
+    let lock = lock_path(path);
+    let f = match std::fs::File::open(&lock) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)?,
+        r => r?,
+    };
     let deadline = std::time::Instant::now() + wait;
     loop {
         match f.try_lock() {
@@ -233,6 +239,8 @@ mod tests {
     fn the_lock_is_held_until_released() {
         let d = dir();
         let path = d.join("serving");
+        // Already there (keepalived's check may create it first): opened as it is.
+        std::fs::write(lock_path(&path), "").unwrap();
         let held = lock(&path, Duration::ZERO).unwrap();
         let other = std::fs::File::open(lock_path(&path)).unwrap();
         assert!(matches!(
