@@ -196,8 +196,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     core.acls = acls.clone();
     core.auth = auth.clone();
     let shared = Shared::new(core);
-    // Held until the process ends: keepalived's liveness check (docs/HA.md).
+    // Held until the process ends: keepalived's liveness check (docs/HA.md). A file a
+    // crashed run left saying "serving" says "not serving" before the lock makes this
+    // node look alive.
     let _running = config_serving_file(&shared).and_then(|path| {
+        if let Err(e) = crate::serving_file::write(&path, Some(false)) {
+            tracing::error!(error = %e, path = %path.display(), "cannot write the serving file");
+        }
         match crate::serving_file::lock(&path, Duration::from_secs(2)) {
             Ok(f) => Some(f),
             Err(e) => {
