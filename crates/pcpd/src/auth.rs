@@ -1011,8 +1011,8 @@ impl Auth {
         let now = self.now();
         while let Some(id) = self.gate.server.poll_backend() {
             let src = self.gate.server.session(id).map(|i| i.client.ip());
-            let (req, identity) = match self.gate.server.authenticator_mut(id) {
-                Some(Backend::Radius(a)) => (a.take_request(), a.identity().map(str::to_string)),
+            let req = match self.gate.server.authenticator_mut(id) {
+                Some(Backend::Radius(a)) => a.take_request(),
                 Some(Backend::Embedded(o)) => {
                     if let (Some(packet), Some(src)) = (o.queued.take(), src) {
                         let job = Job {
@@ -1035,7 +1035,7 @@ impl Auth {
                     }
                     continue;
                 }
-                _ => (None, None),
+                _ => None,
             };
             let Some(req) = req else {
                 continue;
@@ -1043,17 +1043,17 @@ impl Auth {
             if let Some(r) = self.radius.as_mut() {
                 r.settle(id);
             }
-            // A new conversation of a source or identity out of attempts is refused
-            // without asking the AAA server.
+            // A new conversation of a source out of attempts is refused without asking
+            // the AAA server. Not by identity: the only one known here is the outer
+            // identity, which clients send as "anonymous" (docs/AUTH.md, "Attempt
+            // limits"): limiting it would let anyone lock every user out.
             let fresh = !req
                 .attributes
                 .iter()
                 .any(|(t, _)| *t == pcp_eap::radius::ATTR_STATE);
             if fresh
                 && let Some(src) = src
-                && lock_limiter(&self.limiter)
-                    .admit(identity.as_deref(), src, now.0)
-                    .is_err()
+                && lock_limiter(&self.limiter).admit(None, src, now.0).is_err()
             {
                 self.gate.server.resume(now, id, |a| match a {
                     Backend::Radius(r) => r.answer(Err(RadiusError::BadResponse {
@@ -1136,19 +1136,30 @@ impl Auth {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
                 }
                 let src = self.gate.server.session(id).map(|i| i.client.ip());
-                let mut failed = None;
+                let (mut failed, mut succeeded) = (false, None);
                 self.gate.server.resume(now, id, |a| match a {
                     Backend::Radius(r) => {
                         let step = r.answer(answer);
-                        if matches!(step, AuthStep::Failure { .. }) {
-                            failed = Some(r.identity().map(str::to_string));
+                        match &step {
+                            AuthStep::Failure { .. } => failed = true,
+                            AuthStep::Success { identity, .. } => {
+                                succeeded = Some(identity.clone());
+                            }
+                            _ => {}
                         }
                         step
                     }
                     _ => AuthStep::Discard,
                 });
-                if let (Some(identity), Some(src)) = (failed, src) {
-                    lock_limiter(&self.limiter).failed(identity.as_deref(), src, now.0);
+                // A rejection counts against the source only (see `backend_requests`);
+                // the AAA server keeps its own per-user policy.
+                if failed && let Some(src) = src {
+                    lock_limiter(&self.limiter).failed(None, src, now.0);
+                }
+                // The identity the AAA server vouched for (its User-Name, else the outer
+                // one): forgiven, as on the embedded path.
+                if let Some(identity) = succeeded {
+                    lock_limiter(&self.limiter).succeeded(&identity);
                 }
             }
             Ok(None) => {}
