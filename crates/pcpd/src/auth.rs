@@ -230,6 +230,12 @@ impl AuthSection {
                 "must be at least 1 (or burst = 0 to turn the limit off)".into(),
             ));
         }
+        if self.attempts.burst > 0 && self.attempts.identity_burst == 0 {
+            return Some((
+                "auth.attempts.identity_burst",
+                "must be at least 1 (or burst = 0 to turn the limits off)".into(),
+            ));
+        }
         if self.attempts.max_tracked == 0 {
             return Some(("auth.attempts.max_tracked", "must be at least 1".into()));
         }
@@ -323,10 +329,20 @@ pub enum Backend {
 pub struct Offloaded {
     backend: Embedded,
     conv: Arc<Mutex<TtlsAuthenticator>>,
-    /// Moves with every start and response: a job's result is for this conversation
-    /// and response only if its generation is still the current one.
+    /// A new value with every start and response, unique in the process
+    /// ([`next_generation`]): a job's result is for this conversation and response
+    /// only if its generation is still the current one — also after a
+    /// re-authentication gave the session a fresh conversation.
     generation: u64,
     queued: Option<Vec<u8>>,
+}
+
+/// A generation no conversation had before. A counter per conversation would start
+/// again at 0 in the fresh conversation of a re-authentication, so that a stale job of
+/// the old one could match the new one's generation.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Offloaded {
@@ -334,7 +350,7 @@ impl Offloaded {
         Offloaded {
             conv: Arc::new(Mutex::new(backend.authenticator())),
             backend,
-            generation: 0,
+            generation: next_generation(),
             queued: None,
         }
     }
@@ -412,7 +428,7 @@ impl EapAuthenticator for Backend {
         match self {
             Backend::Embedded(o) => {
                 // A fresh conversation: a job of the old one may still hold its lock.
-                o.generation += 1;
+                o.generation = next_generation();
                 o.queued = None;
                 let mut a = o.backend.authenticator();
                 let first = a.start();
@@ -426,7 +442,7 @@ impl EapAuthenticator for Backend {
     fn receive(&mut self, packet: &[u8]) -> AuthStep {
         match self {
             Backend::Embedded(o) => {
-                o.generation += 1;
+                o.generation = next_generation();
                 o.queued = Some(packet.to_vec());
                 AuthStep::Pending
             }
@@ -1077,7 +1093,9 @@ impl Auth {
             AuthStep::Failure { .. } if !d.refused => {
                 lock_limiter(&self.limiter).failed(d.identity.as_deref(), d.src, now.0)
             }
-            AuthStep::Success { identity, .. } => lock_limiter(&self.limiter).succeeded(identity),
+            AuthStep::Success { identity, .. } => {
+                lock_limiter(&self.limiter).succeeded(identity, d.src)
+            }
             _ => {}
         }
         let generation = d.generation;
@@ -1158,8 +1176,8 @@ impl Auth {
                 }
                 // The identity the AAA server vouched for (its User-Name, else the outer
                 // one): forgiven, as on the embedded path.
-                if let Some(identity) = succeeded {
-                    lock_limiter(&self.limiter).succeeded(&identity);
+                if let (Some(identity), Some(src)) = (succeeded, src) {
+                    lock_limiter(&self.limiter).succeeded(&identity, src);
                 }
             }
             Ok(None) => {}
@@ -1886,7 +1904,7 @@ mod tests {
             refused: false,
             src: other.ip(),
         };
-        a.apply_done(failed(generation - 1));
+        a.apply_done(failed(generation.wrapping_sub(1)));
         assert!(
             a.gate.server.session(id).is_some_and(|s| s.waiting_backend),
             "a stale result was applied"
@@ -1896,5 +1914,31 @@ mod tests {
             a.gate.server.session(id).is_none(),
             "the result was not applied"
         );
+    }
+
+    /// A re-authentication gives the session a fresh conversation; a job of the old
+    /// one still running must not match any generation of the new one (review of
+    /// 2026-12-04: both counted from 0, so the old conversation's second job had the
+    /// new one's second generation).
+    #[test]
+    fn a_fresh_conversation_never_reuses_a_generation() {
+        let pki = pcp_testkit::tls::Pki::for_name("pcp.example");
+        let backend = pcp_testkit::eap::embedded(&pki);
+        let generations = |b: &mut Backend| {
+            let mut seen = Vec::new();
+            b.start();
+            for _ in 0..3 {
+                b.receive(&[2, 0, 0, 5, 1]);
+                match b {
+                    Backend::Embedded(o) => seen.push(o.generation),
+                    _ => unreachable!(),
+                }
+            }
+            seen
+        };
+        let mut old = Backend::Embedded(Offloaded::new(backend.clone()));
+        let mut fresh = Backend::Embedded(Offloaded::new(backend));
+        let (a, b) = (generations(&mut old), generations(&mut fresh));
+        assert!(a.iter().all(|g| !b.contains(g)), "{a:?} {b:?}");
     }
 }
