@@ -272,7 +272,8 @@ impl Limiter {
         self.sources.take(source_key(src), now, cfg.burst, &cfg);
         if let Some(id) = identity {
             let id = self.id_key(id);
-            self.pairs.take((id, network_key(src)), now, cfg.burst, &cfg);
+            self.pairs
+                .take((id, network_key(src)), now, cfg.burst, &cfg);
             self.identities.take(id, now, cfg.identity_burst, &cfg);
         }
     }

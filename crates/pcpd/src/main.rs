@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             state_file: None,
             preinstall: true,
             replicate_sessions: true,
+            replicate_sessions_in_clear: false,
             key_file: None,
         });
         ha.listen = listen;
@@ -106,6 +107,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         ha.key_file = Some(path);
+    }
+    if let Err(e) = cfg.check_session_replication() {
+        eprintln!("pcpd: {e}");
+        return ExitCode::from(2);
     }
     hugepages::enable(cfg.daemon.huge_pages);
     if args.check {
