@@ -679,7 +679,49 @@ pub struct Auth {
     pub limiter: Arc<Mutex<crate::limit::Limiter>>,
     /// The worker pool's queue of embedded EAP work; `None` outside a runtime (the
     /// work then runs in place).
-    jobs: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
+    jobs: Option<Arc<JobPool>>,
+}
+
+/// The embedded back end's work waiting for a worker: bounded and fair between
+/// sources (`crate::jobs`). Its lock is taken under the gate's, never the reverse.
+pub struct JobPool {
+    queue: Mutex<crate::jobs::FairQueue<Job>>,
+    ready: tokio::sync::Notify,
+}
+
+impl JobPool {
+    fn new() -> JobPool {
+        JobPool {
+            queue: Mutex::new(crate::jobs::FairQueue::new(
+                crate::jobs::MAX_QUEUED,
+                crate::jobs::MAX_PER_SOURCE,
+            )),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, crate::jobs::FairQueue<Job>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `job`, or hands it back when the queue is full.
+    fn push(&self, job: Job) -> Result<(), Job> {
+        let src = job.src;
+        self.queue().push(src, job)?;
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job, waiting for one.
+    async fn next(&self) -> Job {
+        loop {
+            if let Some(job) = self.queue().pop() {
+                return job;
+            }
+            // A push since the pop left a permit: no wake-up is lost.
+            self.ready.notified().await;
+        }
+    }
 }
 
 /// The gate behind its lock, and whether any source can authenticate at all (read
@@ -819,9 +861,9 @@ impl Auth {
             }),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            lock(&cell).jobs = Some(tx);
-            rt.spawn(workers(cell.clone(), rx));
+            let pool = Arc::new(JobPool::new());
+            lock(&cell).jobs = Some(pool.clone());
+            rt.spawn(workers(cell.clone(), pool));
         }
         apply(&cell, p);
         Ok(cell)
@@ -1041,9 +1083,17 @@ impl Auth {
                             origin: self.origin,
                         };
                         match &self.jobs {
-                            Some(q) => {
-                                if let Err(e) = q.send(job) {
-                                    self.apply_done(e.0.run());
+                            Some(pool) => {
+                                if pool.push(job).is_err() {
+                                    // Full (a flood): the session forgets the message
+                                    // and the client's retransmission brings it again
+                                    // (docs/AUTH.md, "EAP work off the gate's lock").
+                                    self.gate.server.backend_refused(id);
+                                    tracing::debug!(
+                                        session_id = id,
+                                        %src,
+                                        "embedded EAP work queue full: waiting for the client's retransmission"
+                                    );
                                 }
                             }
                             None => self.apply_done(job.run()),
@@ -1484,13 +1534,16 @@ fn lock_limiter(l: &Mutex<crate::limit::Limiter>) -> MutexGuard<'_, crate::limit
 /// at a time (Argon2 is memory-hard: unbounded parallelism would only trade CPU for
 /// RAM), and puts each result in force under the gate's lock; logging and sending
 /// happen after it is released.
-async fn workers(cell: SharedAuth, mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+async fn workers(cell: SharedAuth, pool: Arc<JobPool>) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let permits = Arc::new(tokio::sync::Semaphore::new(n));
-    while let Some(job) = rx.recv().await {
+    loop {
+        // A worker first, then the job whose source's turn it is: jobs wait in the
+        // fair queue, not in this task.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        let job = pool.next().await;
         let cell = cell.clone();
         tokio::spawn(async move {
             let done = tokio::task::spawn_blocking(move || job.run()).await;
@@ -1699,6 +1752,24 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
         ] {
             let _ = writeln!(out, "pcp_auth_attempts_refused_total{{by=\"{by}\"}} {n}");
         }
+    }
+    if let Some(pool) = &a.jobs {
+        let (queued, dropped) = {
+            let q = pool.queue();
+            (q.len(), q.dropped)
+        };
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_eap_jobs_queued Embedded EAP work (TLS, password checks) waiting for a worker."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_eap_jobs_queued gauge");
+        let _ = writeln!(out, "pcp_auth_eap_jobs_queued {queued}");
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_eap_jobs_dropped_total Embedded EAP work refused because the queue (or the source's share) was full; the client's retransmission brings it again."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_eap_jobs_dropped_total counter");
+        let _ = writeln!(out, "pcp_auth_eap_jobs_dropped_total {dropped}");
     }
     if let Some(r) = &a.radius {
         let _ = writeln!(

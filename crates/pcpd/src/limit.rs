@@ -197,7 +197,7 @@ pub struct Limiter {
 }
 
 /// The key of a source: the address, IPv6 cut to its /64.
-fn source_key(ip: IpAddr) -> IpAddr {
+pub fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {

@@ -15,6 +15,7 @@ mod config;
 mod core;
 mod daemon;
 mod hugepages;
+mod jobs;
 mod limit;
 mod metrics;
 
