@@ -113,6 +113,7 @@ impl<K: Hash + Eq + Clone, V> Table<K, V> {
         self.map.remove(k);
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.map.len()
     }
