@@ -565,6 +565,22 @@ mod tests {
         assert!(keyed.check_session_replication().is_ok());
         let off = Config::parse(Path::new("x.toml"), ha).unwrap();
         assert!(off.check_session_replication().is_ok());
+        // [auth.attempts]: the limits' settings are checked naming the key.
+        for (text, want) in [
+            ("burst = 3\nevery_s = 0\n", "auth.attempts.every_s"),
+            ("identity_burst = 0\n", "auth.attempts.identity_burst"),
+            ("max_tracked = 0\n", "auth.attempts.max_tracked"),
+        ] {
+            let (line, key, _) = err(&format!("[auth.attempts]\n{text}"));
+            assert_eq!((line, key.as_str()), (text.lines().count() + 1, want));
+        }
+        assert!(
+            Config::parse(
+                Path::new("x.toml"),
+                "[auth.attempts]\nburst = 0\nidentity_burst = 0\n"
+            )
+            .is_ok()
+        );
         // The session table's bounds: defaults, set, and zero refused naming the key.
         assert_eq!(
             (c.auth.max_sessions, c.auth.max_half_open_per_prefix),
