@@ -714,6 +714,23 @@ fn pair_mode_refuses_to_replicate_session_keys_in_clear() {
         let (code, err) = check(&text, &args);
         assert_eq!(code, Some(0), "{text}\n{args:?}\n{err}");
     }
+    // A reload cannot turn authentication on over a plain link either (`[ha]` is the
+    // running one: it changes at a restart only); the running configuration stays.
+    let no_auth = PairPlan::new("", HaTiming::default());
+    let a = no_auth.start(PCPD, Node::A, "active");
+    let section = auth.replace("default = \"required\"", "default = \"optional\"");
+    a.rewrite_config(&format!(
+        "{section}\n{}",
+        no_auth.ha_section(Node::A, "active")
+    ));
+    let (status, body) = a.post("/reload");
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("ha.replicate_sessions"), "{body}");
+    assert_eq!(
+        a.metric("pcp_auth_sessions_established_total"),
+        None,
+        "auth turned on"
+    );
 }
 
 #[test]
