@@ -133,6 +133,15 @@ impl Link {
         self.last_out.clone().filter(|_| self.answered)
     }
 
+    /// Undoes the last [`Link::accepted`]: its message was not taken on after all, so
+    /// a copy of it is taken as new rather than as a duplicate.
+    pub fn unaccept(&mut self) {
+        self.in_seq = self.in_seq.wrapping_sub(1);
+        self.last_in = None;
+        self.last_dup_reply = None;
+        self.answered = false;
+    }
+
     /// Records an accepted incoming message (not a PA-Acknowledgement).
     pub fn accepted(&mut self, datagram: &[u8]) {
         self.in_seq = self.in_seq.wrapping_add(1);

@@ -1108,6 +1108,25 @@ impl<A: EapAuthenticator, F: FnMut() -> A> Server<A, F> {
         self.backend.pop_front()
     }
 
+    /// The shell could not hand the message `session_id` waits on to its back end (a
+    /// full work queue, say): the session forgets that message and stops waiting, so
+    /// the client's retransmission of it is taken as new, not answered as a
+    /// duplicate. The authenticator must not have acted on the message yet. Nothing
+    /// happens for a session that is gone or not waiting.
+    pub fn backend_refused(&mut self, session_id: u32) {
+        let Some(s) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if !s.waiting || s.phase != Phase::Eap {
+            return;
+        }
+        s.waiting = false;
+        s.ack = None;
+        s.link.unaccept();
+        self.backend.retain(|&id| id != session_id);
+        self.sessions.settle();
+    }
+
     /// The authenticator of a session (to reach a back end's outgoing request).
     pub fn authenticator_mut(&mut self, session_id: u32) -> Option<&mut A> {
         self.sessions.get_mut(&session_id).map(|s| &mut s.auth)

@@ -980,3 +980,60 @@ fn import_refuses_what_it_cannot_serve() {
     b.forget_all();
     assert_eq!(b.session_count(), 0);
 }
+
+/// An authenticator that only queues what it gets (like pcpd's embedded back end,
+/// whose work runs elsewhere): every response is [`AuthStep::Pending`].
+struct Queues {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl pcp_auth::eap::EapAuthenticator for Queues {
+    fn start(&mut self) -> Vec<u8> {
+        ToyServer::new(&[], 7).start()
+    }
+    fn receive(&mut self, packet: &[u8]) -> pcp_auth::eap::AuthStep {
+        self.got.lock().unwrap().push(packet.to_vec());
+        pcp_auth::eap::AuthStep::Pending
+    }
+}
+
+/// A message the shell could not hand to its back end (`backend_refused`: its work
+/// queue was full) is forgotten: the client's retransmission of it is taken as new
+/// and reaches the back end again, instead of being answered as a duplicate while the
+/// session waits for an answer that never comes.
+#[test]
+fn a_message_refused_by_the_back_end_is_taken_again_when_retransmitted() {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let mut server = Server::with_rng(
+        ServerConfig::default(),
+        move || Queues { got: g.clone() },
+        StdRng::seed_from_u64(50),
+    );
+    let mut client = Client::with_rng(
+        ClientConfig::new(CLIENT_IP),
+        ToyPeer::new("alice", "correct horse"),
+        StdRng::seed_from_u64(51),
+    );
+    let now = Time(5_000);
+    client.start(now);
+    server.handle(now, CLIENT, &client.poll_transmit().unwrap());
+    client.handle(now, &server.poll_transmit().unwrap().payload);
+    let reply = client.poll_transmit().expect("the client's EAP reply");
+    server.handle(now, CLIENT, &reply);
+    let sid = server.poll_backend().expect("to the back end");
+    while server.poll_transmit().is_some() {}
+    assert_eq!(got.lock().unwrap().len(), 1);
+    // Without the refusal a copy is a duplicate: nothing new for the back end.
+    server.handle(Time(5_600), CLIENT, &reply);
+    assert_eq!(server.poll_backend(), None);
+    server.backend_refused(sid);
+    assert!(!server.session(sid).unwrap().waiting_backend);
+    server.handle(Time(6_200), CLIENT, &reply);
+    assert_eq!(server.poll_backend(), Some(sid), "not taken again");
+    assert_eq!(got.lock().unwrap().len(), 2);
+    assert!(server.session(sid).unwrap().waiting_backend);
+    // Refusing a session that does not wait changes nothing.
+    server.backend_refused(sid.wrapping_add(1));
+    assert!(server.session(sid).unwrap().waiting_backend);
+}

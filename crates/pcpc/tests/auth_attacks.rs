@@ -287,8 +287,9 @@ fn pcpc_detects_nothing_wrong_but_pcpd_refuses_a_downgraded_offer() {
 
 /// `[auth.attempts]`: a client with a wrong password is refused (AUTHENTICATION_FAILED,
 /// pcpc exits 1 naming it), and after `burst` failures its source is refused even
-/// with the right password, and alice's identity from another address too — both
-/// without a password check, counted; bob from a third address still authenticates.
+/// with the right password, and alice's identity from another address of its /24
+/// too — both without a password check, counted; bob from a third address still
+/// authenticates.
 #[test]
 fn wrong_passwords_are_rate_limited_per_source_and_identity() {
     let s = Setup::new("[auth.attempts]\nburst = 2\nevery_s = 600\n");
@@ -314,7 +315,8 @@ fn wrong_passwords_are_rate_limited_per_source_and_identity() {
         s.metric("pcp_auth_attempts_refused_total{by=\"source\"}"),
         1.0
     );
-    // alice from elsewhere: her identity is out of attempts too.
+    // alice from another address of the same /24: her identity is out of attempts
+    // there too.
     let o4 = s.pcpd.ip.octets();
     let other = IpAddr::V4([o4[0], o4[1], o4[2], o4[3] ^ 1].into());
     let o = s.map_as(other, s.pcpd.pcp, "pw", "7403");

@@ -230,6 +230,12 @@ impl AuthSection {
                 "must be at least 1 (or burst = 0 to turn the limit off)".into(),
             ));
         }
+        if self.attempts.burst > 0 && self.attempts.identity_burst == 0 {
+            return Some((
+                "auth.attempts.identity_burst",
+                "must be at least 1 (or burst = 0 to turn the limits off)".into(),
+            ));
+        }
         if self.attempts.max_tracked == 0 {
             return Some(("auth.attempts.max_tracked", "must be at least 1".into()));
         }
@@ -323,10 +329,20 @@ pub enum Backend {
 pub struct Offloaded {
     backend: Embedded,
     conv: Arc<Mutex<TtlsAuthenticator>>,
-    /// Moves with every start and response: a job's result is for this conversation
-    /// and response only if its generation is still the current one.
+    /// A new value with every start and response, unique in the process
+    /// ([`next_generation`]): a job's result is for this conversation and response
+    /// only if its generation is still the current one — also after a
+    /// re-authentication gave the session a fresh conversation.
     generation: u64,
     queued: Option<Vec<u8>>,
+}
+
+/// A generation no conversation had before. A counter per conversation would start
+/// again at 0 in the fresh conversation of a re-authentication, so that a stale job of
+/// the old one could match the new one's generation.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Offloaded {
@@ -334,7 +350,7 @@ impl Offloaded {
         Offloaded {
             conv: Arc::new(Mutex::new(backend.authenticator())),
             backend,
-            generation: 0,
+            generation: next_generation(),
             queued: None,
         }
     }
@@ -412,7 +428,7 @@ impl EapAuthenticator for Backend {
         match self {
             Backend::Embedded(o) => {
                 // A fresh conversation: a job of the old one may still hold its lock.
-                o.generation += 1;
+                o.generation = next_generation();
                 o.queued = None;
                 let mut a = o.backend.authenticator();
                 let first = a.start();
@@ -426,7 +442,7 @@ impl EapAuthenticator for Backend {
     fn receive(&mut self, packet: &[u8]) -> AuthStep {
         match self {
             Backend::Embedded(o) => {
-                o.generation += 1;
+                o.generation = next_generation();
                 o.queued = Some(packet.to_vec());
                 AuthStep::Pending
             }
@@ -663,7 +679,49 @@ pub struct Auth {
     pub limiter: Arc<Mutex<crate::limit::Limiter>>,
     /// The worker pool's queue of embedded EAP work; `None` outside a runtime (the
     /// work then runs in place).
-    jobs: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
+    jobs: Option<Arc<JobPool>>,
+}
+
+/// The embedded back end's work waiting for a worker: bounded and fair between
+/// sources (`crate::jobs`). Its lock is taken under the gate's, never the reverse.
+pub struct JobPool {
+    queue: Mutex<crate::jobs::FairQueue<Job>>,
+    ready: tokio::sync::Notify,
+}
+
+impl JobPool {
+    fn new() -> JobPool {
+        JobPool {
+            queue: Mutex::new(crate::jobs::FairQueue::new(
+                crate::jobs::MAX_QUEUED,
+                crate::jobs::MAX_PER_SOURCE,
+            )),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, crate::jobs::FairQueue<Job>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `job`, or hands it back when the queue is full.
+    fn push(&self, job: Job) -> Result<(), Job> {
+        let src = job.src;
+        self.queue().push(src, job)?;
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job, waiting for one.
+    async fn next(&self) -> Job {
+        loop {
+            if let Some(job) = self.queue().pop() {
+                return job;
+            }
+            // A push since the pop left a permit: no wake-up is lost.
+            self.ready.notified().await;
+        }
+    }
 }
 
 /// The gate behind its lock, and whether any source can authenticate at all (read
@@ -803,9 +861,9 @@ impl Auth {
             }),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            lock(&cell).jobs = Some(tx);
-            rt.spawn(workers(cell.clone(), rx));
+            let pool = Arc::new(JobPool::new());
+            lock(&cell).jobs = Some(pool.clone());
+            rt.spawn(workers(cell.clone(), pool));
         }
         apply(&cell, p);
         Ok(cell)
@@ -1011,8 +1069,8 @@ impl Auth {
         let now = self.now();
         while let Some(id) = self.gate.server.poll_backend() {
             let src = self.gate.server.session(id).map(|i| i.client.ip());
-            let (req, identity) = match self.gate.server.authenticator_mut(id) {
-                Some(Backend::Radius(a)) => (a.take_request(), a.identity().map(str::to_string)),
+            let req = match self.gate.server.authenticator_mut(id) {
+                Some(Backend::Radius(a)) => a.take_request(),
                 Some(Backend::Embedded(o)) => {
                     if let (Some(packet), Some(src)) = (o.queued.take(), src) {
                         let job = Job {
@@ -1025,9 +1083,17 @@ impl Auth {
                             origin: self.origin,
                         };
                         match &self.jobs {
-                            Some(q) => {
-                                if let Err(e) = q.send(job) {
-                                    self.apply_done(e.0.run());
+                            Some(pool) => {
+                                if pool.push(job).is_err() {
+                                    // Full (a flood): the session forgets the message
+                                    // and the client's retransmission brings it again
+                                    // (docs/AUTH.md, "EAP work off the gate's lock").
+                                    self.gate.server.backend_refused(id);
+                                    tracing::debug!(
+                                        session_id = id,
+                                        %src,
+                                        "embedded EAP work queue full: waiting for the client's retransmission"
+                                    );
                                 }
                             }
                             None => self.apply_done(job.run()),
@@ -1035,7 +1101,7 @@ impl Auth {
                     }
                     continue;
                 }
-                _ => (None, None),
+                _ => None,
             };
             let Some(req) = req else {
                 continue;
@@ -1043,17 +1109,17 @@ impl Auth {
             if let Some(r) = self.radius.as_mut() {
                 r.settle(id);
             }
-            // A new conversation of a source or identity out of attempts is refused
-            // without asking the AAA server.
+            // A new conversation of a source out of attempts is refused without asking
+            // the AAA server. Not by identity: the only one known here is the outer
+            // identity, which clients send as "anonymous" (docs/AUTH.md, "Attempt
+            // limits"): limiting it would let anyone lock every user out.
             let fresh = !req
                 .attributes
                 .iter()
                 .any(|(t, _)| *t == pcp_eap::radius::ATTR_STATE);
             if fresh
                 && let Some(src) = src
-                && lock_limiter(&self.limiter)
-                    .admit(identity.as_deref(), src, now.0)
-                    .is_err()
+                && lock_limiter(&self.limiter).admit(None, src, now.0).is_err()
             {
                 self.gate.server.resume(now, id, |a| match a {
                     Backend::Radius(r) => r.answer(Err(RadiusError::BadResponse {
@@ -1077,7 +1143,9 @@ impl Auth {
             AuthStep::Failure { .. } if !d.refused => {
                 lock_limiter(&self.limiter).failed(d.identity.as_deref(), d.src, now.0)
             }
-            AuthStep::Success { identity, .. } => lock_limiter(&self.limiter).succeeded(identity),
+            AuthStep::Success { identity, .. } => {
+                lock_limiter(&self.limiter).succeeded(identity, d.src)
+            }
             _ => {}
         }
         let generation = d.generation;
@@ -1136,19 +1204,30 @@ impl Auth {
                     tracing::warn!(session_id = id, error = %e, "RADIUS");
                 }
                 let src = self.gate.server.session(id).map(|i| i.client.ip());
-                let mut failed = None;
+                let (mut failed, mut succeeded) = (false, None);
                 self.gate.server.resume(now, id, |a| match a {
                     Backend::Radius(r) => {
                         let step = r.answer(answer);
-                        if matches!(step, AuthStep::Failure { .. }) {
-                            failed = Some(r.identity().map(str::to_string));
+                        match &step {
+                            AuthStep::Failure { .. } => failed = true,
+                            AuthStep::Success { identity, .. } => {
+                                succeeded = Some(identity.clone());
+                            }
+                            _ => {}
                         }
                         step
                     }
                     _ => AuthStep::Discard,
                 });
-                if let (Some(identity), Some(src)) = (failed, src) {
-                    lock_limiter(&self.limiter).failed(identity.as_deref(), src, now.0);
+                // A rejection counts against the source only (see `backend_requests`);
+                // the AAA server keeps its own per-user policy.
+                if failed && let Some(src) = src {
+                    lock_limiter(&self.limiter).failed(None, src, now.0);
+                }
+                // The identity the AAA server vouched for (its User-Name, else the outer
+                // one): forgiven, as on the embedded path.
+                if let (Some(identity), Some(src)) = (succeeded, src) {
+                    lock_limiter(&self.limiter).succeeded(&identity, src);
                 }
             }
             Ok(None) => {}
@@ -1455,13 +1534,16 @@ fn lock_limiter(l: &Mutex<crate::limit::Limiter>) -> MutexGuard<'_, crate::limit
 /// at a time (Argon2 is memory-hard: unbounded parallelism would only trade CPU for
 /// RAM), and puts each result in force under the gate's lock; logging and sending
 /// happen after it is released.
-async fn workers(cell: SharedAuth, mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+async fn workers(cell: SharedAuth, pool: Arc<JobPool>) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let permits = Arc::new(tokio::sync::Semaphore::new(n));
-    while let Some(job) = rx.recv().await {
+    loop {
+        // A worker first, then the job whose source's turn it is: jobs wait in the
+        // fair queue, not in this task.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        let job = pool.next().await;
         let cell = cell.clone();
         tokio::spawn(async move {
             let done = tokio::task::spawn_blocking(move || job.run()).await;
@@ -1671,6 +1753,24 @@ pub fn render_metrics(out: &mut String, a: &Auth) {
             let _ = writeln!(out, "pcp_auth_attempts_refused_total{{by=\"{by}\"}} {n}");
         }
     }
+    if let Some(pool) = &a.jobs {
+        let (queued, dropped) = {
+            let q = pool.queue();
+            (q.len(), q.dropped)
+        };
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_eap_jobs_queued Embedded EAP work (TLS, password checks) waiting for a worker."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_eap_jobs_queued gauge");
+        let _ = writeln!(out, "pcp_auth_eap_jobs_queued {queued}");
+        let _ = writeln!(
+            out,
+            "# HELP pcp_auth_eap_jobs_dropped_total Embedded EAP work refused because the queue (or the source's share) was full; the client's retransmission brings it again."
+        );
+        let _ = writeln!(out, "# TYPE pcp_auth_eap_jobs_dropped_total counter");
+        let _ = writeln!(out, "pcp_auth_eap_jobs_dropped_total {dropped}");
+    }
     if let Some(r) = &a.radius {
         let _ = writeln!(
             out,
@@ -1875,7 +1975,7 @@ mod tests {
             refused: false,
             src: other.ip(),
         };
-        a.apply_done(failed(generation - 1));
+        a.apply_done(failed(generation.wrapping_sub(1)));
         assert!(
             a.gate.server.session(id).is_some_and(|s| s.waiting_backend),
             "a stale result was applied"
@@ -1885,5 +1985,31 @@ mod tests {
             a.gate.server.session(id).is_none(),
             "the result was not applied"
         );
+    }
+
+    /// A re-authentication gives the session a fresh conversation; a job of the old
+    /// one still running must not match any generation of the new one (review of
+    /// 2026-12-04: both counted from 0, so the old conversation's second job had the
+    /// new one's second generation).
+    #[test]
+    fn a_fresh_conversation_never_reuses_a_generation() {
+        let pki = pcp_testkit::tls::Pki::for_name("pcp.example");
+        let backend = pcp_testkit::eap::embedded(&pki);
+        let generations = |b: &mut Backend| {
+            let mut seen = Vec::new();
+            b.start();
+            for _ in 0..3 {
+                b.receive(&[2, 0, 0, 5, 1]);
+                match b {
+                    Backend::Embedded(o) => seen.push(o.generation),
+                    _ => unreachable!(),
+                }
+            }
+            seen
+        };
+        let mut old = Backend::Embedded(Offloaded::new(backend.clone()));
+        let mut fresh = Backend::Embedded(Offloaded::new(backend));
+        let (a, b) = (generations(&mut old), generations(&mut fresh));
+        assert!(a.iter().all(|g| !b.contains(g)), "{a:?} {b:?}");
     }
 }

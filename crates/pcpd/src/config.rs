@@ -109,11 +109,15 @@ pub struct HaSection {
     pub preinstall: bool,
     /// Replicate established PCP authentication sessions (RFC 7652: identity,
     /// transport key, sequence numbers) so that their clients need not authenticate
-    /// again after a failover. The keys cross the replication link in clear: turn
-    /// this off when that link is neither protected by `key_file` nor a trusted,
-    /// dedicated network (docs/HA.md).
+    /// again after a failover. Without `key_file` the keys would cross the
+    /// replication link in clear: pcpd then refuses to start with authentication on
+    /// unless `replicate_sessions_in_clear` says the link is trusted (docs/HA.md).
     #[serde(default = "default_preinstall")]
     pub replicate_sessions: bool,
+    /// The operator's statement that the replication link is a trusted, dedicated
+    /// network: PA session keys may cross it in clear (no `key_file`).
+    #[serde(default)]
+    pub replicate_sessions_in_clear: bool,
     /// File holding the pre-shared key that authenticates and encrypts every
     /// replication frame (one line: at least 32 random octets, hex or base64; readable
     /// by its owner only). Both nodes use the same key; without it frames are plain.
@@ -254,6 +258,28 @@ pub struct Config {
     pub nftables: NftablesSection,
     /// PCP authentication (RFC 7652).
     pub auth: AuthSection,
+    /// Line of `ha.replicate_sessions` (else of `[ha]`) in the file, for
+    /// [`Config::check_session_replication`]'s error; 0 when unknown.
+    pub replicate_line: usize,
+}
+
+/// Why pair mode must not run with `auth` and `ha` as they are: PA session keys would
+/// cross the replication link in clear (no key file, no opt-in).
+pub fn session_replication_problem(ha: Option<&HaSection>, auth: &AuthSection) -> Option<String> {
+    let ha = ha?;
+    if !auth.enabled() || !ha.replicate_sessions || ha.key_file.is_some() {
+        return None;
+    }
+    if ha.replicate_sessions_in_clear {
+        return None;
+    }
+    Some(
+        "PCP authentication is on and PA session keys would cross the replication link \
+         in clear: set ha.key_file (or --ha-key-file), or replicate_sessions = false \
+         (clients authenticate again after a failover), or replicate_sessions_in_clear \
+         = true if the link is a trusted, dedicated network (docs/HA.md)"
+            .into(),
+    )
 }
 
 /// A configuration pcpd cannot run with.
@@ -293,6 +319,25 @@ impl Config {
             acl: AclSection::default(),
             nftables: NftablesSection::default(),
             auth: AuthSection::default(),
+            replicate_line: 0,
+        }
+    }
+
+    /// Refuses pair mode that would replicate PA session keys in clear
+    /// ([`session_replication_problem`]); checked once the command line has had its
+    /// say (`--ha-key-file`, `--ha-listen`), naming the file, line and key.
+    pub fn check_session_replication(&self) -> Result<(), ConfigFileError> {
+        match session_replication_problem(self.ha.as_ref(), &self.auth) {
+            None => Ok(()),
+            Some(message) => Err(ConfigFileError::Invalid {
+                path: self
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("--ha-listen")),
+                line: self.replicate_line,
+                key: "ha.replicate_sessions".into(),
+                message,
+            }),
         }
     }
 
@@ -383,6 +428,7 @@ impl Config {
             acl: file.acl,
             nftables: file.nftables,
             auth: file.auth,
+            replicate_line: line_of_key(text, "ha.replicate_sessions"),
         })
     }
 }
@@ -480,6 +526,66 @@ mod tests {
         )
         .unwrap();
         assert!(c.auth.enabled() && c.ha.is_some());
+        // ... but not with PA session keys replicated in clear: refused naming the
+        // file, the line and the key, unless a key file, no replication, or the
+        // operator's opt-in; auth off needs none of them.
+        let ha = "[ha]\nlisten = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nrole = \"active\"\n";
+        let auth = "[auth]\ndefault = \"optional\"\ncertificate = \"c\"\nkey = \"k\"\ncredentials = \"u\"\n";
+        match c.check_session_replication() {
+            Err(ConfigFileError::Invalid {
+                path,
+                line,
+                key,
+                message,
+            }) => {
+                assert_eq!((path.to_str(), line), (Some("x.toml"), 1));
+                assert_eq!(key, "ha.replicate_sessions");
+                assert!(
+                    message.contains("key_file") && message.contains("replicate_sessions_in_clear"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let with = |extra: &str| {
+            Config::parse(Path::new("x.toml"), &format!("{ha}{extra}{auth}")).unwrap()
+        };
+        let c = with("replicate_sessions = true\n");
+        assert!(matches!(
+            c.check_session_replication(),
+            Err(ConfigFileError::Invalid { line: 5, .. })
+        ));
+        assert!(
+            with("replicate_sessions = false\n")
+                .check_session_replication()
+                .is_ok()
+        );
+        assert!(
+            with("replicate_sessions_in_clear = true\n")
+                .check_session_replication()
+                .is_ok()
+        );
+        let mut keyed = with("");
+        keyed.ha.as_mut().unwrap().key_file = Some("k".into());
+        assert!(keyed.check_session_replication().is_ok());
+        let off = Config::parse(Path::new("x.toml"), ha).unwrap();
+        assert!(off.check_session_replication().is_ok());
+        // [auth.attempts]: the limits' settings are checked naming the key.
+        for (text, want) in [
+            ("burst = 3\nevery_s = 0\n", "auth.attempts.every_s"),
+            ("identity_burst = 0\n", "auth.attempts.identity_burst"),
+            ("max_tracked = 0\n", "auth.attempts.max_tracked"),
+        ] {
+            let (line, key, _) = err(&format!("[auth.attempts]\n{text}"));
+            assert_eq!((line, key.as_str()), (text.lines().count() + 1, want));
+        }
+        assert!(
+            Config::parse(
+                Path::new("x.toml"),
+                "[auth.attempts]\nburst = 0\nidentity_burst = 0\n"
+            )
+            .is_ok()
+        );
         // The session table's bounds: defaults, set, and zero refused naming the key.
         assert_eq!(
             (c.auth.max_sessions, c.auth.max_half_open_per_prefix),

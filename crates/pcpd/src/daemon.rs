@@ -847,6 +847,18 @@ pub fn reload(shared: &Shared) -> Result<String, String> {
         return Err("pcpd runs on embedded defaults (no --config): nothing to reload".into());
     };
     let new = Config::load(&path).map_err(|e| e.to_string())?;
+    // `[ha]` takes effect at a restart only: the running one (with any --ha-key-file)
+    // decides whether a reload may turn authentication on.
+    let running_ha = shared.lock().config.ha.clone();
+    if let Some(message) =
+        crate::config::session_replication_problem(running_ha.as_ref(), &new.auth)
+    {
+        return Err(format!(
+            "{}:{}: ha.replicate_sessions: {message}",
+            path.display(),
+            new.replicate_line
+        ));
+    }
     let auth =
         crate::auth::prepare(&new.auth).map_err(|e| format!("{}: [auth] {e}", path.display()))?;
     let shared_auth = {

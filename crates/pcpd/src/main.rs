@@ -15,6 +15,7 @@ mod config;
 mod core;
 mod daemon;
 mod hugepages;
+mod jobs;
 mod limit;
 mod metrics;
 mod serving_file;
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
             state_file: None,
             preinstall: true,
             replicate_sessions: true,
+            replicate_sessions_in_clear: false,
             key_file: None,
             serving_file: None,
         });
@@ -121,6 +123,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         };
         ha.serving_file = Some(path);
+    }
+    if let Err(e) = cfg.check_session_replication() {
+        eprintln!("pcpd: {e}");
+        return ExitCode::from(2);
     }
     hugepages::enable(cfg.daemon.huge_pages);
     if args.check {

@@ -531,8 +531,8 @@ fn pair_mode_keeps_sessions_and_identities_across_a_failover() {
         + "[tiers.default]\n[tiers.gold]\nmapping_quota = 1\n\
            [[subscribers.entries]]\nid = \"acme\"\nidentities = [\"alice\"]\ntier = \"gold\"\n";
     let plan = PairPlan::new(&config, HaTiming::default());
-    let mut a = plan.start(PCPD, Node::A, "active");
-    let b = plan.start(PCPD, Node::B, "backup");
+    let mut a = start_keyed(&plan, &dir, Node::A, "active");
+    let b = start_keyed(&plan, &dir, Node::B, "backup");
     wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
         h["role"] == "active" && h["ready"] == true && h["backup_status"] == "ready"
     });
@@ -633,6 +633,106 @@ fn pair_mode_keeps_sessions_and_identities_across_a_failover() {
 /// docs/HA.md): nothing of the session reaches the backup, so after `kill -9` of the
 /// active the successor answers the client's next tagged request UNKNOWN_SESSION_ID,
 /// the client authenticates with it and renews its (replicated) mapping.
+/// Starts `node` of `plan` as `role` with a replication link key (`[ha] key_file`,
+/// one file in `dir` for both): PA session keys are replicated, which pcpd refuses
+/// over a plain link.
+fn start_keyed(plan: &PairPlan, dir: &TempDir, node: Node, role: &str) -> Pcpd {
+    let key = link_key(dir);
+    let ip = match node {
+        Node::A => plan.ip_a,
+        Node::B => plan.ip_b,
+    };
+    let text = format!(
+        "{}key_file = \"{}\"\n",
+        plan.config(node, role),
+        key.display()
+    );
+    common::pcpd(PCPD).at(ip).config(&text).start()
+}
+
+/// A replication link key file (mode 600) in `dir`.
+fn link_key(dir: &TempDir) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = dir.join("ha.key");
+    let hex: String = (0..32u8)
+        .map(|b| format!("{:02x}", b.wrapping_mul(73) ^ 0xa5))
+        .collect();
+    std::fs::write(&key, format!("{hex}\n")).expect("write the key file");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    key
+}
+
+/// Pair mode with authentication on refuses to start when PA session keys would cross
+/// the replication link in clear (review of 2026-12-04), naming the file, the line and
+/// the key; a key file (also `--ha-key-file`), `replicate_sessions = false` or the
+/// operator's `replicate_sessions_in_clear = true` are accepted, and so is pair mode
+/// without authentication.
+#[test]
+fn pair_mode_refuses_to_replicate_session_keys_in_clear() {
+    let dir = TempDir::new();
+    let (auth, _) = auth_files(&dir, "required", 600);
+    let plan = PairPlan::new(&auth, HaTiming::default());
+    let check = |text: &str, args: &[&str]| {
+        let cfg = dir.join("pcpd.toml");
+        std::fs::write(&cfg, text).expect("config");
+        let out = std::process::Command::new(PCPD)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .arg("--check")
+            .output()
+            .expect("run pcpd");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let plain = plan.config(Node::A, "active");
+    let (code, err) = check(&plain, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    let ha_line = plain.lines().position(|l| l.trim() == "[ha]").unwrap() + 1;
+    assert!(
+        err.contains(&format!("pcpd.toml:{ha_line}: ha.replicate_sessions:"))
+            && err.contains("in clear"),
+        "{err}"
+    );
+    let key = link_key(&dir);
+    let key_arg = key.display().to_string();
+    for (text, args) in [
+        (format!("{plain}key_file = \"{key_arg}\"\n"), vec![]),
+        (plain.clone(), vec!["--ha-key-file", key_arg.as_str()]),
+        (format!("{plain}replicate_sessions = false\n"), vec![]),
+        (
+            format!("{plain}replicate_sessions_in_clear = true\n"),
+            vec![],
+        ),
+        (
+            PairPlan::new("", HaTiming::default()).config(Node::A, "active"),
+            vec![],
+        ),
+    ] {
+        let (code, err) = check(&text, &args);
+        assert_eq!(code, Some(0), "{text}\n{args:?}\n{err}");
+    }
+    // A reload cannot turn authentication on over a plain link either (`[ha]` is the
+    // running one: it changes at a restart only); the running configuration stays.
+    let no_auth = PairPlan::new("", HaTiming::default());
+    let a = no_auth.start(PCPD, Node::A, "active");
+    let section = auth.replace("default = \"required\"", "default = \"optional\"");
+    a.rewrite_config(&format!(
+        "{section}\n{}",
+        no_auth.ha_section(Node::A, "active")
+    ));
+    let (status, body) = a.post("/reload");
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("ha.replicate_sessions"), "{body}");
+    assert_eq!(
+        a.metric("pcp_auth_sessions_established_total"),
+        None,
+        "auth turned on"
+    );
+}
+
 #[test]
 fn without_session_replication_clients_reauthenticate_after_failover() {
     let dir = TempDir::new();
@@ -695,8 +795,8 @@ fn takeover_announce_is_tagged_for_the_hosts_pa_session() {
     let dir = TempDir::new();
     let (auth, ca) = auth_files(&dir, "required", 600);
     let plan = PairPlan::new(&auth, HaTiming::default());
-    let mut a = plan.start(PCPD, Node::A, "active");
-    let b = plan.start(PCPD, Node::B, "backup");
+    let mut a = start_keyed(&plan, &dir, Node::A, "active");
+    let b = start_keyed(&plan, &dir, Node::B, "backup");
     wait_ha(&a, Duration::from_secs(10), "A active and ready", |h| {
         h["role"] == "active" && h["ready"] == true && h["backup_status"] == "ready"
     });

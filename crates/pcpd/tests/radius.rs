@@ -232,8 +232,13 @@ fn failover_past_a_dead_aaa_server_and_pa_acknowledgements_meanwhile() {
     assert!(second.acks >= 1);
     assert_eq!(second.copies, 0, "the client retransmitted");
     assert!(second.took >= Duration::from_millis(1_200));
-    let sessions = pcpd.get_json("/auth/sessions");
-    assert_eq!(sessions.as_array().map(Vec::len), Some(2), "{sessions}");
+    // The server installs the second SA when the client's confirmation arrives, just
+    // after the client considers itself done.
+    let sessions = common::poll(Duration::from_secs(5), Duration::from_millis(20), || {
+        let s = pcpd.get_json("/auth/sessions");
+        (s.as_array().map(Vec::len) == Some(2)).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("two sessions: {}", pcpd.get_json("/auth/sessions")));
     assert!(
         sessions
             .as_array()
@@ -389,4 +394,70 @@ fn a_reload_restarts_a_conversation_bound_to_a_removed_aaa_server() {
         again.event
     );
     assert!(new.requests.load(Ordering::SeqCst) >= 1);
+}
+
+/// With RADIUS, wrong passwords do not lock other users out (review of 2026-12-04):
+/// every client sends the outer identity "anonymous", so a limit on it would refuse
+/// everyone after `burst` failures from anywhere. Three wrong passwords (burst 2) from
+/// three addresses, then bob, with his password, from a fourth address authenticates;
+/// and a source that failed `burst` times is still refused (by source).
+#[test]
+fn wrong_passwords_through_radius_do_not_lock_out_other_users() {
+    let dir = TempDir::new();
+    let pki = Pki::for_name("aaa.example");
+    let users = format!(
+        "{}{}",
+        pcp_testkit::eap::users_line("alice", PASSWORD.as_bytes()),
+        pcp_testkit::eap::users_line("bob", b"battery staple")
+    );
+    let creds = pcp_eap::Credentials::parse(&users, "test").unwrap();
+    let backend = Embedded::new(pki.chain(), pki.key(), creds).unwrap();
+    let aaa = fake_aaa(IpAddr::V4(common::fresh_ip()), Some(backend));
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = format!(
+        "[auth]\ndefault = \"required\"\n[auth.attempts]\nburst = 2\nevery_s = 600\n[auth.radius]\nservers = [\"{}\"]\nsecret_file = \"{}\"\n",
+        aaa.addr,
+        secret.display()
+    );
+    let pcpd = common::pcpd(PCPD).config(&config).start();
+    let wrong = || ttls_peer(&pki.ca, "aaa.example", "alice", b"wrong");
+    let refused = |o: &Outcome| {
+        matches!(
+            o.event,
+            ClientEvent::Failed(pcp_auth::client::Failure::AuthenticationFailed)
+        )
+    };
+    for _ in 0..3 {
+        let ip = IpAddr::V4(common::fresh_ip());
+        let o = authenticate_with(wrong(), ip, pcpd.pcp);
+        assert!(refused(&o), "{:?}", o.event);
+    }
+    assert_eq!(pcpd.metric("pcp_auth_attempts_failed_total"), Some(3.0));
+    let bob = ttls_peer(&pki.ca, "aaa.example", "bob", b"battery staple");
+    let o = authenticate_with(bob, IpAddr::V4(common::fresh_ip()), pcpd.pcp);
+    assert!(
+        matches!(o.event, ClientEvent::Established { .. }),
+        "bob locked out by others' failures: {:?}\n{}",
+        o.event,
+        pcpd.output()
+    );
+    assert_eq!(
+        pcpd.metric("pcp_auth_attempts_refused_total{by=\"identity\"}"),
+        Some(0.0)
+    );
+    // The source limit still holds: two failures from one address, then refused
+    // without asking the AAA server.
+    let ip = IpAddr::V4(common::fresh_ip());
+    for _ in 0..2 {
+        assert!(refused(&authenticate_with(wrong(), ip, pcpd.pcp)));
+    }
+    let asked = aaa.requests.load(Ordering::SeqCst);
+    let o = authenticate(&pki.ca, ip, pcpd.pcp);
+    assert!(refused(&o), "{:?}", o.event);
+    assert_eq!(aaa.requests.load(Ordering::SeqCst), asked);
+    assert_eq!(
+        pcpd.metric("pcp_auth_attempts_refused_total{by=\"source\"}"),
+        Some(1.0)
+    );
 }

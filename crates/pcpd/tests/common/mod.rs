@@ -4,6 +4,6 @@
 
 pub use pcp_testkit::{
     Answer, Builder, HaTiming, Map, Node, PairPlan, PcpClient, Pcpd, TempDir, free_port, fresh_ip,
-    honour_config, http, kill_settled_active, metric, parse_answer, pcpd, role, run, try_http,
-    wait_for, wait_ha, workspace_root,
+    honour_config, http, kill_settled_active, metric, parse_answer, pcpd, poll, role, run,
+    try_http, wait_for, wait_ha, workspace_root,
 };
