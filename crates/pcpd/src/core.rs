@@ -1752,10 +1752,12 @@ impl Core {
             let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
             h.reply.truncate(n);
             if promised && self.server.withdraw_checkpoint(&h.key, &mut self.effects) {
-                let exposes = self
-                    .effects
-                    .iter()
-                    .any(|e| matches!(e, Effect::Replicate(Change::Host { .. })));
+                // Only a host left with checkpointed mappings beside the withdrawn one
+                // needs the backup to hold its new state first (see `Change::Host`).
+                let exposes = self.effects.iter().any(|e| {
+                    matches!(e, Effect::Replicate(Change::Host { host, unprotected: true })
+                        if self.server.host_exposed(*host))
+                });
                 if exposes {
                     // Not a client's request: a data plane failure is healed later.
                     let _ = self.apply_effects_holding(now, Some(h), false);
