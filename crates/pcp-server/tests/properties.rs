@@ -329,15 +329,16 @@ impl World {
         let echoed = r.result() == ResultCode::Success && r.has_checkpoint();
         ensure!(!echoed || cp, "192 echoed to a request without it: {req:?}");
         // A reply promising a checkpoint, or making a protected host exposed, waits
-        // for a ready backup's acknowledgement.
+        // for a ready backup's acknowledgement; the record of a host that gets its
+        // first unprotected mapping while it has no checkpointed one is not waited for.
         let ready = self.h.server.backup_status() == BackupStatus::Ready;
         let exposes = self.h.effects.iter().any(|e| {
             matches!(
                 e,
                 Effect::Replicate(Change::Host {
+                    host,
                     unprotected: true,
-                    ..
-                })
+                }) if self.h.server.host_exposed(*host)
             )
         });
         ensure!(

@@ -768,6 +768,85 @@ fn takeover_keeps_the_epoch_of_protected_hosts_and_announces_to_the_others() {
     assert_eq!(ours[0]["internal_port"], 5000);
 }
 
+/// A host that held only unprotected mappings loses them all in a takeover. The
+/// active replicates one record per host when it gets its first unprotected mapping
+/// (not waited for), so the successor knows it: its epoch starts again and it gets an
+/// ANNOUNCE at once (from the new active's PCP address) instead of learning of the loss
+/// at its next renewal, while a fully protected host hears nothing and keeps its epoch.
+#[test]
+fn takeover_announces_to_a_host_that_held_only_unprotected_mappings() {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let (mut a, b) = start_pair(&plan);
+    let (p_ip, o_ip) = (fresh_ip(), fresh_ip());
+    let (p_announce, o_announce) = (announce_listener(p_ip), announce_listener(o_ip));
+    let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
+    let o = PcpClient::new(IpAddr::V4(o_ip), a.pcp);
+    // Run until the epoch is a few seconds old, so that a reset is unmistakable.
+    let p1 = common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
+        let r = p.map(Map::udp(5000));
+        assert!(r.checkpoint_echoed);
+        if r.epoch >= 3 {
+            Some(r)
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            None
+        }
+    });
+    for port in [6000, 6001] {
+        let r = o.map(Map::udp(port).without_checkpoint());
+        assert_eq!(r.result, ResultCode::Success);
+        assert!(!r.checkpoint_echoed);
+    }
+    let o1 = o.map(Map::udp(6001).without_checkpoint());
+    let c1 = Instant::now();
+    common::kill_settled_active(&mut a, &b, TAKEOVER_LIMIT);
+
+    let mut buf = [0u8; 1100];
+    let (n, from) = o_announce
+        .recv_from(&mut buf)
+        .expect("an ANNOUNCE for the host that held only unprotected mappings");
+    assert_eq!(from, b.pcp, "sent from the new active's PCP address");
+    let ann = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
+    assert_eq!(ann.body, pcp_proto::Body::Announce);
+    assert_eq!(ann.result_code, ResultCode::Success);
+    assert!(
+        state_lost(c1, o1.epoch, Instant::now(), ann.epoch),
+        "the ANNOUNCE's epoch {} after {} must signal the loss",
+        ann.epoch,
+        o1.epoch
+    );
+    p_announce
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        p_announce.recv_from(&mut buf).is_err(),
+        "a host that lost nothing is not told anything"
+    );
+    let h = b.ha();
+    assert_eq!(
+        h["lost_hosts"]["unprotected"].as_u64(),
+        Some(1),
+        "only the host with unprotected mappings lost state: {h}"
+    );
+
+    let p2 = PcpClient::new(IpAddr::V4(p_ip), b.pcp).map(Map::udp(5000));
+    let c2 = Instant::now();
+    assert_eq!(p2.external, p1.external);
+    assert!(
+        !state_lost(c1, p1.epoch, c2, p2.epoch),
+        "protected host: epoch {} then {} after {:?} must look continuous",
+        p1.epoch,
+        p2.epoch,
+        c2 - c1
+    );
+    assert!(
+        !b.mappings()
+            .iter()
+            .any(|m| m["internal_address"] == o_ip.to_string()),
+        "the unprotected mappings are gone"
+    );
+}
+
 /// The backup dies under checkpointed load: held replies go out without 192 within the
 /// ack timeout and nothing is promised while no backup exists; the backup restarts and
 /// is resynchronised (bulk copy) while the load goes on; then the active is killed and
