@@ -1340,6 +1340,10 @@ impl Core {
                 }
                 false
             }
+            Event::PredecessorDiverged { term } => {
+                self.predecessor_diverged(term, now);
+                false
+            }
             Event::Promoted {
                 term,
                 mappings,
@@ -1583,6 +1587,46 @@ impl Core {
             never_installed = lost_hosts.never_installed,
             "took over as active"
         );
+    }
+
+    /// The active this node took over from served on after the takeover (an HA-link
+    /// partition, or it was frozen and woke up) and has now stepped down, dropping
+    /// whatever it changed meanwhile. Which clients it answered is unknown here, so
+    /// every client whose epoch was carried over at the takeover (the only ones that
+    /// would see a continuous epoch and miss the loss) starts its epoch again now and
+    /// gets the ANNOUNCE burst. Clients this node never carried over already see an
+    /// epoch that started at the takeover, earlier than the one the old active showed
+    /// them.
+    fn predecessor_diverged(&mut self, term: u64, now: Time) {
+        let hosts = self.server.epochs().carried_over();
+        for host in &hosts {
+            self.server.epochs().reset(*host, now);
+        }
+        let mut targets: Vec<(IpAddr, usize)> = hosts
+            .iter()
+            .filter_map(|h| Some((*h, self.announce_socket(*h)?)))
+            .collect();
+        tracing::warn!(
+            term,
+            hosts = hosts.len(),
+            announced = targets.len(),
+            "the previous active served after the takeover and stepped down: epochs carried over from it start again"
+        );
+        if targets.is_empty() || !self.serving {
+            return;
+        }
+        // A burst still running (the takeover's) goes on with the new hosts, from the
+        // start of the schedule.
+        if let Some(old) = self.burst.take() {
+            targets.extend(old.targets);
+            targets.sort_unstable();
+            targets.dedup();
+        }
+        self.burst = Some(Burst {
+            schedule: pcp_server::announce::AnnounceSchedule::start(now),
+            targets,
+        });
+        self.send_announces();
     }
 
     /// The listen socket an ANNOUNCE to `host` leaves from: the address the host talks
