@@ -1342,6 +1342,7 @@ impl Core {
             }
             Event::PredecessorDiverged { term } => {
                 self.predecessor_diverged(term, now);
+                self.send_announces();
                 false
             }
             Event::Promoted {
@@ -1626,7 +1627,6 @@ impl Core {
             schedule: pcp_server::announce::AnnounceSchedule::start(now),
             targets,
         });
-        self.send_announces();
     }
 
     /// The listen socket an ANNOUNCE to `host` leaves from: the address the host talks
@@ -2192,6 +2192,44 @@ mod tests {
             }
         }
         assert_eq!(core.next_wake(), core.server.next_timeout(), "burst over");
+    }
+
+    /// The previous active served on after the takeover (a healed partition): every
+    /// host whose epoch was carried over starts again and joins the ANNOUNCE burst;
+    /// hosts already reset at the takeover keep their (already new) epoch.
+    #[test]
+    fn a_diverged_predecessor_resets_carried_over_epochs_and_announces() {
+        let (mut core, _rt) = takeover_core(false);
+        let now = core.now();
+        let base = Time(1_000);
+        let (kept, exposed): (IpAddr, IpAddr) =
+            ("10.0.0.7".parse().unwrap(), "10.0.0.6".parse().unwrap());
+        let mappings = vec![
+            replicated_at("10.0.0.7", 2000, "192.0.2.1"),
+            replicated_at("10.0.0.6", 2001, "192.0.2.1"),
+        ];
+        core.take_over(2, &mappings, (&[exposed], &[kept]), Some(base), true, now);
+        core.serving = true;
+        assert_eq!(core.server.epochs().base_of(kept), base);
+        let first = core.announce_due(now);
+        assert_eq!(first.len(), 1, "the takeover announces to the exposed host only");
+        let later = Time(now.0 + 5_000);
+        core.predecessor_diverged(2, later);
+        assert_eq!(core.server.epochs().base_of(kept), later, "carried over: reset");
+        assert_eq!(core.server.epochs().base_of(exposed), now, "already reset");
+        let out = core.announce_due(later);
+        let mut to: Vec<IpAddr> = out.iter().map(|o| o.to.ip()).collect();
+        to.sort();
+        assert_eq!(to, [exposed, kept], "the burst goes on with the carried-over host");
+        for u in &out {
+            let r = Response::parse(&u.datagram).unwrap();
+            assert_eq!(r.body, Body::Announce);
+            if u.to.ip() == kept {
+                assert_eq!(r.epoch, 0, "its epoch starts at the report");
+            }
+        }
+        // Reported once: nothing is carried over any more.
+        assert!(core.server.epochs().carried_over().is_empty());
     }
 
     /// The same for a standby backup: a replicated mapping its core could never install
