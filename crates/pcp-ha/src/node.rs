@@ -352,9 +352,10 @@ pub struct HaNode {
     /// Active: the stream this node followed before it took over, and the last record
     /// of it applied (see [`Event::PredecessorDiverged`]).
     predecessor: Option<(u64, u64)>,
-    /// Backup after a step-down: the stream this node ran as active and its last
-    /// sequence number, said in its HELLOs until it follows the new active.
-    stepped_down: Option<(u64, u64)>,
+    /// Backup after a step-down: the stream this node ran as active, its last
+    /// sequence number (counting requests its shell still answered after the
+    /// step-down, [`HaNode::push_served`]), and until when its HELLOs and ACKs say so.
+    stepped_down: Option<(u64, u64, Time)>,
 }
 
 /// One replicated PA session.
@@ -525,6 +526,19 @@ impl HaNode {
                 stored: self.rx.store.len(),
             },
         }
+    }
+
+    /// [`HaNode::push`] for a change a client's request made: if this node stepped down
+    /// meanwhile (the shell answered the request before it learned so), the change is
+    /// lost, and counted as served past the takeover in what the node tells the new
+    /// active ([`Event::PredecessorDiverged`]).
+    pub fn push_served(&mut self, change: &Change, now: Time) -> Option<u64> {
+        if !matches!(self.role, Role::Active | Role::Draining)
+            && let Some(sd) = &mut self.stepped_down
+        {
+            sd.1 += 1;
+        }
+        self.push(change, now)
     }
 
     /// Queues a change to a checkpointed mapping for the backup; returns its sequence
@@ -880,15 +894,13 @@ impl HaNode {
         let Some((followed, applied)) = self.predecessor else {
             return;
         };
-        if stream != followed {
+        if stream != followed || last <= applied {
             return;
         }
-        // Once per predecessor: it is now a backup of this node's stream.
+        // Once per predecessor.
         self.predecessor = None;
-        if last > applied {
-            self.events
-                .push_back(Event::PredecessorDiverged { term: self.term });
-        }
+        self.events
+            .push_back(Event::PredecessorDiverged { term: self.term });
     }
 
     /// The next term this node may take: terms of the node that starts active are odd,
@@ -902,7 +914,13 @@ impl HaNode {
         self.term = term;
         if matches!(self.role, Role::Active | Role::Draining) {
             self.events.push_back(Event::Demoted { term });
-            self.stepped_down = Some((self.incarnation, self.tx.next_seq.saturating_sub(1)));
+            // Said for a while: the shell may still answer a request or two before it
+            // learns of the step-down (see `push_served`).
+            self.stepped_down = Some((
+                self.incarnation,
+                self.tx.next_seq.saturating_sub(1),
+                now.plus(self.cfg.detection * 2),
+            ));
         }
         self.predecessor = None;
         self.role = Role::Backup;
@@ -959,8 +977,8 @@ impl HaNode {
         match h.kind {
             Kind::Ack | Kind::Hello => {
                 let Ok(applied) = r.u64() else { return };
-                if h.kind == Kind::Hello && h.flags & wire::FLAG_STEPPED_DOWN != 0 {
-                    self.stepped_down_peer(r);
+                if h.flags & wire::FLAG_STEPPED_DOWN != 0 {
+                    self.stepped_down_peer(&mut r.clone());
                 }
                 self.tx.peer_heard = Some(now);
                 self.peer_reads_sessions(h.flags & wire::FLAG_SESSIONS != 0, now);
@@ -1400,14 +1418,12 @@ impl HaNode {
         } else {
             Kind::Ack
         };
-        // Until it follows the new active, a node that stepped down says what it ran:
-        // the new active learns whether it served past the takeover.
-        let stepped_down = if kind == Kind::Hello {
-            self.stepped_down
-        } else {
+        // For a while after a step-down, the node says what it ran: the new active
+        // learns whether it served past the takeover.
+        if self.stepped_down.is_some_and(|(_, _, until)| now > until) {
             self.stepped_down = None;
-            None
-        };
+        }
+        let stepped_down = self.stepped_down;
         let mut w = Writer::new(buf);
         let mut flags = u8::from(self.rx.ready) | wire::FLAG_SESSIONS;
         if stepped_down.is_some() {
@@ -1419,7 +1435,7 @@ impl HaNode {
             .ack_cap
             .map_or(self.rx.applied, |c| c.min(self.rx.applied));
         wire::write_u64(&mut w, applied)?;
-        if let Some((stream, last)) = stepped_down {
+        if let Some((stream, last, _)) = stepped_down {
             wire::write_u64(&mut w, stream)?;
             wire::write_u64(&mut w, last)?;
         }

@@ -172,3 +172,25 @@ fn a_switchover_is_not_a_divergence() {
     assert_eq!(p.a.role(), Role::Backup);
     assert_eq!(p.diverged(), 0, "{:?}", p.b_events);
 }
+
+/// The old active's shell answered a request just after its node stepped down (it had
+/// not learned so yet): the change is lost with the rest, so it counts as served past
+/// the takeover, and the node's ACKs still say so. Changes that are not answers (expiry,
+/// mirroring a copy) do not count.
+#[test]
+fn a_request_answered_just_after_the_step_down_counts() {
+    let mut p = Pair::ready();
+    p.partition_until_b_takes_over();
+    p.link = true;
+    p.run(Duration::from_millis(300));
+    assert_eq!(p.a.role(), Role::Backup, "A stepped down");
+    assert_eq!(p.diverged(), 0, "A changed nothing in the partition");
+    let now = p.now;
+    assert_eq!(p.a.push(&host_record(4), now), None, "a backup records nothing");
+    p.run(Duration::from_millis(200));
+    assert_eq!(p.diverged(), 0, "an expiry is not an answer");
+    let now = p.now;
+    assert_eq!(p.a.push_served(&host_record(5), now), None);
+    p.run(Duration::from_millis(200));
+    assert_eq!(p.diverged(), 1, "{:?}", p.b_events);
+}

@@ -1072,7 +1072,7 @@ impl Core {
             for s in &mut served {
                 let mut seq = 0;
                 for change in &changes[from..s.changes_end] {
-                    if let Some(x) = p.node.push(change, now) {
+                    if let Some(x) = p.node.push_served(change, now) {
                         seq = x;
                     }
                 }
@@ -1250,7 +1250,12 @@ impl Core {
         let mut p = lock_pair(pair);
         let mut seq = 0;
         for change in &self.changes {
-            if let Some(s) = p.node.push(change, now) {
+            let pushed = if request {
+                p.node.push_served(change, now)
+            } else {
+                p.node.push(change, now)
+            };
+            if let Some(s) = pushed {
                 seq = s;
             }
         }

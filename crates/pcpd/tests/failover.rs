@@ -631,6 +631,59 @@ fn frozen_active_is_fenced_when_it_resumes() {
     assert_has(&b, &made);
 }
 
+/// A stale active that served after the takeover: frozen with SIGSTOP while the
+/// backup takes over, it resumes with a host's renewal (lifetime 1800) queued in its
+/// socket. If it answers it before hearing the new term, the host now counts on state
+/// the new active never got, while its epoch there was carried over (all its mappings
+/// were checkpointed): once the old active steps down, its HELLO says it ran past the
+/// takeover, and the new active restarts that host's epoch and announces to it. If it
+/// steps down first, nothing diverged and the host hears nothing.
+#[test]
+fn a_stale_active_that_served_makes_the_new_active_announce_to_carried_over_hosts() {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let (a, b) = start_pair(&plan);
+    let p_ip = fresh_ip();
+    let p_announce = announce_listener(p_ip);
+    let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
+    assert!(p.map(Map::udp(5000)).checkpoint_echoed);
+    wait_ha(&a, Duration::from_secs(2), "nothing left to acknowledge", |h| {
+        h["lag"] == 0
+    });
+    a.signal("STOP");
+    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| h["role"] == "active");
+    let mut buf = [0u8; 1100];
+    p_announce
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        p_announce.recv_from(&mut buf).is_err(),
+        "a protected host is not announced to at the takeover"
+    );
+    let mut m = Map::udp(5000);
+    m.lifetime = 1800;
+    p.send(&p.map_request(m));
+    a.signal("CONT");
+    wait_ha(&a, Duration::from_secs(5), "A stepped down", |h| {
+        h["role"] == "backup"
+    });
+    let served = p.recv_within(Duration::from_millis(500)).is_some();
+    p_announce
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let ann = p_announce.recv_from(&mut buf);
+    if served {
+        eprintln!("the stale active answered the renewal: expecting an ANNOUNCE from B");
+        let (n, from) = ann.expect("an ANNOUNCE once the stale active stepped down");
+        assert_eq!(from, b.pcp, "sent from the new active's PCP address");
+        let r = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
+        assert_eq!(r.body, pcp_proto::Body::Announce);
+        assert!(r.epoch <= 3, "the host's epoch starts again: {}", r.epoch);
+    } else {
+        eprintln!("the stale active stepped down before answering: nothing diverged");
+        assert!(ann.is_err(), "nothing diverged, nothing to announce");
+    }
+}
+
 /// (e) `POST /ha/promote` on a ready backup: it becomes active with every checkpoint,
 /// and the old active, hearing the higher term, steps down.
 #[test]
