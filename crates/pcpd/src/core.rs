@@ -2237,6 +2237,28 @@ mod tests {
         assert!(core.server.epochs().carried_over().is_empty());
     }
 
+    /// The same on a standby backup (the default): the hosts of its own core.
+    #[test]
+    fn a_diverged_predecessor_resets_carried_over_epochs_on_a_standby() {
+        let (mut core, _rt) = takeover_core(true);
+        let kept: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = core.now();
+        core.mirror(
+            pcp_ha::Replica::Upsert(vec![replicated_at("10.0.0.7", 2000, "192.0.2.1")]),
+            now,
+        );
+        core.apply_effects(now);
+        core.take_over(3, &[], (&[], &[]), Some(Time(1_000)), true, now);
+        core.serving = true;
+        assert_eq!(core.server.epochs().carried_over(), [kept]);
+        let later = Time(now.0 + 5_000);
+        core.predecessor_diverged(3, later);
+        assert_eq!(core.server.epochs().base_of(kept), later);
+        let out = core.announce_due(later);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].to.ip(), kept);
+    }
+
     /// The same for a standby backup: a replicated mapping its core could never install
     /// (pending at the takeover) means its host lost state.
     #[test]

@@ -636,8 +636,10 @@ fn frozen_active_is_fenced_when_it_resumes() {
 /// socket. If it answers it before hearing the new term, the host now counts on state
 /// the new active never got, while its epoch there was carried over (all its mappings
 /// were checkpointed): once the old active steps down, its HELLO says it ran past the
-/// takeover, and the new active restarts that host's epoch and announces to it. If it
-/// steps down first, nothing diverged and the host hears nothing.
+/// takeover, and the new active restarts that host's epoch and announces to it. Whether
+/// it answers before it steps down is a race: the test asserts the ANNOUNCE only when the
+/// answer came (the deterministic cases are in `crates/pcp-ha/tests/heal.rs` and
+/// `core.rs`).
 #[test]
 fn a_stale_active_that_served_makes_the_new_active_announce_to_carried_over_hosts() {
     let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
@@ -645,7 +647,15 @@ fn a_stale_active_that_served_makes_the_new_active_announce_to_carried_over_host
     let p_ip = fresh_ip();
     let p_announce = announce_listener(p_ip);
     let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
-    assert!(p.map(Map::udp(5000)).checkpoint_echoed);
+    // Run until the epoch is a few seconds old, so that a reset is unmistakable.
+    common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
+        let r = p.map(Map::udp(5000));
+        assert!(r.checkpoint_echoed);
+        (r.epoch >= 3).then_some(()).or_else(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            None
+        })
+    });
     wait_ha(&a, Duration::from_secs(2), "nothing left to acknowledge", |h| {
         h["lag"] == 0
     });
@@ -679,8 +689,12 @@ fn a_stale_active_that_served_makes_the_new_active_announce_to_carried_over_host
         assert_eq!(r.body, pcp_proto::Body::Announce);
         assert!(r.epoch <= 3, "the host's epoch starts again: {}", r.epoch);
     } else {
-        eprintln!("the stale active stepped down before answering: nothing diverged");
-        assert!(ann.is_err(), "nothing diverged, nothing to announce");
+        // It may still have recorded the renewal and held its reply for an
+        // acknowledgement that never came (a reset then is conservative, not wrong).
+        eprintln!(
+            "no answer from the stale active; ANNOUNCE from B: {}",
+            ann.is_ok()
+        );
     }
 }
 
