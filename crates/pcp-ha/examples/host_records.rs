@@ -115,14 +115,23 @@ fn main() {
             fx.clear();
             let src = SocketAddr::new(host(i), 5350);
             s.handle(r, src, start, &mut reply, &mut fx);
-            records += fx.iter().filter(|e| matches!(e, Effect::Replicate(_))).count();
+            records += fx
+                .iter()
+                .filter(|e| matches!(e, Effect::Replicate(_)))
+                .count();
         }
         let core = t0.elapsed();
         // renew/core: every host renews its one mapping (no record).
         let t0 = Instant::now();
         for (i, r) in requests.iter().enumerate() {
             fx.clear();
-            s.handle(r, SocketAddr::new(host(i), 5350), start, &mut reply, &mut fx);
+            s.handle(
+                r,
+                SocketAddr::new(host(i), 5350),
+                start,
+                &mut reply,
+                &mut fx,
+            );
         }
         let renew = t0.elapsed();
         drop(s);

@@ -139,7 +139,12 @@ fn a_predecessor_that_changed_state_in_a_partition_is_reported_once_healed() {
     p.run(Duration::from_millis(200));
     assert_eq!(p.diverged(), 0, "nothing is known before the link heals");
     p.heal();
-    assert_eq!(p.diverged(), 1, "B learns its predecessor diverged: {:?}", p.b_events);
+    assert_eq!(
+        p.diverged(),
+        1,
+        "B learns its predecessor diverged: {:?}",
+        p.b_events
+    );
     // A keeps following B; nothing more is reported.
     p.run(Duration::from_millis(1000));
     assert_eq!(p.diverged(), 1);
@@ -186,7 +191,11 @@ fn a_request_answered_just_after_the_step_down_counts() {
     assert_eq!(p.a.role(), Role::Backup, "A stepped down");
     assert_eq!(p.diverged(), 0, "A changed nothing in the partition");
     let now = p.now;
-    assert_eq!(p.a.push(&host_record(4), now), None, "a backup records nothing");
+    assert_eq!(
+        p.a.push(&host_record(4), now),
+        None,
+        "a backup records nothing"
+    );
     p.run(Duration::from_millis(200));
     assert_eq!(p.diverged(), 0, "an expiry is not an answer");
     let now = p.now;

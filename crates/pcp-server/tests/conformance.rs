@@ -1353,7 +1353,11 @@ fn a_host_with_only_unprotected_mappings_is_replicated_but_not_waited_for() {
     assert!(h.server.host_unprotected(host(1)));
     assert!(!h.server.host_exposed(host(1)));
     h.ok(&b);
-    assert_eq!(host_records(&h.effects), vec![], "one record per host, not per mapping");
+    assert_eq!(
+        host_records(&h.effects),
+        vec![],
+        "one record per host, not per mapping"
+    );
     assert!(!h.held);
     // A checkpointed mapping beside them: held for its promise, no new host record.
     h.ok(&Req::map(host(1), 5002).cp());
@@ -1373,7 +1377,10 @@ fn a_host_with_only_unprotected_mappings_is_replicated_but_not_waited_for() {
     assert_eq!(h.server.unprotected_hosts().count(), 0);
     // Its last unprotected mapping expiring says so as well.
     h.ok(&Req::map(host(2), 6000).lifetime(120));
-    assert_eq!(h.server.unprotected_hosts().collect::<Vec<_>>(), vec![host(2)]);
+    assert_eq!(
+        h.server.unprotected_hosts().collect::<Vec<_>>(),
+        vec![host(2)]
+    );
     h.advance_secs(121);
     h.expire();
     assert_eq!(host_records(&h.effects), vec![(host(2), false)]);

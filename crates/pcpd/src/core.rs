@@ -2217,15 +2217,27 @@ mod tests {
         core.serving = true;
         assert_eq!(core.server.epochs().base_of(kept), base);
         let first = core.announce_due(now);
-        assert_eq!(first.len(), 1, "the takeover announces to the exposed host only");
+        assert_eq!(
+            first.len(),
+            1,
+            "the takeover announces to the exposed host only"
+        );
         let later = Time(now.0 + 5_000);
         core.predecessor_diverged(2, later);
-        assert_eq!(core.server.epochs().base_of(kept), later, "carried over: reset");
+        assert_eq!(
+            core.server.epochs().base_of(kept),
+            later,
+            "carried over: reset"
+        );
         assert_eq!(core.server.epochs().base_of(exposed), now, "already reset");
         let out = core.announce_due(later);
         let mut to: Vec<IpAddr> = out.iter().map(|o| o.to.ip()).collect();
         to.sort();
-        assert_eq!(to, [exposed, kept], "the burst goes on with the carried-over host");
+        assert_eq!(
+            to,
+            [exposed, kept],
+            "the burst goes on with the carried-over host"
+        );
         for u in &out {
             let r = Response::parse(&u.datagram).unwrap();
             assert_eq!(r.body, Body::Announce);

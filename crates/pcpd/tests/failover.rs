@@ -656,11 +656,16 @@ fn a_stale_active_that_served_makes_the_new_active_announce_to_carried_over_host
             None
         })
     });
-    wait_ha(&a, Duration::from_secs(2), "nothing left to acknowledge", |h| {
-        h["lag"] == 0
-    });
+    wait_ha(
+        &a,
+        Duration::from_secs(2),
+        "nothing left to acknowledge",
+        |h| h["lag"] == 0,
+    );
     a.signal("STOP");
-    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| h["role"] == "active");
+    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| {
+        h["role"] == "active"
+    });
     let mut buf = [0u8; 1100];
     p_announce
         .set_read_timeout(Some(Duration::from_millis(300)))
