@@ -18,7 +18,8 @@
 //! record kinds are sent only to a backup that announced it reads them: flag
 //! [`FLAG_SESSIONS`] in its ACK/HELLO says it reads the session records (6–8); a
 //! backup of an older build never gets them, and the pair works as before without
-//! session replication.
+//! session replication. [`FLAG_STEPPED_DOWN`] adds two fields after an ACK/HELLO's
+//! body, which an older active does not read.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
