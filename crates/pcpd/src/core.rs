@@ -1788,7 +1788,7 @@ impl Core {
 
     /// Replies the backup did not confirm in time go out without 192, and their
     /// mappings stop being checkpointed: an honest "not honoured". When withdrawing
-    /// leaves the host exposed (it now holds an unprotected mapping), the reply waits
+    /// leaves the host exposed (an unprotected mapping beside checkpointed ones), the reply waits
     /// once more, for the backup to hold that fact — a successor must know to reset the
     /// host's epoch.
     fn late_replies(&mut self, late: Vec<Held>, now: Time) {
