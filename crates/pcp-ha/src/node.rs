@@ -130,6 +130,16 @@ pub enum Event {
         /// The newer term.
         term: u64,
     },
+    /// The active this node took over from kept serving after the takeover (a
+    /// partition of the HA link, or it was frozen and woke up) and changed state this
+    /// node never received, then stepped down (it said so in its HELLO). Its clients
+    /// may have lost mappings here without any epoch saying so: the shell restarts
+    /// the epoch of every client whose epoch it carried over from that predecessor,
+    /// and announces to them.
+    PredecessorDiverged {
+        /// This node's term.
+        term: u64,
+    },
     /// Standby mode, backup: the copy changed; mirror it.
     Replica(Replica),
     /// Supply the next bulk chunk with [`HaNode::bulk_chunk`], from this cursor.
@@ -339,6 +349,13 @@ pub struct HaNode {
     sessions: FastMap<u32, StoredSession>,
     /// Names (identities, subscriber ids) shared by the records held.
     names: Interner,
+    /// Active: the stream this node followed before it took over, and the last record
+    /// of it applied (see [`Event::PredecessorDiverged`]).
+    predecessor: Option<(u64, u64)>,
+    /// Backup after a step-down: the stream this node ran as active, its last
+    /// sequence number (counting requests its shell still answered after the
+    /// step-down, [`HaNode::push_served`]), and until when its HELLOs and ACKs say so.
+    stepped_down: Option<(u64, u64, Time)>,
 }
 
 /// One replicated PA session.
@@ -391,6 +408,8 @@ impl HaNode {
             names: Interner::default(),
             link_read: now,
             last_run: now,
+            predecessor: None,
+            stepped_down: None,
         }
     }
 
@@ -507,6 +526,19 @@ impl HaNode {
                 stored: self.rx.store.len(),
             },
         }
+    }
+
+    /// [`HaNode::push`] for a change a client's request made: if this node stepped down
+    /// meanwhile (the shell answered the request before it learned so), the change is
+    /// lost, and counted as served past the takeover in what the node tells the new
+    /// active ([`Event::PredecessorDiverged`]).
+    pub fn push_served(&mut self, change: &Change, now: Time) -> Option<u64> {
+        if !matches!(self.role, Role::Active | Role::Draining)
+            && let Some(sd) = &mut self.stepped_down
+        {
+            sd.1 += 1;
+        }
+        self.push(change, now)
     }
 
     /// Queues a change to a checkpointed mapping for the backup; returns its sequence
@@ -828,6 +860,8 @@ impl HaNode {
         }
         let epoch_base = self.rx.epoch_base;
         let complete = self.rx.ever_ready;
+        self.predecessor = (self.rx.stream != 0).then_some((self.rx.stream, self.rx.applied));
+        self.stepped_down = None;
         let old = std::mem::take(&mut self.rx);
         self.retire(Junk::Copy(old));
         self.tx = Sender {
@@ -850,6 +884,25 @@ impl HaNode {
         self.report_status(now);
     }
 
+    /// A HELLO from a peer that stepped down from active: if it ran the stream this
+    /// node took over from, past the last record this node applied of it, it changed
+    /// state (answered clients, renewed, deleted) that this node never held.
+    fn stepped_down_peer(&mut self, r: &mut Reader<'_>) {
+        let (Ok(stream), Ok(last)) = (r.u64(), r.u64()) else {
+            return;
+        };
+        let Some((followed, applied)) = self.predecessor else {
+            return;
+        };
+        if stream != followed || last <= applied {
+            return;
+        }
+        // Once per predecessor.
+        self.predecessor = None;
+        self.events
+            .push_back(Event::PredecessorDiverged { term: self.term });
+    }
+
     /// The next term this node may take: terms of the node that starts active are odd,
     /// of the other even, so two nodes can never be active in the same term.
     fn next_term(&self, after: u64) -> u64 {
@@ -861,7 +914,15 @@ impl HaNode {
         self.term = term;
         if matches!(self.role, Role::Active | Role::Draining) {
             self.events.push_back(Event::Demoted { term });
+            // Said for a while: the shell may still answer a request or two before it
+            // learns of the step-down (see `push_served`).
+            self.stepped_down = Some((
+                self.incarnation,
+                self.tx.next_seq.saturating_sub(1),
+                now.plus(self.cfg.detection * 2),
+            ));
         }
+        self.predecessor = None;
         self.role = Role::Backup;
         let old = std::mem::take(&mut self.tx);
         self.retire(Junk::Log(old.log));
@@ -916,6 +977,9 @@ impl HaNode {
         match h.kind {
             Kind::Ack | Kind::Hello => {
                 let Ok(applied) = r.u64() else { return };
+                if h.flags & wire::FLAG_STEPPED_DOWN != 0 {
+                    self.stepped_down_peer(&mut r.clone());
+                }
                 self.tx.peer_heard = Some(now);
                 self.peer_reads_sessions(h.flags & wire::FLAG_SESSIONS != 0, now);
                 let follows_us = h.stream == self.incarnation;
@@ -1354,14 +1418,27 @@ impl HaNode {
         } else {
             Kind::Ack
         };
+        // For a while after a step-down, the node says what it ran: the new active
+        // learns whether it served past the takeover.
+        if self.stepped_down.is_some_and(|(_, _, until)| now > until) {
+            self.stepped_down = None;
+        }
+        let stepped_down = self.stepped_down;
         let mut w = Writer::new(buf);
-        let flags = u8::from(self.rx.ready) | wire::FLAG_SESSIONS;
+        let mut flags = u8::from(self.rx.ready) | wire::FLAG_SESSIONS;
+        if stepped_down.is_some() {
+            flags |= wire::FLAG_STEPPED_DOWN;
+        }
         wire::write_header(&mut w, &self.header(kind, flags, self.rx.stream))?;
         let applied = self
             .rx
             .ack_cap
             .map_or(self.rx.applied, |c| c.min(self.rx.applied));
         wire::write_u64(&mut w, applied)?;
+        if let Some((stream, last, _)) = stepped_down {
+            wire::write_u64(&mut w, stream)?;
+            wire::write_u64(&mut w, last)?;
+        }
         Some(w.len())
     }
 

@@ -18,7 +18,8 @@
 //! record kinds are sent only to a backup that announced it reads them: flag
 //! [`FLAG_SESSIONS`] in its ACK/HELLO says it reads the session records (6–8); a
 //! backup of an older build never gets them, and the pair works as before without
-//! session replication.
+//! session replication. [`FLAG_STEPPED_DOWN`] adds two fields after an ACK/HELLO's
+//! body, which an older active does not read.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -40,6 +41,10 @@ pub const MAX_FRAME: usize = 8192;
 pub const MAX_NAME: usize = 1024;
 /// ACK/HELLO flag: the backup reads the PA session records (kinds 6–8).
 pub const FLAG_SESSIONS: u8 = 2;
+/// HELLO flag: the sender stepped down from active; after the records applied, the
+/// body carries the stream it ran (its incarnation) and that stream's last sequence
+/// number (a reader without the flag, or of an older build, ignores both).
+pub const FLAG_STEPPED_DOWN: u8 = 4;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

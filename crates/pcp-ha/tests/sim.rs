@@ -285,6 +285,9 @@ impl Sim {
                         Server::new(server_config(), self.now, node.incarnations).unwrap();
                     node.held.clear();
                 }
+                // Epochs and ANNOUNCEs are the shell's (tested in pcpd's core); the
+                // simulation checks promises.
+                Event::PredecessorDiverged { .. } => {}
                 Event::Promoted {
                     term,
                     mappings,

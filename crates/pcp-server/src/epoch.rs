@@ -67,11 +67,37 @@ impl Epochs {
     pub fn exceptions(&self) -> usize {
         self.per_client.len()
     }
+
+    /// Clients whose epoch started before the node-wide base: a successor carried
+    /// their epoch over from its predecessor (see `docs/HA.md`, "Epoch continuity").
+    pub fn carried_over(&self) -> Vec<IpAddr> {
+        self.per_client
+            .iter()
+            .filter(|(_, b)| **b < self.base)
+            .map(|(c, _)| *c)
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carried_over_lists_only_clients_older_than_the_base() {
+        let mut e = Epochs::new(Time(5_000));
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        e.set(a, Time(1_000));
+        e.reset(b, Time(6_000));
+        e.set(c, Time(5_000));
+        assert_eq!(e.carried_over(), vec![a]);
+        e.reset(a, Time(7_000));
+        assert!(e.carried_over().is_empty());
+    }
 
     #[test]
     fn per_client_reset() {

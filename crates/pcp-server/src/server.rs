@@ -57,14 +57,18 @@ pub enum Change {
     Upsert(Box<Mapping>),
     /// The mapping is gone or no longer checkpointed.
     Remove(MappingKey),
-    /// Whether an internal host that has checkpointed mappings now also holds
-    /// mappings that are not checkpointed ("exposed"). A successor keeps the epoch of
-    /// hosts whose mappings it holds and that are not exposed, and resets (and
-    /// announces to) the exposed ones: they lose state in a takeover.
+    /// Whether an internal host now holds mappings that are not checkpointed, whether
+    /// or not it also has checkpointed ones: sent when it gets its first unprotected
+    /// mapping and when it holds none any more (one record per transition, not per
+    /// mapping). A successor keeps the epoch of hosts whose mappings it holds and that
+    /// hold no unprotected ones, and resets (and announces to) every host known to
+    /// hold unprotected mappings: they lose state in a takeover. A host with only
+    /// unprotected mappings is announced to as well, instead of learning of the loss
+    /// at its next renewal.
     Host {
         /// The internal host.
         host: IpAddr,
-        /// It is exposed.
+        /// It holds unprotected mappings.
         unprotected: bool,
     },
 }
@@ -77,9 +81,16 @@ struct HostCount {
 }
 
 impl HostCount {
-    /// Has checkpointed mappings and unprotected ones too.
+    /// Holds mappings that are not checkpointed (what `Change::Host` replicates).
+    fn unprotected(&self) -> bool {
+        self.mappings > self.checkpointed
+    }
+
+    /// Has checkpointed mappings and unprotected ones too: a successor that missed
+    /// the `Change::Host` record would keep this host's epoch (it holds mappings of
+    /// it) and hide the loss of the unprotected ones.
     fn exposed(&self) -> bool {
-        self.checkpointed > 0 && self.mappings > self.checkpointed
+        self.checkpointed > 0 && self.unprotected()
     }
 }
 
@@ -1110,7 +1121,11 @@ impl Server {
     }
 
     /// Updates a host's counts; tells the backup when it starts or stops holding
-    /// unprotected mappings.
+    /// unprotected mappings. Only the record of a host that becomes exposed (it has
+    /// checkpointed mappings) makes the reply wait: a successor that never heard of
+    /// the unprotected mappings of a host of which it holds nothing still resets that
+    /// host's epoch (only the ANNOUNCE is missed), so a host without checkpointed
+    /// mappings costs no wait for the backup.
     fn host_delta(
         &mut self,
         host: IpAddr,
@@ -1122,17 +1137,20 @@ impl Server {
             return;
         }
         let c = self.hosts.entry(host).or_default();
-        let before = c.exposed();
+        let before = c.unprotected();
         c.mappings = c.mappings.saturating_add_signed(mappings);
         c.checkpointed = c.checkpointed.saturating_add_signed(checkpointed);
-        let after = c.exposed();
+        let after = c.unprotected();
+        if after && !before && c.exposed() {
+            // The backup must know before the host is answered: a takeover in
+            // between would keep its epoch (it holds the host's checkpointed
+            // mappings) and hide the loss of the new mapping. A host that already
+            // held unprotected mappings when it got its checkpointed ones needs no
+            // wait: its record went first, and the backup applies records in order.
+            self.exposed_now = true;
+        }
         if c.mappings == 0 {
             self.hosts.remove(&host);
-        }
-        if after && !before {
-            // The backup must know before the host is answered: a takeover in
-            // between would keep its epoch and hide the loss of the new mapping.
-            self.exposed_now = true;
         }
         if before != after {
             effects.push(Effect::Replicate(Change::Host {
@@ -1142,8 +1160,15 @@ impl Server {
         }
     }
 
-    /// Whether `host` has checkpointed mappings and unprotected ones too.
+    /// Whether `host` holds mappings that are not checkpointed (it loses state in a
+    /// takeover).
     pub fn host_unprotected(&self, host: IpAddr) -> bool {
+        self.hosts.get(&host).is_some_and(HostCount::unprotected)
+    }
+
+    /// Whether `host` has checkpointed mappings and unprotected ones too: the backup
+    /// must hold that fact before such a host is answered (see `Change::Host`).
+    pub fn host_exposed(&self, host: IpAddr) -> bool {
         self.hosts.get(&host).is_some_and(HostCount::exposed)
     }
 
@@ -1152,12 +1177,12 @@ impl Server {
         self.hosts.keys().copied()
     }
 
-    /// Hosts with checkpointed mappings that also hold unprotected ones (for a bulk
-    /// copy to a backup).
+    /// Hosts holding mappings that are not checkpointed (for a bulk copy to a
+    /// backup).
     pub fn unprotected_hosts(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.hosts
             .iter()
-            .filter(|(_, c)| c.exposed())
+            .filter(|(_, c)| c.unprotected())
             .map(|(h, _)| *h)
     }
 

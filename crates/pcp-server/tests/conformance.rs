@@ -1326,6 +1326,67 @@ fn reply_echoing_checkpoint_is_held_for_a_ready_backup() {
     assert!(!h.held);
 }
 
+/// `Change::Host` records in `effects`.
+fn host_records(effects: &[Effect]) -> Vec<(IpAddr, bool)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Replicate(Change::Host { host, unprotected }) => Some((*host, *unprotected)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A host that holds only unprotected mappings loses them all in a takeover: the
+/// backup is told when it gets its first one and when it holds none any more (so that
+/// a successor announces to it), once per transition and not per mapping, and never
+/// waited for (a successor that missed it holds nothing of the host and resets its
+/// epoch anyway). A later checkpointed mapping changes nothing: the record went first.
+#[test]
+fn a_host_with_only_unprotected_mappings_is_replicated_but_not_waited_for() {
+    let mut h = Harness::new(pcp_server::ServerConfig::default());
+    h.server.set_backup_status(BackupStatus::Ready);
+    let (a, b) = (Req::map(host(1), 5000), Req::map(host(1), 5001));
+    h.ok(&a);
+    assert_eq!(host_records(&h.effects), vec![(host(1), true)]);
+    assert!(!h.held, "no wait for a host without checkpointed mappings");
+    assert!(h.server.host_unprotected(host(1)));
+    assert!(!h.server.host_exposed(host(1)));
+    h.ok(&b);
+    assert_eq!(
+        host_records(&h.effects),
+        vec![],
+        "one record per host, not per mapping"
+    );
+    assert!(!h.held);
+    // A checkpointed mapping beside them: held for its promise, no new host record.
+    h.ok(&Req::map(host(1), 5002).cp());
+    assert!(h.held);
+    assert_eq!(host_records(&h.effects), vec![]);
+    assert!(h.server.host_exposed(host(1)));
+    h.ok(&a.clone().lifetime(0));
+    assert_eq!(host_records(&h.effects), vec![]);
+    h.ok(&b.clone().lifetime(0));
+    assert_eq!(
+        host_records(&h.effects),
+        vec![(host(1), false)],
+        "no unprotected mapping left"
+    );
+    assert!(!h.held);
+    assert!(!h.server.host_unprotected(host(1)));
+    assert_eq!(h.server.unprotected_hosts().count(), 0);
+    // Its last unprotected mapping expiring says so as well.
+    h.ok(&Req::map(host(2), 6000).lifetime(120));
+    assert_eq!(
+        h.server.unprotected_hosts().collect::<Vec<_>>(),
+        vec![host(2)]
+    );
+    h.advance_secs(121);
+    h.expire();
+    assert_eq!(host_records(&h.effects), vec![(host(2), false)]);
+    h.check();
+}
+
 #[test]
 fn withdrawn_checkpoint_is_cleared_with_reason_backup_timeout() {
     let mut cfg = pcp_server::ServerConfig::default();

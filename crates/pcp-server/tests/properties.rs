@@ -329,15 +329,16 @@ impl World {
         let echoed = r.result() == ResultCode::Success && r.has_checkpoint();
         ensure!(!echoed || cp, "192 echoed to a request without it: {req:?}");
         // A reply promising a checkpoint, or making a protected host exposed, waits
-        // for a ready backup's acknowledgement.
+        // for a ready backup's acknowledgement; the record of a host that gets its
+        // first unprotected mapping while it has no checkpointed one is not waited for.
         let ready = self.h.server.backup_status() == BackupStatus::Ready;
         let exposes = self.h.effects.iter().any(|e| {
             matches!(
                 e,
                 Effect::Replicate(Change::Host {
+                    host,
                     unprotected: true,
-                    ..
-                })
+                }) if self.h.server.host_exposed(*host)
             )
         });
         ensure!(
@@ -631,21 +632,28 @@ impl World {
             "data plane effects diverged from the table"
         );
         for host in hosts() {
-            // Exposed: checkpointed mappings and unprotected ones side by side.
-            let exposed = all
+            // Unprotected: holds a mapping that is not checkpointed, whatever else it
+            // holds (a successor must announce to it). Exposed: checkpointed mappings
+            // and unprotected ones side by side.
+            let unprotected = all
                 .iter()
-                .any(|m| m.key.internal == host && !m.is_checkpointed())
+                .any(|m| m.key.internal == host && !m.is_checkpointed());
+            let exposed = unprotected
                 && all
                     .iter()
                     .any(|m| m.key.internal == host && m.is_checkpointed());
             ensure!(
-                self.unprotected.get(&host).copied().unwrap_or(false) == exposed,
-                "Change::Host for {host} says unprotected={:?}, table says {exposed}",
+                self.unprotected.get(&host).copied().unwrap_or(false) == unprotected,
+                "Change::Host for {host} says unprotected={:?}, table says {unprotected}",
                 self.unprotected.get(&host)
             );
             ensure!(
-                server.host_unprotected(host) == exposed,
+                server.host_unprotected(host) == unprotected,
                 "host_unprotected({host}) differs from the table"
+            );
+            ensure!(
+                server.host_exposed(host) == exposed,
+                "host_exposed({host}) differs from the table"
             );
         }
         let expected_replica: HashMap<_, _> = all

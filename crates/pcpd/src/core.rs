@@ -1078,7 +1078,7 @@ impl Core {
             for s in &mut served {
                 let mut seq = 0;
                 for change in &changes[from..s.changes_end] {
-                    if let Some(x) = p.node.push(change, now) {
+                    if let Some(x) = p.node.push_served(change, now) {
                         seq = x;
                     }
                 }
@@ -1256,7 +1256,12 @@ impl Core {
         let mut p = lock_pair(pair);
         let mut seq = 0;
         for change in &self.changes {
-            if let Some(s) = p.node.push(change, now) {
+            let pushed = if request {
+                p.node.push_served(change, now)
+            } else {
+                p.node.push(change, now)
+            };
+            if let Some(s) = pushed {
                 seq = s;
             }
         }
@@ -1344,6 +1349,11 @@ impl Core {
                 if let Some(a) = &self.auth {
                     crate::auth::lock(a).drop_sessions();
                 }
+                false
+            }
+            Event::PredecessorDiverged { term } => {
+                self.predecessor_diverged(term, now);
+                self.send_announces();
                 false
             }
             Event::Promoted {
@@ -1591,6 +1601,45 @@ impl Core {
         );
     }
 
+    /// The active this node took over from served on after the takeover (an HA-link
+    /// partition, or it was frozen and woke up) and has now stepped down, dropping
+    /// whatever it changed meanwhile. Which clients it answered is unknown here, so
+    /// every client whose epoch was carried over at the takeover (the only ones that
+    /// would see a continuous epoch and miss the loss) starts its epoch again now and
+    /// gets the ANNOUNCE burst. Clients this node never carried over already see an
+    /// epoch that started at the takeover, earlier than the one the old active showed
+    /// them.
+    fn predecessor_diverged(&mut self, term: u64, now: Time) {
+        let hosts = self.server.epochs().carried_over();
+        for host in &hosts {
+            self.server.epochs().reset(*host, now);
+        }
+        let mut targets: Vec<(IpAddr, usize)> = hosts
+            .iter()
+            .filter_map(|h| Some((*h, self.announce_socket(*h)?)))
+            .collect();
+        tracing::warn!(
+            term,
+            hosts = hosts.len(),
+            announced = targets.len(),
+            "the previous active served after the takeover and stepped down: epochs carried over from it start again"
+        );
+        if targets.is_empty() || !self.serving {
+            return;
+        }
+        // A burst still running (the takeover's) goes on with the new hosts, from the
+        // start of the schedule.
+        if let Some(old) = self.burst.take() {
+            targets.extend(old.targets);
+            targets.sort_unstable();
+            targets.dedup();
+        }
+        self.burst = Some(Burst {
+            schedule: pcp_server::announce::AnnounceSchedule::start(now),
+            targets,
+        });
+    }
+
     /// The listen socket an ANNOUNCE to `host` leaves from: the address the host talks
     /// to, as far as this node can tell — of the host's address family, admitting the
     /// host, the one whose access list names it most specifically (`[[acl.listen]]`),
@@ -1745,7 +1794,7 @@ impl Core {
 
     /// Replies the backup did not confirm in time go out without 192, and their
     /// mappings stop being checkpointed: an honest "not honoured". When withdrawing
-    /// leaves the host exposed (it now holds an unprotected mapping), the reply waits
+    /// leaves the host exposed (an unprotected mapping beside checkpointed ones), the reply waits
     /// once more, for the backup to hold that fact — a successor must know to reset the
     /// host's epoch.
     fn late_replies(&mut self, late: Vec<Held>, now: Time) {
@@ -1758,10 +1807,12 @@ impl Core {
             let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
             h.reply.truncate(n);
             if promised && self.server.withdraw_checkpoint(&h.key, &mut self.effects) {
-                let exposes = self
-                    .effects
-                    .iter()
-                    .any(|e| matches!(e, Effect::Replicate(Change::Host { .. })));
+                // Only a host left with checkpointed mappings beside the withdrawn one
+                // needs the backup to hold its new state first (see `Change::Host`).
+                let exposes = self.effects.iter().any(|e| {
+                    matches!(e, Effect::Replicate(Change::Host { host, unprotected: true })
+                        if self.server.host_exposed(*host))
+                });
                 if exposes {
                     // Not a client's request: a data plane failure is healed later.
                     let _ = self.apply_effects_holding(now, Some(h), false);
@@ -2152,6 +2203,78 @@ mod tests {
             }
         }
         assert_eq!(core.next_wake(), core.server.next_timeout(), "burst over");
+    }
+
+    /// The previous active served on after the takeover (a healed partition): every
+    /// host whose epoch was carried over starts again and joins the ANNOUNCE burst;
+    /// hosts already reset at the takeover keep their (already new) epoch.
+    #[test]
+    fn a_diverged_predecessor_resets_carried_over_epochs_and_announces() {
+        let (mut core, _rt) = takeover_core(false);
+        let now = core.now();
+        let base = Time(1_000);
+        let (kept, exposed): (IpAddr, IpAddr) =
+            ("10.0.0.7".parse().unwrap(), "10.0.0.6".parse().unwrap());
+        let mappings = vec![
+            replicated_at("10.0.0.7", 2000, "192.0.2.1"),
+            replicated_at("10.0.0.6", 2001, "192.0.2.1"),
+        ];
+        core.take_over(2, &mappings, (&[exposed], &[kept]), Some(base), true, now);
+        core.serving = true;
+        assert_eq!(core.server.epochs().base_of(kept), base);
+        let first = core.announce_due(now);
+        assert_eq!(
+            first.len(),
+            1,
+            "the takeover announces to the exposed host only"
+        );
+        let later = Time(now.0 + 5_000);
+        core.predecessor_diverged(2, later);
+        assert_eq!(
+            core.server.epochs().base_of(kept),
+            later,
+            "carried over: reset"
+        );
+        assert_eq!(core.server.epochs().base_of(exposed), now, "already reset");
+        let out = core.announce_due(later);
+        let mut to: Vec<IpAddr> = out.iter().map(|o| o.to.ip()).collect();
+        to.sort();
+        assert_eq!(
+            to,
+            [exposed, kept],
+            "the burst goes on with the carried-over host"
+        );
+        for u in &out {
+            let r = Response::parse(&u.datagram).unwrap();
+            assert_eq!(r.body, Body::Announce);
+            if u.to.ip() == kept {
+                assert_eq!(r.epoch, 0, "its epoch starts at the report");
+            }
+        }
+        // Reported once: nothing is carried over any more.
+        assert!(core.server.epochs().carried_over().is_empty());
+    }
+
+    /// The same on a standby backup (the default): the hosts of its own core.
+    #[test]
+    fn a_diverged_predecessor_resets_carried_over_epochs_on_a_standby() {
+        let (mut core, _rt) = takeover_core(true);
+        let kept: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = core.now();
+        core.mirror(
+            pcp_ha::Replica::Upsert(vec![replicated_at("10.0.0.7", 2000, "192.0.2.1")]),
+            now,
+        );
+        core.apply_effects(now);
+        core.take_over(3, &[], (&[], &[]), Some(Time(1_000)), true, now);
+        core.serving = true;
+        assert_eq!(core.server.epochs().carried_over(), [kept]);
+        let later = Time(now.0 + 5_000);
+        core.predecessor_diverged(3, later);
+        assert_eq!(core.server.epochs().base_of(kept), later);
+        let out = core.announce_due(later);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].to.ip(), kept);
     }
 
     /// The same for a standby backup: a replicated mapping its core could never install

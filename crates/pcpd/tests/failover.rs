@@ -631,6 +631,78 @@ fn frozen_active_is_fenced_when_it_resumes() {
     assert_has(&b, &made);
 }
 
+/// A stale active that served after the takeover: frozen with SIGSTOP while the
+/// backup takes over, it resumes with a host's renewal (lifetime 1800) queued in its
+/// socket. If it answers it before hearing the new term, the host now counts on state
+/// the new active never got, while its epoch there was carried over (all its mappings
+/// were checkpointed): once the old active steps down, its HELLO says it ran past the
+/// takeover, and the new active restarts that host's epoch and announces to it. Whether
+/// it answers before it steps down is a race: the test asserts the ANNOUNCE only when the
+/// answer came (the deterministic cases are in `crates/pcp-ha/tests/heal.rs` and
+/// `core.rs`).
+#[test]
+fn a_stale_active_that_served_makes_the_new_active_announce_to_carried_over_hosts() {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let (a, b) = start_pair(&plan);
+    let p_ip = fresh_ip();
+    let p_announce = announce_listener(p_ip);
+    let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
+    // Run until the epoch is a few seconds old, so that a reset is unmistakable.
+    common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
+        let r = p.map(Map::udp(5000));
+        assert!(r.checkpoint_echoed);
+        (r.epoch >= 3).then_some(()).or_else(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            None
+        })
+    });
+    wait_ha(
+        &a,
+        Duration::from_secs(2),
+        "nothing left to acknowledge",
+        |h| h["lag"] == 0,
+    );
+    a.signal("STOP");
+    wait_ha(&b, TAKEOVER_LIMIT, "B takes over", |h| {
+        h["role"] == "active"
+    });
+    let mut buf = [0u8; 1100];
+    p_announce
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        p_announce.recv_from(&mut buf).is_err(),
+        "a protected host is not announced to at the takeover"
+    );
+    let mut m = Map::udp(5000);
+    m.lifetime = 1800;
+    p.send(&p.map_request(m));
+    a.signal("CONT");
+    wait_ha(&a, Duration::from_secs(5), "A stepped down", |h| {
+        h["role"] == "backup"
+    });
+    let served = p.recv_within(Duration::from_millis(500)).is_some();
+    p_announce
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let ann = p_announce.recv_from(&mut buf);
+    if served {
+        eprintln!("the stale active answered the renewal: expecting an ANNOUNCE from B");
+        let (n, from) = ann.expect("an ANNOUNCE once the stale active stepped down");
+        assert_eq!(from, b.pcp, "sent from the new active's PCP address");
+        let r = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
+        assert_eq!(r.body, pcp_proto::Body::Announce);
+        assert!(r.epoch <= 3, "the host's epoch starts again: {}", r.epoch);
+    } else {
+        // It may still have recorded the renewal and held its reply for an
+        // acknowledgement that never came (a reset then is conservative, not wrong).
+        eprintln!(
+            "no answer from the stale active; ANNOUNCE from B: {}",
+            ann.is_ok()
+        );
+    }
+}
+
 /// (e) `POST /ha/promote` on a ready backup: it becomes active with every checkpoint,
 /// and the old active, hearing the higher term, steps down.
 #[test]
@@ -766,6 +838,85 @@ fn takeover_keeps_the_epoch_of_protected_hosts_and_announces_to_the_others() {
         "only the checkpointed one is left: {ours:#?}"
     );
     assert_eq!(ours[0]["internal_port"], 5000);
+}
+
+/// A host that held only unprotected mappings loses them all in a takeover. The
+/// active replicates one record per host when it gets its first unprotected mapping
+/// (not waited for), so the successor knows it: its epoch starts again and it gets an
+/// ANNOUNCE at once (from the new active's PCP address) instead of learning of the loss
+/// at its next renewal, while a fully protected host hears nothing and keeps its epoch.
+#[test]
+fn takeover_announces_to_a_host_that_held_only_unprotected_mappings() {
+    let plan = PairPlan::new(SERVER_CONFIG, HaTiming::default());
+    let (mut a, b) = start_pair(&plan);
+    let (p_ip, o_ip) = (fresh_ip(), fresh_ip());
+    let (p_announce, o_announce) = (announce_listener(p_ip), announce_listener(o_ip));
+    let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
+    let o = PcpClient::new(IpAddr::V4(o_ip), a.pcp);
+    // Run until the epoch is a few seconds old, so that a reset is unmistakable.
+    let p1 = common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
+        let r = p.map(Map::udp(5000));
+        assert!(r.checkpoint_echoed);
+        if r.epoch >= 3 {
+            Some(r)
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            None
+        }
+    });
+    for port in [6000, 6001] {
+        let r = o.map(Map::udp(port).without_checkpoint());
+        assert_eq!(r.result, ResultCode::Success);
+        assert!(!r.checkpoint_echoed);
+    }
+    let o1 = o.map(Map::udp(6001).without_checkpoint());
+    let c1 = Instant::now();
+    common::kill_settled_active(&mut a, &b, TAKEOVER_LIMIT);
+
+    let mut buf = [0u8; 1100];
+    let (n, from) = o_announce
+        .recv_from(&mut buf)
+        .expect("an ANNOUNCE for the host that held only unprotected mappings");
+    assert_eq!(from, b.pcp, "sent from the new active's PCP address");
+    let ann = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
+    assert_eq!(ann.body, pcp_proto::Body::Announce);
+    assert_eq!(ann.result_code, ResultCode::Success);
+    assert!(
+        state_lost(c1, o1.epoch, Instant::now(), ann.epoch),
+        "the ANNOUNCE's epoch {} after {} must signal the loss",
+        ann.epoch,
+        o1.epoch
+    );
+    p_announce
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        p_announce.recv_from(&mut buf).is_err(),
+        "a host that lost nothing is not told anything"
+    );
+    let h = b.ha();
+    assert_eq!(
+        h["lost_hosts"]["unprotected"].as_u64(),
+        Some(1),
+        "only the host with unprotected mappings lost state: {h}"
+    );
+
+    let p2 = PcpClient::new(IpAddr::V4(p_ip), b.pcp).map(Map::udp(5000));
+    let c2 = Instant::now();
+    assert_eq!(p2.external, p1.external);
+    assert!(
+        !state_lost(c1, p1.epoch, c2, p2.epoch),
+        "protected host: epoch {} then {} after {:?} must look continuous",
+        p1.epoch,
+        p2.epoch,
+        c2 - c1
+    );
+    assert!(
+        !b.mappings()
+            .iter()
+            .any(|m| m["internal_address"] == o_ip.to_string()),
+        "the unprotected mappings are gone"
+    );
 }
 
 /// The backup dies under checkpointed load: held replies go out without 192 within the
