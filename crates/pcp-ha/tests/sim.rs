@@ -83,6 +83,13 @@ struct Node {
     restart_at: Option<Time>,
     held: Vec<Held>,
     incarnations: u64,
+    /// Bumped whenever the node loses its state: restart, or step-down (an active that
+    /// hears a newer one drops its mappings). A promise vouched for by the node in an
+    /// earlier life is no longer held by it.
+    life: u64,
+    /// The highest term this node has had; kept across restarts on `state_file`
+    /// seeds (as pcpd's `[ha] state_file` does), else only within one start.
+    max_term: u64,
 }
 
 /// A client's mapping: internal port and nonce.
@@ -91,14 +98,18 @@ type ClientMapping = (u16, [u8; 12]);
 struct Promise {
     external: (IpAddr, u16),
     expires: Time,
+    /// The backup (node, life) whose acknowledgement released the reply; `None` if the
+    /// reply carried 192 without waiting for one (never expected: then every takeover
+    /// must hold it).
+    vouched_by: Option<(usize, u64)>,
 }
 
 struct Sim {
     rng: SmallRng,
     now: Time,
     nodes: [Node; 2],
-    /// (deliver at, to node, frame)
-    net: Vec<(Time, usize, Vec<u8>)>,
+    /// (deliver at, to node, frame, sender's life)
+    net: Vec<(Time, usize, Vec<u8>, u64)>,
     partitioned_until: Time,
     loss: f64,
     dup: f64,
@@ -111,7 +122,17 @@ struct Sim {
     checked_failovers: u32,
     checked_promises: u32,
     unsafe_takeovers: u32,
-    terms_seen: BTreeMap<u64, u64>,
+    /// Promises given up at takeovers without a complete copy (never vouched for by the
+    /// node taking over, in its current life: see `check_promises`).
+    dropped_promises: u32,
+    /// Promises checked at takeovers without a complete copy.
+    kept_at_incomplete: u32,
+    /// Every promotion: term -> the nodes that took it.
+    terms_seen: BTreeMap<u64, Vec<usize>>,
+    /// Terms survive restarts (pcpd's `[ha] state_file`).
+    state_file: bool,
+    /// While a frame is handled: its sender (node, life), for acknowledgements.
+    acker: Option<(usize, u64)>,
     cfg: HaConfig,
     trace: Vec<String>,
     key: Option<LinkKey>,
@@ -137,6 +158,8 @@ impl Sim {
             restart_at: None,
             held: Vec::new(),
             incarnations: inc,
+            life: 0,
+            max_term: 0,
         };
         let clients = (0..4u8)
             .map(|h| {
@@ -171,7 +194,12 @@ impl Sim {
             checked_failovers: 0,
             checked_promises: 0,
             unsafe_takeovers: 0,
+            dropped_promises: 0,
+            kept_at_incomplete: 0,
             terms_seen: BTreeMap::new(),
+            // Seeds 4..8 mod 8 keep terms across restarts.
+            state_file: seed % 8 >= 4,
+            acker: None,
             cfg,
             trace: Vec::new(),
             key,
@@ -219,8 +247,9 @@ impl Sim {
                 } else {
                     1
                 };
+                let life = self.nodes[from].life;
                 self.net
-                    .push((Time(self.now.0 + delay), 1 - from, frame.clone()));
+                    .push((Time(self.now.0 + delay), 1 - from, frame.clone(), life));
             }
         }
     }
@@ -237,9 +266,16 @@ impl Sim {
                     let (ready, waiting): (Vec<Held>, Vec<Held>) =
                         node.held.drain(..).partition(|h| h.seq <= cum);
                     node.held = waiting;
+                    // Only the peer's acknowledgement releases replies: the backup
+                    // that vouches for them is the sender of the frame being handled.
+                    assert!(
+                        ready.is_empty() || self.acker.is_some_and(|(n, _)| n != i),
+                        "t={}: replies released outside an acknowledgement",
+                        self.now.0
+                    );
                     for mut h in ready {
                         pcp_server::age_held_reply(&mut h.reply, self.now.since(h.at));
-                        self.deliver_reply(h.client, &h.reply);
+                        self.deliver_reply(h.client, &h.reply, self.acker);
                     }
                 }
                 Event::BackupStatus(s) => self.nodes[i].server.set_backup_status(s),
@@ -284,6 +320,7 @@ impl Sim {
                     node.server =
                         Server::new(server_config(), self.now, node.incarnations).unwrap();
                     node.held.clear();
+                    node.life += 1;
                 }
                 Event::Promoted {
                     term,
@@ -310,26 +347,78 @@ impl Sim {
                         node.server.adopt(m, now, &mut fx).expect("adoptable");
                     }
                     node.server.check_invariants().unwrap();
-                    // A restarted node that heard nobody may reuse a term (terms are not
-                    // persisted); what must never happen is two actives in one term at
-                    // once, checked every step.
-                    *self.terms_seen.entry(term).or_default() += 1;
-                    if complete {
-                        self.check_promises(i);
-                    } else {
-                        // A takeover without a complete copy follows a double failure
-                        // (both nodes lost their state): promises made before are gone.
+                    self.check_term(i, term);
+                    if !complete {
                         self.unsafe_takeovers += 1;
-                        self.promises.clear();
                     }
+                    self.check_promises(i, complete);
                 }
             }
         }
     }
 
-    /// The promise, checked on the node that just took over.
-    fn check_promises(&mut self, i: usize) {
+    /// Terms, at a promotion of node `i` to `term`: never a term the other node took
+    /// (the parity rule: no two actives in one term, at once or ever); with terms kept
+    /// across restarts, never a term taken before at all; and always above any term
+    /// the node had (terms only increase per node).
+    fn check_term(&mut self, i: usize, term: u64) {
+        let takers = self.terms_seen.entry(term).or_default();
+        assert!(
+            takers.iter().all(|n| *n == i),
+            "t={}: node {i} took term {term}, already taken by the other node",
+            self.now.0
+        );
+        assert!(
+            !self.state_file || takers.is_empty(),
+            "t={}: node {i} took term {term} a second time though terms are kept",
+            self.now.0
+        );
+        takers.push(i);
+        let node = &self.nodes[i];
+        assert!(
+            term > node.max_term,
+            "t={}: node {i} promoted to term {term} after having term {}",
+            self.now.0,
+            node.max_term
+        );
+        self.observe_terms();
+    }
+
+    /// Terms only increase per node (within a start; across starts too when kept).
+    fn observe_terms(&mut self) {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if !node.alive {
+                continue;
+            }
+            let t = node.ha.term();
+            assert!(
+                t >= node.max_term,
+                "t={}: node {i}'s term went down from {} to {t}",
+                self.now.0,
+                node.max_term
+            );
+            node.max_term = t;
+        }
+    }
+
+    /// The promise, checked on node `i`, which just took over. After a takeover with a
+    /// complete copy, every live promise must be there. A takeover without one (the
+    /// node restarted or stepped down since, and its copy never completed) may lack
+    /// promises, but only those it never vouched for in its current life: the reply
+    /// of each was released by an acknowledgement of the other node, or of this node
+    /// before it lost its state — both that and the active's failure happened, two
+    /// failures. Those are given up (counted); any other must be there.
+    fn check_promises(&mut self, i: usize, complete: bool) {
         let now = self.now;
+        let life = self.nodes[i].life;
+        if !complete {
+            let before = self.promises.len();
+            self.promises.retain(|_, p| {
+                p.expires > now && (p.vouched_by.is_none() || p.vouched_by == Some((i, life)))
+            });
+            self.dropped_promises += (before - self.promises.len()) as u32;
+            self.kept_at_incomplete += self.promises.values().filter(|p| p.expires > now).count() as u32;
+        }
         let server = &self.nodes[i].server;
         let mut missing = Vec::new();
         for (key, p) in &self.promises {
@@ -357,7 +446,12 @@ impl Sim {
         );
     }
 
-    fn deliver_reply(&mut self, client: usize, reply: &[u8]) {
+    fn deliver_reply(
+        &mut self,
+        client: usize,
+        reply: &[u8],
+        vouched_by: Option<(usize, u64)>,
+    ) {
         self.busy[client] = false;
         let Ok(resp) = Response::parse(reply) else {
             return;
@@ -380,6 +474,7 @@ impl Sim {
                 Promise {
                     external: (mb.external_addr, mb.external_port),
                     expires: self.now.plus_secs(resp.lifetime),
+                    vouched_by,
                 },
             );
         } else if resp.result_code == ResultCode::Success {
@@ -463,7 +558,7 @@ impl Sim {
         match r {
             Reply::Send(n) => {
                 let bytes = reply[..n].to_vec();
-                self.deliver_reply(c, &bytes);
+                self.deliver_reply(c, &bytes, None);
             }
             Reply::Hold(n) => {
                 let key = MappingKey {
@@ -508,7 +603,7 @@ impl Sim {
             let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
             h.reply.truncate(n);
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
-            self.deliver_reply(h.client, &h.reply);
+            self.deliver_reply(h.client, &h.reply, None);
         }
     }
 
@@ -519,7 +614,7 @@ impl Sim {
         node.held.clear();
         self.busy.iter_mut().for_each(|b| *b = false);
         node.restart_at = Some(Time(self.now.0 + 2000));
-        self.net.retain(|(_, to, _)| *to != i);
+        self.net.retain(|(_, to, _, _)| *to != i);
     }
 
     fn restart(&mut self, i: usize) {
@@ -527,6 +622,12 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.incarnations += 1000;
         node.ha = HaNode::new(self.cfg, node.start_active, node.incarnations, now);
+        node.life += 1;
+        if self.state_file {
+            node.ha.set_term_floor(node.max_term);
+        } else {
+            node.max_term = 0;
+        }
         node.link = self.key.as_ref().map(|k| link(k, node.incarnations));
         node.server = Server::new(server_config(), now, node.incarnations).unwrap();
         node.alive = true;
@@ -564,15 +665,15 @@ impl Sim {
         // Deliveries due now.
         let now = self.now;
         let mut due = Vec::new();
-        self.net.retain(|(t, to, f)| {
+        self.net.retain(|(t, to, f, life)| {
             if *t <= now {
-                due.push((*to, f.clone()));
+                due.push((*to, f.clone(), *life));
                 false
             } else {
                 true
             }
         });
-        for (to, mut frame) in due {
+        for (to, mut frame, life) in due {
             if self.nodes[to].alive {
                 let n = match &mut self.nodes[to].link {
                     Some((_, opener)) => match opener.open(&mut frame) {
@@ -585,7 +686,9 @@ impl Sim {
                     None => frame.len(),
                 };
                 self.nodes[to].ha.handle_frame(&frame[..n], now);
+                self.acker = Some((1 - to, life));
                 self.process_events(to);
+                self.acker = None;
             }
         }
         // Every frame due by now was read: timers may judge silence up to here.
@@ -594,6 +697,7 @@ impl Sim {
                 node.ha.link_read(now);
             }
         }
+        self.observe_terms();
         // No two actives in one term.
         let actives: Vec<u64> = (0..2)
             .filter(|i| self.nodes[*i].alive && self.nodes[*i].ha.role() == Role::Active)
@@ -710,6 +814,9 @@ fn promises_survive_failover_under_chaos() {
     let mut failovers = 0;
     let mut promises = 0;
     let mut unsafe_takeovers = 0;
+    let mut dropped = 0;
+    let mut kept_incomplete = 0;
+    let mut distinct_terms = 0;
     for seed in 0..seeds() {
         let mut sim = Sim::new(seed);
         sim.run(Time(45_000));
@@ -717,8 +824,20 @@ fn promises_survive_failover_under_chaos() {
         failovers += sim.checked_failovers;
         promises += sim.checked_promises;
         unsafe_takeovers += sim.unsafe_takeovers;
+        dropped += sim.dropped_promises;
+        kept_incomplete += sim.kept_at_incomplete;
+        distinct_terms += sim.terms_seen.len();
     }
-    eprintln!("takeovers without a complete copy (start-up, double failures): {unsafe_takeovers}");
+    eprintln!(
+        "takeovers without a complete copy (start-up, double failures): {unsafe_takeovers}, \
+         promises they gave up (never vouched for by the new active): {dropped}, \
+         promises they had to keep and did: {kept_incomplete}"
+    );
+    // The term checks must have had promotions to look at (several per seed).
+    assert!(
+        distinct_terms > 2 * seeds() as usize,
+        "only {distinct_terms} terms taken"
+    );
     // The schedule must actually exercise takeovers with promises outstanding.
     assert!(
         failovers > seeds() as u32,
