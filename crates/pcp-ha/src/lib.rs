@@ -23,6 +23,7 @@
 pub mod fuzzing;
 pub mod node;
 pub mod seal;
+pub mod shell;
 pub mod wire;
 
 pub use node::{Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role};
