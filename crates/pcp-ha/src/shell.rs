@@ -34,11 +34,18 @@ pub struct Held<T> {
 pub struct HeldReplies<T> {
     ack_timeout: Duration,
     held: Vec<Held<T>>,
-    /// Per mapping, the sequence number of the last reply held for it, until that
-    /// reply is released or settled. A late reply withdraws its mapping's checkpoint
-    /// only if it is still the last one held for the mapping: a newer request may
-    /// have promised it again, and that promise must not be taken back under it.
-    latest: FastMap<MappingKey, u64>,
+    /// Per mapping with replies held (or late, not yet settled): the last request
+    /// that changed it — the sequence number of its held reply, or 0 for a request
+    /// answered at once ([`HeldReplies::supersede`]) — and how many of its replies
+    /// are still held or unsettled.
+    latest: FastMap<MappingKey, Latest>,
+}
+
+/// See `HeldReplies::latest`.
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    seq: u64,
+    count: u32,
 }
 
 impl<T> HeldReplies<T> {
@@ -56,7 +63,9 @@ impl<T> HeldReplies<T> {
     /// active meanwhile) is given back, due now: the shell sends it through
     /// [`HeldReplies::settle`] like a late one, without 192.
     pub fn hold(&mut self, mut h: Held<T>, now: Time) -> Option<Held<T>> {
-        self.latest.insert(h.key, h.seq);
+        let l = self.latest.entry(h.key).or_insert(Latest { seq: 0, count: 0 });
+        l.seq = h.seq;
+        l.count += 1;
         if h.seq == 0 {
             h.deadline = now;
             return Some(h);
@@ -67,20 +76,49 @@ impl<T> HeldReplies<T> {
     }
 
     /// The replies whose records the backup holds now (every record up to `cum`),
-    /// aged by the time they waited: they go out as they are, with 192.
+    /// aged by the time they waited: they go out as they are, with 192 — except a
+    /// reply whose mapping a later request changed meanwhile: it no longer says what
+    /// the server holds, the later reply does, so it goes out without 192 (a client
+    /// that gets it after the later one must not take it for a promise).
     pub fn release(&mut self, cum: u64, now: Time) -> Vec<Held<T>> {
         let split = self.held.partition_point(|h| h.seq <= cum);
-        let ready: Vec<Held<T>> = self.held.drain(..split).collect();
-        for h in &ready {
-            if self.latest.get(&h.key) == Some(&h.seq) {
-                self.latest.remove(&h.key);
-            }
-        }
-        let mut ready = ready;
+        let mut ready: Vec<Held<T>> = self.held.drain(..split).collect();
         for h in &mut ready {
+            if !self.last_of(&h.key, h.seq) {
+                strip_192(&mut h.reply);
+            }
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
         }
         ready
+    }
+
+    /// Whether the reply held for record `seq` is the last request that changed `key`;
+    /// it leaves the queue.
+    fn last_of(&mut self, key: &MappingKey, seq: u64) -> bool {
+        let Some(l) = self.latest.get_mut(key) else {
+            return false;
+        };
+        let last = l.seq == seq;
+        l.count = l.count.saturating_sub(1);
+        if l.count == 0 {
+            self.latest.remove(key);
+        }
+        last
+    }
+
+    /// Notes a change made by a request whose reply was not held (it went out at
+    /// once: a delete, or a renewal without 192): a reply still held for that mapping
+    /// is outdated by it (see [`HeldReplies::release`]), and one that turns out late
+    /// must not withdraw what the later request left.
+    pub fn supersede(&mut self, change: &Change) {
+        let key = match change {
+            Change::Upsert(m) => &m.key,
+            Change::Remove(k) => k,
+            Change::Host { .. } => return,
+        };
+        if let Some(l) = self.latest.get_mut(key) {
+            l.seq = 0;
+        }
     }
 
     /// The replies past their deadline: each goes through [`HeldReplies::settle`].
@@ -89,20 +127,14 @@ impl<T> HeldReplies<T> {
         self.held.drain(..split).collect()
     }
 
-    /// Decides about a late reply: removes option 192 from it (nothing confirmed it)
-    /// and returns whether the shell must withdraw its mapping's checkpoint
-    /// ([`withdraw`]): only when the reply promised one and no newer reply was held
-    /// for the same mapping since (that one decides, when it is released or late).
+    /// Decides about a late reply (from [`HeldReplies::take_late`], or given back by
+    /// [`HeldReplies::hold`]): removes option 192 from it (nothing confirmed it) and
+    /// returns whether the shell must withdraw its mapping's checkpoint ([`withdraw`]):
+    /// only when the reply promised one and no later request changed the mapping
+    /// since (a later promise must not be taken back under it; a later reply decides).
     pub fn settle(&mut self, h: &mut Held<T>) -> bool {
-        let promised = pcp_proto::Response::parse(&h.reply)
-            .is_ok_and(|r| r.options.checkpoint_required());
-        let len = h.reply.len();
-        let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
-        h.reply.truncate(n);
-        let last = self.latest.get(&h.key) == Some(&h.seq);
-        if last {
-            self.latest.remove(&h.key);
-        }
+        let promised = strip_192(&mut h.reply);
+        let last = self.last_of(&h.key, h.seq);
         promised && last
     }
 
@@ -127,6 +159,18 @@ impl<T> HeldReplies<T> {
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
+}
+
+/// Removes option 192 from a reply; returns whether it carried it.
+fn strip_192(reply: &mut Vec<u8>) -> bool {
+    let promised =
+        pcp_proto::Response::parse(reply).is_ok_and(|r| r.options.checkpoint_required());
+    if promised {
+        let len = reply.len();
+        let n = pcp_proto::remove_option(reply, len, OptionCode::CheckpointRequired);
+        reply.truncate(n);
+    }
+    promised
 }
 
 /// Withdraws the checkpoint of a late reply's mapping (after [`HeldReplies::settle`]

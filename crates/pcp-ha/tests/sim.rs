@@ -547,6 +547,13 @@ impl Sim {
             }
         }
         self.busy[c] = true;
+        if !matches!(r, Reply::Hold(_)) {
+            for e in &fx {
+                if let Effect::Replicate(ch) = e {
+                    node.held.supersede(ch);
+                }
+            }
+        }
         match r {
             Reply::Send(n) => {
                 let bytes = reply[..n].to_vec();
