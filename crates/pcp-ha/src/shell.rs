@@ -63,7 +63,10 @@ impl<T> HeldReplies<T> {
     /// active meanwhile) is given back, due now: the shell sends it through
     /// [`HeldReplies::settle`] like a late one, without 192.
     pub fn hold(&mut self, mut h: Held<T>, now: Time) -> Option<Held<T>> {
-        let l = self.latest.entry(h.key).or_insert(Latest { seq: 0, count: 0 });
+        let l = self
+            .latest
+            .entry(h.key)
+            .or_insert(Latest { seq: 0, count: 0 });
         l.seq = h.seq;
         l.count += 1;
         if h.seq == 0 {
@@ -163,8 +166,7 @@ impl<T> HeldReplies<T> {
 
 /// Removes option 192 from a reply; returns whether it carried it.
 fn strip_192(reply: &mut Vec<u8>) -> bool {
-    let promised =
-        pcp_proto::Response::parse(reply).is_ok_and(|r| r.options.checkpoint_required());
+    let promised = pcp_proto::Response::parse(reply).is_ok_and(|r| r.options.checkpoint_required());
     if promised {
         let len = reply.len();
         let n = pcp_proto::remove_option(reply, len, OptionCode::CheckpointRequired);
@@ -196,7 +198,13 @@ pub struct Pending {
 
 impl Pending {
     /// Installs a mirrored mapping in the standby core, or keeps it for later.
-    pub fn upsert(&mut self, server: &mut Server, m: Mapping, now: Time, effects: &mut Vec<Effect>) {
+    pub fn upsert(
+        &mut self,
+        server: &mut Server,
+        m: Mapping,
+        now: Time,
+        effects: &mut Vec<Effect>,
+    ) {
         if server.mirror_upsert(&m, now, effects).is_err() {
             self.maps.push(m);
         }

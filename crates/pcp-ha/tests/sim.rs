@@ -284,7 +284,13 @@ impl Sim {
                     } else {
                         Vec::new()
                     };
-                    let line = format!("t={} node {i}: chunk from {cursor}: {:?} next {next:?}", self.now.0, maps.iter().map(|m| (m.key.internal, m.key.internal_port)).collect::<Vec<_>>());
+                    let line = format!(
+                        "t={} node {i}: chunk from {cursor}: {:?} next {next:?}",
+                        self.now.0,
+                        maps.iter()
+                            .map(|m| (m.key.internal, m.key.internal_port))
+                            .collect::<Vec<_>>()
+                    );
                     self.trace.push(line);
                     node.ha.bulk_chunk(&maps, next, &hosts, self.now);
                 }
@@ -408,7 +414,8 @@ impl Sim {
                 p.expires > now && (p.vouched_by.is_none() || p.vouched_by == Some((i, life)))
             });
             self.dropped_promises += (before - self.promises.len()) as u32;
-            self.kept_at_incomplete += self.promises.values().filter(|p| p.expires > now).count() as u32;
+            self.kept_at_incomplete +=
+                self.promises.values().filter(|p| p.expires > now).count() as u32;
         }
         let server = &self.nodes[i].server;
         let mut missing = Vec::new();
@@ -438,12 +445,7 @@ impl Sim {
         );
     }
 
-    fn deliver_reply(
-        &mut self,
-        client: usize,
-        reply: &[u8],
-        vouched_by: Option<(usize, u64)>,
-    ) {
+    fn deliver_reply(&mut self, client: usize, reply: &[u8], vouched_by: Option<(usize, u64)>) {
         self.busy[client] = false;
         let Ok(resp) = Response::parse(reply) else {
             return;
@@ -596,8 +598,7 @@ impl Sim {
         let now = self.now;
         let node = &mut self.nodes[i];
         let mut fx = Vec::new();
-        if node.held.settle(&mut h) && pcp_ha::shell::withdraw(&mut node.server, &h.key, &mut fx)
-        {
+        if node.held.settle(&mut h) && pcp_ha::shell::withdraw(&mut node.server, &h.key, &mut fx) {
             // The host is exposed now: the reply waits for that record.
             let mut seq = 0;
             for e in &fx {
