@@ -1,16 +1,31 @@
 //! Deterministic simulation of an active/backup pair under loss, duplication,
-//! reordering, delay, partitions and crashes, with PCP clients asking for checkpoints.
+//! reordering, delay, partitions and crashes (restarts after 20 ms to 3 s), with PCP
+//! clients asking for checkpoints (and sometimes asking again before their answer came).
+//!
+//! The shell around each `HaNode` is pcpd's where it matters: held replies, late
+//! replies and standby mirroring go through `pcp_ha::shell`, the code pcpd's core
+//! runs. What is still this file's own copy of `crates/pcpd/src/core.rs`: the takeover
+//! (which mappings are adopted, the epoch) and the step-down (see docs/HA.md, Tests).
 //!
 //! Checked:
-//! - **the promise**: after every automatic failover, every mapping whose reply carried
-//!   option 192 (and was neither deleted, renewed without 192, nor expired since) exists
-//!   on the new active with the same external endpoint and an expiry no earlier than
-//!   promised;
-//! - never two actives in one term;
+//! - **the promise**: after every takeover with a complete copy, every mapping whose
+//!   reply carried option 192 (and was neither deleted, renewed without 192, nor
+//!   expired since) exists on the new active with the same external endpoint and an
+//!   expiry no earlier than promised. A takeover without a complete copy (the node lost
+//!   its state since: restart or step-down) must still hold every promise that this
+//!   node, in its current life, acknowledged; only promises vouched for by the other
+//!   node or by its own earlier life may be missing (two failures), and are counted;
+//! - a reply is released (with 192) only by an acknowledgement from the peer;
+//! - terms: a term is only ever taken by one node (no two actives in one term, at
+//!   once or ever); with terms kept across restarts (`[ha] state_file`, half the
+//!   seeds) never twice at all; a node's term never goes down; two live actives never
+//!   share a term at any step;
 //! - once the network heals, the backup's copy converges to the active's checkpointed
-//!   set, and the pair is ready again.
+//!   set (and a standby backup's server to that copy), and the pair is ready again.
 //!
-//! `PCP_SIM_SEEDS=N` runs N seeds (default 1000; CI uses the default).
+//! `PCP_SIM_SEEDS=N` runs N seeds (default 1000; CI uses the default), from
+//! `PCP_SIM_FIRST` (default 0): `PCP_SIM_FIRST=940 PCP_SIM_SEEDS=1` replays seed 940
+//! alone. A failing seed prints the trace of its run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
