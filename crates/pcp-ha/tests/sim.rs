@@ -150,6 +150,8 @@ struct Sim {
     /// Mirrored upserts that had to wait in `Pending` (standby): rare here, a stale
     /// entry of an earlier stream holding the endpoint.
     pending_waits: u32,
+    /// When the active last expired each mapping (for the convergence check).
+    expired_at: HashMap<MappingKey, Time>,
 }
 
 impl Sim {
@@ -223,6 +225,7 @@ impl Sim {
             key,
             seed,
             pending_waits: 0,
+            expired_at: HashMap::new(),
         }
     }
 
@@ -701,6 +704,9 @@ impl Sim {
             for e in &fx {
                 if let Effect::Replicate(ch) = e {
                     self.nodes[i].ha.push(ch, self.now);
+                    if let pcp_server::Change::Remove(k) = ch {
+                        self.expired_at.insert(*k, self.now);
+                    }
                 }
             }
             self.process_events(i);
@@ -805,7 +811,18 @@ impl Sim {
             .map(|m| (m.key, (m.external.addr, m.external.port)))
             .collect();
         want.sort();
-        let mut got: Vec<(MappingKey, (IpAddr, u16))> = self.nodes[b].ha.stored().collect();
+        // A mapping that expired on the active in the last steps may still be on its
+        // way out of the backup (its remove record is in flight).
+        let in_flight = |k: &MappingKey| {
+            self.expired_at
+                .get(k)
+                .is_some_and(|t| self.now.since(*t) <= Duration::from_millis(50))
+        };
+        let mut got: Vec<(MappingKey, (IpAddr, u16))> = self.nodes[b]
+            .ha
+            .stored()
+            .filter(|(k, _)| !in_flight(k))
+            .collect();
         got.sort();
         if got != want {
             for l in &self.trace {
@@ -820,6 +837,7 @@ impl Sim {
             let mut mirrored: Vec<(MappingKey, (IpAddr, u16))> = self.nodes[b]
                 .server
                 .mappings()
+                .filter(|m| !in_flight(&m.key))
                 .map(|m| (m.key, (m.external.addr, m.external.port)))
                 .collect();
             mirrored.sort();
@@ -889,20 +907,23 @@ fn promises_survive_failover_under_chaos() {
          promises they gave up (never vouched for by the new active): {dropped}, \
          promises they had to keep and did: {kept_incomplete}"
     );
-    // The term checks must have had promotions to look at (several per seed).
-    assert!(
-        distinct_terms > 2 * seeds() as usize,
-        "only {distinct_terms} terms taken"
-    );
-    // The schedule must actually exercise takeovers with promises outstanding.
-    assert!(
-        failovers > seeds() as u32,
-        "only {failovers} failovers checked"
-    );
-    assert!(promises > 0, "no promise was ever checked");
     eprintln!(
         "{} seeds: {failovers} failovers checked, {promises} promises verified, \
          {pending_waits} standby upserts waited for a stale endpoint",
         seeds()
     );
+    // Coverage, over enough seeds (a replayed seed alone may have few takeovers): the
+    // term checks must have had promotions to look at (several per seed), and the
+    // schedule must exercise takeovers with promises outstanding.
+    if seeds() >= 100 {
+        assert!(
+            distinct_terms > 2 * seeds() as usize,
+            "only {distinct_terms} terms taken"
+        );
+        assert!(
+            failovers > seeds() as u32,
+            "only {failovers} failovers checked"
+        );
+        assert!(promises > 0, "no promise was ever checked");
+    }
 }
