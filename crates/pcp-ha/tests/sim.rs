@@ -862,6 +862,21 @@ fn short(ev: &Event) -> String {
                 mappings.len()
             )
         }
+        // Keys only: the trace is written for every event of every seed.
+        Event::Replica(pcp_ha::Replica::Upsert(maps)) => {
+            let keys: Vec<String> = maps
+                .iter()
+                .map(|m| format!("{}:{}", m.key.internal, m.key.internal_port))
+                .collect();
+            format!("mirror up {keys:?}")
+        }
+        Event::Replica(pcp_ha::Replica::Remove(keys)) => {
+            let keys: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}:{}", k.internal, k.internal_port))
+                .collect();
+            format!("mirror rm {keys:?}")
+        }
         other => format!("{other:?}"),
     }
 }
