@@ -14,6 +14,10 @@
 //! and is *ready* only once it is complete. Every frame carries the sender's term: a
 //! node that hears a higher term steps down; a promotion takes a new term.
 //!
+//! What a shell decides around the node — when a reply held for the backup goes out,
+//! with or without option 192, and what a late one withdraws; mirrored mappings a
+//! standby core cannot install yet — is in [`shell`], shared by pcpd and the simulator.
+//!
 //! With a pre-shared key the shell seals and opens every frame with [`seal`]
 //! (authenticated encryption, replay window) around the node; without one the frames
 //! are exactly those of [`wire`].
@@ -23,6 +27,7 @@
 pub mod fuzzing;
 pub mod node;
 pub mod seal;
+pub mod shell;
 pub mod wire;
 
 pub use node::{Beacon, Event, HaConfig, HaNode, HaStatus, REPLICA_BATCH, Replica, Retired, Role};

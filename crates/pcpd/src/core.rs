@@ -18,31 +18,27 @@ use std::time::{Duration, Instant};
 
 use pcp_dataplane::{DataPlane, DataPlaneError, Op};
 use pcp_ha::seal::{LinkKey, Opener, Reject, Sealer};
+use pcp_ha::shell::{HeldReplies, Pending};
 use pcp_ha::{Event, HaNode};
-use pcp_proto::{OptionCode, ResultCode};
+use pcp_proto::ResultCode;
 use pcp_server::{BackupStatus, Change, Effect, Reply, Server, Time};
 use tokio::net::UdpSocket;
 
 use crate::config::Config;
 use crate::metrics::Latency;
 
-/// A reply that echoes option 192, waiting for the backup's acknowledgement.
+/// A reply that echoes option 192, waiting for the backup's acknowledgement (when it
+/// goes out, and with or without 192, is decided by [`pcp_ha::shell::HeldReplies`],
+/// which the simulator checks).
+pub type Held = pcp_ha::shell::Held<Dest>;
+
+/// Where a held reply goes.
 #[derive(Debug)]
-pub struct Held {
-    /// Records up to this sequence number must be acknowledged.
-    pub seq: u64,
-    /// The reply.
-    pub reply: Vec<u8>,
-    /// Where it goes.
-    pub to: SocketAddr,
+pub struct Dest {
+    /// The client's address.
+    pub addr: SocketAddr,
     /// Which listen socket it came in on.
     pub socket: usize,
-    /// The mapping it is about (withdrawn if the backup is too slow).
-    pub key: pcp_server::MappingKey,
-    /// When it was held.
-    pub at: Time,
-    /// When it goes out without 192 at the latest.
-    pub deadline: Time,
     /// When the request arrived (latency).
     pub received: Instant,
     /// The PA session that authenticated the request: the reply is tagged when it is
@@ -207,9 +203,7 @@ pub struct Pair {
     /// The peer's replication address.
     pub peer: SocketAddr,
     /// Replies waiting for acknowledgements, in sequence order.
-    pub held: Vec<Held>,
-    /// Longest a reply waits.
-    pub ack_timeout: Duration,
+    pub held: HeldReplies<Dest>,
     /// Replies that went out without 192 because the backup was too slow.
     pub timeouts: u64,
     /// Replies released after the backup's acknowledgement.
@@ -262,8 +256,7 @@ impl Pair {
         Pair {
             node,
             peer,
-            held: Vec::new(),
-            ack_timeout,
+            held: HeldReplies::new(ack_timeout),
             timeouts: 0,
             released: 0,
             adopted: 0,
@@ -427,10 +420,8 @@ impl Pair {
             slow("running HA timers", t);
         }
         self.route_events(now);
-        if self.held.first().is_some_and(|h| h.deadline <= now) {
-            let split = self.held.iter().position(|h| h.deadline > now);
-            let rest = self.held.split_off(split.unwrap_or(self.held.len()));
-            let late = std::mem::replace(&mut self.held, rest);
+        let late = self.held.take_late(now);
+        if !late.is_empty() {
             self.timeouts += late.len() as u64;
             self.late.extend(late);
         }
@@ -438,7 +429,7 @@ impl Pair {
             .node
             .poll_timeout()
             .into_iter()
-            .chain(self.held.first().map(|h| h.deadline))
+            .chain(self.held.next_deadline())
             .min()
             .map_or(now.plus(Duration::from_millis(100)), |t| t);
         self.origin + Duration::from_millis(next.0)
@@ -548,25 +539,19 @@ impl Pair {
     }
 
     /// Holds `h` until the backup acknowledged record `h.seq`.
-    fn hold(&mut self, mut h: Held, now: Time) {
-        h.deadline = now.plus(self.ack_timeout);
-        if h.seq == 0 {
-            // Nothing to wait for (this node stopped being active meanwhile): the
-            // reply goes out through the late path, without 192.
-            h.deadline = now;
+    fn hold(&mut self, h: Held, now: Time) {
+        // Nothing to wait for (this node stopped being active meanwhile): the reply
+        // goes out through the late path, without 192.
+        if let Some(h) = self.held.hold(h, now) {
             self.late.push(h);
-        } else {
-            self.held.push(h);
         }
     }
 
     /// Sends every held reply whose records the backup now holds.
     fn release(&mut self, cum: u64, now: Time) {
-        let split = self.held.partition_point(|h| h.seq <= cum);
-        let ready: Vec<Held> = self.held.drain(..split).collect();
+        let ready = self.held.release(cum, now);
         self.released += ready.len() as u64;
-        for mut h in ready {
-            pcp_server::age_held_reply(&mut h.reply, now.since(h.at));
+        for h in ready {
             send_held(&self.sockets, self.auth.as_ref(), &mut self.latency, &h);
         }
     }
@@ -659,13 +644,13 @@ fn send_held(
     h: &Held,
 ) {
     let mut tagged;
-    let reply: &[u8] = match (h.session, auth) {
+    let reply: &[u8] = match (h.to.session, auth) {
         (Some(_), Some(a)) => {
             tagged = h.reply.clone();
             tagged.resize(pcp_proto::MAX_MESSAGE_LEN, 0);
             match crate::auth::lock(a)
                 .gate
-                .outbound(h.session, &mut tagged, h.reply.len())
+                .outbound(h.to.session, &mut tagged, h.reply.len())
             {
                 Some(n) => &tagged[..n],
                 // The session is gone: an untagged answer would be dropped by the
@@ -675,14 +660,14 @@ fn send_held(
         }
         _ => &h.reply,
     };
-    if let Some(sock) = sockets.get(h.socket)
-        && let Err(e) = sock.try_send_to(reply, h.to)
+    if let Some(sock) = sockets.get(h.to.socket)
+        && let Err(e) = sock.try_send_to(reply, h.to.addr)
     {
         // No address: a held reply echoes 192, so its address would tell which host
         // holds a checkpointed flow (issue 7, privacy).
         tracing::debug!(error = %e, "sending a held reply");
     }
-    latency.record(h.received.elapsed());
+    latency.record(h.to.received.elapsed());
 }
 
 /// Everything behind the core lock.
@@ -714,7 +699,7 @@ pub struct Core {
     serving: bool,
     /// Standby: replicated mappings whose external endpoint a stale entry still holds,
     /// installed once the copy's sweep removes it.
-    pending: Vec<pcp_server::Mapping>,
+    pending: Pending,
     /// The ANNOUNCE burst of the last takeover, while copies are left.
     burst: Option<Burst>,
     /// Unsolicited ANNOUNCEs sent.
@@ -884,7 +869,7 @@ impl Core {
             sockets: Vec::new(),
             acls: Vec::new(),
             auth: None,
-            pending: Vec::new(),
+            pending: Pending::default(),
             burst: None,
             announces: AnnounceStats::default(),
             node_serves: Arc::new(AtomicBool::new(false)),
@@ -1082,12 +1067,16 @@ impl Core {
                         seq = x;
                     }
                 }
-                from = s.changes_end;
                 if let Some(mut h) = s.held.take() {
-                    h.seq =
-                        held_session_seq(self.auth.as_ref(), &mut p, h.session, now).unwrap_or(seq);
+                    h.seq = held_session_seq(self.auth.as_ref(), &mut p, h.to.session, now)
+                        .unwrap_or(seq);
                     p.hold(h, now);
+                } else {
+                    for change in &changes[from..s.changes_end] {
+                        p.held.supersede(change);
+                    }
                 }
+                from = s.changes_end;
             }
         }
         self.changes = changes;
@@ -1113,13 +1102,15 @@ impl Core {
             Reply::Hold(n) if self.pair.is_some() => Some(Held {
                 seq: 0,
                 reply: reply[..*n].to_vec(),
-                to,
-                socket,
                 key: held_key(&reply[..*n], to),
                 at: now,
                 deadline: now,
-                received,
-                session,
+                to: Dest {
+                    addr: to,
+                    socket,
+                    received,
+                    session,
+                },
             }),
             _ => None,
         }
@@ -1266,8 +1257,12 @@ impl Core {
             }
         }
         if let Some(mut h) = held {
-            h.seq = held_session_seq(self.auth.as_ref(), &mut p, h.session, now).unwrap_or(seq);
+            h.seq = held_session_seq(self.auth.as_ref(), &mut p, h.to.session, now).unwrap_or(seq);
             p.hold(h, now);
+        } else if request {
+            for change in &self.changes {
+                p.held.supersede(change);
+            }
         }
         Ok(seq)
     }
@@ -1395,13 +1390,8 @@ impl Core {
         match change {
             pcp_ha::Replica::Upsert(maps) => {
                 for m in maps {
-                    if self
-                        .server
-                        .mirror_upsert(&m, now, &mut self.effects)
-                        .is_err()
-                    {
-                        self.pending.push(m);
-                    }
+                    self.pending
+                        .upsert(&mut self.server, m, now, &mut self.effects);
                     self.mirror_batch_full(now);
                 }
             }
@@ -1410,16 +1400,7 @@ impl Core {
                     self.server.mirror_remove(k, &mut self.effects);
                     self.mirror_batch_full(now);
                 }
-                for m in std::mem::take(&mut self.pending) {
-                    if m.expires > now
-                        && self
-                            .server
-                            .mirror_upsert(&m, now, &mut self.effects)
-                            .is_err()
-                    {
-                        self.pending.push(m);
-                    }
-                }
+                self.pending.retry(&mut self.server, now, &mut self.effects);
             }
         }
         // The rest is applied by `ha_work`, at the end of the run of mirrored changes.
@@ -1478,7 +1459,7 @@ impl Core {
         let mut not_installed = 0;
         if mappings.is_empty() {
             self.server.epochs().set_base(now);
-            for m in std::mem::take(&mut self.pending) {
+            for m in self.pending.take() {
                 // One that expired meanwhile is gone on the old active too.
                 if m.expires > now {
                     not_installed += 1;
@@ -1799,25 +1780,17 @@ impl Core {
     /// host's epoch.
     fn late_replies(&mut self, late: Vec<Held>, now: Time) {
         for mut h in late {
-            // Only a promise is withdrawn; a reply held because it exposed its host
-            // goes out as it is.
-            let promised =
-                pcp_proto::Response::parse(&h.reply).is_ok_and(|r| r.options.checkpoint_required());
-            let len = h.reply.len();
-            let n = pcp_proto::remove_option(&mut h.reply, len, OptionCode::CheckpointRequired);
-            h.reply.truncate(n);
-            if promised && self.server.withdraw_checkpoint(&h.key, &mut self.effects) {
-                // Only a host left with checkpointed mappings beside the withdrawn one
-                // needs the backup to hold its new state first (see `Change::Host`).
-                let exposes = self.effects.iter().any(|e| {
-                    matches!(e, Effect::Replicate(Change::Host { host, unprotected: true })
-                        if self.server.host_exposed(*host))
-                });
-                if exposes {
-                    // Not a client's request: a data plane failure is healed later.
-                    let _ = self.apply_effects_holding(now, Some(h), false);
-                    continue;
-                }
+            // Only a promise is withdrawn (a reply held because it exposed its host goes
+            // out as it is), and only if no later request changed the mapping since.
+            // Decided under the core lock, which every request holds.
+            let withdraw = self
+                .pair
+                .as_deref()
+                .is_some_and(|p| lock_pair(p).held.settle(&mut h));
+            if withdraw && pcp_ha::shell::withdraw(&mut self.server, &h.key, &mut self.effects) {
+                // Not a client's request: a data plane failure is healed later.
+                let _ = self.apply_effects_holding(now, Some(h), false);
+                continue;
             }
             self.apply_effects(now);
             pcp_server::age_held_reply(&mut h.reply, now.since(h.at));

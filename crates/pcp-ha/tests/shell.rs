@@ -1,0 +1,187 @@
+//! `pcp_ha::shell`: what goes out with option 192 and what a late reply withdraws, on a
+//! real server core. Each rule here was first found broken by the simulator
+//! (`tests/sim.rs`, seeds 51 and 940 before the fix).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use pcp_ha::shell::{Held, HeldReplies, withdraw};
+use pcp_proto::{Body, MapBody, Options, PcpOption, Request, Response};
+use pcp_server::config::TierConfig;
+use pcp_server::{BackupStatus, Change, Effect, MappingKey, Reply, Server, ServerConfig, Time};
+
+const HOST: [u8; 4] = [10, 0, 0, 1];
+
+fn server() -> Server {
+    let mut cfg = ServerConfig::default();
+    cfg.pool.port_min = 10_000;
+    cfg.pool.port_max = 10_999;
+    cfg.tiers.insert(
+        "default".into(),
+        TierConfig {
+            mapping_quota: 100,
+            checkpoint_quota: 100,
+            checkpoint_rate: 1000.0,
+            checkpoint_burst: 1000,
+        },
+    );
+    let mut s = Server::new(cfg, Time(0), 1).unwrap();
+    s.set_backup_status(BackupStatus::Ready);
+    s
+}
+
+fn key() -> MappingKey {
+    MappingKey {
+        internal: IpAddr::from(HOST),
+        protocol: 17,
+        internal_port: 5000,
+        remote: None,
+    }
+}
+
+/// Serves a MAP for the one mapping; returns the reply and the records it made.
+fn request(
+    s: &mut Server,
+    lifetime: u32,
+    ask_192: bool,
+    now: Time,
+) -> (Reply, Vec<u8>, Vec<Change>) {
+    let opts = [PcpOption::CheckpointRequired];
+    let req = Request {
+        lifetime,
+        client_addr: IpAddr::from(HOST),
+        body: Body::Map(MapBody {
+            nonce: [7; 12],
+            protocol: 17,
+            internal_port: 5000,
+            external_port: 0,
+            external_addr: IpAddr::from([0, 0, 0, 0]),
+        }),
+        options: Options::from_list(if ask_192 { &opts } else { &[] }),
+        pa_result_code: pcp_proto::ResultCode::Success,
+    };
+    let mut buf = [0u8; 1100];
+    let n = req.emit(&mut buf).unwrap();
+    let mut reply = vec![0u8; 1100];
+    let mut fx = Vec::new();
+    let r = s.handle(
+        &buf[..n],
+        SocketAddr::new(IpAddr::from(HOST), 1),
+        now,
+        &mut reply,
+        &mut fx,
+    );
+    let len = match r {
+        Reply::Send(n) | Reply::Hold(n) => n,
+        Reply::Drop => 0,
+    };
+    reply.truncate(len);
+    let changes = fx
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Replicate(c) => Some(c),
+            Effect::DataPlane(_) => None,
+        })
+        .collect();
+    (r, reply, changes)
+}
+
+fn held(seq: u64, reply: Vec<u8>, at: Time) -> Held<()> {
+    Held {
+        seq,
+        reply,
+        key: key(),
+        at,
+        deadline: at,
+        to: (),
+    }
+}
+
+fn has_192(reply: &[u8]) -> bool {
+    Response::parse(reply)
+        .unwrap()
+        .options
+        .checkpoint_required()
+}
+
+fn checkpointed(s: &Server) -> bool {
+    s.mapping(&key()).is_some_and(|m| m.is_checkpointed())
+}
+
+#[test]
+fn a_late_reply_does_not_withdraw_a_later_promise() {
+    let mut s = server();
+    let mut q = HeldReplies::new(Duration::from_millis(300));
+    let (r1, a, _) = request(&mut s, 30, true, Time(0));
+    assert!(matches!(r1, Reply::Hold(_)) && has_192(&a));
+    assert!(q.hold(held(1, a, Time(0)), Time(0)).is_none());
+    // The client asks again before the first answer left: a second promise.
+    let (_, b, _) = request(&mut s, 40, true, Time(100));
+    assert!(q.hold(held(2, b, Time(100)), Time(100)).is_none());
+    // The first one is late: it goes out without 192, and leaves the mapping alone.
+    let mut late = q.take_late(Time(300));
+    assert_eq!(late.len(), 1);
+    assert!(
+        !q.settle(&mut late[0]),
+        "the later promise must not be withdrawn"
+    );
+    assert!(!has_192(&late[0].reply));
+    assert!(checkpointed(&s));
+    // The second one is confirmed: its 192 names a checkpointed mapping.
+    let out = q.release(2, Time(350));
+    assert_eq!(out.len(), 1);
+    assert!(has_192(&out[0].reply));
+    assert!(q.is_empty());
+}
+
+#[test]
+fn a_late_reply_that_is_the_last_withdraws_its_promise() {
+    let mut s = server();
+    let mut q = HeldReplies::new(Duration::from_millis(300));
+    let (_, a, _) = request(&mut s, 30, true, Time(0));
+    q.hold(held(1, a, Time(0)), Time(0));
+    assert!(q.take_late(Time(299)).is_empty());
+    let mut late = q.take_late(Time(300));
+    assert!(q.settle(&mut late[0]));
+    assert!(!has_192(&late[0].reply));
+    let mut fx = Vec::new();
+    // The mapping stays, unprotected: whether that exposes the host is the server
+    // core's count; the checkpoint must be gone either way.
+    let _exposes = withdraw(&mut s, &key(), &mut fx);
+    assert!(!checkpointed(&s));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Replicate(Change::Remove(_))))
+    );
+}
+
+#[test]
+fn a_reply_outdated_by_a_later_answer_goes_out_without_192() {
+    let mut s = server();
+    let mut q = HeldReplies::new(Duration::from_millis(300));
+    let (_, a, _) = request(&mut s, 30, true, Time(0));
+    q.hold(held(1, a, Time(0)), Time(0));
+    // A renewal without 192, answered at once, unprotects the mapping.
+    let (r2, _, changes) = request(&mut s, 20, false, Time(50));
+    assert!(matches!(r2, Reply::Send(_)));
+    assert!(!changes.is_empty() && !checkpointed(&s));
+    for c in &changes {
+        q.supersede(c);
+    }
+    // The first reply's record is confirmed only now: it must not promise any more.
+    let out = q.release(1, Time(100));
+    assert_eq!(out.len(), 1);
+    assert!(!has_192(&out[0].reply));
+    assert!(q.is_empty());
+}
+
+#[test]
+fn a_reply_with_nothing_to_wait_for_is_given_back() {
+    let mut s = server();
+    let mut q = HeldReplies::new(Duration::from_millis(300));
+    let (_, a, _) = request(&mut s, 30, true, Time(0));
+    let mut back = q.hold(held(0, a, Time(0)), Time(0)).expect("given back");
+    assert!(q.is_empty() && q.next_deadline().is_none());
+    assert!(q.settle(&mut back));
+    assert!(!has_192(&back.reply));
+}
