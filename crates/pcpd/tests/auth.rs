@@ -398,10 +398,17 @@ fn server_initiated_session_through_pcpd() {
     };
     assert!(required >= 1, "no AUTHENTICATION_REQUIRED");
     assert_eq!(first_pa, Some(session_id), "not pcpd's session");
-    let sessions = s.pcpd.get_json("/auth/sessions");
+    // pcpd installs the SA (and the identity) when the client's confirmation arrives,
+    // just after the client considers itself done.
+    let sessions = common::poll(Duration::from_secs(5), Duration::from_millis(20), || {
+        let j = s.pcpd.get_json("/auth/sessions");
+        (j.as_array()
+            .is_some_and(|l| l.iter().any(|x| x["identity"] == "alice")))
+        .then_some(j)
+    })
+    .unwrap_or_else(|| panic!("alice's SA: {}", s.pcpd.get_json("/auth/sessions")));
     let list = sessions.as_array().unwrap();
     assert_eq!(list.len(), 1, "{sessions}");
-    assert_eq!(list[0]["identity"], "alice");
     assert_eq!(list[0]["session_id"], session_id);
     let tagged = p.map(5100, true);
     let r = p.exchange(&tagged).expect("an answer");

@@ -265,10 +265,9 @@ fn failover_past_a_dead_aaa_server_and_pa_acknowledgements_meanwhile() {
         third.event
     );
     assert_eq!(dead.requests.load(Ordering::SeqCst), 1);
-    assert_eq!(
-        pcpd.get_json("/auth/sessions").as_array().map(Vec::len),
-        Some(3)
-    );
+    common::wait_for(Duration::from_secs(5), "the third SA", || {
+        (pcpd.get_json("/auth/sessions").as_array().map(Vec::len) == Some(3)).then_some(())
+    });
 }
 
 /// A back end that is down is not a wrong password (docs/AUTH.md, "An unavailable
