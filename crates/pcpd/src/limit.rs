@@ -9,8 +9,9 @@
 //! The split is the trade-off between guessing and locking out: a guesser gets
 //! `burst` tries per identity per network and `identity_burst` per identity in all,
 //! then one per `every_s`; someone who only knows a user name can lock that user out
-//! of their own network with `burst` failures from it, and out of everywhere only
-//! with `identity_burst` failures from `identity_burst / burst` networks.
+//! of the guesser's network with `burst` failures from it, and out of everywhere only
+//! with `identity_burst` failures from `identity_burst / burst` networks — except
+//! from the sources the user trusts (below).
 //!
 //! What a guesser cannot do is lock a user out of a source the user authenticated
 //! from within `trusted_s`: such a source is exempt from both identity limits (only
