@@ -337,6 +337,44 @@ fn wrong_passwords_are_rate_limited_per_source_and_identity() {
     assert!(s.pcpd.find_mapping(7404).is_some());
 }
 
+/// The finding of 2026-12-04 (docs/AUTH.md, "Attempt limits"): a guesser in alice's
+/// own /24 with `burst = 2` wrong passwords no longer locks her out of the address she
+/// authenticated from: a fresh address of that /24 is refused by identity, unchecked
+/// and counted, while from her address she authenticates again and maps.
+#[test]
+fn a_guesser_in_the_users_network_cannot_lock_out_her_trusted_address() {
+    let s = Setup::new("[auth.attempts]\nburst = 2\nevery_s = 600\n");
+    let home = IpAddr::V4(s.pcpd.ip);
+    let o = s.map_as(home, s.pcpd.pcp, "pw", "7410");
+    assert!(o.status.success(), "{}\n{}", stderr(&o), s.pcpd.output());
+    let o4 = s.pcpd.ip.octets();
+    let guesser = IpAddr::V4([o4[0], o4[1], o4[2], o4[3] ^ 1].into());
+    for port in ["7411", "7412"] {
+        let o = s.map_as(guesser, s.pcpd.pcp, "bad", port);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    }
+    assert_eq!(s.metric("pcp_auth_attempts_failed_total"), 2.0);
+    // alice from a fresh address of the same /24: her identity is out of attempts
+    // there, refused unchecked.
+    let fresh = IpAddr::V4([o4[0], o4[1], o4[2], o4[3] ^ 2].into());
+    let o = s.map_as(fresh, s.pcpd.pcp, "pw", "7413");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(s.pcpd.find_mapping(7413).is_none());
+    assert_eq!(
+        s.metric("pcp_auth_attempts_refused_total{by=\"identity\"}"),
+        1.0
+    );
+    // alice at home: authenticated (her password checked, not refused) and mapped.
+    let o = s.map_as(home, s.pcpd.pcp, "pw", "7414");
+    assert!(o.status.success(), "{}\n{}", stderr(&o), s.pcpd.output());
+    assert!(s.pcpd.find_mapping(7414).is_some());
+    assert_eq!(
+        s.metric("pcp_auth_attempts_refused_total{by=\"identity\"}"),
+        1.0
+    );
+    assert_eq!(s.metric("pcp_auth_attempts_failed_total"), 2.0);
+}
+
 /// `pcpc map --keep` with a 4 s PA session lifetime: the proxy swallows every PA message
 /// of pcpc's re-authentication, so the SA expires at both ends; pcpc says so,
 /// authenticates a new session (once the proxy lets PA messages through again) and

@@ -1144,7 +1144,7 @@ impl Auth {
                 lock_limiter(&self.limiter).failed(d.identity.as_deref(), d.src, now.0)
             }
             AuthStep::Success { identity, .. } => {
-                lock_limiter(&self.limiter).succeeded(identity, d.src)
+                lock_limiter(&self.limiter).succeeded(identity, d.src, now.0)
             }
             _ => {}
         }
@@ -1227,7 +1227,7 @@ impl Auth {
                 // The identity the AAA server vouched for (its User-Name, else the outer
                 // one): forgiven, as on the embedded path.
                 if let (Some(identity), Some(src)) = (succeeded, src) {
-                    lock_limiter(&self.limiter).succeeded(&identity, src);
+                    lock_limiter(&self.limiter).succeeded(&identity, src, now.0);
                 }
             }
             Ok(None) => {}

@@ -9,10 +9,20 @@
 //! The split is the trade-off between guessing and locking out: a guesser gets
 //! `burst` tries per identity per network and `identity_burst` per identity in all,
 //! then one per `every_s`; someone who only knows a user name can lock that user out
-//! of their own network with `burst` failures from it, and out of everywhere only
-//! with `identity_burst` failures from `identity_burst / burst` networks — and never
-//! out of a network the user authenticated from (remembered while the table keeps
-//! it), which the global identity limit does not refuse.
+//! of the guesser's network with `burst` failures from it, and out of everywhere only
+//! with `identity_burst` failures from `identity_burst / burst` networks — except
+//! from the sources the user trusts (below).
+//!
+//! What a guesser cannot do is lock a user out of a source the user authenticated
+//! from within `trusted_s`: such a source is exempt from both identity limits (only
+//! its own source limit, which only its own failures fill, can refuse it), and an
+//! untrusted source in a network the user authenticated from is exempt from the
+//! global one. The guesser in the user's own /24 or /56 — on a CGN's subscriber LAN
+//! the usual neighbour — still exhausts the identity-and-network bucket, but that
+//! refuses only the user's other, untrusted addresses there. Trust costs no guessing
+//! power: a trusted source still gets `burst` failures then one per `every_s`, like
+//! any fresh source, and only successes (valid credentials) create or refresh it, so
+//! a flood of failures cannot push it out of its tables.
 //!
 //! Identities are kept as a keyed hash (SipHash with a random per-process key), so a
 //! client's user name, up to 64 KiB inside TTLS, costs 8 octets here and cannot be
@@ -38,6 +48,9 @@ pub struct AttemptsSection {
     pub identity_burst: u32,
     /// Seconds until one more failed attempt is allowed.
     pub every_s: u32,
+    /// Seconds a source (and its network) stays trusted for an identity after the
+    /// identity authenticated from it; 0 trusts nothing.
+    pub trusted_s: u32,
     /// Entries remembered at most per table (the ones changed longest ago go first).
     pub max_tracked: usize,
 }
@@ -48,6 +61,7 @@ impl Default for AttemptsSection {
             burst: 5,
             identity_burst: 50,
             every_s: 30,
+            trusted_s: 604_800,
             max_tracked: 65_536,
         }
     }
@@ -187,8 +201,12 @@ pub struct Limiter {
     pairs: Buckets<(IdKey, IpAddr)>,
     /// An identity from everywhere.
     identities: Buckets<IdKey>,
-    /// Networks an identity authenticated from: its global limit does not refuse them.
-    trusted: Table<(IdKey, IpAddr), ()>,
+    /// Sources (as [`source_key`]) an identity authenticated from, with the time of
+    /// its last success there: neither of its limits refuses them.
+    trusted_sources: Table<(IdKey, IpAddr), u64>,
+    /// Networks an identity authenticated from, with the time of its last success
+    /// there: its global limit does not refuse them.
+    trusted_networks: Table<(IdKey, IpAddr), u64>,
     /// Attempts refused because the identity had no attempt left.
     pub refused_identity: u64,
     /// Attempts refused because the source had no attempt left.
@@ -252,9 +270,17 @@ impl Limiter {
         }
         if let Some(id) = identity {
             let (id, net) = (self.id_key(id), network_key(src));
-            let refused = !self.pairs.allowed(&(id, net), now, cfg.burst, &cfg)
-                || (!self.identities.allowed(&id, now, cfg.identity_burst, &cfg)
-                    && self.trusted.get(&(id, net)).is_none());
+            let trusted = |t: &Table<(IdKey, IpAddr), u64>, k: IpAddr| {
+                t.get(&(id, k)).is_some_and(|&at| {
+                    now.saturating_sub(at) < u64::from(cfg.trusted_s).saturating_mul(1000)
+                })
+            };
+            // A trusted source is refused by neither identity limit: otherwise a
+            // guesser in the user's own network could lock the user out of it.
+            let refused = !trusted(&self.trusted_sources, source_key(src))
+                && (!self.pairs.allowed(&(id, net), now, cfg.burst, &cfg)
+                    || (!self.identities.allowed(&id, now, cfg.identity_burst, &cfg)
+                        && !trusted(&self.trusted_networks, net)));
             if refused {
                 self.refused_identity += 1;
                 return Err(Refusal::Identity);
@@ -279,14 +305,19 @@ impl Limiter {
         }
     }
 
-    /// A successful authentication of `identity` from `src`: its failures are forgiven
-    /// (not the source's, which a guesser holding one valid account could otherwise
-    /// reset), and its global limit no longer refuses that network.
-    pub fn succeeded(&mut self, identity: &str, src: IpAddr) {
+    /// A successful authentication of `identity` from `src` at `now`: its failures are
+    /// forgiven (not the source's, which a guesser holding one valid account could
+    /// otherwise reset), and for `trusted_s` its limits no longer refuse that source
+    /// and its global limit no longer refuses that network.
+    pub fn succeeded(&mut self, identity: &str, src: IpAddr, now: u64) {
         let (id, net) = (self.id_key(identity), network_key(src));
         self.identities.forget(&id);
         self.pairs.forget(&(id, net));
-        self.trusted.put((id, net), (), self.cfg.max_tracked);
+        if self.cfg.trusted_s > 0 {
+            let max = self.cfg.max_tracked;
+            self.trusted_sources.put((id, source_key(src)), now, max);
+            self.trusted_networks.put((id, net), now, max);
+        }
     }
 }
 
@@ -299,6 +330,7 @@ mod tests {
             burst,
             identity_burst: 3,
             every_s,
+            trusted_s: 60,
             max_tracked: 4,
         }
     }
@@ -327,7 +359,7 @@ mod tests {
         l.failed(Some("alice"), A, 10_001);
         assert_eq!(l.admit(Some("alice"), A, 10_002), Err(Refusal::Source));
         // A success elsewhere forgives alice, not source A.
-        l.succeeded("alice", B);
+        l.succeeded("alice", B, 10_002);
         assert_eq!(l.admit(Some("alice"), B, 10_003), Ok(()));
         assert_eq!(l.admit(None, A, 10_003), Err(Refusal::Source));
         // Full again after burst × every_s.
@@ -341,7 +373,7 @@ mod tests {
     fn an_identity_is_limited_per_network_then_globally_except_where_trusted() {
         let mut l = Limiter::new(cfg(2, 600));
         let home: IpAddr = "203.0.113.7".parse().unwrap();
-        l.succeeded("alice", home);
+        l.succeeded("alice", home, 0);
         for ip in ["192.0.2.1", "192.0.2.2"] {
             l.failed(Some("alice"), ip.parse().unwrap(), 0);
         }
@@ -363,6 +395,112 @@ mod tests {
         l.failed(Some("carol"), "2001:db8:1:201::1".parse().unwrap(), 3);
         assert_eq!(l.admit(Some("carol"), b, 4), Err(Refusal::Identity));
         assert_eq!(l.admit(Some("carol"), c, 4), Ok(()));
+    }
+
+    /// The finding of 2026-12-04: a guesser in alice's own /24 used to lock her out
+    /// of it with `burst` failures. Now her trusted source stays open to her (refused
+    /// only by its own source limit, which only its failures fill), while the guesser
+    /// and a fresh address of the same /24 are refused; the trust ends after
+    /// `trusted_s`, and `trusted_s = 0` trusts nothing.
+    #[test]
+    fn a_guesser_in_the_users_network_cannot_lock_out_her_trusted_source() {
+        let mut l = Limiter::new(cfg(2, 600));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let (home, guesser, fresh) = (ip("203.0.113.7"), ip("203.0.113.9"), ip("203.0.113.20"));
+        l.succeeded("alice", home, 0);
+        for t in [1, 2] {
+            assert_eq!(l.admit(Some("alice"), guesser, t), Ok(()));
+            l.failed(Some("alice"), guesser, t);
+        }
+        assert_eq!(l.admit(Some("alice"), guesser, 3), Err(Refusal::Source));
+        assert_eq!(l.admit(Some("alice"), fresh, 3), Err(Refusal::Identity));
+        assert_eq!(l.admit(Some("alice"), home, 3), Ok(()));
+        // Guessers in other networks use up her global limit too: home stays open.
+        for (t, g) in [(4, "198.51.100.1"), (5, "198.18.0.1")] {
+            l.failed(Some("alice"), ip(g), t);
+        }
+        assert_eq!(
+            l.admit(Some("alice"), ip("192.0.2.77"), 6),
+            Err(Refusal::Identity)
+        );
+        assert_eq!(l.admit(Some("alice"), home, 6), Ok(()));
+        // Trust is per identity: bob from home is limited like anyone.
+        l.failed(Some("bob"), guesser, 7);
+        l.failed(Some("bob"), fresh, 7);
+        assert_eq!(l.admit(Some("bob"), home, 8), Err(Refusal::Identity));
+        // A trusted IPv4 source is the address, not its /24: a neighbour is not trusted.
+        assert_eq!(
+            l.admit(Some("alice"), ip("203.0.113.8"), 8),
+            Err(Refusal::Identity)
+        );
+        // Home's own failures fill its own source limit.
+        l.failed(Some("alice"), home, 9);
+        l.failed(Some("alice"), home, 10);
+        assert_eq!(l.admit(Some("alice"), home, 11), Err(Refusal::Source));
+        // trusted_s (60 s) after her success: no longer trusted.
+        let mut l2 = Limiter::new(cfg(2, 600));
+        l2.succeeded("alice", home, 0);
+        l2.failed(Some("alice"), guesser, 1);
+        l2.failed(Some("alice"), guesser, 2);
+        assert_eq!(l2.admit(Some("alice"), home, 59_999), Ok(()));
+        assert_eq!(
+            l2.admit(Some("alice"), home, 60_000),
+            Err(Refusal::Identity)
+        );
+        // A new success renews it.
+        l2.succeeded("alice", home, 60_001);
+        l2.failed(Some("alice"), guesser, 60_002);
+        assert_eq!(l2.admit(Some("alice"), home, 60_003), Ok(()));
+        // trusted_s = 0: nothing trusted.
+        let mut l3 = Limiter::new(AttemptsSection {
+            trusted_s: 0,
+            ..cfg(2, 600)
+        });
+        l3.succeeded("alice", home, 0);
+        l3.failed(Some("alice"), guesser, 1);
+        l3.failed(Some("alice"), guesser, 2);
+        assert_eq!(l3.admit(Some("alice"), home, 3), Err(Refusal::Identity));
+        assert_eq!(l3.trusted_sources.len() + l3.trusted_networks.len(), 0);
+    }
+
+    /// IPv6: a trusted source is its /64 (privacy addresses rotate inside it), the
+    /// identity's network its /56.
+    #[test]
+    fn an_ipv6_trusted_source_is_its_64() {
+        let mut l = Limiter::new(cfg(2, 600));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        l.succeeded("alice", ip("2001:db8:1:200::1"), 0);
+        l.failed(Some("alice"), ip("2001:db8:1:201::1"), 1);
+        l.failed(Some("alice"), ip("2001:db8:1:202::1"), 1);
+        assert_eq!(
+            l.admit(Some("alice"), ip("2001:db8:1:200:ffff::2"), 2),
+            Ok(())
+        );
+        assert_eq!(
+            l.admit(Some("alice"), ip("2001:db8:1:203::1"), 2),
+            Err(Refusal::Identity)
+        );
+    }
+
+    /// Failures never push trust out: a flood of failures from new sources and names,
+    /// far beyond `max_tracked`, leaves alice's trusted source trusted.
+    #[test]
+    fn failures_cannot_evict_trust() {
+        let mut l = Limiter::new(cfg(2, 600));
+        let home: IpAddr = "203.0.113.7".parse().unwrap();
+        l.succeeded("alice", home, 0);
+        for i in 0..1000u32 {
+            let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            l.failed(Some(&format!("u{i}")), src, 1);
+        }
+        let guesser: IpAddr = "203.0.113.9".parse().unwrap();
+        l.failed(Some("alice"), guesser, 2);
+        l.failed(Some("alice"), guesser, 2);
+        assert_eq!(
+            l.admit(Some("alice"), "203.0.113.20".parse().unwrap(), 3),
+            Err(Refusal::Identity)
+        );
+        assert_eq!(l.admit(Some("alice"), home, 3), Ok(()));
     }
 
     /// A user name of any length is one fixed-size key, and distinct long names stay
@@ -414,8 +552,10 @@ mod tests {
                 assert!(n <= 4, "{n}");
             }
             assert!(l.sources.table.order.len() <= 2 * 4 + 17);
-            l.succeeded(&format!("u{i}"), ip(i + 1));
-            assert!(l.trusted.len() <= 4 && l.trusted.order.len() <= 2 * 4 + 17);
+            l.succeeded(&format!("u{i}"), ip(i + 1), u64::from(i));
+            for t in [&l.trusted_sources, &l.trusted_networks] {
+                assert!(t.len() <= 4 && t.order.len() <= 2 * 4 + 17);
+            }
         }
         assert_eq!(l.admit(None, ip(999), 1000), Err(Refusal::Source));
         assert_eq!(l.admit(None, ip(996), 1000), Err(Refusal::Source));
