@@ -176,17 +176,27 @@ fn strip_192(reply: &mut Vec<u8>) -> bool {
 }
 
 /// Withdraws the checkpoint of a late reply's mapping (after [`HeldReplies::settle`]
-/// said so): its records go to `effects`. Returns whether that left the mapping's host
-/// exposed (it now holds unprotected mappings beside checkpointed ones): the reply
-/// must then be held once more, for the host's record, so that a successor knows to
-/// reset the host's epoch. A host left with no checkpointed mapping needs no wait: a
-/// successor that misses its record holds nothing of it and resets its epoch anyway.
+/// said so): its records go to `effects`. Returns whether the withdrawal made a host
+/// record saying "this host now holds unprotected mappings": the reply must then be
+/// held once more, for that record. The record follows the mapping's own (a remove),
+/// and a successor that missed both still holds the mapping, checkpointed, at the
+/// expiry it had before; without the host record it keeps the host's epoch
+/// continuous. If the late reply was a renewal, the host counts on the later expiry
+/// it was told and loses the mapping at the earlier one, with no epoch change to tell
+/// it. Whether the host keeps other checkpointed mappings does not matter: the
+/// successor's copy of this one is enough. The second wait only delays a reply that is
+/// already late.
 pub fn withdraw(server: &mut Server, key: &MappingKey, effects: &mut Vec<Effect>) -> bool {
     let from = effects.len();
     server.withdraw_checkpoint(key, effects)
         && effects[from..].iter().any(|e| {
-            matches!(e, Effect::Replicate(Change::Host { host, unprotected: true })
-                if server.host_exposed(*host))
+            matches!(
+                e,
+                Effect::Replicate(Change::Host {
+                    unprotected: true,
+                    ..
+                })
+            )
         })
 }
 

@@ -46,6 +46,22 @@ fn request(
     ask_192: bool,
     now: Time,
 ) -> (Reply, Vec<u8>, Vec<Change>) {
+    map(s, 5000, lifetime, ask_192, now)
+}
+
+/// Serves a MAP from `HOST` for internal port `port`, lifetime 30.
+fn serve(s: &mut Server, port: u16, ask_192: bool, now: Time) -> Vec<Change> {
+    map(s, port, 30, ask_192, now).2
+}
+
+/// Serves a MAP from `HOST` for internal port `port`.
+fn map(
+    s: &mut Server,
+    port: u16,
+    lifetime: u32,
+    ask_192: bool,
+    now: Time,
+) -> (Reply, Vec<u8>, Vec<Change>) {
     let opts = [PcpOption::CheckpointRequired];
     let req = Request {
         lifetime,
@@ -53,7 +69,7 @@ fn request(
         body: Body::Map(MapBody {
             nonce: [7; 12],
             protocol: 17,
-            internal_port: 5000,
+            internal_port: port,
             external_port: 0,
             external_addr: IpAddr::from([0, 0, 0, 0]),
         }),
@@ -145,14 +161,44 @@ fn a_late_reply_that_is_the_last_withdraws_its_promise() {
     assert!(q.settle(&mut late[0]));
     assert!(!has_192(&late[0].reply));
     let mut fx = Vec::new();
-    // The mapping stays, unprotected: whether that exposes the host is the server
-    // core's count; the checkpoint must be gone either way.
-    let _exposes = withdraw(&mut s, &key(), &mut fx);
+    // The mapping stays, unprotected: the host's only mapping, so the host is not
+    // exposed, yet the reply must wait again for its host record — a successor that
+    // missed the remove still holds the mapping at its older expiry.
+    let again = withdraw(&mut s, &key(), &mut fx);
     assert!(!checkpointed(&s));
-    assert!(
-        fx.iter()
-            .any(|e| matches!(e, Effect::Replicate(Change::Remove(_))))
-    );
+    assert!(!s.host_exposed(IpAddr::from(HOST)));
+    let host_record = fx.iter().position(|e| {
+        matches!(
+            e,
+            Effect::Replicate(Change::Host {
+                unprotected: true,
+                ..
+            })
+        )
+    });
+    let remove = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Replicate(Change::Remove(_))));
+    assert!(remove.is_some() && host_record.is_some() && remove < host_record);
+    assert!(again, "the host record must be waited for");
+}
+
+#[test]
+fn a_withdrawal_with_no_host_record_does_not_wait_again() {
+    let mut s = server();
+    // The host already holds an unprotected mapping: withdrawing makes no host record.
+    let other = MappingKey {
+        internal_port: 5001,
+        ..key()
+    };
+    let (_, _, changes) = request(&mut s, 30, true, Time(0));
+    assert!(!changes.is_empty());
+    serve(&mut s, 5001, false, Time(0));
+    assert!(s.mapping(&other).is_some_and(|m| !m.is_checkpointed()));
+    let mut fx = Vec::new();
+    assert!(!withdraw(&mut s, &key(), &mut fx));
+    assert!(!checkpointed(&s));
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Replicate(Change::Host { .. }))));
 }
 
 #[test]

@@ -627,7 +627,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         let mut fx = Vec::new();
         if node.held.settle(&mut h) && pcp_ha::shell::withdraw(&mut node.server, &h.key, &mut fx) {
-            // The host is exposed now: the reply waits for that record.
+            // The withdrawal made a host record: the reply waits for it.
             let mut seq = 0;
             for e in &fx {
                 if let Effect::Replicate(ch) = e
