@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use pcp_proto::OptionCode;
-use pcp_server::{Change, Effect, FastMap, Mapping, MappingKey, Server, Time};
+use pcp_server::{Change, Effect, FastMap, FastSet, Mapping, MappingKey, Server, Time};
 
 /// A reply waiting for the backup's acknowledgement of record `seq`.
 #[derive(Debug)]
@@ -202,7 +202,8 @@ pub fn withdraw(server: &mut Server, key: &MappingKey, effects: &mut Vec<Effect>
 
 /// Standby backup: mirrored mappings that could not be installed yet, because a stale
 /// mapping still holds their external endpoint (the sweep at the end of a full copy,
-/// or a later remove, frees it).
+/// or a later remove, frees it). A remove record of a waiting mapping drops it
+/// ([`Pending::remove`]); a newer upsert replaces it.
 #[derive(Debug, Default)]
 pub struct Pending {
     maps: Vec<Mapping>,
@@ -217,8 +218,34 @@ impl Pending {
         now: Time,
         effects: &mut Vec<Effect>,
     ) {
+        // A newer record of the mapping replaces one still waiting: the older one must
+        // never be installed over it later.
+        self.forget(|k| *k == m.key);
         if server.mirror_upsert(&m, now, effects).is_err() {
             self.maps.push(m);
+        }
+    }
+
+    /// The active removed these mappings (deleted, expired, no longer checkpointed, or
+    /// swept at the end of a copy): what waits for them is dropped, before
+    /// [`Pending::retry`], or the retry would bring back a mapping the active deleted
+    /// (and a takeover would serve it).
+    pub fn remove(&mut self, keys: &[MappingKey]) {
+        if self.maps.is_empty() || keys.is_empty() {
+            return;
+        }
+        if keys.len() <= 8 {
+            self.forget(|k| keys.contains(k));
+        } else {
+            let gone: FastSet<&MappingKey> = keys.iter().collect();
+            self.forget(|k| gone.contains(k));
+        }
+    }
+
+    /// Drops the waiting mappings whose key `gone` names.
+    fn forget(&mut self, gone: impl Fn(&MappingKey) -> bool) {
+        if !self.maps.is_empty() {
+            self.maps.retain(|m| !gone(&m.key));
         }
     }
 

@@ -5,10 +5,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use pcp_ha::shell::{Held, HeldReplies, withdraw};
+use pcp_ha::shell::{Held, HeldReplies, Pending, withdraw};
 use pcp_proto::{Body, MapBody, Options, PcpOption, Request, Response};
 use pcp_server::config::TierConfig;
-use pcp_server::{BackupStatus, Change, Effect, MappingKey, Reply, Server, ServerConfig, Time};
+use pcp_server::{
+    BackupStatus, Change, Effect, Mapping, MappingKey, Reply, Server, ServerConfig, Time,
+};
 
 const HOST: [u8; 4] = [10, 0, 0, 1];
 
@@ -230,4 +232,80 @@ fn a_reply_with_nothing_to_wait_for_is_given_back() {
     assert!(q.is_empty() && q.next_deadline().is_none());
     assert!(q.settle(&mut back));
     assert!(!has_192(&back.reply));
+}
+
+/// Two mirrored mappings of the same external endpoint: `old` (installed on the
+/// standby, stale) and `new` (which the active gave that endpoint since); `new` waits.
+fn standby_with_a_pending_mapping() -> (Server, Pending, Mapping, Mapping) {
+    let mut active = server();
+    serve(&mut active, 5000, true, Time(0));
+    let old = active.mapping(&key()).expect("mapped");
+    assert!(old.is_checkpointed());
+    let mut new = old.clone();
+    new.key.internal_port = 5001;
+    let mut standby = server();
+    let mut pending = Pending::default();
+    let mut fx = Vec::new();
+    pending.upsert(&mut standby, old.clone(), Time(10), &mut fx);
+    pending.upsert(&mut standby, new.clone(), Time(10), &mut fx);
+    assert!(standby.mapping(&old.key).is_some());
+    assert!(standby.mapping(&new.key).is_none());
+    assert_eq!(pending.len(), 1, "its endpoint is still held");
+    (standby, pending, old, new)
+}
+
+/// What pcpd's core and the simulator do with a remove record on a standby.
+fn mirror_remove(standby: &mut Server, pending: &mut Pending, keys: &[MappingKey], now: Time) {
+    let mut fx = Vec::new();
+    for k in keys {
+        standby.mirror_remove(k, &mut fx);
+    }
+    pending.remove(keys);
+    pending.retry(standby, now, &mut fx);
+}
+
+#[test]
+fn a_standby_does_not_bring_back_a_mapping_the_active_deleted() {
+    let (mut standby, mut pending, old, new) = standby_with_a_pending_mapping();
+    // The active deletes the waiting mapping, then the end of the copy sweeps the
+    // stale one, freeing the endpoint.
+    mirror_remove(&mut standby, &mut pending, &[new.key], Time(20));
+    mirror_remove(&mut standby, &mut pending, &[old.key], Time(30));
+    assert!(
+        standby.mapping(&new.key).is_none(),
+        "a deleted mapping came back"
+    );
+    assert!(pending.is_empty() && pending.take().is_empty());
+    assert_eq!(standby.mappings().count(), 0);
+}
+
+#[test]
+fn a_standby_installs_a_waiting_mapping_once_its_endpoint_is_freed() {
+    let (mut standby, mut pending, old, new) = standby_with_a_pending_mapping();
+    // Many keys at once (a sweep), none of them the waiting one.
+    let mut keys: Vec<MappingKey> = (6000..6020)
+        .map(|p| MappingKey {
+            internal_port: p,
+            ..key()
+        })
+        .collect();
+    keys.push(old.key);
+    mirror_remove(&mut standby, &mut pending, &keys, Time(30));
+    assert!(pending.is_empty());
+    let m = standby.mapping(&new.key).expect("installed");
+    assert_eq!(m.external, new.external);
+}
+
+#[test]
+fn a_newer_record_replaces_a_waiting_one() {
+    let (mut standby, mut pending, old, new) = standby_with_a_pending_mapping();
+    // The active moved the waiting mapping to another endpoint: the newer record fits.
+    let mut moved = new.clone();
+    moved.external.port = new.external.port + 1;
+    let mut fx = Vec::new();
+    pending.upsert(&mut standby, moved.clone(), Time(20), &mut fx);
+    assert!(pending.is_empty(), "the older record must not wait any more");
+    mirror_remove(&mut standby, &mut pending, &[old.key], Time(30));
+    let m = standby.mapping(&new.key).expect("installed");
+    assert_eq!(m.external, moved.external, "the older record came back");
 }

@@ -333,6 +333,7 @@ impl Sim {
                             for k in &keys {
                                 node.server.mirror_remove(k, &mut fx);
                             }
+                            node.pending.remove(&keys);
                             node.pending.retry(&mut node.server, now, &mut fx);
                         }
                     }

@@ -1400,6 +1400,8 @@ impl Core {
                     self.server.mirror_remove(k, &mut self.effects);
                     self.mirror_batch_full(now);
                 }
+                // What the active removed must not come back from what waits.
+                self.pending.remove(&keys);
                 self.pending.retry(&mut self.server, now, &mut self.effects);
             }
         }
