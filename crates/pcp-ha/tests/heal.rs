@@ -23,7 +23,6 @@ fn cfg() -> HaConfig {
     }
 }
 
-
 /// Two nodes on a link that can be cut; every event either node emitted is kept.
 struct Pair {
     a: HaNode,

@@ -200,7 +200,10 @@ fn a_withdrawal_with_no_host_record_does_not_wait_again() {
     let mut fx = Vec::new();
     assert!(!withdraw(&mut s, &key(), &mut fx));
     assert!(!checkpointed(&s));
-    assert!(!fx.iter().any(|e| matches!(e, Effect::Replicate(Change::Host { .. }))));
+    assert!(
+        !fx.iter()
+            .any(|e| matches!(e, Effect::Replicate(Change::Host { .. })))
+    );
 }
 
 #[test]
@@ -304,7 +307,10 @@ fn a_newer_record_replaces_a_waiting_one() {
     moved.external.port = new.external.port + 1;
     let mut fx = Vec::new();
     pending.upsert(&mut standby, moved.clone(), Time(20), &mut fx);
-    assert!(pending.is_empty(), "the older record must not wait any more");
+    assert!(
+        pending.is_empty(),
+        "the older record must not wait any more"
+    );
     mirror_remove(&mut standby, &mut pending, &[old.key], Time(30));
     let m = standby.mapping(&new.key).expect("installed");
     assert_eq!(m.external, moved.external, "the older record came back");
