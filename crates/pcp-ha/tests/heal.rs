@@ -39,14 +39,9 @@ struct Pair {
 impl Pair {
     /// A active, B a ready backup of it.
     fn ready() -> Pair {
-        Pair::ready_with(cfg())
-    }
-
-    /// [`Pair::ready`] with `cfg` on both nodes.
-    fn ready_with(cfg: HaConfig) -> Pair {
         let mut p = Pair {
-            a: HaNode::new(cfg.clone(), true, 11, Time(0)),
-            b: HaNode::new(cfg, false, 22, Time(0)),
+            a: HaNode::new(cfg(), true, 11, Time(0)),
+            b: HaNode::new(cfg(), false, 22, Time(0)),
             link: true,
             a_to_b_lost: false,
             now: Time(0),
