@@ -352,10 +352,13 @@ pub struct HaNode {
     /// Active: the stream this node followed before it took over, and the last record
     /// of it applied (see [`Event::PredecessorDiverged`]).
     predecessor: Option<(u64, u64)>,
-    /// Backup after a step-down: the stream this node ran as active, its last
+    /// Backup after a step-down: the stream this node ran as active and its last
     /// sequence number (counting requests its shell still answered after the
-    /// step-down, [`HaNode::push_served`]), and until when its HELLOs and ACKs say so.
-    stepped_down: Option<(u64, u64, Time)>,
+    /// step-down, [`HaNode::push_served`]). Its HELLOs and ACKs say so for as long as
+    /// it is a backup, not for a while: a flapping HA link may drop every one sent in
+    /// any given time, and the new active must still learn it (it reports it once per
+    /// predecessor, so repeating costs 16 octets an ACK and nothing else).
+    stepped_down: Option<(u64, u64)>,
 }
 
 /// One replicated PA session.
@@ -914,13 +917,10 @@ impl HaNode {
         self.term = term;
         if matches!(self.role, Role::Active | Role::Draining) {
             self.events.push_back(Event::Demoted { term });
-            // Said for a while: the shell may still answer a request or two before it
-            // learns of the step-down (see `push_served`).
-            self.stepped_down = Some((
-                self.incarnation,
-                self.tx.next_seq.saturating_sub(1),
-                now.plus(self.cfg.detection * 2),
-            ));
+            // Said until this node is active again: the shell may still answer a
+            // request or two before it learns of the step-down (see `push_served`),
+            // and the frames saying so may be lost.
+            self.stepped_down = Some((self.incarnation, self.tx.next_seq.saturating_sub(1)));
         }
         self.predecessor = None;
         self.role = Role::Backup;
@@ -1418,11 +1418,8 @@ impl HaNode {
         } else {
             Kind::Ack
         };
-        // For a while after a step-down, the node says what it ran: the new active
-        // learns whether it served past the takeover.
-        if self.stepped_down.is_some_and(|(_, _, until)| now > until) {
-            self.stepped_down = None;
-        }
+        // After a step-down, the node says what it ran: the new active learns whether
+        // it served past the takeover.
         let stepped_down = self.stepped_down;
         let mut w = Writer::new(buf);
         let mut flags = u8::from(self.rx.ready) | wire::FLAG_SESSIONS;
@@ -1435,7 +1432,7 @@ impl HaNode {
             .ack_cap
             .map_or(self.rx.applied, |c| c.min(self.rx.applied));
         wire::write_u64(&mut w, applied)?;
-        if let Some((stream, last, _)) = stepped_down {
+        if let Some((stream, last)) = stepped_down {
             wire::write_u64(&mut w, stream)?;
             wire::write_u64(&mut w, last)?;
         }

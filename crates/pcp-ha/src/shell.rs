@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use pcp_proto::OptionCode;
-use pcp_server::{Change, Effect, FastMap, Mapping, MappingKey, Server, Time};
+use pcp_server::{Change, Effect, FastMap, FastSet, Mapping, MappingKey, Server, Time};
 
 /// A reply waiting for the backup's acknowledgement of record `seq`.
 #[derive(Debug)]
@@ -176,23 +176,34 @@ fn strip_192(reply: &mut Vec<u8>) -> bool {
 }
 
 /// Withdraws the checkpoint of a late reply's mapping (after [`HeldReplies::settle`]
-/// said so): its records go to `effects`. Returns whether that left the mapping's host
-/// exposed (it now holds unprotected mappings beside checkpointed ones): the reply
-/// must then be held once more, for the host's record, so that a successor knows to
-/// reset the host's epoch. A host left with no checkpointed mapping needs no wait: a
-/// successor that misses its record holds nothing of it and resets its epoch anyway.
+/// said so): its records go to `effects`. Returns whether the withdrawal made a host
+/// record saying "this host now holds unprotected mappings": the reply must then be
+/// held once more, for that record. The record follows the mapping's own (a remove),
+/// and a successor that missed both still holds the mapping, checkpointed, at the
+/// expiry it had before; without the host record it keeps the host's epoch
+/// continuous. If the late reply was a renewal, the host counts on the later expiry
+/// it was told and loses the mapping at the earlier one, with no epoch change to tell
+/// it. Whether the host keeps other checkpointed mappings does not matter: the
+/// successor's copy of this one is enough. The second wait only delays a reply that is
+/// already late.
 pub fn withdraw(server: &mut Server, key: &MappingKey, effects: &mut Vec<Effect>) -> bool {
     let from = effects.len();
     server.withdraw_checkpoint(key, effects)
         && effects[from..].iter().any(|e| {
-            matches!(e, Effect::Replicate(Change::Host { host, unprotected: true })
-                if server.host_exposed(*host))
+            matches!(
+                e,
+                Effect::Replicate(Change::Host {
+                    unprotected: true,
+                    ..
+                })
+            )
         })
 }
 
 /// Standby backup: mirrored mappings that could not be installed yet, because a stale
 /// mapping still holds their external endpoint (the sweep at the end of a full copy,
-/// or a later remove, frees it).
+/// or a later remove, frees it). A remove record of a waiting mapping drops it
+/// ([`Pending::remove`]); a newer upsert replaces it.
 #[derive(Debug, Default)]
 pub struct Pending {
     maps: Vec<Mapping>,
@@ -207,8 +218,34 @@ impl Pending {
         now: Time,
         effects: &mut Vec<Effect>,
     ) {
+        // A newer record of the mapping replaces one still waiting: the older one must
+        // never be installed over it later.
+        self.forget(|k| *k == m.key);
         if server.mirror_upsert(&m, now, effects).is_err() {
             self.maps.push(m);
+        }
+    }
+
+    /// The active removed these mappings (deleted, expired, no longer checkpointed, or
+    /// swept at the end of a copy): what waits for them is dropped, before
+    /// [`Pending::retry`], or the retry would bring back a mapping the active deleted
+    /// (and a takeover would serve it).
+    pub fn remove(&mut self, keys: &[MappingKey]) {
+        if self.maps.is_empty() || keys.is_empty() {
+            return;
+        }
+        if keys.len() <= 8 {
+            self.forget(|k| keys.contains(k));
+        } else {
+            let gone: FastSet<&MappingKey> = keys.iter().collect();
+            self.forget(|k| gone.contains(k));
+        }
+    }
+
+    /// Drops the waiting mappings whose key `gone` names.
+    fn forget(&mut self, gone: impl Fn(&MappingKey) -> bool) {
+        if !self.maps.is_empty() {
+            self.maps.retain(|m| !gone(&m.key));
         }
     }
 

@@ -41,9 +41,10 @@ pub const MAX_FRAME: usize = 8192;
 pub const MAX_NAME: usize = 1024;
 /// ACK/HELLO flag: the backup reads the PA session records (kinds 6–8).
 pub const FLAG_SESSIONS: u8 = 2;
-/// HELLO flag: the sender stepped down from active; after the records applied, the
-/// body carries the stream it ran (its incarnation) and that stream's last sequence
-/// number (a reader without the flag, or of an older build, ignores both).
+/// ACK/HELLO flag: the sender stepped down from active (and is not active again); after
+/// the records applied, the body carries the stream it ran (its incarnation) and that
+/// stream's last sequence number (a reader without the flag, or of an older build,
+/// ignores both).
 pub const FLAG_STEPPED_DOWN: u8 = 4;
 
 /// Frame kinds.

@@ -28,6 +28,8 @@ struct Pair {
     a: HaNode,
     b: HaNode,
     link: bool,
+    /// Frames from A to B are lost (while `link` is up, B's reach A).
+    a_to_b_lost: bool,
     now: Time,
     a_events: Vec<Event>,
     b_events: Vec<Event>,
@@ -41,6 +43,7 @@ impl Pair {
             a: HaNode::new(cfg(), true, 11, Time(0)),
             b: HaNode::new(cfg(), false, 22, Time(0)),
             link: true,
+            a_to_b_lost: false,
             now: Time(0),
             a_events: Vec::new(),
             b_events: Vec::new(),
@@ -79,10 +82,12 @@ impl Pair {
             while let Some(n) = self.b.poll_transmit(now, &mut self.buf) {
                 to_a.push(self.buf[..n].to_vec());
             }
-            if self.link {
+            if self.link && !self.a_to_b_lost {
                 for f in &to_b {
                     self.b.handle_frame(f, now);
                 }
+            }
+            if self.link {
                 for f in &to_a {
                     self.a.handle_frame(f, now);
                 }
@@ -202,4 +207,30 @@ fn a_request_answered_just_after_the_step_down_counts() {
     assert_eq!(p.a.push_served(&host_record(5), now), None);
     p.run(Duration::from_millis(200));
     assert_eq!(p.diverged(), 1, "{:?}", p.b_events);
+}
+
+/// A flapping HA link: A hears B's term and steps down, but nothing it says reaches B
+/// for longer than the old report lasted (2 × detection; A keeps hearing B, so it
+/// stays a backup). Once A's frames get through again, B still learns that its
+/// predecessor diverged.
+#[test]
+fn a_step_down_is_reported_after_a_flapping_link() {
+    let mut p = Pair::ready();
+    p.partition_until_b_takes_over();
+    let now = p.now;
+    assert!(p.a.push(&host_record(6), now).is_some(), "A still records");
+    // B's frames reach A, A's are lost, well past the old report's lifetime.
+    p.link = true;
+    p.a_to_b_lost = true;
+    p.run(Duration::from_millis(4 * DETECTION));
+    assert_eq!(p.a.role(), Role::Backup, "A stepped down");
+    assert_eq!(p.b.role(), Role::Active);
+    assert_eq!(p.diverged(), 0, "B heard nothing of A");
+    p.a_to_b_lost = false;
+    p.run(Duration::from_millis(1000));
+    assert_eq!(p.diverged(), 1, "{:?}", p.b_events);
+    // A follows B's stream and keeps saying what it ran: reported once all the same.
+    p.run(Duration::from_millis(3000));
+    assert!(p.b.status(p.now).ready, "A holds B's copy");
+    assert_eq!(p.diverged(), 1);
 }

@@ -333,6 +333,7 @@ impl Sim {
                             for k in &keys {
                                 node.server.mirror_remove(k, &mut fx);
                             }
+                            node.pending.remove(&keys);
                             node.pending.retry(&mut node.server, now, &mut fx);
                         }
                     }
@@ -627,7 +628,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         let mut fx = Vec::new();
         if node.held.settle(&mut h) && pcp_ha::shell::withdraw(&mut node.server, &h.key, &mut fx) {
-            // The host is exposed now: the reply waits for that record.
+            // The withdrawal made a host record: the reply waits for it.
             let mut seq = 0;
             for e in &fx {
                 if let Effect::Replicate(ch) = e

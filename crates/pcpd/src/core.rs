@@ -1400,6 +1400,8 @@ impl Core {
                     self.server.mirror_remove(k, &mut self.effects);
                     self.mirror_batch_full(now);
                 }
+                // What the active removed must not come back from what waits.
+                self.pending.remove(&keys);
                 self.pending.retry(&mut self.server, now, &mut self.effects);
             }
         }
@@ -1775,9 +1777,9 @@ impl Core {
 
     /// Replies the backup did not confirm in time go out without 192, and their
     /// mappings stop being checkpointed: an honest "not honoured". When withdrawing
-    /// leaves the host exposed (an unprotected mapping beside checkpointed ones), the reply waits
-    /// once more, for the backup to hold that fact — a successor must know to reset the
-    /// host's epoch.
+    /// makes a host record (the host's first unprotected mapping), the reply waits once
+    /// more, for the backup to hold it — a successor that still holds the mapping at its
+    /// older expiry must know to reset the host's epoch (see `pcp_ha::shell::withdraw`).
     fn late_replies(&mut self, late: Vec<Held>, now: Time) {
         for mut h in late {
             // Only a promise is withdrawn (a reply held because it exposed its host goes

@@ -47,6 +47,15 @@ pub enum StartError {
     /// The replication link's key file is unusable.
     #[error("{0}")]
     LinkKey(#[from] crate::config::ConfigFileError),
+    /// `[ha] serving_file` cannot be taken: its lock is held by another process, or
+    /// the file or its lock cannot be written.
+    #[error("[ha] serving_file {}: {source}", .path.display())]
+    ServingFile {
+        /// The serving file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: crate::serving_file::ClaimError,
+    },
     /// No randomness for the replication link's salt.
     #[error("[ha] key_file: the system gives no randomness for the link's salt")]
     Random,
@@ -61,6 +70,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // Signal handlers first: from the moment anything answers, SIGHUP reloads and
     // SIGTERM stops cleanly instead of killing the process.
     let signals = Signals::install();
+    // Held until the process ends: keepalived's liveness check (docs/HA.md). Without
+    // it keepalived never sees this node alive, and a second pcpd with the same file
+    // would overwrite the first's: either is a setup error, so pcpd stops before it
+    // touches anything else.
+    let _running = match config.ha.as_ref().and_then(|h| h.serving_file.clone()) {
+        Some(path) => Some(
+            crate::serving_file::claim(&path, Duration::from_secs(2))
+                .map_err(|source| StartError::ServingFile { path, source })?,
+        ),
+        None => None,
+    };
     let origin = Instant::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(config.server.clone(), pcp_server::Time(0), seed)?;
@@ -196,22 +216,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     core.acls = acls.clone();
     core.auth = auth.clone();
     let shared = Shared::new(core);
-    // Held until the process ends: keepalived's liveness check (docs/HA.md). A file a
-    // crashed run left saying "serving" says "not serving" before the lock makes this
-    // node look alive.
-    let _running = config_serving_file(&shared).and_then(|path| {
-        if let Err(e) = crate::serving_file::write(&path, Some(false)) {
-            tracing::error!(error = %e, path = %path.display(), "cannot write the serving file");
-        }
-        match crate::serving_file::lock(&path, Duration::from_secs(2)) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                // keepalived's check fails: this node never holds the address.
-                tracing::error!(error = %e, path = %crate::serving_file::lock_path(&path).display(), "cannot lock the serving file's lock");
-                None
-            }
-        }
-    });
     // The serving file says "not serving" before the HA node can change its role.
     let serving_writer = config_serving_file(&shared).and_then(|path| {
         let rx = shared.serving_tx.subscribe();

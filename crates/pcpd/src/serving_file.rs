@@ -83,13 +83,61 @@ pub fn lock(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(std::io::Error::other(
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
                     "another process holds the serving file's lock (a second pcpd?)",
                 ));
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
+}
+
+/// Why pcpd cannot take its serving file at startup ([`claim`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another process holds the lock: a second pcpd with the same `serving_file`.
+    #[error("{}: held by another process (a second pcpd with the same serving_file?)", lock_path(.0).display())]
+    Held(PathBuf),
+    /// The lock file or the serving file cannot be opened, locked or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Takes the serving file at startup: its lock ([`lock`], held until the process ends),
+/// with the file saying "not serving" before the lock is held, waiting up to `wait`
+/// for the lock. An error stops pcpd: without the lock keepalived's check never sees
+/// it alive, and a second pcpd must not write another's file.
+///
+/// Both orders of "write, lock" go wrong: writing first would overwrite the file of a
+/// pcpd that holds it, and locking first would show a crashed run's "serving" beside a
+/// held lock, for an instant. So the lock is taken once to learn that nobody holds it,
+/// let go, the file written, and the lock taken again (a second pcpd starting in that
+/// instant fails the same way).
+pub fn claim(path: &Path, wait: Duration) -> Result<std::fs::File, ClaimError> {
+    let lock_err = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            ClaimError::Held(path.to_path_buf())
+        } else {
+            ClaimError::Io {
+                path: lock_path(path),
+                source: e,
+            }
+        }
+    };
+    let f = lock(path, wait).map_err(lock_err)?;
+    f.unlock().map_err(lock_err)?;
+    write(path, Some(false)).map_err(|source| ClaimError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    drop(f);
+    lock(path, wait).map_err(lock_err)
 }
 
 /// Whether the file already says what `state` means.
@@ -252,6 +300,52 @@ mod tests {
         other.try_lock().expect("free once its holder is gone");
         other.unlock().unwrap();
         assert_eq!(lock_path(&path), d.join("serving.lock"));
+    }
+
+    /// Startup: a crashed run's "serving" is overwritten and the lock is held after.
+    #[test]
+    fn claim_says_not_serving_and_holds_the_lock() {
+        let d = dir();
+        let path = d.join("serving");
+        std::fs::write(&path, "0\n").unwrap();
+        let held = claim(&path, Duration::ZERO).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+        let other = std::fs::File::open(lock_path(&path)).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        drop(held);
+        other.try_lock().expect("free once pcpd is gone");
+    }
+
+    /// Startup with the lock held elsewhere (a second pcpd on the same file): an error
+    /// naming the lock file, and the other's file left as it is.
+    #[test]
+    fn claim_fails_on_a_held_lock_and_leaves_the_file_alone() {
+        let d = dir();
+        let path = d.join("serving");
+        std::fs::write(&path, "0\n").unwrap();
+        let first = lock(&path, Duration::ZERO).unwrap();
+        let err = claim(&path, Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(err, ClaimError::Held(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&lock_path(&path).display().to_string()),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n", "clobbered");
+        drop(first);
+    }
+
+    /// A serving file in a directory that does not exist: an error naming the file.
+    #[test]
+    fn claim_fails_where_nothing_can_be_written() {
+        let d = dir();
+        let path = d.join("missing").join("serving");
+        let err = claim(&path, Duration::ZERO).unwrap_err();
+        assert!(matches!(err, ClaimError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]

@@ -1231,6 +1231,48 @@ fn restarted_node_with_a_state_file_takes_a_new_term() {
     assert!(err.contains("ha.state"), "the error names the file: {err}");
 }
 
+/// `[ha] serving_file` whose lock another process holds (a second pcpd on the same
+/// file): pcpd does not start, says which file, and leaves the file alone (it would
+/// otherwise run with no liveness lock, or overwrite the other's "serving").
+#[test]
+fn a_held_serving_file_lock_stops_startup() {
+    let dir = common::TempDir::new();
+    let serving = dir.join("serving");
+    std::fs::write(&serving, "0\n").expect("write");
+    let lock = std::fs::File::create(dir.join("serving.lock")).expect("lock file");
+    lock.try_lock().expect("the test holds the lock");
+    let ip = fresh_ip();
+    let ha = SocketAddr::new(IpAddr::V4(ip), free_port(ip, true));
+    let peer_ip = fresh_ip();
+    let peer = SocketAddr::new(IpAddr::V4(peer_ip), free_port(peer_ip, true));
+    let config = format!(
+        "{SERVER_CONFIG}\n[ha]\nlisten = \"{ha}\"\npeer = \"{peer}\"\nrole = \"active\"\n\
+         serving_file = \"{}\"\n",
+        serving.display()
+    );
+    let cfg = dir.join("pcpd.toml");
+    std::fs::write(&cfg, &config).expect("write");
+    let cfg = cfg.display().to_string();
+    let listen = SocketAddr::new(IpAddr::V4(ip), free_port(ip, true)).to_string();
+    let admin = SocketAddr::new(IpAddr::V4(ip), free_port(ip, false)).to_string();
+    let (status, _out, err) = common::run(
+        PCPD.as_ref(),
+        &["--config", &cfg, "--listen", &listen, "--admin", &admin],
+        Duration::from_secs(30),
+    );
+    assert!(!status.success(), "started without the lock: {err}");
+    assert!(
+        err.contains("serving_file") && err.contains("serving.lock"),
+        "the error names the file: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&serving).expect("read"),
+        "0\n",
+        "the other's serving file was overwritten"
+    );
+    drop(lock);
+}
+
 /// Every `pcp_ha_*` sample of `d`'s `GET /metrics`, by its full key (name and labels).
 fn ha_metrics(d: &Pcpd) -> HashMap<String, f64> {
     d.get("/metrics")
