@@ -55,8 +55,8 @@ impl Pair {
     /// Frames both ways until neither node has anything to say; bulk requests are
     /// answered as the server core answers them. Bounded: a copy that starts again
     /// and again would keep frames moving for ever.
-    fn pump(&mut self, now: Time) {
-        for _ in 0..2000 {
+    fn pump(&mut self, now: Time, rounds: usize) {
+        for _ in 0..rounds {
             let mut moved = false;
             while let Some(ev) = self.a.poll_event() {
                 if let Event::NeedBulk { cursor } = ev {
@@ -85,7 +85,7 @@ impl Pair {
         self.a.handle_timeout(now);
         self.b.link_read(now);
         self.b.handle_timeout(now);
-        self.pump(now);
+        self.pump(now, 2000);
     }
 
     /// The backup takes over (the active is gone); the hosts it knew to hold
@@ -126,7 +126,11 @@ fn many_unprotected_hosts_copy_in_pages_and_the_backup_gets_ready() {
     assert!(p.b.status(now).ready, "the backup holds the whole copy");
     let mut held = p.take_over(now);
     held.sort();
-    assert_eq!(held.len(), p.hosts.len(), "the backup knows every unprotected host");
+    assert_eq!(
+        held.len(),
+        p.hosts.len(),
+        "the backup knows every unprotected host"
+    );
     assert!(held == p.hosts, "the backup knows every unprotected host");
 }
 
@@ -135,12 +139,20 @@ fn a_host_change_during_the_host_pages_wins_over_the_copy() {
     let (mut p, mut now) = Pair::new();
     // The first exchanges start the copy and send its first pages.
     now = now.plus(Duration::from_millis(HB));
-    p.tick(now);
+    p.a.handle_timeout(now);
+    p.b.link_read(now);
+    p.b.handle_timeout(now);
+    p.pump(now, 20);
+    assert_eq!(p.copies, 1, "the copy began");
     assert!(!p.b.status(now).ready, "the copy is still under way");
     // A host of the snapshot not sent yet (pages go from the end or the start: take
     // one from each end and the middle) loses its last unprotected mapping, and a new
     // host gets one.
-    let gone = [p.hosts[0], p.hosts[p.hosts.len() / 2], p.hosts[p.hosts.len() - 1]];
+    let gone = [
+        p.hosts[0],
+        p.hosts[p.hosts.len() / 2],
+        p.hosts[p.hosts.len() - 1],
+    ];
     for h in gone {
         p.a.push(
             &Change::Host {
