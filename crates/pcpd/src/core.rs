@@ -758,6 +758,8 @@ pub struct Shared {
     pub kick_ha: Arc<tokio::sync::Notify>,
     /// Wakes the core task (HA work queued).
     pub kick_core: Arc<tokio::sync::Notify>,
+    /// Wakes the expiry task (its next wake came earlier: an ANNOUNCE burst began).
+    pub kick_expiry: Arc<tokio::sync::Notify>,
     node_serves: Arc<AtomicBool>,
     /// Whether this node serves, for the serving file's writer (`[ha] serving_file`).
     pub serving_tx: Arc<tokio::sync::watch::Sender<crate::serving_file::State>>,
@@ -773,6 +775,7 @@ impl Shared {
             pair,
             kick_ha: Arc::new(tokio::sync::Notify::new()),
             kick_core: Arc::new(tokio::sync::Notify::new()),
+            kick_expiry: Arc::new(tokio::sync::Notify::new()),
             node_serves,
             serving_tx: Arc::new(tokio::sync::watch::Sender::new(Some(false))),
         }
@@ -1799,6 +1802,12 @@ impl Core {
         let now = self.now();
         let out = self.announce_due(now);
         self.send(out);
+    }
+
+    /// Whether an ANNOUNCE copy is under way, its next page due at the next wake
+    /// ([`Core::next_wake`]).
+    pub fn announce_paging(&self) -> bool {
+        self.burst.as_ref().is_some_and(|b| b.sent.is_some())
     }
 
     /// When the core next has timed work: an expiry, or an ANNOUNCE copy.
