@@ -686,18 +686,22 @@ impl HaNode {
         self.sessions.len()
     }
 
-    /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the checkpointed mappings from
-    /// the cursor on, the cursor to continue from (`None`: done) and, with the last
-    /// chunk, the hosts holding unprotected mappings (sent in pages after it, under
-    /// the same backpressure as the chunks).
+    /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the cursor that event carried,
+    /// the checkpointed mappings from it on, the cursor to continue from (`None`: done)
+    /// and, with the last chunk, the hosts holding unprotected mappings (sent in pages
+    /// after it, under the same backpressure as the chunks). An answer to a request of
+    /// a copy dropped since (the log overflowed, the backup lost the thread) is
+    /// ignored: taken for the new copy, it would move that copy's cursor past mappings
+    /// it never sent.
     pub fn bulk_chunk(
         &mut self,
+        cursor: u32,
         mappings: &[Mapping],
         next: Option<u32>,
         unprotected_hosts: &[IpAddr],
         now: Time,
     ) {
-        if self.tx.bulk_cursor.is_none() {
+        if !self.tx.bulk_requested || self.tx.bulk_cursor != Some(cursor) {
             return;
         }
         self.tx.bulk_requested = false;

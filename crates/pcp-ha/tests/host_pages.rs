@@ -2,13 +2,16 @@
 //! backpressure as the mapping chunks: with far more such hosts than the send log may
 //! hold, the copy still completes (it used to append them all at once, overflow the
 //! log and start again, forever), and the backup reports ready only with every host.
+//! An answer to a bulk request of a copy dropped since is not taken for the new copy.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use pcp_ha::wire::MAX_FRAME;
 use pcp_ha::{Event, HaConfig, HaNode, Role};
-use pcp_server::{Change, Time};
+use pcp_server::pool::ExternalEndpoint;
+use pcp_server::subscriber::SubscriberId;
+use pcp_server::{Change, Mapping, MappingKey, Origin, Reason, Time};
 
 const HB: u64 = 100;
 const MAX_LOG: usize = 64;
@@ -63,7 +66,7 @@ impl Pair {
                     if cursor == 0 {
                         self.copies += 1;
                     }
-                    self.a.bulk_chunk(&[], None, &self.hosts, now);
+                    self.a.bulk_chunk(cursor, &[], None, &self.hosts, now);
                 }
             }
             while let Some(n) = self.a.poll_transmit(now, &mut self.buf) {
@@ -192,4 +195,130 @@ fn a_host_change_during_the_host_pages_wins_over_the_copy() {
     assert_eq!(held.len(), want.len());
     assert!(held == want, "a live change is not undone by the copy");
     assert_eq!(p.b.role(), Role::Active);
+}
+
+fn mapping(port: u16, now: Time) -> Mapping {
+    Mapping {
+        key: MappingKey {
+            internal: "10.0.0.1".parse().unwrap(),
+            protocol: 17,
+            internal_port: port,
+            remote: None,
+        },
+        nonce: [1; 12],
+        origin: Origin::Pcp,
+        client: "10.0.0.1".parse().unwrap(),
+        external: ExternalEndpoint {
+            addr: "192.0.2.1".parse().unwrap(),
+            protocol: 17,
+            port,
+        },
+        expires: now.plus(Duration::from_secs(600)),
+        lifetime: 600,
+        subscriber: SubscriberId::Named("s".into()),
+        checkpoint_requested: true,
+        checkpoint: Reason::Requested,
+        filters: Box::new([]),
+        description: None,
+        created: now,
+    }
+}
+
+/// Frames both ways until neither node has anything to say; bulk requests go to
+/// `requests` for the caller to answer.
+fn exchange(a: &mut HaNode, b: &mut HaNode, now: Time, requests: &mut Vec<u32>) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    for _ in 0..2000 {
+        let mut moved = false;
+        while let Some(ev) = a.poll_event() {
+            if let Event::NeedBulk { cursor } = ev {
+                requests.push(cursor);
+            }
+        }
+        while let Some(n) = a.poll_transmit(now, &mut buf) {
+            b.handle_frame(&buf[..n], now);
+            moved = true;
+        }
+        while b.poll_event().is_some() {}
+        while let Some(n) = b.poll_transmit(now, &mut buf) {
+            a.handle_frame(&buf[..n], now);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+/// The shell answers a bulk request (one mapping per chunk) after the copy it was
+/// asked for was dropped and a new one began: the new copy must still send every
+/// mapping from the first.
+#[test]
+fn a_bulk_answer_for_a_dropped_copy_is_ignored() {
+    let cfg = HaConfig {
+        bulk_chunk: 1,
+        ..cfg()
+    };
+    let mut now = Time(0);
+    let maps: Vec<Mapping> = (1..=5).map(|p| mapping(p, now)).collect();
+    let answer = |a: &mut HaNode, cursor: u32, now: Time| {
+        let from = cursor as usize;
+        let next = (from + 1 < maps.len()).then_some(from as u32 + 1);
+        a.bulk_chunk(cursor, &maps[from..from + 1], next, &[], now);
+    };
+    let mut a = HaNode::new(cfg, true, 11, now);
+    let mut b = HaNode::new(cfg, false, 22, now);
+    a.promote(now);
+    let mut requests = Vec::new();
+    let mut stale = None;
+    for _ in 0..20 {
+        now = now.plus(Duration::from_millis(HB));
+        a.handle_timeout(now);
+        b.link_read(now);
+        b.handle_timeout(now);
+        exchange(&mut a, &mut b, now, &mut requests);
+        for cursor in std::mem::take(&mut requests) {
+            if cursor == 2 {
+                // The shell is still building this answer...
+                stale = Some(cursor);
+            } else {
+                answer(&mut a, cursor, now);
+            }
+        }
+        if stale.is_some() {
+            break;
+        }
+    }
+    let stale = stale.expect("the copy asked for its third chunk");
+    // ... when the backup restarts: it needs a fresh copy.
+    let mut b = HaNode::new(cfg, false, 33, now);
+    for _ in 0..3 {
+        now = now.plus(Duration::from_millis(HB));
+        a.handle_timeout(now);
+        b.link_read(now);
+        b.handle_timeout(now);
+        exchange(&mut a, &mut b, now, &mut requests);
+    }
+    assert_eq!(requests.first(), Some(&0), "a new copy began");
+    // The late answer comes in now.
+    answer(&mut a, stale, now);
+    for _ in 0..30 {
+        now = now.plus(Duration::from_millis(HB));
+        a.handle_timeout(now);
+        b.link_read(now);
+        b.handle_timeout(now);
+        exchange(&mut a, &mut b, now, &mut requests);
+        for cursor in std::mem::take(&mut requests) {
+            answer(&mut a, cursor, now);
+        }
+        if a.status(now).ready {
+            break;
+        }
+    }
+    assert!(b.status(now).ready, "the new copy completed");
+    assert_eq!(
+        b.status(now).stored,
+        maps.len(),
+        "every mapping in the copy"
+    );
 }

@@ -1362,7 +1362,7 @@ impl Core {
                     Vec::new()
                 };
                 if let Some(mut p) = self.lock_pair() {
-                    p.node.bulk_chunk(&maps, next, &hosts, now);
+                    p.node.bulk_chunk(cursor, &maps, next, &hosts, now);
                 }
                 true
             }
