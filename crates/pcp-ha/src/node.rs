@@ -758,7 +758,12 @@ impl HaNode {
         self.tx.bulk_hosts = None;
         self.tx.bulk_hosts_changed = FastSet::default();
         if self.tx.peer_sessions {
+            let copy = self.tx.barrier;
             self.queue_sessions(now);
+            // Overflowed: the new copy under way must not get this one's end.
+            if self.tx.barrier != copy {
+                return;
+            }
         }
         let end = self.append(Record::BulkEnd, now, now);
         self.tx.bulk_end_seq = Some(end);
