@@ -1,7 +1,9 @@
 //! A full copy sends the hosts holding unprotected mappings in pages, under the same
 //! backpressure as the mapping chunks: with far more such hosts than the send log may
-//! hold, the copy still completes (it used to append them all at once, overflow the
-//! log and start again, forever), and the backup reports ready only with every host.
+//! hold, the copy completes once, without starting again, and the backup reports
+//! ready only with every host (they used to be appended all at once: the log
+//! overflowed, and the copy begun anew was closed at once by the old one's end, so the
+//! backup became ready holding only the last hosts).
 //! An answer to a bulk request of a copy dropped since is not taken for the new copy.
 
 use std::net::{IpAddr, Ipv4Addr};
