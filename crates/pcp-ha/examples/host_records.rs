@@ -83,8 +83,8 @@ fn exchange(a: &mut HaNode, b: &mut HaNode, now: Time, buf: &mut [u8]) {
     for n in [&mut *a, &mut *b] {
         n.handle_timeout(now);
         while let Some(ev) = n.poll_event() {
-            if let Event::NeedBulk { .. } = ev {
-                n.bulk_chunk(&[], None, &[], now);
+            if let Event::NeedBulk { cursor } = ev {
+                n.bulk_chunk(cursor, &[], None, &[], now);
             }
         }
     }

@@ -116,7 +116,7 @@ fn copy_frames(n: usize) -> Vec<Vec<u8>> {
                 let from = cursor as usize;
                 let to = (from + 4096).min(n);
                 let next = (to < n).then_some(to as u32);
-                a.bulk_chunk(&maps[from..to], next, &[], now);
+                a.bulk_chunk(cursor, &maps[from..to], next, &[], now);
                 moved = true;
             }
         }

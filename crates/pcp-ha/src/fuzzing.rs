@@ -168,9 +168,9 @@ pub fn run(data: &[u8]) -> usize {
         }
         while let Some(ev) = node.poll_event() {
             match ev {
-                crate::Event::NeedBulk { .. } => {
+                crate::Event::NeedBulk { cursor } => {
                     // No server behind this node: an empty chunk ends the copy.
-                    node.bulk_chunk(&[], None, &[], now);
+                    node.bulk_chunk(cursor, &[], None, &[], now);
                 }
                 crate::Event::Promoted {
                     unprotected_hosts, ..

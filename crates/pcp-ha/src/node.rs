@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use pcp_server::subscriber::SubscriberId;
-use pcp_server::{BackupStatus, Change, FastMap, Mapping, MappingKey, Reason, Time};
+use pcp_server::{BackupStatus, Change, FastMap, FastSet, Mapping, MappingKey, Reason, Time};
 
 use crate::wire::{
     self, Header, Interner, Kind, MappingRecord, Reader, Record, SequenceRecord, SessionRecord,
@@ -220,6 +220,13 @@ struct Sender {
     bulk_cursor: Option<u32>,
     bulk_end_seq: Option<u64>,
     bulk_requested: bool,
+    /// The copy's last phase: hosts holding unprotected mappings (as the server had
+    /// them after the last mapping chunk) still to be sent, paced like the chunks, and
+    /// its BulkEnd after them. A million of them at once would overflow the log.
+    bulk_hosts: Option<Vec<IpAddr>>,
+    /// Hosts a live record was queued for since `bulk_hosts` was taken: that record is
+    /// newer than the snapshot's, which is then skipped.
+    bulk_hosts_changed: FastSet<IpAddr>,
     /// DATA frames in flight: (last sequence number, octets), oldest first.
     frames: VecDeque<(u64, usize)>,
     /// Their octets.
@@ -553,13 +560,18 @@ impl HaNode {
         let (record, expires) = match change {
             Change::Upsert(m) => (Record::Upsert(record_of(m)), m.expires),
             Change::Remove(k) => (Record::Remove(*k), now),
-            Change::Host { host, unprotected } => (
-                Record::Host {
-                    host: *host,
-                    unprotected: *unprotected,
-                },
-                now,
-            ),
+            Change::Host { host, unprotected } => {
+                if self.tx.bulk_hosts.is_some() {
+                    self.tx.bulk_hosts_changed.insert(*host);
+                }
+                (
+                    Record::Host {
+                        host: *host,
+                        unprotected: *unprotected,
+                    },
+                    now,
+                )
+            }
         };
         Some(self.append(record, expires, now))
     }
@@ -677,50 +689,96 @@ impl HaNode {
         self.sessions.len()
     }
 
-    /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the checkpointed mappings from
-    /// the cursor on, the cursor to continue from (`None`: done) and, with the last
-    /// chunk, the hosts holding unprotected mappings.
+    /// Supplies a bulk chunk (after [`Event::NeedBulk`]): the cursor that event carried,
+    /// the checkpointed mappings from it on, the cursor to continue from (`None`: done)
+    /// and, with the last chunk, the hosts holding unprotected mappings (sent in pages
+    /// after it, under the same backpressure as the chunks). An answer to a request of
+    /// a copy dropped since (the log overflowed, the backup lost the thread) is
+    /// ignored: taken for the new copy, it would move that copy's cursor past mappings
+    /// it never sent.
     pub fn bulk_chunk(
         &mut self,
+        cursor: u32,
         mappings: &[Mapping],
         next: Option<u32>,
         unprotected_hosts: &[IpAddr],
         now: Time,
     ) {
-        if self.tx.bulk_cursor.is_none() {
+        if !self.tx.bulk_requested || self.tx.bulk_cursor != Some(cursor) {
             return;
         }
         self.tx.bulk_requested = false;
+        let copy = self.tx.barrier;
         for m in mappings {
             self.append(Record::Upsert(record_of(m)), m.expires, now);
+        }
+        // The log may have overflowed above and a new copy begun (from cursor 0): the
+        // rest of this answer belongs to the copy dropped.
+        if self.tx.barrier != copy {
+            return;
         }
         match next {
             Some(c) => self.tx.bulk_cursor = Some(c),
             None => {
-                for h in unprotected_hosts {
-                    self.append(
-                        Record::Host {
-                            host: *h,
-                            unprotected: true,
-                        },
-                        now,
-                        now,
-                    );
-                }
-                if self.tx.peer_sessions {
-                    self.queue_sessions(now);
-                }
-                let end = self.append(Record::BulkEnd, now, now);
-                self.tx.bulk_end_seq = Some(end);
                 self.tx.bulk_cursor = None;
+                self.tx.bulk_hosts_changed.clear();
+                self.tx.bulk_hosts = Some(unprotected_hosts.to_vec());
+                self.bulk_host_page(now);
             }
         }
+    }
+
+    /// Queues the next page of the copy's hosts (no more than a chunk, and no more than
+    /// keeps the log under half its limit, but at least one so that the copy always
+    /// moves on), and after the last one the copy's end.
+    fn bulk_host_page(&mut self, now: Time) {
+        let room = (self.cfg.max_log / 2)
+            .saturating_sub(self.tx.log.len())
+            .min(self.cfg.bulk_chunk)
+            .max(1);
+        let mut sent = 0;
+        while sent < room {
+            let Some(hosts) = &mut self.tx.bulk_hosts else {
+                return;
+            };
+            let Some(host) = hosts.pop() else { break };
+            if self.tx.bulk_hosts_changed.contains(&host) {
+                continue;
+            }
+            self.append(
+                Record::Host {
+                    host,
+                    unprotected: true,
+                },
+                now,
+                now,
+            );
+            sent += 1;
+        }
+        if self.tx.bulk_hosts.as_ref().is_none_or(|h| !h.is_empty()) {
+            return;
+        }
+        self.tx.bulk_hosts = None;
+        self.tx.bulk_hosts_changed = FastSet::default();
+        if self.tx.peer_sessions {
+            let copy = self.tx.barrier;
+            self.queue_sessions(now);
+            // Overflowed: the new copy under way must not get this one's end.
+            if self.tx.barrier != copy {
+                return;
+            }
+        }
+        let end = self.append(Record::BulkEnd, now, now);
+        self.tx.bulk_end_seq = Some(end);
     }
 
     fn start_bulk(&mut self, now: Time) {
         if self.tx.bulk_cursor.is_some() {
             return;
         }
+        // A copy in its host phase is dropped with it.
+        self.tx.bulk_hosts = None;
+        self.tx.bulk_hosts_changed = FastSet::default();
         let start = self.tx.next_seq;
         self.tx.next_seq += 1;
         self.tx.log.push_back(LogEntry {
@@ -1309,6 +1367,12 @@ impl HaNode {
             self.tx.bulk_requested = true;
             let cursor = self.tx.bulk_cursor.unwrap_or(0);
             self.events.push_back(Event::NeedBulk { cursor });
+        }
+        if self.tx.bulk_hosts.is_some()
+            && queued < self.cfg.bulk_chunk as u64
+            && self.tx.log.len() < self.cfg.max_log / 2
+        {
+            self.bulk_host_page(now);
         }
         // Records before the log's start are gone (acknowledged, or replaced by a
         // full copy): the backup's progress counts from there.

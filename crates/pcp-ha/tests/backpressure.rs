@@ -15,8 +15,8 @@ fn pump(a: &mut HaNode, b: &mut HaNode, now: Time) {
     loop {
         let mut moved = false;
         while let Some(ev) = a.poll_event() {
-            if let Event::NeedBulk { .. } = ev {
-                a.bulk_chunk(&[], None, &[], now);
+            if let Event::NeedBulk { cursor } = ev {
+                a.bulk_chunk(cursor, &[], None, &[], now);
             }
         }
         while let Some(n) = a.poll_transmit(now, &mut buf) {

@@ -68,8 +68,8 @@ impl Pair {
             ] {
                 node.handle_timeout(now);
                 while let Some(ev) = node.poll_event() {
-                    if let Event::NeedBulk { .. } = ev {
-                        node.bulk_chunk(&[], None, &[], now);
+                    if let Event::NeedBulk { cursor } = ev {
+                        node.bulk_chunk(cursor, &[], None, &[], now);
                     }
                     events.push(ev);
                 }

@@ -61,8 +61,8 @@ impl Pair {
     fn active_runs(&mut self, now: Time) {
         self.a.handle_timeout(now);
         while let Some(ev) = self.a.poll_event() {
-            if let Event::NeedBulk { .. } = ev {
-                self.a.bulk_chunk(&[], None, &[], now);
+            if let Event::NeedBulk { cursor } = ev {
+                self.a.bulk_chunk(cursor, &[], None, &[], now);
             }
         }
         while let Some(n) = self.a.poll_transmit(now, &mut self.buf) {

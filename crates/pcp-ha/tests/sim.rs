@@ -314,7 +314,7 @@ impl Sim {
                             .collect::<Vec<_>>()
                     );
                     self.trace.push(line);
-                    node.ha.bulk_chunk(&maps, next, &hosts, self.now);
+                    node.ha.bulk_chunk(cursor, &maps, next, &hosts, self.now);
                 }
                 Event::Replica(change) => {
                     let now = self.now;

@@ -166,7 +166,39 @@ struct Burst {
     schedule: pcp_server::announce::AnnounceSchedule,
     /// Host, and the index of the listen socket its copies leave from.
     targets: Vec<(IpAddr, usize)>,
+    /// The copy under way: how many hosts it reached so far (`None` between copies).
+    /// A copy to hundreds of thousands of hosts goes out [`ANNOUNCE_PAGE`] hosts at a
+    /// time: built and sent under the core lock in one go, it would stall every request.
+    sent: Option<usize>,
+    /// When the copy under way goes on.
+    resume: Time,
 }
+
+impl Burst {
+    fn new(targets: Vec<(IpAddr, usize)>, now: Time) -> Burst {
+        Burst {
+            schedule: pcp_server::announce::AnnounceSchedule::start(now),
+            targets,
+            sent: None,
+            resume: now,
+        }
+    }
+
+    /// When the burst next has something to send.
+    fn next_due(&self) -> Option<Time> {
+        match self.sent {
+            Some(_) => Some(self.resume),
+            None => self.schedule.next_due(),
+        }
+    }
+}
+
+/// Most hosts one wake of a takeover's ANNOUNCE burst sends a copy to (one datagram
+/// each, or one per PA session).
+const ANNOUNCE_PAGE: usize = 4096;
+
+/// The pause between two pages of one ANNOUNCE copy: the core lock is free meanwhile.
+const ANNOUNCE_PAGE_GAP: Duration = Duration::from_millis(1);
 
 /// An unsolicited ANNOUNCE to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -726,6 +758,8 @@ pub struct Shared {
     pub kick_ha: Arc<tokio::sync::Notify>,
     /// Wakes the core task (HA work queued).
     pub kick_core: Arc<tokio::sync::Notify>,
+    /// Wakes the expiry task (its next wake came earlier: an ANNOUNCE burst began).
+    pub kick_expiry: Arc<tokio::sync::Notify>,
     node_serves: Arc<AtomicBool>,
     /// Whether this node serves, for the serving file's writer (`[ha] serving_file`).
     pub serving_tx: Arc<tokio::sync::watch::Sender<crate::serving_file::State>>,
@@ -741,6 +775,7 @@ impl Shared {
             pair,
             kick_ha: Arc::new(tokio::sync::Notify::new()),
             kick_core: Arc::new(tokio::sync::Notify::new()),
+            kick_expiry: Arc::new(tokio::sync::Notify::new()),
             node_serves,
             serving_tx: Arc::new(tokio::sync::watch::Sender::new(Some(false))),
         }
@@ -1327,7 +1362,7 @@ impl Core {
                     Vec::new()
                 };
                 if let Some(mut p) = self.lock_pair() {
-                    p.node.bulk_chunk(&maps, next, &hosts, now);
+                    p.node.bulk_chunk(cursor, &maps, next, &hosts, now);
                 }
                 true
             }
@@ -1547,10 +1582,7 @@ impl Core {
                 "no listen socket of their address family admits some hosts that lost state: not announced"
             );
         }
-        self.burst = (!targets.is_empty()).then(|| Burst {
-            schedule: pcp_server::announce::AnnounceSchedule::start(now),
-            targets,
-        });
+        self.burst = (!targets.is_empty()).then(|| Burst::new(targets, now));
         let lost_hosts = LostHosts {
             unprotected: unprotected.len(),
             adopt_failed: adopt_failed.len(),
@@ -1617,10 +1649,7 @@ impl Core {
             targets.sort_unstable();
             targets.dedup();
         }
-        self.burst = Some(Burst {
-            schedule: pcp_server::announce::AnnounceSchedule::start(now),
-            targets,
-        });
+        self.burst = Some(Burst::new(targets, now));
     }
 
     /// The listen socket an ANNOUNCE to `host` leaves from: the address the host talks
@@ -1656,7 +1685,9 @@ impl Core {
         best.map(|(i, _)| i)
     }
 
-    /// The ANNOUNCE copy due at `now`, if any, for every host of the takeover's burst.
+    /// The ANNOUNCE copies due at `now`, if any, for the hosts of the takeover's burst:
+    /// the next page (at most [`ANNOUNCE_PAGE`] hosts) of the copy under way. The next
+    /// copy of the schedule starts once the one before reached every host.
     /// A host with PA sessions gets one copy per session, tagged for it as a response
     /// would be (RFC 7652 §3.2: an unsolicited message to a client with a PA session
     /// carries its tag); the others one plain copy.
@@ -1669,15 +1700,24 @@ impl Core {
         let Some(burst) = self.burst.as_mut() else {
             return Vec::new();
         };
-        if !burst.schedule.poll(now) {
-            return Vec::new();
-        }
-        let targets = if burst.schedule.next_due().is_none() {
-            self.burst.take().map(|b| b.targets).unwrap_or_default()
-        } else {
-            burst.targets.clone()
+        let from = match burst.sent {
+            Some(_) if now < burst.resume => return Vec::new(),
+            Some(n) => n,
+            None if !burst.schedule.poll(now) => return Vec::new(),
+            None => 0,
         };
-        self.announce_to(&targets, now, true)
+        let to = burst.targets.len().min(from + ANNOUNCE_PAGE);
+        let page = burst.targets[from..to].to_vec();
+        if to < burst.targets.len() {
+            burst.sent = Some(to);
+            burst.resume = now.plus(ANNOUNCE_PAGE_GAP);
+        } else {
+            burst.sent = None;
+            if burst.schedule.next_due().is_none() {
+                self.burst = None;
+            }
+        }
+        self.announce_to(&page, now, true)
     }
 
     /// ANNOUNCE datagrams to `targets` (host, listen socket) at `now`: one per PA
@@ -1766,9 +1806,15 @@ impl Core {
         self.send(out);
     }
 
+    /// Whether an ANNOUNCE copy is under way, its next page due at the next wake
+    /// ([`Core::next_wake`]).
+    pub fn announce_paging(&self) -> bool {
+        self.burst.as_ref().is_some_and(|b| b.sent.is_some())
+    }
+
     /// When the core next has timed work: an expiry, or an ANNOUNCE copy.
     pub fn next_wake(&mut self) -> Option<Time> {
-        let burst = self.burst.as_ref().and_then(|b| b.schedule.next_due());
+        let burst = self.burst.as_ref().and_then(Burst::next_due);
         match (self.server.next_timeout(), burst) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -2178,6 +2224,54 @@ mod tests {
             }
         }
         assert_eq!(core.next_wake(), core.server.next_timeout(), "burst over");
+    }
+
+    /// A takeover that lost many hosts sends each copy of the burst in pages of at
+    /// most `ANNOUNCE_PAGE` hosts, a wake apart (the core lock free between them), and
+    /// still reaches every host with every copy of the schedule.
+    #[test]
+    fn a_large_announce_burst_goes_out_in_pages() {
+        let (mut core, _rt) = takeover_core(false);
+        let now = core.now();
+        let lost: Vec<IpAddr> = (0..2 * ANNOUNCE_PAGE as u32 + 100)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i)))
+            .collect();
+        core.take_over(2, &[], (&lost, &[]), Some(Time(1_000)), true, now);
+        let first = core.announce_due(now);
+        assert_eq!(first.len(), ANNOUNCE_PAGE, "one page on the first wake");
+        assert_eq!(
+            core.next_wake(),
+            Some(now.plus(ANNOUNCE_PAGE_GAP)),
+            "the rest of the copy soon after"
+        );
+        assert!(
+            core.announce_due(now).is_empty(),
+            "not again on the same wake"
+        );
+        let mut per_host: std::collections::HashMap<IpAddr, usize> = Default::default();
+        for u in &first {
+            *per_host.entry(u.to.ip()).or_default() += 1;
+        }
+        let mut wakes = 1;
+        let mut t = now;
+        while core.burst.is_some() {
+            assert!(wakes < 100, "the burst does not end");
+            t = t.max(core.next_wake().unwrap());
+            let out = core.announce_due(t);
+            assert!(out.len() <= ANNOUNCE_PAGE, "at most one page per wake");
+            for u in &out {
+                *per_host.entry(u.to.ip()).or_default() += 1;
+            }
+            wakes += 1;
+        }
+        assert_eq!(per_host.len(), lost.len(), "every host announced to");
+        assert!(
+            per_host
+                .values()
+                .all(|n| *n == pcp_server::announce::ANNOUNCE_COUNT as usize),
+            "every host gets every copy of the schedule"
+        );
+        assert_eq!(wakes, 3 * pcp_server::announce::ANNOUNCE_COUNT);
     }
 
     /// The previous active served on after the takeover (a healed partition): every

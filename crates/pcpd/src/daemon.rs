@@ -731,9 +731,18 @@ async fn core_work(shared: Shared) {
     loop {
         shared.kick_core.notified().await;
         loop {
-            let (kick, more) = shared.lock().ha_work();
+            let (kick, more, paging) = {
+                let mut core = shared.lock();
+                let (kick, more) = core.ha_work();
+                (kick, more, core.announce_paging())
+            };
             if kick {
                 shared.kick();
+            }
+            if paging {
+                // A takeover's first ANNOUNCE copy is under way: its next page is due
+                // sooner than the expiry task's next tick.
+                shared.kick_expiry.notify_one();
             }
             if !more {
                 break;
@@ -755,7 +764,10 @@ async fn expiry(shared: Shared) {
             let cap = Instant::now() + EXPIRY_TICK;
             next.map_or(cap, |n| n.min(cap))
         };
-        tokio::time::sleep_until(wake.into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = shared.kick_expiry.notified() => {}
+        }
     }
 }
 
