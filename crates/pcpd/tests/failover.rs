@@ -762,6 +762,48 @@ fn announce_listener(ip: Ipv4Addr) -> std::net::UdpSocket {
     s
 }
 
+/// Maps UDP 5000 with 192 for `p` until the epoch is a few seconds old, so that a
+/// reset is unmistakable; returns that answer.
+fn aged_protected_map(p: &PcpClient) -> common::Answer {
+    common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
+        let r = p.map(Map::udp(5000));
+        assert!(r.checkpoint_echoed);
+        if r.epoch >= 3 {
+            Some(r)
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            None
+        }
+    })
+}
+
+/// No ANNOUNCE reaches `listener` within 300 ms: its host lost nothing.
+fn assert_told_nothing(listener: &std::net::UdpSocket) {
+    let mut buf = [0u8; 1100];
+    listener
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        listener.recv_from(&mut buf).is_err(),
+        "a host that lost nothing is not told anything"
+    );
+}
+
+/// The protected host of `p1` (answered at `c1`), renewing through `p` on the new
+/// active, keeps its external port and sees a continuous epoch.
+fn assert_continuous(p: &PcpClient, p1: &common::Answer, c1: Instant) {
+    let p2 = p.map(Map::udp(5000));
+    let c2 = Instant::now();
+    assert_eq!(p2.external, p1.external);
+    assert!(
+        !state_lost(c1, p1.epoch, c2, p2.epoch),
+        "protected host: epoch {} then {} after {:?} must look continuous",
+        p1.epoch,
+        p2.epoch,
+        c2 - c1
+    );
+}
+
 /// Epoch continuity across a takeover: a host whose mappings were all checkpointed sees
 /// a continuous epoch (it lost nothing); a host that also held an unprotected mapping
 /// sees its epoch start again and gets an unsolicited ANNOUNCE at once.
@@ -773,17 +815,7 @@ fn takeover_keeps_the_epoch_of_protected_hosts_and_announces_to_the_others() {
     let (p_announce, u_announce) = (announce_listener(p_ip), announce_listener(u_ip));
     let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
     let u = PcpClient::new(IpAddr::V4(u_ip), a.pcp);
-    // Run until the epoch is a few seconds old, so that a reset is unmistakable.
-    let p1 = common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
-        let r = p.map(Map::udp(5000));
-        assert!(r.checkpoint_echoed);
-        if r.epoch >= 3 {
-            Some(r)
-        } else {
-            std::thread::sleep(Duration::from_millis(200));
-            None
-        }
-    });
+    let p1 = aged_protected_map(&p);
     let u1 = u.map(Map::udp(5000));
     assert!(u1.checkpoint_echoed);
     let u_plain = u.map(Map::udp(5001).without_checkpoint());
@@ -806,24 +838,9 @@ fn takeover_keeps_the_epoch_of_protected_hosts_and_announces_to_the_others() {
         "the host's epoch starts again: {}",
         ann.epoch
     );
-    p_announce
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
-    assert!(
-        p_announce.recv_from(&mut buf).is_err(),
-        "a host that lost nothing is not told anything"
-    );
+    assert_told_nothing(&p_announce);
 
-    let p2 = PcpClient::new(IpAddr::V4(p_ip), b.pcp).map(Map::udp(5000));
-    let c2 = Instant::now();
-    assert_eq!(p2.external, p1.external);
-    assert!(
-        !state_lost(c1, p1.epoch, c2, p2.epoch),
-        "protected host: epoch {} then {} after {:?} must look continuous",
-        p1.epoch,
-        p2.epoch,
-        c2 - c1
-    );
+    assert_continuous(&PcpClient::new(IpAddr::V4(p_ip), b.pcp), &p1, c1);
     let u2 = PcpClient::new(IpAddr::V4(u_ip), b.pcp).map(Map::udp(5000));
     assert_eq!(u2.external, u1.external, "its checkpointed mapping is kept");
     assert!(
@@ -858,17 +875,7 @@ fn takeover_announces_to_a_host_that_held_only_unprotected_mappings() {
     let (p_announce, o_announce) = (announce_listener(p_ip), announce_listener(o_ip));
     let p = PcpClient::new(IpAddr::V4(p_ip), a.pcp);
     let o = PcpClient::new(IpAddr::V4(o_ip), a.pcp);
-    // Run until the epoch is a few seconds old, so that a reset is unmistakable.
-    let p1 = common::wait_for(Duration::from_secs(10), "epoch >= 3", || {
-        let r = p.map(Map::udp(5000));
-        assert!(r.checkpoint_echoed);
-        if r.epoch >= 3 {
-            Some(r)
-        } else {
-            std::thread::sleep(Duration::from_millis(200));
-            None
-        }
-    });
+    let p1 = aged_protected_map(&p);
     for port in [6000, 6001] {
         let r = o.map(Map::udp(port).without_checkpoint());
         assert_eq!(r.result, ResultCode::Success);
@@ -892,13 +899,7 @@ fn takeover_announces_to_a_host_that_held_only_unprotected_mappings() {
         ann.epoch,
         o1.epoch
     );
-    p_announce
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
-    assert!(
-        p_announce.recv_from(&mut buf).is_err(),
-        "a host that lost nothing is not told anything"
-    );
+    assert_told_nothing(&p_announce);
     let h = b.ha();
     assert_eq!(
         h["lost_hosts"]["unprotected"].as_u64(),
@@ -906,16 +907,7 @@ fn takeover_announces_to_a_host_that_held_only_unprotected_mappings() {
         "only the host with unprotected mappings lost state: {h}"
     );
 
-    let p2 = PcpClient::new(IpAddr::V4(p_ip), b.pcp).map(Map::udp(5000));
-    let c2 = Instant::now();
-    assert_eq!(p2.external, p1.external);
-    assert!(
-        !state_lost(c1, p1.epoch, c2, p2.epoch),
-        "protected host: epoch {} then {} after {:?} must look continuous",
-        p1.epoch,
-        p2.epoch,
-        c2 - c1
-    );
+    assert_continuous(&PcpClient::new(IpAddr::V4(p_ip), b.pcp), &p1, c1);
     assert!(
         !b.mappings()
             .iter()
