@@ -777,6 +777,21 @@ fn aged_protected_map(p: &PcpClient) -> common::Answer {
     })
 }
 
+/// The epoch of the unsolicited ANNOUNCE `listener` receives (within its read
+/// timeout), checked to come from `from` with SUCCESS; `what` says which host expects
+/// it.
+fn expect_announce(listener: &std::net::UdpSocket, from: SocketAddr, what: &str) -> u32 {
+    let mut buf = [0u8; 1100];
+    let (n, sender) = listener
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(sender, from, "sent from the new active's PCP address");
+    let ann = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
+    assert_eq!(ann.body, pcp_proto::Body::Announce);
+    assert_eq!(ann.result_code, ResultCode::Success);
+    ann.epoch
+}
+
 /// No ANNOUNCE reaches `listener` within 300 ms: its host lost nothing.
 fn assert_told_nothing(listener: &std::net::UdpSocket) {
     let mut buf = [0u8; 1100];
@@ -825,19 +840,12 @@ fn takeover_keeps_the_epoch_of_protected_hosts_and_announces_to_the_others() {
     // the (unheld) answer: let the backup acknowledge it.
     common::kill_settled_active(&mut a, &b, TAKEOVER_LIMIT);
 
-    let mut buf = [0u8; 1100];
-    let (n, from) = u_announce
-        .recv_from(&mut buf)
-        .expect("an ANNOUNCE for the host that lost an unprotected mapping");
-    assert_eq!(from, b.pcp, "sent from the new active's PCP address");
-    let ann = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
-    assert_eq!(ann.body, pcp_proto::Body::Announce);
-    assert_eq!(ann.result_code, ResultCode::Success);
-    assert!(
-        ann.epoch <= 1,
-        "the host's epoch starts again: {}",
-        ann.epoch
+    let ann_epoch = expect_announce(
+        &u_announce,
+        b.pcp,
+        "an ANNOUNCE for the host that lost an unprotected mapping",
     );
+    assert!(ann_epoch <= 1, "the host's epoch starts again: {ann_epoch}");
     assert_told_nothing(&p_announce);
 
     assert_continuous(&PcpClient::new(IpAddr::V4(p_ip), b.pcp), &p1, c1);
@@ -885,18 +893,14 @@ fn takeover_announces_to_a_host_that_held_only_unprotected_mappings() {
     let c1 = Instant::now();
     common::kill_settled_active(&mut a, &b, TAKEOVER_LIMIT);
 
-    let mut buf = [0u8; 1100];
-    let (n, from) = o_announce
-        .recv_from(&mut buf)
-        .expect("an ANNOUNCE for the host that held only unprotected mappings");
-    assert_eq!(from, b.pcp, "sent from the new active's PCP address");
-    let ann = pcp_proto::Response::parse(&buf[..n]).expect("a PCP response");
-    assert_eq!(ann.body, pcp_proto::Body::Announce);
-    assert_eq!(ann.result_code, ResultCode::Success);
+    let ann_epoch = expect_announce(
+        &o_announce,
+        b.pcp,
+        "an ANNOUNCE for the host that held only unprotected mappings",
+    );
     assert!(
-        state_lost(c1, o1.epoch, Instant::now(), ann.epoch),
-        "the ANNOUNCE's epoch {} after {} must signal the loss",
-        ann.epoch,
+        state_lost(c1, o1.epoch, Instant::now(), ann_epoch),
+        "the ANNOUNCE's epoch {ann_epoch} after {} must signal the loss",
         o1.epoch
     );
     assert_told_nothing(&p_announce);
