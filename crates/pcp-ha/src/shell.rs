@@ -26,6 +26,9 @@ pub struct Held<T> {
     pub deadline: Time,
     /// Where it goes: the shell's own.
     pub to: T,
+    /// Whether it already ran out one wait (a reply held once more after withdrawing
+    /// its promise, see [`withdraw`]): [`HeldReplies::timed_out`] counts it once.
+    pub waited: bool,
 }
 
 /// Replies held for the backup, oldest first (sequence numbers and deadlines both
@@ -39,6 +42,8 @@ pub struct HeldReplies<T> {
     /// answered at once ([`HeldReplies::supersede`]) — and how many of its replies
     /// are still held or unsettled.
     latest: FastMap<MappingKey, Latest>,
+    /// Replies whose wait ran out, since start, each counted once.
+    timed_out: u64,
 }
 
 /// See `HeldReplies::latest`.
@@ -55,6 +60,7 @@ impl<T> HeldReplies<T> {
             ack_timeout,
             held: Vec::new(),
             latest: FastMap::default(),
+            timed_out: 0,
         }
     }
 
@@ -127,7 +133,18 @@ impl<T> HeldReplies<T> {
     /// The replies past their deadline: each goes through [`HeldReplies::settle`].
     pub fn take_late(&mut self, now: Time) -> Vec<Held<T>> {
         let split = self.held.partition_point(|h| h.deadline <= now);
-        self.held.drain(..split).collect()
+        let mut late: Vec<Held<T>> = self.held.drain(..split).collect();
+        for h in &mut late {
+            self.timed_out += u64::from(!h.waited);
+            h.waited = true;
+        }
+        late
+    }
+
+    /// Replies that ran out their wait (went out without 192, or held once more), since
+    /// start; a reply that waited twice counts once.
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out
     }
 
     /// Decides about a late reply (from [`HeldReplies::take_late`], or given back by

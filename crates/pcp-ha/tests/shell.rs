@@ -112,6 +112,7 @@ fn held(seq: u64, reply: Vec<u8>, at: Time) -> Held<()> {
         at,
         deadline: at,
         to: (),
+        waited: false,
     }
 }
 
@@ -183,6 +184,18 @@ fn a_late_reply_that_is_the_last_withdraws_its_promise() {
         .position(|e| matches!(e, Effect::Replicate(Change::Remove(_))));
     assert!(remove.is_some() && host_record.is_some() && remove < host_record);
     assert!(again, "the host record must be waited for");
+    assert_eq!(q.timed_out(), 1);
+    // The second wait runs out too: still one reply that went out late.
+    let mut second = late.pop().expect("the late reply");
+    second.seq = 2;
+    assert!(q.hold(second, Time(300)).is_none());
+    let late = q.take_late(Time(600));
+    assert_eq!(late.len(), 1);
+    assert_eq!(
+        q.timed_out(),
+        1,
+        "a reply that waited twice is counted once"
+    );
 }
 
 #[test]

@@ -604,6 +604,7 @@ impl Sim {
                     key,
                     deadline: now,
                     to: c,
+                    waited: false,
                 };
                 if let Some(h) = node.held.hold(h, now) {
                     self.send_late(target, h);

@@ -416,7 +416,7 @@ pub fn ha_view(core: &crate::core::Core, pair: Option<&crate::core::Pair>) -> Ha
                 lag: st.lag,
                 held_responses: p.held.len(),
                 released_responses: p.released,
-                ack_timeouts: p.timeouts,
+                ack_timeouts: p.held.timed_out(),
                 stored: st.stored,
                 sessions: p.node.session_count(),
                 backup_status,

@@ -236,8 +236,6 @@ pub struct Pair {
     pub peer: SocketAddr,
     /// Replies waiting for acknowledgements, in sequence order.
     pub held: HeldReplies<Dest>,
-    /// Replies that went out without 192 because the backup was too slow.
-    pub timeouts: u64,
     /// Replies released after the backup's acknowledgement.
     pub released: u64,
     /// Mappings adopted at the last takeover.
@@ -289,7 +287,6 @@ impl Pair {
             node,
             peer,
             held: HeldReplies::new(ack_timeout),
-            timeouts: 0,
             released: 0,
             adopted: 0,
             adopt_failures: 0,
@@ -452,11 +449,7 @@ impl Pair {
             slow("running HA timers", t);
         }
         self.route_events(now);
-        let late = self.held.take_late(now);
-        if !late.is_empty() {
-            self.timeouts += late.len() as u64;
-            self.late.extend(late);
-        }
+        self.late.extend(self.held.take_late(now));
         let next = self
             .node
             .poll_timeout()
@@ -1140,6 +1133,7 @@ impl Core {
                 key: held_key(&reply[..*n], to),
                 at: now,
                 deadline: now,
+                waited: false,
                 to: Dest {
                     addr: to,
                     socket,
