@@ -12,6 +12,8 @@
 //! pcpctl [--admin ADDR] switchover            hand over from this active to its backup
 //! pcpctl [--admin ADDR] auth sessions [--json] PCP authentication (RFC 7652) sessions
 //! pcpctl [--admin ADDR] auth terminate ID     end a session (SESSION_TERMINATED)
+//! pcpctl alive FILE                           exit 0 only if the pcpd whose [ha]
+//!                                             serving_file is FILE runs (no API)
 //! ```
 //!
 //! `--token-file FILE` (or `PCPCTL_TOKEN_FILE`) sends the bearer token pcpd's admin
@@ -19,9 +21,11 @@
 //!
 //! Exit codes: 0 done; 1 pcpd could not be reached, answered an error, or refused the
 //! command (reload, promote, switchover, auth terminate: pcpd's reason is printed), or
-//! (`ha --serving`) this pcpd does not answer PCP now; 2 bad usage.
+//! (`ha --serving`) this pcpd does not answer PCP now, or (`alive`) it is not running
+//! or stalled; 2 bad usage.
 #![forbid(unsafe_code)]
 
+mod alive;
 mod api;
 mod format;
 
@@ -99,6 +103,14 @@ enum Command {
     /// every record, and the backup takes over; no checkpoint is lost. Refused (exit 1)
     /// unless this node is active with a ready backup.
     Switchover,
+    /// Liveness check for keepalived (docs/HA.md "keepalived"), from the files next to
+    /// pcpd's `[ha] serving_file`, without asking pcpd: exit 0 while pcpd holds
+    /// FILE.lock and touches FILE.alive; exit 1 when it is not running, or stopped or
+    /// frozen (FILE.alive untouched for its `detection_ms`). Whatever its role.
+    Alive {
+        /// pcpd's `[ha] serving_file`.
+        file: std::path::PathBuf,
+    },
     /// PCP authentication (RFC 7652): PA sessions.
     Auth {
         #[command(subcommand)]
@@ -155,7 +167,16 @@ fn raw(body: String) -> String {
     s
 }
 
-fn run(cli: &Cli) -> Result<String, ApiError> {
+fn run(cli: &Cli) -> Result<String, Box<dyn std::error::Error>> {
+    match &cli.command {
+        // Asks pcpd nothing: a hung admin API must not fail it.
+        Command::Alive { file } => Ok(alive::check(file)?),
+        _ => Ok(api_command(cli)?),
+    }
+}
+
+/// The commands over pcpd's admin API.
+fn api_command(cli: &Cli) -> Result<String, ApiError> {
     let mut client = Client::new(&cli.admin, cli.timeout)?;
     if let Some(path) = &cli.token_file {
         let text = std::fs::read_to_string(path).map_err(|e| ApiError::Token {
@@ -226,6 +247,10 @@ fn run(cli: &Cli) -> Result<String, ApiError> {
         Command::Auth {
             command: AuthCommand::Terminate { id },
         } => Ok(format!("{}\n", client.terminate(*id)?)),
+        Command::Alive { .. } => Err(ApiError::Refused {
+            command: "alive",
+            reason: "it asks pcpd nothing".into(),
+        }),
     }
 }
 
@@ -274,6 +299,11 @@ mod tests {
         let cli = Cli::try_parse_from(["pcpctl", "switchover"]).unwrap();
         assert!(matches!(cli.command, Command::Switchover));
         assert!(Cli::try_parse_from(["pcpctl", "promote", "--json"]).is_err());
+        let cli = Cli::try_parse_from(["pcpctl", "alive", "/run/pcpd/serving"]).unwrap();
+        assert!(
+            matches!(&cli.command, Command::Alive { file } if file == std::path::Path::new("/run/pcpd/serving"))
+        );
+        assert!(Cli::try_parse_from(["pcpctl", "alive"]).is_err());
     }
 
     #[test]

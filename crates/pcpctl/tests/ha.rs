@@ -178,3 +178,86 @@ fn ha_commands_on_a_standalone_pcpd() {
         );
     }
 }
+
+/// Continues a SIGSTOPped pcpd even when an assertion fails.
+struct Stopped(u32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        signal("-STOP", pid);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// `pcpctl alive FILE`, keepalived's liveness check, against a real pcpd with `[ha]
+/// serving_file`: it passes while pcpd runs; fails once pcpd is SIGSTOPped for longer
+/// than its `detection_ms` (it still holds its lock, and its file still says it
+/// serves); passes again after SIGCONT; and fails once pcpd is killed.
+#[test]
+fn alive_follows_a_running_stopped_and_killed_pcpd() {
+    let timing = HaTiming::default();
+    let plan = PairPlan::new(SERVER_CONFIG, timing);
+    let dir = pcp_testkit::TempDir::new();
+    let serving = dir.join("serving");
+    let config = format!(
+        "{}serving_file = \"{}\"\n",
+        plan.config(Node::A, "active"),
+        serving.display()
+    );
+    let mut a = pcp_testkit::pcpd(pcpd_bin())
+        .at(plan.ip_a)
+        .config(&config)
+        .start();
+    let file = serving.display().to_string();
+    let alive = |d: &Pcpd| pcpctl(d, &["alive", &file]);
+    let (code, out, err) = alive(&a);
+    assert_eq!(code, Some(0), "a running pcpd: {out}{err}");
+    assert!(out.starts_with("alive: "), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("serving.alive")).unwrap(),
+        "touch_ms=100 stale_after_ms=500\n"
+    );
+
+    wait_ha(&a, Duration::from_secs(10), "A active", |h| {
+        h["role"] == "active"
+    });
+    let serves = pcp_testkit::poll(Duration::from_secs(5), Duration::from_millis(20), || {
+        (std::fs::read_to_string(&serving).ok()? == "0\n").then_some(())
+    });
+    assert!(serves.is_some(), "the active's file says 0");
+    {
+        let _stopped = Stopped::stop(a.pid());
+        std::thread::sleep(Duration::from_millis(timing.detection_ms + 200));
+        let (code, out, err) = alive(&a);
+        assert_eq!(code, Some(1), "a stopped pcpd: {out}{err}");
+        assert!(err.contains("stopped or frozen"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&serving).unwrap(),
+            "0\n",
+            "a stopped active's file still says it serves: only this check sees it"
+        );
+    }
+    let back = pcp_testkit::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        (alive(&a).0 == Some(0)).then_some(())
+    });
+    assert!(back.is_some(), "alive again after SIGCONT");
+
+    a.kill9();
+    let (code, out, err) = alive(&a);
+    assert_eq!(code, Some(1), "a killed pcpd: {out}{err}");
+    assert!(err.contains("not running"), "{err}");
+}

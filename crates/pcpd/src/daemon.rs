@@ -74,11 +74,35 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // it keepalived never sees this node alive, and a second pcpd with the same file
     // would overwrite the first's: either is a setup error, so pcpd stops before it
     // touches anything else.
-    let _running = match config.ha.as_ref().and_then(|h| h.serving_file.clone()) {
-        Some(path) => Some(
-            crate::serving_file::claim(&path, Duration::from_secs(2))
-                .map_err(|source| StartError::ServingFile { path, source })?,
-        ),
+    // The liveness marker next to it is touched from then on: a pcpd that stops
+    // running (SIGSTOP, a freezer) keeps its lock, but not its marker fresh.
+    let serving = config.ha.as_ref().and_then(|h| {
+        let path = h.serving_file.clone()?;
+        Some((path, h.heartbeat_ms, h.detection_ms))
+    });
+    let _running = match serving {
+        Some((path, heartbeat_ms, detection_ms)) => {
+            let lock =
+                crate::serving_file::claim(&path, Duration::from_secs(2)).map_err(|source| {
+                    StartError::ServingFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            crate::serving_file::spawn_alive(
+                &path,
+                Duration::from_millis(heartbeat_ms),
+                Duration::from_millis(detection_ms),
+            )
+            .map_err(|source| StartError::ServingFile {
+                path: path.clone(),
+                source: crate::serving_file::ClaimError::Io {
+                    path: crate::serving_file::alive_path(&path),
+                    source,
+                },
+            })?;
+            Some(lock)
+        }
         None => None,
     };
     let origin = Instant::now();

@@ -10,6 +10,14 @@
 //! path and the replication thread: they only publish the new value on a watch channel.
 //! A thread of its own does the file IO, so a slow disk never delays a reply or a
 //! heartbeat.
+//!
+//! Two more files next to it tell keepalived's liveness check (`pcpctl alive FILE`)
+//! that pcpd runs: the lock ([`lock_path`], held while the process exists) and the
+//! liveness marker ([`alive_path`]), touched by a thread of its own every heartbeat.
+//! A pcpd that is stopped or frozen (SIGSTOP, a cgroup freezer, swapped out) keeps its
+//! lock and its "serving" but stops touching the marker; its backup takes over after
+//! `detection_ms` of silence, and the marker, untouched for as long, moves the address
+//! there too.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +44,12 @@ fn content(state: State) -> &'static str {
 /// (`IN_MOVED_TO`); a reader never sees a truncated or empty file, which it would read
 /// as 0 (serving).
 pub fn write(path: &Path, state: State) -> std::io::Result<()> {
+    write_atomic(path, content(state))
+}
+
+/// Writes `content` to a temporary file in `path`'s directory and renames it over
+/// `path`.
+fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("the serving file has no file name"))?;
@@ -44,7 +58,7 @@ pub fn write(path: &Path, state: State) -> std::io::Result<()> {
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(content(state).as_bytes())?;
+    f.write_all(content.as_bytes())?;
     // No fsync: the file lives in /run (tmpfs) and only matters while the system runs.
     drop(f);
     std::fs::rename(&tmp, path)
@@ -91,6 +105,71 @@ pub fn lock(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
+}
+
+/// The liveness marker next to the serving file (`serving` -> `serving.alive`).
+pub fn alive_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".alive");
+    path.with_file_name(name)
+}
+
+/// What the liveness marker says of itself, for `pcpctl alive`: how often pcpd
+/// touches it, and after how long untouched pcpd counts as stalled (its `detection_ms`:
+/// by then its peer may have taken over). One line, `touch_ms=100 stale_after_ms=500`.
+fn marker_content(touch: Duration, stale_after: Duration) -> String {
+    format!(
+        "touch_ms={} stale_after_ms={}\n",
+        touch.as_millis(),
+        stale_after.as_millis()
+    )
+}
+
+/// Writes the liveness marker (atomically, like the serving file) and starts the
+/// thread that touches it (sets its modification time) every `touch`, for as long as
+/// the process runs. It rewrites a marker someone removed or changed, and logs once
+/// when it cannot. The thread does nothing else and takes no lock, so only a process
+/// that does not run at all (stopped, frozen) stops touching it.
+pub fn spawn_alive(
+    path: &Path,
+    touch: Duration,
+    stale_after: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let marker = alive_path(path);
+    let content = marker_content(touch, stale_after);
+    write_atomic(&marker, &content)?;
+    std::thread::Builder::new()
+        .name("pcpd-alive".into())
+        .spawn(move || {
+            let mut failing = false;
+            let mut checked = std::time::Instant::now();
+            loop {
+                std::thread::sleep(touch);
+                let mut ok = std::fs::File::open(&marker)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                    .is_ok();
+                if ok && checked.elapsed() >= REASSERT {
+                    checked = std::time::Instant::now();
+                    ok = std::fs::read_to_string(&marker).is_ok_and(|c| c == content);
+                }
+                if ok {
+                    failing = false;
+                    continue;
+                }
+                match write_atomic(&marker, &content) {
+                    Ok(()) => {
+                        tracing::warn!(path = %marker.display(), "liveness marker was changed or removed: rewritten");
+                        failing = false;
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::error!(error = %e, path = %marker.display(), "cannot touch the liveness marker (keepalived's check will take the address away)");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        })
 }
 
 /// Why pcpd cannot take its serving file at startup ([`claim`]).
@@ -346,6 +425,31 @@ mod tests {
         let err = claim(&path, Duration::ZERO).unwrap_err();
         assert!(matches!(err, ClaimError::Io { .. }), "{err:?}");
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// The marker says what `pcpctl alive` needs, is touched every `touch`, and comes
+    /// back when removed.
+    #[test]
+    fn the_liveness_marker_is_touched_and_rewritten() {
+        let d = dir();
+        let path = d.join("serving");
+        let marker = alive_path(&path);
+        assert_eq!(marker, d.join("serving.alive"));
+        let touch = Duration::from_millis(10);
+        spawn_alive(&path, touch, Duration::from_millis(50)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap(),
+            "touch_ms=10 stale_after_ms=50\n"
+        );
+        let mtime = || std::fs::metadata(&marker).and_then(|m| m.modified()).ok();
+        let first = mtime().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mtime() == Some(first) {
+            assert!(Instant::now() < deadline, "never touched");
+            std::thread::sleep(touch);
+        }
+        std::fs::remove_file(&marker).unwrap();
+        wait_for(&marker, "touch_ms=10 stale_after_ms=50\n");
     }
 
     #[test]

@@ -17,14 +17,20 @@
 //!   last answer echoed 192 is on the new active with the same external endpoint, the
 //!   old active is a backup whose file says 1, and the service address moved with the
 //!   role within a loose budget of the new active's file saying 0 (measured times are
-//!   printed). Then `kill -9` of the active: its file stays 0, its liveness check takes
-//!   the address away and the survivor gets it within the budget of its takeover. Then
-//!   SIGSTOP of the survivor: its answering check takes the address away, SIGCONT gives
-//!   it back. Last, SIGTERM of the survivor: its file says 1 and the address leaves it.
+//!   printed). Then `kill -9` of the active: its file stays 0, its liveness check
+//!   (`pcpctl alive`: the lock is free) takes the address away and the survivor gets it
+//!   within the budget of its takeover. The killed node restarts and follows as
+//!   backup. Then SIGSTOP of the active under load: its file stays 0 and it keeps its
+//!   lock, but its liveness marker goes stale, so the address follows the takeover
+//!   within the same budget and every request is answered by its first
+//!   retransmission; continued, the frozen node steps down. Then the new active's admin
+//!   API is silenced (nftables drops it): its answering check takes the address away,
+//!   and gives it back once the API answers. Last, SIGTERM of the active: its file
+//!   says 1 and the address leaves it.
 //!   At every VRRP MASTER the documented notify script finds pcpd already active (the
 //!   file made VRRP follow pcpd) and never promotes.
 //!
-//! Root only (a loud SKIP otherwise). Needs `ip`, `sysctl` and `keepalived` (Debian
+//! Root only (a loud SKIP otherwise). Needs `ip`, `sysctl`, `nft` and `keepalived` (Debian
 //! package `keepalived`); with `PCPD_REQUIRE_KEEPALIVED=1` (scripts/test as root) a
 //! missing keepalived is a failure.
 
@@ -575,7 +581,7 @@ fn keepalived_conf(n: usize, dir: &TempDir) -> String {
         "/run/pcpd/serving",
         "weight 0",
         "--timeout 0.8 status",
-        "flock --nonblock --conflict-exit-code 0 /run/pcpd/serving.lock",
+        "/usr/local/bin/pcpctl alive /run/pcpd/serving",
         "fall 3",
         "version 3",
         "interface eth0",
@@ -728,8 +734,9 @@ fn check(pair: &Pair, n: usize, outcomes: &[Outcome], what: &str, renewed_by_suc
 
 /// Loose bound on how long after the new active's serving file says 0 the address is
 /// on it: keepalived reads the file at once (inotify) and VRRP hands over in at most
-/// its master-down time (3 x 0.2 s + skew); after a kill -9 the dead node's `flock`
-/// check must fail first (within 1 s). Generous for a loaded CI machine.
+/// its master-down time (3 x 0.2 s + skew); after a kill -9 or a SIGSTOP the dead or
+/// frozen node's `pcpctl alive` check must fail first (within 1 s of the peer's
+/// takeover). Generous for a loaded CI machine.
 const MOVE_BUDGET: Duration = Duration::from_millis(2500);
 
 /// A planned switchover from node `from` under load; checks the promises and that the
@@ -826,41 +833,98 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
         );
     }
 
-    // A frozen pcpd keeps its lock and its file says 0: the answering check (`pcpctl
-    // status`, fall 3) takes the address away (A is dead, so nobody holds it), and
-    // gives it back once pcpd answers again.
-    let i = pair.pcpd[1].expect("B's pcpd");
-    let pid = pair.lab.child(i).id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig} B's pcpd");
-    };
-    let t0 = Instant::now();
-    signal("-STOP");
-    let gone = poll(Duration::from_secs(15), Duration::from_millis(20), || {
-        (!pair.holds_vip(1)).then_some(())
+    // A restarted old active follows as backup and does not take the address back.
+    pair.start_pcpd(0);
+    pair.wait_ha(0, "A a ready backup", |h| {
+        h["role"] == "backup" && h["ready"] == true
     });
-    let frozen = t0.elapsed();
-    signal("-CONT");
+    pair.wait_ha(1, "B's backup ready", |h| h["backup_status"] == "ready");
+    assert_eq!(pair.serving_file(0), "1\n", "A's file as a backup");
+    assert!(
+        pair.holds_vip(1) && !pair.holds_vip(0),
+        "the address stays on B"
+    );
+
+    // Unplanned again: the active (B) frozen (SIGSTOP) under load. It keeps its lock
+    // and its file says 0, but stops touching its liveness marker: A takes over after
+    // `detection_ms`, and B's `pcpctl alive` check fails from then on, so the address
+    // moves within one retransmission, as after a kill.
+    let pid = pair.lab.child(pair.pcpd[1].expect("B's pcpd")).id();
+    let frozen = Continue(pid);
+    let outcomes = pair.under_load(Duration::from_secs(7), Duration::from_secs(3), |p| {
+        let t0 = Instant::now();
+        signal("-STOP", pid);
+        let (serving, moved) = p.watch_move(0, t0, "SIGSTOP");
+        eprintln!(
+            "SIGSTOP: A took over (its file said 0) after {serving:?}, address on A after \
+             {moved:?} ({:?} after the takeover)",
+            moved - serving
+        );
+        assert!(
+            moved - serving < MOVE_BUDGET,
+            "SIGSTOP: the address took {:?} after A took over",
+            moved - serving
+        );
+        assert_eq!(p.serving_file(1), "0\n", "a frozen pcpd's file is stale");
+    });
+    drop(frozen);
+    pair.wait_ha(0, "A active", |h| h["role"] == "active");
+    pair.wait_vip(0, "after SIGSTOP");
+    check(&pair, 0, &outcomes, "SIGSTOP", true);
+    let line = pair.wait_notify_master(0, 3);
+    assert!(line.contains("pcpd active (term 5)"), "{line}");
+    // Continued, B learns of the newer term and follows as backup.
+    pair.wait_ha(1, "B fenced, a backup again", |h| h["role"] == "backup");
+    let says_one = poll(Duration::from_secs(5), Duration::from_millis(20), || {
+        (pair.serving_file(1) == "1\n").then_some(())
+    });
+    assert!(says_one.is_some(), "B's file after it stepped down");
+
+    // A pcpd that runs but does not answer (a deadlocked core: simulated by dropping
+    // its admin API's packets) keeps its lock and its marker fresh: its answering check
+    // (`pcpctl status`, fall 3) takes the address away (B is a backup: nobody holds it)
+    // and gives it back once pcpd answers again.
+    let block = |verb: &str| {
+        let out = pair.lab.exec(
+            &pair.ns[0],
+            &["nft", verb, "table", "inet", "pcpd_test_block"],
+        );
+        assert!(out.status.success(), "nft {verb}: {out:?}");
+    };
+    block("add");
+    let out = pair.lab.exec(
+        &pair.ns[0],
+        &[
+            "nft",
+            "add chain inet pcpd_test_block out { type filter hook output priority 0; }; \
+             add rule inet pcpd_test_block out tcp dport 8351 drop",
+        ],
+    );
+    assert!(out.status.success(), "nft rule: {out:?}");
+    let t0 = Instant::now();
+    let gone = poll(Duration::from_secs(15), Duration::from_millis(20), || {
+        (!pair.holds_vip(0)).then_some(())
+    });
+    let silent = t0.elapsed();
+    block("delete");
     assert!(
         gone.is_some(),
-        "the address stayed on a frozen pcpd\n{}",
+        "the address stayed on a pcpd whose admin API does not answer\n{}",
         pair.logs()
     );
-    assert_eq!(pair.serving_file(1), "0\n", "B's file while frozen");
-    eprintln!("SIGSTOP: address left the frozen pcpd after {frozen:?}");
-    let back = pair.wait_vip(1, "after SIGCONT");
-    eprintln!("SIGCONT: address back after {back:?}");
+    eprintln!("admin API silent: address left A after {silent:?}");
+    assert!(
+        !pair.holds_vip(1),
+        "B is a backup: it must not take the address"
+    );
+    let back = pair.wait_vip(0, "once A's admin API answers again");
+    eprintln!("admin API back: address on A after {back:?}");
 
-    // A clean stop says "not serving" at once: the address leaves B.
-    let i = pair.pcpd[1].take().expect("B's pcpd");
-    signal("-TERM");
+    // A clean stop says "not serving" at once: the address leaves A.
+    let i = pair.pcpd[0].take().expect("A's pcpd");
+    signal("-TERM", pair.lab.child(i).id());
     let _ = pair.lab.child(i).wait();
-    assert_eq!(pair.serving_file(1), "1\n", "B's file after a clean stop");
+    assert_eq!(pair.serving_file(0), "1\n", "A's file after a clean stop");
     let gone = poll(Duration::from_secs(10), Duration::from_millis(20), || {
         (!pair.holds_vip(0) && !pair.holds_vip(1)).then_some(())
     });
@@ -869,4 +933,24 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
         "the address stayed after pcpd stopped\n{}",
         pair.logs()
     );
+}
+
+/// Sends `sig` to `pid`.
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Continues a stopped process when dropped, whatever happened meanwhile.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
 }
