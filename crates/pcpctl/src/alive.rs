@@ -4,7 +4,8 @@
 //!
 //! - `FILE.lock`: pcpd holds an exclusive `flock` on it for as long as the process
 //!   exists; the kernel lets go of it the moment pcpd dies, however it dies.
-//! - `FILE.alive`: a thread of pcpd's own sets its modification time every heartbeat.
+//! - `FILE.alive`: a thread of pcpd's own sets its modification time every heartbeat
+//!   (at most 100 ms).
 //!   A pcpd that is stopped or frozen (SIGSTOP, a cgroup freezer) keeps its lock, but
 //!   not this marker fresh; its backup takes over after `detection_ms` of silence, and
 //!   the marker says that `detection_ms` too (`stale_after_ms`), so the check fails
@@ -45,8 +46,8 @@ impl Marker {
         (!m.touch.is_zero() && m.stale_after >= m.touch).then_some(m)
     }
 
-    /// How long to watch an old-looking marker for a touch: a few touches, well inside
-    /// keepalived's script `timeout 1`.
+    /// How long to watch an old-looking marker for a touch: three touches (pcpd
+    /// touches at least every 100 ms), well inside keepalived's script `timeout 1`.
     fn watch(self) -> Duration {
         (self.touch * 3).min(MAX_WATCH)
     }
@@ -59,7 +60,7 @@ const MAX_WATCH: Duration = Duration::from_millis(600);
 #[derive(Debug, thiserror::Error)]
 pub enum NotAlive {
     /// A file cannot be opened, locked or read.
-    #[error("{}: {source} (is [ha] serving_file this path, and has pcpd started?)", .path.display())]
+    #[error("{}: {source}{}", .path.display(), hint(.source))]
     Unreadable {
         /// The file.
         path: PathBuf,
@@ -80,10 +81,10 @@ pub enum NotAlive {
         /// What it holds.
         text: String,
     },
-    /// The marker is old and was not touched while watched: pcpd holds its lock but
-    /// does not run.
+    /// The marker is old (or from the future) and was not touched while watched: pcpd
+    /// holds its lock but does not run, or cannot touch it.
     #[error(
-        "{}: untouched for {} ms (stale after {} ms), and not touched within {} ms: pcpd is stopped or frozen",
+        "{}: untouched for {} ms (stale after {} ms), and not touched within {} ms: pcpd is stopped or frozen, or cannot touch it (see its log)",
         .path.display(), .age.as_millis(), .stale_after.as_millis(), .watched.as_millis()
     )]
     Stalled {
@@ -96,6 +97,17 @@ pub enum NotAlive {
         /// How long it was watched for a touch.
         watched: Duration,
     },
+}
+
+/// What to check, for an error opening or reading a file.
+fn hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => " (is [ha] serving_file this path, and has pcpd started?)",
+        std::io::ErrorKind::PermissionDenied => {
+            " (pcpd's files are its own: run the check as root, keepalived's script_user root)"
+        }
+        _ => "",
+    }
 }
 
 /// `FILE` with `suffix` added to its name (`serving` -> `serving.lock`).
@@ -125,7 +137,20 @@ pub fn check(serving_file: &Path) -> Result<String, NotAlive> {
     }
     drop(f);
     let path = sibling(serving_file, ".alive");
-    let text = std::fs::read_to_string(&path).map_err(unreadable(&path))?;
+    let text = match std::fs::read_to_string(&path) {
+        // A pcpd older than the marker (upgrade pcpd on both nodes before keepalived's
+        // configuration), or one that has taken its lock and is writing the marker
+        // this instant: the lock is all there is to go by.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(format!(
+                "alive: pcpd holds {}; no liveness marker {} (a pcpd without one cannot be \
+                 seen frozen)\n",
+                lock.display(),
+                path.display()
+            ));
+        }
+        r => r.map_err(unreadable(&path))?,
+    };
     let marker = Marker::parse(&text).ok_or_else(|| NotAlive::BadMarker {
         path: path.clone(),
         text: text.trim_end().to_string(),
@@ -136,9 +161,12 @@ pub fn check(serving_file: &Path) -> Result<String, NotAlive> {
             .map_err(unreadable(&path))
     };
     let first = modified()?;
-    // A marker from the future (the clock stepped back) counts as fresh.
-    let age = SystemTime::now().duration_since(first).unwrap_or_default();
-    if age < marker.stale_after {
+    // From the future (the clock stepped back, maybe while pcpd was frozen): watched
+    // like an old one.
+    let age = SystemTime::now().duration_since(first);
+    if let Ok(age) = age
+        && age < marker.stale_after
+    {
         return Ok(format!(
             "alive: pcpd holds {} and touched {} {} ms ago\n",
             lock.display(),
@@ -148,6 +176,7 @@ pub fn check(serving_file: &Path) -> Result<String, NotAlive> {
     }
     // Old by the clock, but a clock stepped forward looks the same: alive if pcpd
     // touches it now.
+    let age = age.unwrap_or_default();
     let watched = marker.watch();
     let start = Instant::now();
     while start.elapsed() < watched {
@@ -247,7 +276,11 @@ mod tests {
         f.try_lock().expect("the check must not keep the lock");
         let err = check(&s.dir.join("elsewhere")).unwrap_err();
         assert!(matches!(err, NotAlive::Unreadable { .. }), "{err:?}");
-        assert!(err.to_string().contains("elsewhere.lock"), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("elsewhere.lock") && msg.contains("has pcpd started?"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -291,19 +324,29 @@ mod tests {
         assert!(out.contains("touches"), "{out}");
     }
 
+    /// A clock stepped back makes a marker look as if from the future: untouched, it is
+    /// stalled all the same.
     #[test]
-    fn a_marker_from_the_future_is_fresh_and_a_foreign_one_is_refused() {
+    fn an_untouched_marker_from_the_future_is_stalled() {
         let s = Setup::new(MARKER);
         let f = std::fs::File::open(s.dir.join("serving.alive")).unwrap();
         f.set_modified(SystemTime::now() + Duration::from_secs(60))
             .unwrap();
-        check(&s.serving()).unwrap();
+        let err = check(&s.serving()).unwrap_err();
+        assert!(matches!(err, NotAlive::Stalled { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_foreign_marker_is_refused_and_a_missing_one_leaves_the_lock_to_decide() {
         let s = Setup::new("0\n");
         let err = check(&s.serving()).unwrap_err();
         assert!(matches!(err, NotAlive::BadMarker { .. }), "{err:?}");
         let s = Setup::new(MARKER);
         std::fs::remove_file(s.dir.join("serving.alive")).unwrap();
-        let err = check(&s.serving()).unwrap_err();
-        assert!(matches!(err, NotAlive::Unreadable { .. }), "{err:?}");
+        let out = check(&s.serving()).unwrap();
+        assert!(out.contains("no liveness marker"), "{out}");
+        drop(s._lock);
+        let err = check(&s.dir.join("serving")).unwrap_err();
+        assert!(matches!(err, NotAlive::NotRunning { .. }), "{err:?}");
     }
 }

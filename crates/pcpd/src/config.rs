@@ -406,6 +406,15 @@ impl Config {
             ));
         }
         if let Some(ha) = &file.ha
+            && ha.heartbeat_ms == 0
+        {
+            return Err(invalid(
+                line_of_key(text, "ha.heartbeat_ms"),
+                "ha.heartbeat_ms".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(ha) = &file.ha
             && ha.detection_ms <= 2 * ha.heartbeat_ms
         {
             return Err(invalid(
@@ -759,6 +768,9 @@ mod tests {
             c.ha.unwrap().serving_file.as_deref(),
             Some(Path::new("/run/pcpd/serving"))
         );
+        // Zero would spin the threads that beat and touch the liveness marker.
+        let (line, key, _) = err(&format!("{ha}heartbeat_ms = 0\n"));
+        assert_eq!((line, key.as_str()), (5, "ha.heartbeat_ms"));
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                         source,
                     }
                 })?;
-            crate::serving_file::spawn_alive(
+            let toucher = crate::serving_file::spawn_alive(
                 &path,
                 Duration::from_millis(heartbeat_ms),
                 Duration::from_millis(detection_ms),
@@ -101,7 +101,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                     source,
                 },
             })?;
-            Some(lock)
+            Some((lock, toucher))
         }
         None => None,
     };

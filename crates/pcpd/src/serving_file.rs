@@ -74,9 +74,9 @@ pub fn lock_path(path: &Path) -> PathBuf {
 /// Takes the exclusive lock (flock) on [`lock_path`] and returns the open file: the lock
 /// lasts as long as the file stays open, that is, until this process ends, however it
 /// ends. A crashed pcpd cannot rewrite its serving file, but the kernel releases its
-/// lock at once, so keepalived's check `flock --nonblock --conflict-exit-code 0 LOCK
-/// /bin/false` passes exactly while pcpd runs. Waits up to `wait` for whoever holds it
-/// (a check takes it for an instant).
+/// lock at once, so keepalived's check (`pcpctl alive`, like `flock --nonblock
+/// --conflict-exit-code 0 LOCK /bin/false` before it) sees a free lock the moment pcpd
+/// is gone. Waits up to `wait` for whoever holds it (a check takes it for an instant).
 pub fn lock(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
     // Read-only when it exists: keepalived's check (root) may have created it first,
     // and an flock needs no write access.
@@ -125,34 +125,61 @@ fn marker_content(touch: Duration, stale_after: Duration) -> String {
     )
 }
 
+/// The longest interval between two touches of the liveness marker, whatever
+/// `heartbeat_ms`: `pcpctl alive` watches an old-looking marker for a few touches
+/// within keepalived's script timeout (1 s).
+const MAX_TOUCH: Duration = Duration::from_millis(100);
+
+/// Stops the thread that touches the liveness marker when dropped ([`spawn_alive`]).
+#[derive(Debug)]
+pub struct Toucher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Toucher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Writes the liveness marker (atomically, like the serving file) and starts the
-/// thread that touches it (sets its modification time) every `touch`, for as long as
-/// the process runs. It rewrites a marker someone removed or changed, and logs once
-/// when it cannot. The thread does nothing else and takes no lock, so only a process
-/// that does not run at all (stopped, frozen) stops touching it.
+/// thread that touches it (sets its modification time) every `heartbeat` (at most
+/// [`MAX_TOUCH`]) until the returned [`Toucher`] is dropped; pcpd keeps it for as long
+/// as it runs. At every touch it also checks what the marker says, and rewrites one
+/// someone removed or changed; it logs once when it cannot. The thread does nothing
+/// else and takes no lock, so only a process that does not run at all (stopped,
+/// frozen) stops touching it.
 pub fn spawn_alive(
     path: &Path,
-    touch: Duration,
+    heartbeat: Duration,
     stale_after: Duration,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<Toucher> {
+    let touch = heartbeat.clamp(Duration::from_millis(1), MAX_TOUCH);
     let marker = alive_path(path);
     let content = marker_content(touch, stale_after);
     write_atomic(&marker, &content)?;
-    std::thread::Builder::new()
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
         .name("pcpd-alive".into())
         .spawn(move || {
             let mut failing = false;
-            let mut checked = std::time::Instant::now();
+            let mut buf = String::with_capacity(64);
             loop {
                 std::thread::sleep(touch);
-                let mut ok = std::fs::File::open(&marker)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()))
-                    .is_ok();
-                if ok && checked.elapsed() >= REASSERT {
-                    checked = std::time::Instant::now();
-                    ok = std::fs::read_to_string(&marker).is_ok_and(|c| c == content);
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
                 }
-                if ok {
+                let ok = std::fs::File::open(&marker).and_then(|mut f| {
+                    buf.clear();
+                    std::io::Read::read_to_string(&mut f, &mut buf)?;
+                    f.set_modified(std::time::SystemTime::now())
+                });
+                if ok.is_ok() && buf == content {
                     failing = false;
                     continue;
                 }
@@ -169,7 +196,11 @@ pub fn spawn_alive(
                     }
                 }
             }
-        })
+        })?;
+    Ok(Toucher {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// Why pcpd cannot take its serving file at startup ([`claim`]).
@@ -361,7 +392,7 @@ mod tests {
     }
 
     /// The lock is held exactly while its holder keeps it open: another open file
-    /// description (keepalived's `flock` check) cannot take it before, can after.
+    /// description (keepalived's check, `pcpctl alive`) cannot take it before, can after.
     #[test]
     fn the_lock_is_held_until_released() {
         let d = dir();
@@ -436,7 +467,7 @@ mod tests {
         let marker = alive_path(&path);
         assert_eq!(marker, d.join("serving.alive"));
         let touch = Duration::from_millis(10);
-        spawn_alive(&path, touch, Duration::from_millis(50)).unwrap();
+        let toucher = spawn_alive(&path, touch, Duration::from_millis(50)).unwrap();
         assert_eq!(
             std::fs::read_to_string(&marker).unwrap(),
             "touch_ms=10 stale_after_ms=50\n"
@@ -450,6 +481,20 @@ mod tests {
         }
         std::fs::remove_file(&marker).unwrap();
         wait_for(&marker, "touch_ms=10 stale_after_ms=50\n");
+        std::fs::write(&marker, "garbled").unwrap();
+        wait_for(&marker, "touch_ms=10 stale_after_ms=50\n");
+        // Stopped for good once dropped: no longer touched.
+        drop(toucher);
+        let last = mtime().unwrap();
+        std::thread::sleep(touch * 5);
+        assert_eq!(mtime(), Some(last));
+        // The heartbeat is capped: pcpctl alive watches for a few touches within 1 s.
+        let slow = d.join("slow");
+        let _slow = spawn_alive(&slow, Duration::from_secs(2), Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(alive_path(&slow)).unwrap(),
+            "touch_ms=100 stale_after_ms=5000\n"
+        );
     }
 
     #[test]

@@ -74,7 +74,7 @@ fn netns_helper() {
 }
 
 fn skip(test: &str) -> bool {
-    let why = cannot_run(&["ip", "sysctl", "keepalived"]);
+    let why = cannot_run(&["ip", "sysctl", "nft", "keepalived"]);
     match why {
         Some(why)
             if why.contains("keepalived")
