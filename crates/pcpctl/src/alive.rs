@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 /// long untouched pcpd counts as stalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Marker {
-    /// How often pcpd touches it (`touch_ms`, its `heartbeat_ms`).
+    /// How often pcpd touches it (`touch_ms`: its `heartbeat_ms`, at most 100).
     pub touch: Duration,
     /// Untouched for this long, pcpd is stalled (`stale_after_ms`, its
     /// `detection_ms`).

@@ -739,6 +739,23 @@ fn check(pair: &Pair, n: usize, outcomes: &[Outcome], what: &str, renewed_by_suc
 /// takeover). Generous for a loaded CI machine.
 const MOVE_BUDGET: Duration = Duration::from_millis(2500);
 
+/// After the active failed at `t0` (`what`): node `to` takes over and the address
+/// follows within [`MOVE_BUDGET`] of its takeover.
+fn takeover_moves(p: &Pair, to: usize, t0: Instant, what: &str) {
+    let name = ["A", "B"][to];
+    let (serving, moved) = p.watch_move(to, t0, what);
+    eprintln!(
+        "{what}: {name} took over (its file said 0) after {serving:?}, address on {name} \
+         after {moved:?} ({:?} after the takeover)",
+        moved - serving
+    );
+    assert!(
+        moved - serving < MOVE_BUDGET,
+        "{what}: the address took {:?} after {name} took over",
+        moved - serving
+    );
+}
+
 /// A planned switchover from node `from` under load; checks the promises and that the
 /// address followed the role.
 fn switchover(pair: &mut Pair, from: usize, term: u64, master: usize) {
@@ -807,17 +824,7 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
         let t0 = Instant::now();
         child.kill().expect("kill -9 A's pcpd");
         let _ = child.wait();
-        let (serving, moved) = p.watch_move(1, t0, "kill -9");
-        eprintln!(
-            "kill -9: B took over (its file said 0) after {serving:?}, address on B after \
-             {moved:?} ({:?} after the takeover)",
-            moved - serving
-        );
-        assert!(
-            moved - serving < MOVE_BUDGET,
-            "kill -9: the address took {:?} after B took over",
-            moved - serving
-        );
+        takeover_moves(p, 1, t0, "kill -9");
     });
     assert_eq!(pair.serving_file(0), "0\n", "a killed pcpd's file is stale");
     pair.wait_ha(1, "B active again", |h| h["role"] == "active");
@@ -854,17 +861,7 @@ fn switchover_and_kill_9_move_the_service_address_within_one_retransmission() {
     let outcomes = pair.under_load(Duration::from_secs(7), Duration::from_secs(3), |p| {
         let t0 = Instant::now();
         signal("-STOP", pid);
-        let (serving, moved) = p.watch_move(0, t0, "SIGSTOP");
-        eprintln!(
-            "SIGSTOP: A took over (its file said 0) after {serving:?}, address on A after \
-             {moved:?} ({:?} after the takeover)",
-            moved - serving
-        );
-        assert!(
-            moved - serving < MOVE_BUDGET,
-            "SIGSTOP: the address took {:?} after A took over",
-            moved - serving
-        );
+        takeover_moves(p, 0, t0, "SIGSTOP");
         assert_eq!(p.serving_file(1), "0\n", "a frozen pcpd's file is stale");
     });
     drop(frozen);
