@@ -13,7 +13,8 @@
 //!
 //! Two more files next to it tell keepalived's liveness check (`pcpctl alive FILE`)
 //! that pcpd runs: the lock ([`lock_path`], held while the process exists) and the
-//! liveness marker ([`alive_path`]), touched by a thread of its own every heartbeat.
+//! liveness marker ([`alive_path`]), touched by a thread of its own every heartbeat
+//! (at most every 100 ms).
 //! A pcpd that is stopped or frozen (SIGSTOP, a cgroup freezer, swapped out) keeps its
 //! lock and its "serving" but stops touching the marker; its backup takes over after
 //! `detection_ms` of silence, and the marker, untouched for as long, moves the address
@@ -64,11 +65,16 @@ fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// `path` with `suffix` added to its file name (`serving` -> `serving.lock`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 /// The lock file next to the serving file (`serving` -> `serving.lock`).
 pub fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".lock");
-    path.with_file_name(name)
+    sibling(path, ".lock")
 }
 
 /// Takes the exclusive lock (flock) on [`lock_path`] and returns the open file: the lock
@@ -109,9 +115,7 @@ pub fn lock(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
 
 /// The liveness marker next to the serving file (`serving` -> `serving.alive`).
 pub fn alive_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".alive");
-    path.with_file_name(name)
+    sibling(path, ".alive")
 }
 
 /// What the liveness marker says of itself, for `pcpctl alive`: how often pcpd
